@@ -1,0 +1,6 @@
+//! mailrelay's inbound SMTP relay. The protocol core in [`smtp`] is sans-IO; [`server`] drives it
+//! over TCP and TLS, [`auth`] runs SASL against the compiled verifiers, [`policy`] decides relay
+//! and sender questions, [`config`] loads and hot-reloads the compiled policy, [`store`] hands
+//! accepted messages to the durable spool.
+
+pub mod smtp;
