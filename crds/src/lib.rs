@@ -2,7 +2,13 @@
 //! relay policy that the relay reads ([`config`]), and the pure compiler from one to the other
 //! ([`compile`]).
 
+// kube's `printcolumn(...)` attributes repeat `type_ = "string"`, which this lint misreads as a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod address;
+pub mod api;
+pub mod compile;
 pub mod config;
 pub mod validate;
 pub mod verifier;

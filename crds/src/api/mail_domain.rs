@@ -1,0 +1,141 @@
+//! `MailDomain`: a domain the relay knows (the seeds' Domains), its valid recipients, and the
+//! accounts that may authenticate, whose passwords come from a Secret.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{domain_schema, name_schema, PolicyStatus, SecretKeyRef};
+
+/// Default key of the accounts Secret.
+pub const ACCOUNTS_KEY: &str = "accounts.yaml";
+/// Default key of the recipients Secret (one address or local part per line).
+pub const RECIPIENTS_KEY: &str = "recipients";
+
+/// A mail domain: accepted from anyone when local, with its recipients and accounts.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "mailrelay.dev",
+    version = "v1alpha1",
+    kind = "MailDomain",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "md",
+    category = "mailrelay",
+    doc = "A mail domain of the relay: local delivery acceptance, recipients and the accounts that may authenticate.",
+    printcolumn(name = "Domain", type_ = "string", json_path = ".spec.domain"),
+    printcolumn(name = "Local", type_ = "boolean", json_path = ".spec.local"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MailDomainSpec {
+    /// The domain name, e.g. `example.com` (case-insensitive; no wildcards).
+    #[schemars(schema_with = "domain_schema")]
+    pub domain: String,
+    /// Local domains receive mail from anyone (no relay permission needed); the relay forwards it
+    /// by the DeliveryRules. Non-local domains only carry accounts and settings. Default true.
+    #[serde(default = "default_true")]
+    pub local: bool,
+    /// Which recipients of this domain exist. Mail to others is refused with `550 5.1.1` and
+    /// counts towards the per-IP unknown-recipient (directory harvest) limit. When unset, only the
+    /// domain's accounts exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipients: Option<RecipientsSpec>,
+    /// Secret holding the accounts of this domain (key `accounts.yaml` unless `key` is set); see the
+    /// README for its format: per account a password or argon2id hash, app passwords, `mfa`,
+    /// sender addresses and access policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accounts_secret_ref: Option<SecretKeyRef>,
+    /// Windows NT (NetBIOS) domain for NTLM: the short name clients present (`DOMAIN`), not the
+    /// DNS form (`DOMAIN.ORG`) — the mismatch is a classic cause of "this domain is not valid".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,14}$"))]
+    pub windows_nt_domain: Option<String>,
+    /// Kerberos realm (the full DNS form in upper case, e.g. `EXAMPLE.COM`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(
+        pattern = r"^[A-Z0-9]([-A-Z0-9]*[A-Z0-9])?(\.[A-Z0-9]([-A-Z0-9]*[A-Z0-9])?)+$"
+    ))]
+    pub kerberos_realm: Option<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Recipient validation of a local domain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.acceptAll) && self.acceptAll) || (!has(self.addresses) && !has(self.secretRef))").message("acceptAll excludes addresses and secretRef"))]
+pub struct RecipientsSpec {
+    /// Accept every recipient of the domain (e.g. when an internal server behind the relay
+    /// validates them). Disables directory-harvest detection for this domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accept_all: Option<bool>,
+    /// Valid local parts or full addresses of this domain, in addition to the accounts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10000), inner(length(max = 320)))]
+    pub addresses: Vec<String>,
+    /// A Secret (key `recipients` unless `key` is set) with one local part or address per line, for
+    /// lists too long or too private for the CR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+}
+
+/// The accounts file stored in the Secret named by `accountsSecretRef`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccountsFile {
+    #[serde(default)]
+    pub accounts: Vec<AccountEntry>,
+}
+
+/// One account in an accounts file. Its login is `<name>@<domain>`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccountEntry {
+    /// Local part of the account's address.
+    pub name: String,
+    /// Primary password in plain text (the operator stores only derived verifiers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Primary password as an argon2id PHC hash, instead of `password` (SCRAM is then not offered
+    /// for the primary password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+    /// Two-factor account: only app passwords authenticate over SMTP.
+    #[serde(default)]
+    pub mfa: bool,
+    /// Application passwords.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub app_passwords: Vec<AppPasswordEntry>,
+    /// Additional addresses the account may use as envelope sender (patterns allowed in the
+    /// local part); the account's own address is always allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sender_addresses: Vec<String>,
+    /// Name of the AccessPolicy governing this account (overrides policies that select it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "name_schema")]
+    pub access_policy: Option<String>,
+}
+
+/// An application password.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AppPasswordEntry {
+    /// Label (appears in logs, never the password).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<String>,
+}

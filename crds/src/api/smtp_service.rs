@@ -1,0 +1,254 @@
+//! `SmtpService`: one SMTP listener with everything the seeds put under Services, SMTP Server ›
+//! Relay Control and SMTP Server › Security Options.
+
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::{name_list_schema, name_schema, PolicyStatus};
+
+/// An SMTP listener of the relay and its policy.
+#[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[kube(
+    group = "mailrelay.dev",
+    version = "v1alpha1",
+    kind = "SmtpService",
+    namespaced,
+    status = "PolicyStatus",
+    shortname = "smtp",
+    category = "mailrelay",
+    doc = "An SMTP listener (SMTP, submission or SMTPS) with its TLS, authentication, relay control and limits.",
+    printcolumn(name = "Port", type_ = "integer", json_path = ".spec.port"),
+    printcolumn(name = "Protocol", type_ = "string", json_path = ".spec.protocol"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Warning",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Warning\")].reason"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("self.protocol != 'Smtps' || has(self.tls)").message("protocol Smtps (implicit TLS) needs tls"),
+    validation = kube::core::Rule::new("self.protocol != 'Submission' || !has(self.authentication) || !has(self.authentication.mode) || self.authentication.mode == 'Required'").message("protocol Submission requires authentication.mode Required")
+)]
+pub struct SmtpServiceSpec {
+    /// TCP port the relay listens on (25, 587 and 465 are the usual ones).
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// `Smtp` (server-to-server, STARTTLS offered when `tls` is set), `Submission` (clients,
+    /// authentication required) or `Smtps` (implicit TLS from the first byte).
+    pub protocol: ServiceProtocol,
+    /// Host name in the greeting, EHLO reply and `Received:` headers; the pod's host name if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub hostname: Option<String>,
+    /// Certificate for STARTTLS / implicit TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// SMTP AUTH settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<AuthenticationSpec>,
+    /// IpAddressGroups allowed to connect at all; others are refused with `554 5.7.1` at connect.
+    /// Empty = everyone (the seeds' service Access tab).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "name_list_schema")]
+    pub allowed_from: Vec<String>,
+    /// Who may relay (send to domains that are not local). Unset = authenticated users only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_control: Option<RelayControlSpec>,
+    /// Security Options: per-IP and per-session limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<LimitsSpec>,
+    /// IpAddressGroup whose client addresses are hidden in the `Received:` header (for hosts on a
+    /// private network behind the relay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "name_schema")]
+    pub hide_client_ip_for: Option<String>,
+    /// IpAddressGroups trusted as senders: sender-domain DNS and PTR checks are skipped for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "name_list_schema")]
+    pub trusted_from: Vec<String>,
+    /// Accept a PROXY protocol (v1 or v2) header from these load balancers, so limits and
+    /// `Received:` see the real client address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocolSpec>,
+}
+
+/// Listener protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ServiceProtocol {
+    Smtp,
+    Submission,
+    Smtps,
+}
+
+/// Where the listener's certificate comes from: exactly one of `issuerRef` and `secretName`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = kube::core::Rule::new("has(self.issuerRef) != has(self.secretName)").message("set exactly one of tls.issuerRef and tls.secretName"),
+    validation = kube::core::Rule::new("!has(self.issuerRef) || (has(self.dnsNames) && size(self.dnsNames) > 0)").message("tls.issuerRef needs at least one entry in tls.dnsNames")
+)]
+pub struct TlsSpec {
+    /// cert-manager issuer: the operator creates a Certificate for `dnsNames` and uses the Secret
+    /// it produces (`<service>-tls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_ref: Option<IssuerRef>,
+    /// An existing `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`), used as is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "name_schema")]
+    pub secret_name: Option<String>,
+    /// Host names the certificate is for; clients must connect by one of these names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 253)))]
+    pub dns_names: Vec<String>,
+}
+
+/// A cert-manager issuer reference.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IssuerRef {
+    /// Issuer name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// `Issuer` (default) or `ClusterIssuer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<IssuerKind>,
+    /// API group of the issuer, default `cert-manager.io`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub group: Option<String>,
+}
+
+/// cert-manager issuer kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum IssuerKind {
+    Issuer,
+    ClusterIssuer,
+}
+
+/// SMTP AUTH settings of a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthenticationSpec {
+    /// `Disabled`, `Optional` or `Required` (authentication before MAIL). Default: `Required` for
+    /// Submission and Smtps, `Optional` for Smtp.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<AuthModeSpec>,
+    /// Offered SASL mechanisms. Default `PLAIN`, `LOGIN`, `SCRAM-SHA-256`. `CRAM-MD5` is legacy
+    /// and needs plain-text passwords in the credentials Secret; enable only when a client needs it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub mechanisms: Vec<MechanismSpec>,
+    /// Allow PLAIN and LOGIN on unencrypted connections. Off by default (clients get
+    /// `530 5.7.0 Must issue a STARTTLS command first`); turning it on raises a Warning condition.
+    #[serde(default)]
+    pub allow_plaintext_without_tls: bool,
+}
+
+/// Authentication mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum AuthModeSpec {
+    Disabled,
+    Optional,
+    Required,
+}
+
+/// SASL mechanism names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MechanismSpec {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "LOGIN")]
+    Login,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "CRAM-MD5")]
+    CramMd5,
+}
+
+/// Relay control (the seeds' SMTP Server › Relay Control). Everybody may send to local domains;
+/// these settings decide who may send anywhere else.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("!(has(self.open) && self.open) || (!has(self.allowIpGroup) && !(has(self.allowAuthenticated) && self.allowAuthenticated))").message("relayControl.open excludes allowIpGroup and allowAuthenticated"))]
+pub struct RelayControlSpec {
+    /// Open relay: anyone may send anywhere. Never on a server reachable from the Internet; the
+    /// service gets a Warning condition `OpenRelay`.
+    #[serde(default)]
+    pub open: bool,
+    /// Clients from this IpAddressGroup may relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "name_schema")]
+    pub allow_ip_group: Option<String>,
+    /// Clients authenticated through SMTP may relay. With `allowIpGroup` also set, BOTH are
+    /// required: the client must be in the group and authenticated (as in the seeds).
+    #[serde(default)]
+    pub allow_authenticated: bool,
+}
+
+/// Security Options. Unset fields mean no limit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LimitsSpec {
+    /// Messages accepted per client IP in any sliding hour; more are refused with `451 4.7.1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_messages_per_hour_per_ip: Option<u32>,
+    /// Concurrent connections per client IP; more are refused at connect with `421 4.7.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_connections_per_ip: Option<u32>,
+    /// Unknown recipients per client IP before the IP is blocked for one hour (directory harvest
+    /// attack protection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_unknown_recipients_per_ip: Option<u32>,
+    /// IpAddressGroup the per-IP limits do not apply to (local users, a secondary MX).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "name_schema")]
+    pub exempt_ip_group: Option<String>,
+    /// Refuse senders whose domain has no DNS records (fictional addresses).
+    #[serde(default)]
+    pub reject_sender_domain_without_dns: bool,
+    /// Refuse clients whose IP address has no reverse DNS (PTR) entry.
+    #[serde(default)]
+    pub reject_client_without_ptr: bool,
+    /// Recipients per message; more are answered `452 4.5.3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_recipients_per_message: Option<u32>,
+    /// Failed commands per session before the relay closes the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_failed_commands: Option<u32>,
+    /// Largest message accepted, in bytes (announced in `SIZE`); larger ones get `552 5.3.4`.
+    /// 0 = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_message_size_bytes: Option<u64>,
+    /// Most `Received:` headers a message may carry (loop protection); more get `554 5.4.6`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_received_headers: Option<u32>,
+}
+
+/// PROXY protocol settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyProtocolSpec {
+    /// IpAddressGroups of the load balancers whose PROXY header is believed; a connection from
+    /// anywhere else that sends one is refused.
+    #[schemars(schema_with = "name_list_schema")]
+    pub trusted_proxies: Vec<String>,
+}

@@ -1,0 +1,356 @@
+//! MailDomain → [`DomainPolicy`] and the accounts from its Secret → [`Account`]s with password
+//! verifiers. A bad account is left out (the domain is reported partly invalid); a bad domain
+//! setting or an unreadable Secret leaves the whole domain out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use kube::ResourceExt;
+
+use super::report::{Kind, ObjectReport, Problem};
+use super::{report, sorted, Ctx};
+use crate::address::AddressPattern;
+use crate::api::{
+    AccessPolicy, AccountEntry, AccountsFile, MailDomain, ACCOUNTS_KEY, RECIPIENTS_KEY,
+};
+use crate::config::{
+    AccessPolicyConfig, Account, AppPassword, Credentials, DomainPolicy, RecipientPolicy,
+};
+use crate::verifier::{PasswordVerifier, ScramVerifier, SecretString};
+
+type Policies<'a> = BTreeMap<String, (AccessPolicyConfig, &'a AccessPolicy)>;
+
+pub fn compile(
+    ctx: &Ctx<'_>,
+    objs: &[MailDomain],
+    policies: &Policies<'_>,
+    all_policy_names: &BTreeSet<String>,
+    cram_enabled: bool,
+    previous: Option<&Credentials>,
+) -> (Vec<DomainPolicy>, Vec<Account>, Vec<ObjectReport>) {
+    let mut domains = Vec::new();
+    let mut accounts = Vec::new();
+    let mut reports = Vec::new();
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for md in sorted(objs) {
+        let name = md.name_any();
+        let mut r = report(Kind::MailDomain, name.clone(), md.metadata.generation);
+        let s = &md.spec;
+        let domain = s.domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        if let Err(m) = crate::validate::domain_name(&domain) {
+            r.problems
+                .push(Problem::invalid("spec.domain", "InvalidDomain", m));
+        } else if let Some(other) = seen.get(&domain) {
+            r.problems.push(Problem::invalid(
+                "spec.domain",
+                "DuplicateDomain",
+                format!("domain {domain:?} is already defined by MailDomain {other:?}"),
+            ));
+        }
+        if let Some(nt) = &s.windows_nt_domain {
+            if nt.contains('.') {
+                r.problems.push(Problem::invalid(
+                    "spec.windowsNtDomain",
+                    "InvalidNtDomain",
+                    format!("{nt:?} looks like a DNS name; NTLM clients present the short NetBIOS name (e.g. {:?}); set that here and put the DNS form in kerberosRealm", nt.split('.').next().unwrap_or(nt).to_ascii_uppercase()),
+                ));
+            } else if nt.is_empty()
+                || nt.len() > 15
+                || !nt
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                r.problems.push(Problem::invalid(
+                    "spec.windowsNtDomain",
+                    "InvalidNtDomain",
+                    format!("{nt:?} is not a NetBIOS domain name (1-15 letters, digits, - or _)"),
+                ));
+            }
+        }
+        if let Some(realm) = &s.kerberos_realm {
+            if crate::validate::domain_name(realm).is_err() || realm.to_ascii_uppercase() != *realm
+            {
+                r.problems.push(Problem::invalid(
+                    "spec.kerberosRealm",
+                    "InvalidRealm",
+                    format!("{realm:?} is not a Kerberos realm; use the upper-case DNS form, e.g. EXAMPLE.COM"),
+                ));
+            }
+        }
+
+        // Recipients.
+        let mut listed: Vec<String> = Vec::new();
+        let mut accept_all = false;
+        if let Some(rs) = &s.recipients {
+            accept_all = rs.accept_all.unwrap_or(false);
+            if accept_all && (!rs.addresses.is_empty() || rs.secret_ref.is_some()) {
+                r.problems.push(Problem::invalid(
+                    "spec.recipients.acceptAll",
+                    "ConflictingRecipients",
+                    "acceptAll excludes addresses and secretRef",
+                ));
+            }
+            let mut lines: Vec<(String, String)> = rs
+                .addresses
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("spec.recipients.addresses[{i}]"), a.clone()))
+                .collect();
+            if let Some(sr) = &rs.secret_ref {
+                let key = sr.key.as_deref().unwrap_or(RECIPIENTS_KEY);
+                match ctx.secrets.get(&sr.name, key) {
+                    Ok(text) => lines.extend(
+                        text.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                            .map(|l| (format!("Secret {}/{key}", sr.name), l.to_string())),
+                    ),
+                    Err(m) => r.problems.push(Problem::invalid(
+                        "spec.recipients.secretRef",
+                        "MissingSecret",
+                        m,
+                    )),
+                }
+            }
+            for (field, a) in lines {
+                match local_part_of(&a, &domain) {
+                    Ok(lp) => listed.push(lp),
+                    Err(m) => r
+                        .problems
+                        .push(Problem::invalid(field, "InvalidRecipient", m)),
+                }
+            }
+        }
+
+        // Accounts.
+        let mut domain_accounts = Vec::new();
+        if let Some(ar) = &s.accounts_secret_ref {
+            let key = ar.key.as_deref().unwrap_or(ACCOUNTS_KEY);
+            match ctx.secrets.get(&ar.name, key) {
+                Err(m) => r.problems.push(Problem::invalid(
+                    "spec.accountsSecretRef",
+                    "MissingSecret",
+                    m,
+                )),
+                Ok(text) => match serde_norway::from_str::<AccountsFile>(&text) {
+                    Err(e) => r.problems.push(Problem::invalid(
+                        "spec.accountsSecretRef",
+                        "InvalidAccounts",
+                        format!(
+                            "Secret {:?} key {key:?} is not a valid accounts file: {e}",
+                            ar.name
+                        ),
+                    )),
+                    Ok(file) => {
+                        let mut names = BTreeSet::new();
+                        for (i, entry) in file.accounts.iter().enumerate() {
+                            let field = format!("Secret {}/{key} accounts[{i}]", ar.name);
+                            if !names.insert(entry.name.to_ascii_lowercase()) {
+                                r.problems.push(Problem::degraded(
+                                    field,
+                                    "DuplicateAccount",
+                                    format!(
+                                        "account {:?} is listed twice; the second is ignored",
+                                        entry.name
+                                    ),
+                                ));
+                                continue;
+                            }
+                            match account(
+                                entry,
+                                &domain,
+                                &name,
+                                policies,
+                                all_policy_names,
+                                cram_enabled,
+                                previous,
+                            ) {
+                                Ok(a) => domain_accounts.push(a),
+                                Err(m) => r.problems.push(Problem::degraded(
+                                    field,
+                                    "InvalidAccount",
+                                    format!("account {:?} left out: {m}", entry.name),
+                                )),
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        if s.local
+            && !accept_all
+            && listed.is_empty()
+            && domain_accounts.is_empty()
+            && !r.is_invalid()
+        {
+            r.problems.push(Problem::warning(
+                "spec.recipients",
+                "NoRecipients",
+                "this local domain has no accounts and no recipients, so all mail to it is refused; set recipients.acceptAll or list addresses",
+            ));
+        }
+        if r.is_invalid() {
+            reports.push(r);
+            continue;
+        }
+        seen.insert(domain.clone(), name.clone());
+        for a in &domain_accounts {
+            if let Some((lp, _)) = a.login.rsplit_once('@') {
+                listed.push(lp.to_string());
+            }
+        }
+        listed.sort();
+        listed.dedup();
+        domains.push(DomainPolicy {
+            domain,
+            local: s.local,
+            recipients: if accept_all {
+                RecipientPolicy::AcceptAll
+            } else {
+                RecipientPolicy::Listed(listed)
+            },
+            windows_nt_domain: s.windows_nt_domain.clone(),
+            kerberos_realm: s.kerberos_realm.clone(),
+        });
+        accounts.extend(domain_accounts);
+        reports.push(r);
+    }
+    accounts.sort_by(|a: &Account, b: &Account| a.login.cmp(&b.login));
+    (domains, accounts, reports)
+}
+
+/// `alice` or `alice@domain` → `alice`; an address of another domain is an error.
+fn local_part_of(a: &str, domain: &str) -> Result<String, String> {
+    let a = a.trim().to_ascii_lowercase();
+    let lp = match a.rsplit_once('@') {
+        Some((lp, d)) if d == domain => lp.to_string(),
+        Some((_, d)) => {
+            return Err(format!("{a:?} belongs to domain {d:?}, not {domain:?}"));
+        }
+        None => a.clone(),
+    };
+    if lp.is_empty() || lp.len() > 64 || lp.contains(|c: char| c.is_whitespace() || c == '@') {
+        return Err(format!("{a:?} is not a valid local part or address"));
+    }
+    Ok(lp)
+}
+
+fn verifier(
+    password: Option<&str>,
+    hash: Option<&str>,
+    previous: Option<&PasswordVerifier>,
+    what: &str,
+) -> Result<PasswordVerifier, String> {
+    match (password, hash) {
+        (Some(_), Some(_)) => Err(format!("{what}: set password or passwordHash, not both")),
+        (None, None) => Err(format!("{what}: needs password or passwordHash")),
+        (Some(""), None) => Err(format!("{what}: the password is empty")),
+        (Some(p), None) => Ok(previous
+            .filter(|v| v.verify(p))
+            .cloned()
+            .unwrap_or_else(|| PasswordVerifier::derive(p))),
+        (None, Some(h)) => {
+            PasswordVerifier::from_phc(h).map_err(|e| format!("{what}: passwordHash {e}"))
+        }
+    }
+}
+
+fn scram(password: Option<&str>, previous: Option<&ScramVerifier>) -> Option<ScramVerifier> {
+    // SCRAM needs SASLprep for non-ASCII passwords; rather than guess, such passwords get no SCRAM.
+    let p = password.filter(|p| p.is_ascii() && !p.is_empty())?;
+    Some(
+        previous
+            .filter(|v| v.verify(p))
+            .cloned()
+            .unwrap_or_else(|| ScramVerifier::derive(p)),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn account(
+    e: &AccountEntry,
+    domain: &str,
+    domain_object: &str,
+    policies: &Policies<'_>,
+    all_policy_names: &BTreeSet<String>,
+    cram_enabled: bool,
+    previous: Option<&Credentials>,
+) -> Result<Account, String> {
+    let lp = local_part_of(&e.name, domain)?;
+    let login = format!("{lp}@{domain}");
+    let prev = previous.and_then(|c| c.account(&login));
+    let mut out = Account {
+        login: login.clone(),
+        password: None,
+        scram_sha256: None,
+        cram_md5_secret: None,
+        app_passwords: Vec::new(),
+        mfa: e.mfa,
+        sender_addresses: Vec::new(),
+        access_policy: None,
+    };
+    if e.password.is_some() || e.password_hash.is_some() || !e.mfa {
+        out.password = Some(verifier(
+            e.password.as_deref(),
+            e.password_hash.as_deref(),
+            prev.and_then(|p| p.password.as_ref()),
+            "primary password",
+        )?);
+        out.scram_sha256 = scram(
+            e.password.as_deref(),
+            prev.and_then(|p| p.scram_sha256.as_ref()),
+        );
+        if cram_enabled && !e.mfa {
+            out.cram_md5_secret = e.password.clone().map(SecretString::new);
+        }
+    }
+    let mut app_names = BTreeSet::new();
+    for (i, ap) in e.app_passwords.iter().enumerate() {
+        if ap.name.trim().is_empty() || !app_names.insert(ap.name.clone()) {
+            return Err(format!("appPasswords[{i}]: needs a unique, non-empty name"));
+        }
+        let prev_ap = prev.and_then(|p| p.app_passwords.iter().find(|x| x.name == ap.name));
+        out.app_passwords.push(AppPassword {
+            name: ap.name.clone(),
+            verifier: verifier(
+                ap.password.as_deref(),
+                ap.password_hash.as_deref(),
+                prev_ap.map(|x| &x.verifier),
+                &format!("appPasswords[{i}] ({})", ap.name),
+            )?,
+            scram_sha256: scram(
+                ap.password.as_deref(),
+                prev_ap.and_then(|x| x.scram_sha256.as_ref()),
+            ),
+        });
+    }
+    if e.mfa && out.app_passwords.is_empty() {
+        return Err("mfa is on but there are no appPasswords, so the account could never authenticate over SMTP".into());
+    }
+    for (i, a) in e.sender_addresses.iter().enumerate() {
+        let p = AddressPattern::parse(a).map_err(|m| format!("senderAddresses[{i}]: {m}"))?;
+        out.sender_addresses.push(p.as_str().to_string());
+    }
+    out.access_policy = match &e.access_policy {
+        Some(p) if policies.contains_key(p) => Some(p.clone()),
+        Some(p) if all_policy_names.contains(p) => {
+            return Err(format!(
+                "accessPolicy {p:?} is invalid; fix it first (see its status)"
+            ));
+        }
+        Some(p) => {
+            return Err(format!(
+                "accessPolicy {p:?} does not exist in this namespace"
+            ))
+        }
+        None => policies
+            .iter()
+            .find(|(_, (_, obj))| obj.spec.accounts.iter().any(|pat| pat.matches(&login)))
+            .or_else(|| {
+                policies
+                    .iter()
+                    .find(|(_, (_, obj))| obj.spec.mail_domains.iter().any(|d| d == domain_object))
+            })
+            .map(|(n, _)| n.clone()),
+    };
+    Ok(out)
+}

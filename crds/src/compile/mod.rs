@@ -1,0 +1,293 @@
+//! The pure compiler from one namespace's objects (the five CR kinds plus the Secrets they
+//! reference) to the relay's [`RelayConfig`] and [`Credentials`]. No I/O, no clock: the operator
+//! and `operator render` call the same function.
+//!
+//! Each object gets an [`ObjectReport`]. An invalid object is left out and the rest compiles;
+//! objects that depend on an invalid one are invalid too (with a reason naming it), so a mistake
+//! never silently widens the policy.
+
+mod accounts;
+mod ipgroups;
+mod report;
+mod rules;
+mod secrets;
+mod services;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+use sha2::{Digest, Sha256};
+
+use crate::api::{AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, SmtpService};
+use crate::config::{AccessPolicyConfig, ConfigVersion, Credentials, IpSet, RelayConfig};
+
+pub use ipgroups::parse_entry;
+pub use report::{Kind, ObjectReport, Problem, Report, Severity};
+pub use rules::parse_duration;
+pub use secrets::SecretStore;
+
+/// Everything the compiler reads: one namespace's objects.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs {
+    pub ip_groups: Vec<IpAddressGroup>,
+    pub mail_domains: Vec<MailDomain>,
+    pub smtp_services: Vec<SmtpService>,
+    pub delivery_rules: Vec<DeliveryRule>,
+    pub access_policies: Vec<AccessPolicy>,
+    pub secrets: Vec<Secret>,
+}
+
+/// The compiler's output.
+#[derive(Clone, Debug)]
+pub struct Compiled {
+    pub config: RelayConfig,
+    pub credentials: Credentials,
+    pub report: Report,
+    /// Content hash of config and credentials (16 hex digits); changes iff the output changes.
+    pub hash: String,
+}
+
+/// Shared state while compiling: valid names per kind, for reference checks.
+pub(crate) struct Ctx<'a> {
+    pub groups: &'a BTreeMap<String, IpSet>,
+    pub all_groups: BTreeSet<String>,
+    pub secrets: SecretStore<'a>,
+}
+
+impl Ctx<'_> {
+    /// Checks a reference to an IpAddressGroup.
+    pub fn group_ref(&self, field: String, name: &str) -> Result<(), Problem> {
+        if self.groups.contains_key(name) {
+            Ok(())
+        } else if self.all_groups.contains(name) {
+            Err(Problem::invalid(
+                field,
+                "InvalidReference",
+                format!("IpAddressGroup {name:?} is invalid; fix it first (see its status)"),
+            ))
+        } else {
+            Err(Problem::invalid(
+                field,
+                "MissingReference",
+                format!("IpAddressGroup {name:?} does not exist in this namespace"),
+            ))
+        }
+    }
+}
+
+fn report(kind: Kind, name: String, generation: Option<i64>) -> ObjectReport {
+    ObjectReport {
+        kind,
+        name,
+        generation,
+        problems: Vec::new(),
+        resolved_prefixes: None,
+    }
+}
+
+/// Compiles one namespace. `previous` is the last applied credentials: verifiers that still verify
+/// the current passwords are kept, so an unchanged policy compiles to byte-identical output
+/// (argon2 and SCRAM salts are random) and nothing is rewritten.
+pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
+    let mut reports: Vec<ObjectReport> = Vec::new();
+
+    // 1. IP groups.
+    let mut own = BTreeMap::new();
+    let mut group_reports: BTreeMap<String, ObjectReport> = BTreeMap::new();
+    let all_groups: BTreeSet<String> = inputs.ip_groups.iter().map(|g| g.name_any()).collect();
+    for g in sorted(&inputs.ip_groups) {
+        let name = g.name_any();
+        let mut r = report(Kind::IpAddressGroup, name.clone(), g.metadata.generation);
+        let addrs: Vec<String> = g.spec.addresses.iter().map(|a| a.0.clone()).collect();
+        if addrs.is_empty() && g.spec.includes.is_empty() {
+            r.problems.push(Problem::invalid(
+                "spec.addresses",
+                "Empty",
+                "an IP address group needs at least one entry in addresses or includes",
+            ));
+        }
+        let (parsed, problems) = ipgroups::own_prefixes(&addrs);
+        r.problems.extend(problems);
+        if !r.is_invalid() {
+            let nets = parsed.into_iter().flat_map(|(_, n)| n).collect();
+            own.insert(name.clone(), (nets, g.spec.includes.clone()));
+        }
+        group_reports.insert(name, r);
+    }
+    let (groups, failed) = ipgroups::resolve(&own, &all_groups);
+    for (name, problems) in failed {
+        if let Some(r) = group_reports.get_mut(&name) {
+            r.problems.extend(problems);
+        }
+    }
+    for (name, r) in group_reports.iter_mut() {
+        r.resolved_prefixes = groups.get(name).map(|s| s.0.len());
+    }
+
+    let ctx = Ctx {
+        groups: &groups,
+        all_groups,
+        secrets: SecretStore::new(&inputs.secrets),
+    };
+
+    // 2. Services.
+    let (services, service_reports, relay_groups) = services::compile(&ctx, &inputs.smtp_services);
+    for g in &relay_groups {
+        if groups.get(g).is_some_and(IpSet::is_everything) {
+            if let Some(r) = group_reports.get_mut(g) {
+                r.problems.push(Problem::warning(
+                    "spec.addresses",
+                    "OpenRelay",
+                    "this group contains every address (0.0.0.0/0 or ::/0) and allows relaying: anyone on the Internet can send through the relay",
+                ));
+            }
+        }
+    }
+    reports.extend(group_reports.into_values());
+    let service_names: BTreeSet<String> = services.iter().map(|s| s.name.clone()).collect();
+    let all_service_names: BTreeSet<String> =
+        inputs.smtp_services.iter().map(|s| s.name_any()).collect();
+    let cram_enabled = services.iter().any(|s| {
+        s.auth
+            .mechanisms
+            .contains(&crate::config::Mechanism::CramMd5)
+    });
+    reports.extend(service_reports);
+
+    // 3. Mail domains (without accounts yet) and access policies.
+    let domain_objects: BTreeMap<String, &MailDomain> = inputs
+        .mail_domains
+        .iter()
+        .map(|d| (d.name_any(), d))
+        .collect();
+    let mut access_policies: BTreeMap<String, (AccessPolicyConfig, &AccessPolicy)> =
+        BTreeMap::new();
+    let mut policy_reports = Vec::new();
+    for p in sorted(&inputs.access_policies) {
+        let name = p.name_any();
+        let mut r = report(Kind::AccessPolicy, name.clone(), p.metadata.generation);
+        let s = &p.spec;
+        if s.accounts.is_empty() && s.mail_domains.is_empty() {
+            r.problems.push(Problem::invalid(
+                "spec.accounts",
+                "NoSubjects",
+                "an access policy must select accounts or mailDomains",
+            ));
+        }
+        for (i, a) in s.accounts.iter().enumerate() {
+            if let Err(m) = crate::address::AddressPattern::parse(a.as_str()) {
+                r.problems.push(Problem::invalid(
+                    format!("spec.accounts[{i}]"),
+                    "InvalidAddress",
+                    m,
+                ));
+            }
+        }
+        for (i, d) in s.mail_domains.iter().enumerate() {
+            if !domain_objects.contains_key(d) {
+                r.problems.push(Problem::invalid(
+                    format!("spec.mailDomains[{i}]"),
+                    "MissingReference",
+                    format!("MailDomain {d:?} does not exist in this namespace"),
+                ));
+            }
+        }
+        for (i, svc) in s.services.iter().enumerate() {
+            if !service_names.contains(svc) {
+                let (reason, what) = if all_service_names.contains(svc) {
+                    ("InvalidReference", "is invalid; fix it first")
+                } else {
+                    ("MissingReference", "does not exist in this namespace")
+                };
+                r.problems.push(Problem::invalid(
+                    format!("spec.services[{i}]"),
+                    reason,
+                    format!("SmtpService {svc:?} {what}"),
+                ));
+            }
+        }
+        for (i, g) in s.from_ip_groups.iter().enumerate() {
+            if let Err(p) = ctx.group_ref(format!("spec.fromIpGroups[{i}]"), g) {
+                r.problems.push(p);
+            }
+        }
+        if !r.is_invalid() {
+            access_policies.insert(
+                name,
+                (
+                    AccessPolicyConfig {
+                        services: s.services.clone(),
+                        from_ip_groups: s.from_ip_groups.clone(),
+                        sender_binding: s.sender_binding,
+                        max_messages_per_hour: s.max_messages_per_hour,
+                    },
+                    p,
+                ),
+            );
+        }
+        policy_reports.push(r);
+    }
+    let all_policy_names: BTreeSet<String> = inputs
+        .access_policies
+        .iter()
+        .map(|p| p.name_any())
+        .collect();
+
+    let (domains, accounts, domain_reports) = accounts::compile(
+        &ctx,
+        &inputs.mail_domains,
+        &access_policies,
+        &all_policy_names,
+        cram_enabled,
+        previous,
+    );
+    reports.extend(domain_reports);
+    reports.extend(policy_reports);
+
+    // 4. Delivery rules.
+    let (delivery_rules, relay_auth, rule_reports) = rules::compile(&ctx, &inputs.delivery_rules);
+    reports.extend(rule_reports);
+
+    reports.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+
+    let config = RelayConfig {
+        version: ConfigVersion::V1Alpha1,
+        ip_groups: groups.clone(),
+        domains,
+        services,
+        delivery_rules,
+        access_policies: access_policies
+            .into_iter()
+            .map(|(k, (v, _))| (k, v))
+            .collect(),
+    };
+    let credentials = Credentials {
+        version: ConfigVersion::V1Alpha1,
+        accounts,
+        relay_auth,
+    };
+    let hash = content_hash(&config, &credentials);
+    Compiled {
+        config,
+        credentials,
+        report: Report { objects: reports },
+        hash,
+    }
+}
+
+/// SHA-256 over the canonical JSON of both outputs, shortened to 16 hex digits.
+pub fn content_hash(config: &RelayConfig, credentials: &Credentials) -> String {
+    let mut h = Sha256::new();
+    h.update(serde_json::to_vec(config).unwrap_or_default());
+    h.update([0u8]);
+    h.update(serde_json::to_vec(credentials).unwrap_or_default());
+    hex::encode(&h.finalize()[..8])
+}
+
+/// Objects sorted by name, so every output is deterministic whatever order the API returned.
+pub(crate) fn sorted<K: kube::Resource>(objs: &[K]) -> Vec<&K> {
+    let mut v: Vec<&K> = objs.iter().collect();
+    v.sort_by_key(|o| o.meta().name.clone().unwrap_or_default());
+    v
+}
