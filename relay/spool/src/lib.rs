@@ -1,0 +1,866 @@
+//! The durable mail spool: the relay's promise that a message acknowledged with SMTP `250`
+//! survives `kill -9`, power loss excepted only where the disk lies about flushes.
+//!
+//! This crate owns the spool directory and everything in it: writing accepted messages, making
+//! them durable, recording delivery state between attempts ([`Spool::update_envelope`]), deleting
+//! finished messages, and recovering after a crash. It does not decide *when* to deliver or retry;
+//! that is the delivery queue's job, which keeps its schedule in the envelope.
+//!
+//! # Guarantees
+//!
+//! * [`Spool::store`] returns only after the data and the envelope are on stable storage (file
+//!   `fdatasync`, then directory `fsync`s that persist the names). The caller answers `250` after
+//!   that, never before.
+//! * A crash before `store` returns may leave the message committed anyway (the client will then
+//!   send it again: a duplicate), or leave uncommitted files, which recovery deletes. It never
+//!   leaves a committed envelope without its complete data.
+//! * [`Spool::update_envelope`] and [`Spool::remove`] are atomic and durable when they return.
+//!
+//! With [`SpoolOptions::fsync`] off none of this holds past an OS crash or power loss; it exists
+//! only for tests and benchmarks that opt out explicitly.
+//!
+//! # Group commit
+//!
+//! Each `store` writes and `fdatasync`s its own files on the blocking thread pool, so concurrent
+//! sessions' data flushes run in parallel (the filesystem journal merges concurrent flushes into
+//! one commit). The directory `fsync`s, which every message needs, are shared: one committer
+//! thread takes every operation that is waiting, syncs the directory once so all new data files
+//! are named durably, renames all envelopes into place, syncs the directory once more, and then
+//! wakes all waiters. A batch of any size costs two directory syncs.
+//!
+//! # On-disk layout
+//!
+//! ```text
+//! <dir>/lock                     flock(2)ed while a process has the spool open
+//! <dir>/msg/<id>.eml             message data, exactly as it will be relayed
+//! <dir>/msg/<id>.env             envelope record (JSON, one line): {"version":1,"dataLen":N,"envelope":{..}}
+//! <dir>/msg/<id>.env.<nonce>.tmp envelope being written; never valid
+//! <dir>/corrupt/                 unreadable or inconsistent files moved aside by recovery
+//! ```
+//!
+//! `<id>` is a [`MessageId`]: 32 hex digits, sorting by arrival. Storing a message writes
+//! `<id>.eml` (new file, fsync), then `<id>.env.<nonce>.tmp` (fsync), syncs the directory, renames
+//! the temporary file to `<id>.env` and syncs the directory again. **The appearance of `<id>.env`
+//! is the commit point**; the data file is always durable before it. Updating an envelope writes a
+//! new temporary file and renames it over `<id>.env`. Removing deletes `<id>.env` (the message is
+//! gone once that is durable) and then `<id>.eml`.
+//!
+//! Recovery ([`Spool::open`]) therefore deletes `*.tmp` files and `.eml` files without an
+//! `.env`; moves an `.env` that does not parse, lacks its data file, or disagrees with the data
+//! file's length to `corrupt/` together with its data, and reports it ([`RecoveryReport`]); leaves
+//! envelopes of a newer format version where they are (a newer relay will read them) and reports
+//! them; and loads everything else.
+//!
+//! The lock keeps two processes from sharing one spool: the recovery of one would delete the
+//! in-flight files of the other. Each relay instance needs its own spool directory.
+
+mod envelope;
+mod id;
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::oneshot;
+
+pub use envelope::{
+    Body, DsnNotify, DsnRet, Envelope, EnvelopeError, Recipient, RecipientStatus, ENVELOPE_VERSION,
+};
+pub use id::{MessageId, ParseMessageIdError};
+
+use envelope::EnvelopeRecord;
+
+const MSG_DIR: &str = "msg";
+const CORRUPT_DIR: &str = "corrupt";
+const LOCK_FILE: &str = "lock";
+const DATA_EXT: &str = "eml";
+const ENV_EXT: &str = "env";
+const TMP_EXT: &str = "tmp";
+
+/// Bounds how long the first waiter of a batch waits for the last one's rename.
+const MAX_BATCH: usize = 4096;
+
+/// How the spool is opened.
+#[derive(Clone, Debug)]
+pub struct SpoolOptions {
+    /// Flush files and directories to stable storage before reporting success (default `true`).
+    ///
+    /// `false` gives up the durability guarantee: after an OS crash or power loss, messages that
+    /// were acknowledged can be lost or their envelopes can be missing. Only for tests and
+    /// benchmarks that say so.
+    pub fsync: bool,
+}
+
+impl Default for SpoolOptions {
+    fn default() -> SpoolOptions {
+        SpoolOptions { fsync: true }
+    }
+}
+
+/// A committed message found by recovery.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    pub id: MessageId,
+    pub envelope: Envelope,
+    /// Length of the data in bytes; read it with [`Spool::read_data`] or [`Spool::open_data`].
+    pub data_len: u64,
+}
+
+/// What recovery found besides good messages. Everything here has also been logged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Number of committed messages loaded.
+    pub recovered: usize,
+    /// Leftovers of writes that never committed (temporary files, data without envelope),
+    /// deleted. Expected after a crash; a client that got no `250` sends these again.
+    pub removed_uncommitted: Vec<String>,
+    /// Files moved to `<dir>/corrupt/` and why. Never expected; needs an operator.
+    pub quarantined: Vec<SkippedFile>,
+    /// Envelopes of a newer format version, left in place untouched (and not loaded).
+    pub unsupported: Vec<SkippedFile>,
+    /// Files in the message directory the spool did not write; left alone.
+    pub unknown: Vec<String>,
+}
+
+/// A spool file recovery did not load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SkippedFile {
+    /// File name inside the message directory.
+    pub file: String,
+    pub reason: String,
+}
+
+/// Handle to an open spool. Cheap to clone; all clones share one directory, index and committer.
+///
+/// Operations on *different* messages may run concurrently from any number of tasks. Calls
+/// changing the *same* message ([`update_envelope`](Spool::update_envelope),
+/// [`remove`](Spool::remove)) should come from one owner at a time (the delivery queue); if they
+/// race, each still applies atomically, in an unspecified order, and an update never brings back
+/// a removed message.
+///
+/// Storage operations need a Tokio runtime (they use the blocking thread pool).
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Job>,
+    report: RecoveryReport,
+    // Held for the flock; closing the file releases it.
+    _lock: File,
+}
+
+/// State the committer thread shares with the handles. The thread owns no `Sender`, so it ends
+/// when the last `Spool` clone is dropped.
+struct Shared {
+    dir: PathBuf,
+    msg_dir: PathBuf,
+    fsync: bool,
+    index: Mutex<Index>,
+    /// Set when a directory sync fails: what is on disk is then unknown, so the spool stops
+    /// accepting changes until a restart recovers from the disk itself.
+    poisoned: OnceLock<String>,
+}
+
+#[derive(Default)]
+struct Index {
+    entries: BTreeMap<MessageId, Entry>,
+    bytes: u64,
+}
+
+struct Entry {
+    envelope: Envelope,
+    data_len: u64,
+}
+
+struct Job {
+    op: Op,
+    done: oneshot::Sender<io::Result<()>>,
+}
+
+enum Op {
+    /// Data file and temporary envelope are written and flushed.
+    Store {
+        id: MessageId,
+        envelope: Envelope,
+        data_len: u64,
+        tmp: PathBuf,
+    },
+    /// Temporary envelope is written and flushed.
+    Replace {
+        id: MessageId,
+        envelope: Envelope,
+        tmp: PathBuf,
+    },
+    Remove {
+        id: MessageId,
+    },
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool in `dir` and recovers it.
+    ///
+    /// Returns the committed messages in arrival order; what else recovery found is in
+    /// [`Spool::recovery_report`]. Fails if another process has the spool open, or on I/O errors
+    /// that leave the spool's state unknown.
+    pub async fn open(dir: &Path, opts: SpoolOptions) -> io::Result<(Spool, Vec<StoredMessage>)> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Spool::open_blocking(dir, opts))
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    fn open_blocking(dir: PathBuf, opts: SpoolOptions) -> io::Result<(Spool, Vec<StoredMessage>)> {
+        let msg_dir = dir.join(MSG_DIR);
+        let corrupt_dir = dir.join(CORRUPT_DIR);
+        for d in [&msg_dir, &corrupt_dir] {
+            fs::create_dir_all(d).map_err(|e| context(e, "creating spool directory", d))?;
+        }
+        let lock = lock_spool(&dir)?;
+        if opts.fsync {
+            // The directories may be new; their names must survive a crash as much as the files.
+            sync_dir(&dir)?;
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sync_dir(parent)?;
+            }
+        }
+        let shared = Arc::new(Shared {
+            dir,
+            msg_dir,
+            fsync: opts.fsync,
+            index: Mutex::new(Index::default()),
+            poisoned: OnceLock::new(),
+        });
+        let (messages, report) = shared.recover()?;
+        {
+            let mut index = shared.lock_index();
+            for m in &messages {
+                index.bytes += m.data_len;
+                index.entries.insert(
+                    m.id,
+                    Entry {
+                        envelope: m.envelope.clone(),
+                        data_len: m.data_len,
+                    },
+                );
+            }
+        }
+        let dir_file = File::open(&shared.msg_dir)
+            .map_err(|e| context(e, "opening spool directory", &shared.msg_dir))?;
+        let (tx, rx) = mpsc::channel();
+        let committer = shared.clone();
+        std::thread::Builder::new()
+            .name("spool-commit".into())
+            .spawn(move || run_committer(&committer, &dir_file, rx))?;
+        let spool = Spool {
+            inner: Arc::new(Inner {
+                shared,
+                tx,
+                report,
+                _lock: lock,
+            }),
+        };
+        Ok((spool, messages))
+    }
+
+    /// Durably stores a new message; returns once data and envelope are on stable storage.
+    ///
+    /// `envelope.received_at` and `next_attempt_at` are kept with one-second resolution. Once
+    /// called, the store runs to completion even if the returned future is dropped; a message
+    /// committed that way is in [`Spool::list`] like any other.
+    pub async fn store<D>(&self, mut envelope: Envelope, data: D) -> io::Result<MessageId>
+    where
+        D: AsRef<[u8]> + Send + 'static,
+    {
+        self.inner.shared.check_usable()?;
+        envelope.normalize();
+        let id = MessageId::generate();
+        let (done, wait) = oneshot::channel();
+        let shared = self.inner.shared.clone();
+        let tx = self.inner.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let data = data.as_ref();
+            let data_len = data.len() as u64;
+            match shared.write_new(id, data, &EnvelopeRecord::encode(&envelope, data_len)) {
+                Ok(tmp) => {
+                    let op = Op::Store {
+                        id,
+                        envelope,
+                        data_len,
+                        tmp,
+                    };
+                    // A failed send drops `done`, which the waiter reports.
+                    let _ = tx.send(Job { op, done });
+                }
+                Err(e) => {
+                    let _ = done.send(Err(e));
+                }
+            }
+        });
+        wait.await.map_err(|_| committer_gone())??;
+        Ok(id)
+    }
+
+    /// Atomically and durably replaces the envelope of a stored message.
+    ///
+    /// Fails with [`io::ErrorKind::NotFound`] if the message is not (or no longer) in the spool.
+    pub async fn update_envelope(&self, id: MessageId, mut envelope: Envelope) -> io::Result<()> {
+        self.inner.shared.check_usable()?;
+        envelope.normalize();
+        let data_len = self
+            .inner
+            .shared
+            .lock_index()
+            .entries
+            .get(&id)
+            .map(|e| e.data_len)
+            .ok_or_else(|| not_found(id))?;
+        let (done, wait) = oneshot::channel();
+        let shared = self.inner.shared.clone();
+        let tx = self.inner.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let tmp = shared.tmp_path(id);
+            let record = EnvelopeRecord::encode(&envelope, data_len);
+            match write_file(&tmp, &record, shared.fsync) {
+                Ok(()) => {
+                    let op = Op::Replace { id, envelope, tmp };
+                    let _ = tx.send(Job { op, done });
+                }
+                Err(e) => {
+                    remove_quietly(&tmp);
+                    let _ = done.send(Err(context(e, "writing envelope", &tmp)));
+                }
+            }
+        });
+        wait.await.map_err(|_| committer_gone())?
+    }
+
+    /// Durably removes a message. Fails with [`io::ErrorKind::NotFound`] if it is not there.
+    pub async fn remove(&self, id: MessageId) -> io::Result<()> {
+        self.inner.shared.check_usable()?;
+        let (done, wait) = oneshot::channel();
+        self.inner
+            .tx
+            .send(Job {
+                op: Op::Remove { id },
+                done,
+            })
+            .map_err(|_| committer_gone())?;
+        wait.await.map_err(|_| committer_gone())?
+    }
+
+    /// The message data.
+    pub async fn read_data(&self, id: MessageId) -> io::Result<Vec<u8>> {
+        if !self.contains(id) {
+            return Err(not_found(id));
+        }
+        let path = self.data_path(id);
+        tokio::fs::read(&path)
+            .await
+            .map_err(|e| context(e, "reading message data", &path))
+    }
+
+    /// The message data as a file, for streaming large messages.
+    pub async fn open_data(&self, id: MessageId) -> io::Result<tokio::fs::File> {
+        if !self.contains(id) {
+            return Err(not_found(id));
+        }
+        let path = self.data_path(id);
+        tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| context(e, "opening message data", &path))
+    }
+
+    /// Where the data of `id` is (or would be). Read-only use; the spool owns the file.
+    pub fn data_path(&self, id: MessageId) -> PathBuf {
+        self.inner.shared.data_path(id)
+    }
+
+    /// The current envelope of a stored message.
+    pub fn envelope(&self, id: MessageId) -> Option<Envelope> {
+        let index = self.inner.shared.lock_index();
+        index.entries.get(&id).map(|e| e.envelope.clone())
+    }
+
+    /// Length of the data of a stored message.
+    pub fn data_len(&self, id: MessageId) -> Option<u64> {
+        let index = self.inner.shared.lock_index();
+        index.entries.get(&id).map(|e| e.data_len)
+    }
+
+    pub fn contains(&self, id: MessageId) -> bool {
+        self.inner.shared.contains(id)
+    }
+
+    /// Ids of all committed messages, oldest first.
+    pub fn list(&self) -> Vec<MessageId> {
+        let index = self.inner.shared.lock_index();
+        index.entries.keys().copied().collect()
+    }
+
+    /// Number of committed messages (spool depth).
+    pub fn len(&self) -> usize {
+        self.inner.shared.lock_index().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Total data bytes of committed messages.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.shared.lock_index().bytes
+    }
+
+    /// How long the oldest message has been in the spool (by its id's timestamp, i.e. when this
+    /// or an earlier process stored it), or `None` when empty.
+    pub fn oldest_age(&self) -> Option<Duration> {
+        let oldest = *self.inner.shared.lock_index().entries.keys().next()?;
+        let stored = UNIX_EPOCH + Duration::from_millis(oldest.timestamp_millis());
+        Some(
+            SystemTime::now()
+                .duration_since(stored)
+                .unwrap_or(Duration::ZERO),
+        )
+    }
+
+    /// What [`Spool::open`] found besides good messages.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.report
+    }
+
+    /// The spool directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.shared.dir
+    }
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("dir", &self.inner.shared.dir)
+            .field("fsync", &self.inner.shared.fsync)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Shared {
+    fn lock_index(&self) -> MutexGuard<'_, Index> {
+        // The index is only changed by whole-statement updates; a panic elsewhere cannot leave
+        // it half-written, so a poisoned lock is still consistent.
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn contains(&self, id: MessageId) -> bool {
+        self.lock_index().entries.contains_key(&id)
+    }
+
+    fn check_usable(&self) -> io::Result<()> {
+        match self.poisoned.get() {
+            Some(reason) => Err(poisoned_error(reason)),
+            None => Ok(()),
+        }
+    }
+
+    fn poison(&self, e: &io::Error) {
+        let reason = format!("syncing {} failed: {e}", self.msg_dir.display());
+        tracing::error!(
+            spool = %self.dir.display(),
+            error = %e,
+            "spool directory sync failed; refusing further changes until restart"
+        );
+        let _ = self.poisoned.set(reason);
+    }
+
+    /// Error for each waiter of a batch whose directory sync failed (`io::Error` is not `Clone`).
+    fn sync_failed(&self, e: &io::Error) -> io::Error {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "syncing {}: {e}; the change may or may not persist",
+                self.msg_dir.display()
+            ),
+        )
+    }
+
+    fn data_path(&self, id: MessageId) -> PathBuf {
+        self.msg_dir.join(format!("{id}.{DATA_EXT}"))
+    }
+
+    fn env_path(&self, id: MessageId) -> PathBuf {
+        self.msg_dir.join(format!("{id}.{ENV_EXT}"))
+    }
+
+    /// A fresh name per write, so concurrent updates of one message never share a file.
+    fn tmp_path(&self, id: MessageId) -> PathBuf {
+        let nonce: u64 = rand::random();
+        self.msg_dir
+            .join(format!("{id}.{ENV_EXT}.{nonce:016x}.{TMP_EXT}"))
+    }
+
+    /// Writes and flushes the data file and a temporary envelope; returns the temporary's path.
+    fn write_new(&self, id: MessageId, data: &[u8], record: &[u8]) -> io::Result<PathBuf> {
+        let data_path = self.data_path(id);
+        if let Err(e) = write_file(&data_path, data, self.fsync) {
+            remove_quietly(&data_path);
+            return Err(context(e, "writing message data", &data_path));
+        }
+        let tmp = self.tmp_path(id);
+        if let Err(e) = write_file(&tmp, record, self.fsync) {
+            remove_quietly(&tmp);
+            remove_quietly(&data_path);
+            return Err(context(e, "writing envelope", &tmp));
+        }
+        Ok(tmp)
+    }
+
+    /// Deletes the files of an operation that will not commit.
+    fn discard(&self, op: &Op) {
+        match op {
+            Op::Store { id, tmp, .. } => {
+                remove_quietly(tmp);
+                remove_quietly(&self.data_path(*id));
+            }
+            Op::Replace { tmp, .. } => remove_quietly(tmp),
+            Op::Remove { .. } => {}
+        }
+    }
+
+    fn commit_batch(&self, dir: &File, batch: Vec<Job>) {
+        if let Some(reason) = self.poisoned.get() {
+            for job in batch {
+                self.discard(&job.op);
+                let _ = job.done.send(Err(poisoned_error(reason)));
+            }
+            return;
+        }
+        // Barrier: every data file's name must be durable before any envelope naming it is.
+        let has_store = batch.iter().any(|j| matches!(j.op, Op::Store { .. }));
+        if self.fsync && has_store {
+            if let Err(e) = dir.sync_all() {
+                self.poison(&e);
+                for job in batch {
+                    self.discard(&job.op);
+                    let _ = job.done.send(Err(self.sync_failed(&e)));
+                }
+                return;
+            }
+        }
+
+        let mut results = Vec::with_capacity(batch.len());
+        // Removals are applied to the index only after the sync, so later ops of this batch
+        // check this set as well.
+        let mut removed = HashSet::new();
+        for job in &batch {
+            let result = match &job.op {
+                Op::Store { id, tmp, .. } => rename(tmp, &self.env_path(*id)),
+                Op::Replace { id, tmp, .. } => {
+                    if removed.contains(id) || !self.contains(*id) {
+                        Err(not_found(*id))
+                    } else {
+                        rename(tmp, &self.env_path(*id))
+                    }
+                }
+                Op::Remove { id } => {
+                    if removed.contains(id) || !self.contains(*id) {
+                        Err(not_found(*id))
+                    } else {
+                        let path = self.env_path(*id);
+                        let r = fs::remove_file(&path)
+                            .map_err(|e| context(e, "removing envelope", &path));
+                        if r.is_ok() {
+                            removed.insert(*id);
+                        }
+                        r
+                    }
+                }
+            };
+            if result.is_err() {
+                self.discard(&job.op);
+            }
+            results.push(result);
+        }
+
+        if self.fsync && results.iter().any(Result::is_ok) {
+            if let Err(e) = dir.sync_all() {
+                self.poison(&e);
+                for (job, result) in batch.into_iter().zip(results) {
+                    let result = result.and_then(|()| Err(self.sync_failed(&e)));
+                    let _ = job.done.send(result);
+                }
+                return;
+            }
+        }
+
+        let mut unlink = Vec::new();
+        {
+            let mut index = self.lock_index();
+            for (job, result) in batch.iter().zip(&results) {
+                if result.is_err() {
+                    continue;
+                }
+                match &job.op {
+                    Op::Store {
+                        id,
+                        envelope,
+                        data_len,
+                        ..
+                    } => {
+                        index.bytes += data_len;
+                        let entry = Entry {
+                            envelope: envelope.clone(),
+                            data_len: *data_len,
+                        };
+                        index.entries.insert(*id, entry);
+                    }
+                    Op::Replace { id, envelope, .. } => {
+                        if let Some(entry) = index.entries.get_mut(id) {
+                            entry.envelope = envelope.clone();
+                        }
+                    }
+                    Op::Remove { id } => {
+                        if let Some(entry) = index.entries.remove(id) {
+                            index.bytes -= entry.data_len;
+                        }
+                        unlink.push(*id);
+                    }
+                }
+            }
+        }
+        for (job, result) in batch.into_iter().zip(results) {
+            let _ = job.done.send(result);
+        }
+        // The message is already gone for good; a data file that survives a crash here is an
+        // orphan that recovery deletes, so this needs no sync.
+        for id in unlink {
+            let path = self.data_path(id);
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(file = %path.display(), error = %e, "removing message data");
+                }
+            }
+        }
+    }
+
+    fn recover(&self) -> io::Result<(Vec<StoredMessage>, RecoveryReport)> {
+        let mut report = RecoveryReport::default();
+        let mut data_files = HashSet::new();
+        let mut env_files = BTreeMap::new();
+        let entries = fs::read_dir(&self.msg_dir)
+            .map_err(|e| context(e, "listing spool directory", &self.msg_dir))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| context(e, "listing spool directory", &self.msg_dir))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                report
+                    .unknown
+                    .push(entry.file_name().to_string_lossy().into_owned());
+                continue;
+            };
+            if name.ends_with(&format!(".{TMP_EXT}")) {
+                let path = entry.path();
+                fs::remove_file(&path).map_err(|e| context(e, "removing leftover", &path))?;
+                report.removed_uncommitted.push(name);
+                continue;
+            }
+            let parsed = name
+                .split_once('.')
+                .and_then(|(id, ext)| Some((id.parse::<MessageId>().ok()?, ext)));
+            match parsed {
+                Some((id, DATA_EXT)) => {
+                    data_files.insert(id);
+                }
+                Some((id, ENV_EXT)) => {
+                    env_files.insert(id, name);
+                }
+                _ => report.unknown.push(name),
+            }
+        }
+
+        let mut messages = Vec::new();
+        for (id, name) in env_files {
+            let path = self.msg_dir.join(&name);
+            let has_data = data_files.remove(&id);
+            let problem = match fs::read(&path) {
+                Err(e) => format!("unreadable: {e}"),
+                Ok(bytes) => match EnvelopeRecord::decode(&bytes) {
+                    Err(e @ EnvelopeError::UnsupportedVersion { .. }) => {
+                        tracing::warn!(file = %path.display(), error = %e, "skipping envelope");
+                        report.unsupported.push(SkippedFile {
+                            file: name,
+                            reason: e.to_string(),
+                        });
+                        continue;
+                    }
+                    Err(e) => e.to_string(),
+                    Ok(_) if !has_data => "data file is missing".to_owned(),
+                    Ok(record) => match fs::metadata(self.data_path(id)) {
+                        Err(e) => format!("data file unreadable: {e}"),
+                        Ok(meta) if meta.len() != record.data_len => format!(
+                            "data file has {} bytes, envelope records {}",
+                            meta.len(),
+                            record.data_len
+                        ),
+                        Ok(_) => {
+                            messages.push(StoredMessage {
+                                id,
+                                envelope: record.envelope,
+                                data_len: record.data_len,
+                            });
+                            continue;
+                        }
+                    },
+                },
+            };
+            tracing::error!(file = %path.display(), problem = %problem, "quarantining spooled message");
+            self.quarantine(&name)?;
+            if has_data {
+                self.quarantine(&format!("{id}.{DATA_EXT}"))?;
+            }
+            report.quarantined.push(SkippedFile {
+                file: name,
+                reason: problem,
+            });
+        }
+        for id in data_files {
+            let name = format!("{id}.{DATA_EXT}");
+            let path = self.msg_dir.join(&name);
+            fs::remove_file(&path).map_err(|e| context(e, "removing uncommitted data", &path))?;
+            report.removed_uncommitted.push(name);
+        }
+        if self.fsync && !(report.removed_uncommitted.is_empty() && report.quarantined.is_empty()) {
+            // Not needed for correctness (recovery is idempotent), but keeps a second crash from
+            // reporting the same leftovers again.
+            sync_dir(&self.msg_dir)?;
+            sync_dir(&self.dir.join(CORRUPT_DIR))?;
+        }
+        report.removed_uncommitted.sort();
+        report.unknown.sort();
+        for name in &report.unknown {
+            tracing::warn!(file = %self.msg_dir.join(name).display(), "unknown file in spool, left alone");
+        }
+        if !report.removed_uncommitted.is_empty() {
+            tracing::info!(
+                count = report.removed_uncommitted.len(),
+                "removed leftovers of uncommitted writes"
+            );
+        }
+        report.recovered = messages.len();
+        Ok((messages, report))
+    }
+
+    /// Moves a message directory entry to `corrupt/`, never overwriting an earlier one.
+    fn quarantine(&self, name: &str) -> io::Result<()> {
+        let from = self.msg_dir.join(name);
+        let corrupt = self.dir.join(CORRUPT_DIR);
+        let mut to = corrupt.join(name);
+        let mut n = 1;
+        while to.exists() {
+            to = corrupt.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        rename(&from, &to)
+    }
+}
+
+fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        shared.commit_batch(dir, batch);
+    }
+}
+
+fn write_file(path: &Path, bytes: &[u8], fsync: bool) -> io::Result<()> {
+    // create_new: a name collision must fail, never overwrite someone else's message.
+    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
+    f.write_all(bytes)?;
+    if fsync {
+        // fdatasync also flushes the size and block map, which reading the data back needs;
+        // only timestamps are left out.
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+fn sync_dir(path: &Path) -> io::Result<()> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| context(e, "syncing directory", path))
+}
+
+fn rename(from: &Path, to: &Path) -> io::Result<()> {
+    fs::rename(from, to).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("renaming {} to {}: {e}", from.display(), to.display()),
+        )
+    })
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(e) = fs::remove_file(path) {
+        if e.kind() != io::ErrorKind::NotFound {
+            tracing::warn!(file = %path.display(), error = %e, "cleaning up after failed write");
+        }
+    }
+}
+
+fn lock_spool(dir: &Path) -> io::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| context(e, "opening spool lock", &path))?;
+    // SAFETY: flock on a file descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::WouldBlock {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "spool {} is in use by another process (each relay needs its own spool)",
+                    dir.display()
+                ),
+            ));
+        }
+        return Err(context(e, "locking spool", &path));
+    }
+    Ok(file)
+}
+
+fn context(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+fn not_found(id: MessageId) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("message {id} is not in the spool"),
+    )
+}
+
+fn committer_gone() -> io::Error {
+    io::Error::other("spool committer thread has stopped")
+}
+
+fn poisoned_error(reason: &str) -> io::Error {
+    io::Error::other(format!(
+        "spool refuses changes after a failed directory sync ({reason}); restart to recover"
+    ))
+}
