@@ -3,4 +3,13 @@
 //! and sender questions, [`config`] loads and hot-reloads the compiled policy, [`store`] hands
 //! accepted messages to the durable spool.
 
+pub mod auth;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod reload;
+pub mod server;
+pub mod settings;
 pub mod smtp;
+pub mod snapshot;
+pub mod tls;

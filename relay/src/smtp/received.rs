@@ -13,7 +13,8 @@ pub struct ReceivedInfo<'a> {
     pub hostname: &'a str,
     /// Replace the client address by nothing (the seeds' "hide local IP address").
     pub hide_client_ip: bool,
-    pub queue_id: &'a str,
+    /// Queue id, when known before the header is written.
+    pub queue_id: Option<&'a str>,
     /// The recipient when there is exactly one (`for <...>`).
     pub single_recipient: Option<&'a str>,
     pub smtputf8: bool,
@@ -81,7 +82,9 @@ pub fn received_header(info: &ReceivedInfo<'_>) -> String {
     if let Some(user) = &f.authenticated_as {
         s.push_str(&format!("\r\n\t(authenticated as {})", clean(user)));
     }
-    s.push_str(&format!("\r\n\tid {}", clean(info.queue_id)));
+    if let Some(id) = info.queue_id {
+        s.push_str(&format!("\r\n\tid {}", clean(id)));
+    }
     if let Some(rcpt) = info.single_recipient {
         s.push_str(&format!("\r\n\tfor <{}>", clean(rcpt)));
     }
@@ -162,7 +165,7 @@ mod tests {
             facts: &f,
             hostname: "mx.example.test",
             hide_client_ip: false,
-            queue_id: "abc",
+            queue_id: Some("abc"),
             single_recipient: Some("r@x.test"),
             smtputf8: false,
             now: UNIX_EPOCH,

@@ -1,0 +1,596 @@
+//! The network side: one accept loop per service, one task per connection driving a
+//! [`Session`] over TCP or TLS, SASL steps on the blocking pool, and the hand-off of accepted
+//! messages to the spool. Each connection keeps the snapshot it started with; new connections get
+//! whatever is current.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use mailrelay_crds::config::{canonical_ip, Protocol, ServicePolicy};
+use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Recipient, Spool};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::auth::{AuthContext, Exchange, Step};
+use crate::metrics::{Metrics, ServiceLabels};
+use crate::policy::PolicyEngine;
+use crate::settings::RuntimeSettings;
+use crate::smtp::parser::{BodyType, Ret};
+use crate::smtp::received::{received_header, ReceivedInfo};
+use crate::smtp::{Event, Reply, Session, SessionConfig, SessionFacts, TlsInfo, Transaction};
+use crate::snapshot::Snapshot;
+use crate::tls::TlsAcceptors;
+
+/// Everything the tasks share.
+pub struct Relay {
+    pub config_dir: PathBuf,
+    pub settings: RuntimeSettings,
+    pub current: Arc<ArcSwap<Snapshot>>,
+    pub spool: Arc<Spool>,
+    pub metrics: Arc<Metrics>,
+    pub tls: TlsAcceptors,
+    pub ready: AtomicBool,
+    listeners: Mutex<HashMap<String, (u16, JoinHandle<()>)>>,
+}
+
+impl Relay {
+    pub fn new(
+        config_dir: PathBuf,
+        settings: RuntimeSettings,
+        snapshot: Snapshot,
+        spool: Spool,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let current = Arc::new(ArcSwap::from_pointee(snapshot));
+        Arc::new(Relay {
+            config_dir,
+            settings,
+            tls: TlsAcceptors::new(current.clone()),
+            current,
+            spool: Arc::new(spool),
+            metrics,
+            ready: AtomicBool::new(false),
+            listeners: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Binds listeners for services that have none yet and stops those whose service is gone or
+    /// moved. Open connections are not affected.
+    pub async fn sync_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
+        let snap = self.current.load_full();
+        let wanted: HashMap<String, u16> = snap
+            .config
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.port))
+            .collect();
+        let mut to_bind = Vec::new();
+        {
+            let mut map = self
+                .listeners
+                .lock()
+                .map_err(|_| anyhow::anyhow!("listener map poisoned"))?;
+            map.retain(|name, (port, handle)| {
+                let keep = wanted.get(name) == Some(port);
+                if !keep {
+                    info!(service = %name, port = *port, "stopping listener");
+                    handle.abort();
+                }
+                keep
+            });
+            for (name, port) in &wanted {
+                if !map.contains_key(name) {
+                    to_bind.push((name.clone(), *port));
+                }
+            }
+        }
+        let mut first_error = None;
+        for (name, port) in to_bind {
+            let addr = SocketAddr::new(self.settings.listen_address, port);
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    info!(service = %name, %addr, "listening");
+                    let relay = self.clone();
+                    let svc = name.clone();
+                    let handle = tokio::spawn(async move { relay.accept_loop(svc, l).await });
+                    if let Ok(mut map) = self.listeners.lock() {
+                        map.insert(name, (port, handle));
+                    }
+                }
+                Err(e) => {
+                    warn!(service = %name, %addr, error = %e, "cannot bind listener");
+                    first_error.get_or_insert(anyhow::anyhow!("binding {addr} for {name}: {e}"));
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, service: String, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let relay = self.clone();
+                    let svc = service.clone();
+                    tokio::spawn(async move {
+                        let metrics = relay.metrics.clone();
+                        metrics.sessions_active.inc();
+                        relay.connection(svc, stream, peer).await;
+                        metrics.sessions_active.dec();
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(service = %service, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    async fn connection(
+        self: Arc<Self>,
+        service_name: String,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) {
+        let snap = self.current.load_full();
+        let Some(service) = snap.service(&service_name).cloned() else {
+            return;
+        };
+        let ip = canonical_ip(peer.ip());
+        self.metrics
+            .connections
+            .get_or_create(&ServiceLabels {
+                service: service.name.clone(),
+            })
+            .inc();
+        let _ = stream.set_nodelay(true);
+        let mut conn = Conn::Plain(stream);
+        if !service.allowed_from.is_empty() && !snap.config.in_any_group(&service.allowed_from, ip)
+        {
+            self.metrics
+                .connections_refused
+                .get_or_create(&ServiceLabels {
+                    service: service.name.clone(),
+                })
+                .inc();
+            security(
+                &self.metrics,
+                "connection_refused",
+                &service.name,
+                ip,
+                "client is not in any allowedFrom IP group",
+            );
+            let reply = Reply::new(
+                554,
+                "5.7.1",
+                "Access denied: connections from your address are not allowed",
+            );
+            self.metrics.reply(&service.name, 554);
+            let _ = conn.write_all(&reply.to_bytes()).await;
+            let _ = conn.shutdown().await;
+            return;
+        }
+        let hostname = snap.hostname_for(&service);
+        let cfg = SessionConfig {
+            hostname: hostname.clone(),
+            protocol: service.protocol,
+            starttls: service
+                .tls
+                .as_ref()
+                .is_some_and(|t| snap.certs.contains_key(&t.secret_name)),
+            max_message_size: service
+                .limits
+                .max_message_size_bytes
+                .filter(|n| *n > 0)
+                .unwrap_or(self.settings.max_message_size_bytes),
+            max_recipients: service.limits.max_recipients_per_message,
+            max_failed_commands: service.limits.max_failed_commands,
+            max_received_headers: service.limits.max_received_headers,
+            auth_mode: service.auth.mode,
+            mechanisms: service.auth.mechanisms.clone(),
+            allow_plaintext_without_tls: service.auth.allow_plaintext_without_tls,
+        };
+        let facts = SessionFacts {
+            service: service.name.clone(),
+            client_ip: ip,
+            helo: None,
+            esmtp: false,
+            tls: None,
+            authenticated_as: None,
+        };
+        let policy = PolicyEngine {
+            snapshot: snap.clone(),
+            service: service.name.clone(),
+        };
+        let mut session = Session::new(cfg, facts, Box::new(policy));
+        let mut driver = Driver {
+            relay: self.clone(),
+            snap,
+            service,
+            ip,
+            hostname,
+            exchange: None,
+        };
+        debug!(service = %driver.service.name, client = %ip, "session start");
+        driver.run(&mut session, conn).await;
+        debug!(service = %driver.service.name, client = %ip, "session end");
+    }
+}
+
+fn security(metrics: &Metrics, kind: &str, service: &str, ip: IpAddr, detail: &str) {
+    metrics.security(kind);
+    warn!(target: "security", kind, service, client_ip = %ip, detail);
+}
+
+/// Plain TCP or TLS.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Moved out during the STARTTLS upgrade; only seen if the upgrade failed.
+    Gone,
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "connection closed")
+}
+
+impl Conn {
+    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(s) => s.read(buf).await,
+            Conn::Gone => Err(gone()),
+        }
+    }
+    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(buf).await,
+            Conn::Tls(s) => {
+                s.write_all(buf).await?;
+                s.flush().await
+            }
+            Conn::Gone => Err(gone()),
+        }
+    }
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Gone => Ok(()),
+        }
+    }
+}
+
+fn tls_info(s: &tokio_rustls::server::TlsStream<TcpStream>) -> TlsInfo {
+    let (_, c) = s.get_ref();
+    TlsInfo {
+        version: c
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("TLS")
+            .to_string(),
+        cipher: c
+            .negotiated_cipher_suite()
+            .and_then(|s| s.suite().as_str())
+            .unwrap_or("unknown")
+            .to_string(),
+    }
+}
+
+/// Per-connection state around the session.
+struct Driver {
+    relay: Arc<Relay>,
+    snap: Arc<Snapshot>,
+    service: ServicePolicy,
+    ip: IpAddr,
+    hostname: String,
+    exchange: Option<Exchange>,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+impl Driver {
+    fn timeouts(&self) -> (Duration, Duration, Duration) {
+        let t = &self.relay.settings.timeouts;
+        (
+            Duration::from_secs(t.command_seconds.max(1)),
+            Duration::from_secs(t.session_seconds.max(1)),
+            Duration::from_secs(t.tls_handshake_seconds.max(1)),
+        )
+    }
+
+    async fn handshake(&self, tcp: TcpStream) -> Option<Conn> {
+        let (_, _, hs) = self.timeouts();
+        let secret = self.service.tls.as_ref()?.secret_name.clone();
+        let acceptor = match self.relay.tls.acceptor(&secret) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(service = %self.service.name, error = %e, "no TLS acceptor");
+                return None;
+            }
+        };
+        match tokio::time::timeout(hs, acceptor.accept(tcp)).await {
+            Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
+            Ok(Err(e)) => {
+                debug!(service = %self.service.name, client = %self.ip, error = %e, "TLS handshake failed");
+                None
+            }
+            Err(_) => {
+                debug!(service = %self.service.name, client = %self.ip, "TLS handshake timed out");
+                None
+            }
+        }
+    }
+
+    async fn run(&mut self, session: &mut Session, mut conn: Conn) {
+        let (idle, total, _) = self.timeouts();
+        let deadline = Instant::now() + total;
+        if self.service.protocol == Protocol::Smtps {
+            let Conn::Plain(tcp) = conn else { return };
+            conn = match self.handshake(tcp).await {
+                Some(c) => c,
+                None => return,
+            };
+            if let Conn::Tls(s) = &conn {
+                session.tls_established(tls_info(s));
+            }
+        }
+        session.greeting();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            while let Some(ev) = session.poll_event() {
+                if let Flow::Close = self.event(session, ev, &mut conn).await {
+                    self.flush(session, &mut conn).await;
+                    let _ = conn.shutdown().await;
+                    return;
+                }
+            }
+            if !self.flush(session, &mut conn).await {
+                return;
+            }
+            if session.is_closed() {
+                let _ = conn.shutdown().await;
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                session.timeout();
+                continue;
+            }
+            let wait = idle.min(deadline - now);
+            match tokio::time::timeout(wait, conn.read(&mut buf)).await {
+                Err(_) => session.timeout(),
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    if session.in_message() {
+                        info!(service = %self.service.name, client = %self.ip, "client disconnected during message data; nothing stored");
+                    }
+                    return;
+                }
+                Ok(Ok(n)) => session.feed(&buf[..n]),
+            }
+        }
+    }
+
+    /// Writes pending replies; false when the client is gone.
+    async fn flush(&self, session: &mut Session, conn: &mut Conn) -> bool {
+        for code in session.take_reply_codes() {
+            self.relay.metrics.reply(&self.service.name, code);
+        }
+        if !session.has_output() {
+            return true;
+        }
+        let out = session.take_output();
+        conn.write_all(&out).await.is_ok()
+    }
+
+    /// Handles one event; the connection may be upgraded to TLS in place.
+    async fn event(&mut self, session: &mut Session, ev: Event, conn: &mut Conn) -> Flow {
+        match ev {
+            Event::Close => Flow::Close,
+            Event::Security { kind, detail } => {
+                security(
+                    &self.relay.metrics,
+                    kind,
+                    &self.service.name,
+                    self.ip,
+                    &detail,
+                );
+                Flow::Continue
+            }
+            Event::StartTls => {
+                if !self.flush(session, conn).await {
+                    return Flow::Close;
+                }
+                let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
+                    return Flow::Close;
+                };
+                match self.handshake(tcp).await {
+                    Some(c) => {
+                        *conn = c;
+                        if let Conn::Tls(s) = conn {
+                            session.tls_established(tls_info(s));
+                        }
+                        Flow::Continue
+                    }
+                    None => Flow::Close,
+                }
+            }
+            Event::AuthStart { mechanism, initial } => {
+                let ctx = AuthContext {
+                    snapshot: self.snap.clone(),
+                    service: self.service.name.clone(),
+                    client_ip: self.ip,
+                    hostname: self.hostname.clone(),
+                };
+                match Exchange::new(ctx, mechanism) {
+                    Ok(ex) => {
+                        self.exchange = Some(ex);
+                        self.auth_step(session, initial).await;
+                    }
+                    Err(f) => {
+                        self.auth_failed(session, mechanism.as_str(), &f.to_string(), f.label())
+                    }
+                }
+                Flow::Continue
+            }
+            Event::AuthResponse(data) => {
+                self.auth_step(session, Some(data)).await;
+                Flow::Continue
+            }
+            Event::AuthCancelled => {
+                if let Some(ex) = self.exchange.take() {
+                    self.relay
+                        .metrics
+                        .auth(ex.mechanism().as_str(), "cancelled");
+                }
+                Flow::Continue
+            }
+            Event::Message(tx) => {
+                let result = self.store(session, *tx).await;
+                session.message_stored(result);
+                Flow::Continue
+            }
+        }
+    }
+
+    async fn auth_step(&mut self, session: &mut Session, input: Option<Vec<u8>>) {
+        let Some(mut ex) = self.exchange.take() else {
+            session.auth_failure(Reply::new(454, "4.7.0", "Temporary authentication failure"));
+            return;
+        };
+        let mech = ex.mechanism();
+        // argon2 and PBKDF2 are deliberately slow; keep them off the reactor threads.
+        let joined = tokio::task::spawn_blocking(move || {
+            let step = ex.step(input.as_deref());
+            (ex, step)
+        })
+        .await;
+        let Ok((ex, step)) = joined else {
+            session.auth_failure(Reply::new(454, "4.7.0", "Temporary authentication failure"));
+            return;
+        };
+        match step {
+            Step::Challenge(c) => {
+                self.exchange = Some(ex);
+                session.auth_challenge(&c);
+            }
+            Step::Success(login) => {
+                self.relay.metrics.auth(mech.as_str(), "success");
+                info!(target: "security", kind = "auth_success", service = %self.service.name, client_ip = %self.ip, mechanism = mech.as_str(), login = %login);
+                session.auth_success(login);
+            }
+            Step::Failure(f) => self.auth_failed(session, mech.as_str(), &f.to_string(), f.label()),
+        }
+    }
+
+    fn auth_failed(&mut self, session: &mut Session, mech: &str, detail: &str, label: &str) {
+        self.exchange = None;
+        self.relay.metrics.auth(mech, label);
+        self.relay.metrics.security("auth_failure");
+        warn!(target: "security", kind = "auth_failure", reason = label, service = %self.service.name, client_ip = %self.ip, mechanism = mech, detail);
+        session.auth_failure(Reply::new(
+            535,
+            "5.7.8",
+            "Authentication credentials invalid",
+        ));
+    }
+
+    async fn store(&self, session: &Session, tx: Transaction) -> Result<String, String> {
+        let facts = session.facts();
+        let now = SystemTime::now();
+        let hide = self
+            .service
+            .hide_client_ip_for
+            .as_ref()
+            .is_some_and(|g| self.snap.config.in_group(g, self.ip));
+        let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].0.as_str());
+        let header = received_header(&ReceivedInfo {
+            facts,
+            hostname: &self.hostname,
+            hide_client_ip: hide,
+            queue_id: None,
+            single_recipient: single,
+            smtputf8: tx.smtputf8,
+            now,
+        });
+        let mut data = Vec::with_capacity(header.len() + tx.data.len());
+        data.extend_from_slice(header.as_bytes());
+        data.extend_from_slice(&tx.data);
+
+        let mut env = Envelope::default();
+        env.sender = tx.sender.clone();
+        env.recipients = tx
+            .recipients
+            .iter()
+            .map(|(addr, p)| {
+                let mut r = Recipient::new(addr.clone());
+                r.orcpt = p.orcpt.clone();
+                r.notify = p
+                    .notify
+                    .iter()
+                    .filter_map(|n| match n.as_str() {
+                        "NEVER" => Some(DsnNotify::Never),
+                        "SUCCESS" => Some(DsnNotify::Success),
+                        "FAILURE" => Some(DsnNotify::Failure),
+                        "DELAY" => Some(DsnNotify::Delay),
+                        _ => None,
+                    })
+                    .collect();
+                r
+            })
+            .collect();
+        env.received_at = now;
+        env.client_ip = Some(self.ip);
+        env.client_helo = facts.helo.clone();
+        env.authenticated_as = facts.authenticated_as.clone();
+        env.service = self.service.name.clone();
+        env.size = data.len() as u64;
+        env.body = match tx.body {
+            BodyType::SevenBit => Body::SevenBit,
+            BodyType::EightBitMime => Body::EightBitMime,
+        };
+        env.smtputf8 = tx.smtputf8;
+        env.dsn_ret = tx.params.ret.map(|r| match r {
+            Ret::Full => DsnRet::Full,
+            Ret::Hdrs => DsnRet::Headers,
+        });
+        env.envid = tx.params.envid.clone();
+        let rcpts = env.recipients.len();
+        match self.relay.spool.store(env, data).await {
+            Ok(id) => {
+                self.relay
+                    .metrics
+                    .messages_accepted
+                    .get_or_create(&ServiceLabels {
+                        service: self.service.name.clone(),
+                    })
+                    .inc();
+                self.relay
+                    .metrics
+                    .spool_depth
+                    .set(self.relay.spool.len() as i64);
+                info!(service = %self.service.name, client = %self.ip, id = %id, sender = %tx.sender, recipients = rcpts, auth = ?facts.authenticated_as, "message queued");
+                Ok(id.to_string())
+            }
+            Err(e) => {
+                warn!(service = %self.service.name, error = %e, "spool store failed");
+                Err(e.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! `runtime.yaml`: deployment settings that are about where and how this relay process runs, not
+//! about mail policy (that is the compiled `relay.yaml`). Read once at start; changing it needs a
+//! restart. Every field has a default so that an empty file is valid.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// File name of the runtime settings inside the config directory.
+pub const RUNTIME_FILE: &str = "runtime.yaml";
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Address the SMTP listeners bind to (each service's port comes from the policy).
+    #[serde(default = "default_listen")]
+    pub listen_address: IpAddr,
+    /// `/metrics`, `/healthz` and `/readyz`.
+    #[serde(default = "default_metrics")]
+    pub metrics_address: SocketAddr,
+    /// Spool directory; relative paths resolve against the config directory.
+    #[serde(default = "default_spool")]
+    pub spool_dir: PathBuf,
+    /// Name used in the banner, EHLO and `Received:` when a service sets none; the machine's
+    /// host name otherwise.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Generate a self-signed certificate (in memory) for a service whose TLS Secret is not
+    /// mounted, instead of refusing the config. For local and standalone use.
+    #[serde(default)]
+    pub self_signed_if_missing: bool,
+    /// Hard cap on message size when a service sets no limit, so memory use stays bounded.
+    #[serde(default = "default_max_message")]
+    pub max_message_size_bytes: u64,
+    /// How often the config directory is checked for changes.
+    #[serde(default = "default_reload_ms")]
+    pub reload_interval_ms: u64,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    #[serde(default)]
+    pub delivery: DeliverySettings,
+}
+
+/// Session timeouts, in seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Timeouts {
+    /// Waiting for the next command or the next piece of DATA (RFC 5321 §4.5.3.2: 5 minutes).
+    #[serde(default = "default_command_timeout")]
+    pub command_seconds: u64,
+    /// Whole session, however busy.
+    #[serde(default = "default_session_timeout")]
+    pub session_seconds: u64,
+    /// TLS handshake (SMTPS and after STARTTLS).
+    #[serde(default = "default_handshake_timeout")]
+    pub tls_handshake_seconds: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command_seconds: default_command_timeout(),
+            session_seconds: default_session_timeout(),
+            tls_handshake_seconds: default_handshake_timeout(),
+        }
+    }
+}
+
+/// Queue and delivery tuning (used by the delivery engine; accepted here so that one file
+/// describes the deployment).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeliverySettings {
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Delays between attempts; the last one repeats.
+    #[serde(default = "default_retry")]
+    pub retry_schedule_seconds: Vec<u64>,
+    #[serde(default = "default_warn_after")]
+    pub warn_after_seconds: u64,
+    #[serde(default = "default_give_up")]
+    pub give_up_after_seconds: u64,
+    #[serde(default = "default_dsn_language")]
+    pub dsn_language: String,
+}
+
+impl Default for DeliverySettings {
+    fn default() -> Self {
+        DeliverySettings {
+            concurrency: default_concurrency(),
+            retry_schedule_seconds: default_retry(),
+            warn_after_seconds: default_warn_after(),
+            give_up_after_seconds: default_give_up(),
+            dsn_language: default_dsn_language(),
+        }
+    }
+}
+
+fn default_listen() -> IpAddr {
+    IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+}
+fn default_metrics() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 9090)
+}
+fn default_spool() -> PathBuf {
+    PathBuf::from("spool")
+}
+fn default_max_message() -> u64 {
+    50 * 1024 * 1024
+}
+fn default_reload_ms() -> u64 {
+    1000
+}
+fn default_command_timeout() -> u64 {
+    300
+}
+fn default_session_timeout() -> u64 {
+    3600
+}
+fn default_handshake_timeout() -> u64 {
+    30
+}
+fn default_concurrency() -> u32 {
+    16
+}
+fn default_retry() -> Vec<u64> {
+    vec![60, 300, 900, 1800, 3600]
+}
+fn default_warn_after() -> u64 {
+    4 * 3600
+}
+fn default_give_up() -> u64 {
+    5 * 86_400
+}
+fn default_dsn_language() -> String {
+    "en".to_string()
+}
+
+impl Default for RuntimeSettings {
+    fn default() -> Self {
+        // An empty document yields every field's default.
+        RuntimeSettings {
+            listen_address: default_listen(),
+            metrics_address: default_metrics(),
+            spool_dir: default_spool(),
+            hostname: None,
+            self_signed_if_missing: false,
+            max_message_size_bytes: default_max_message(),
+            reload_interval_ms: default_reload_ms(),
+            timeouts: Timeouts::default(),
+            delivery: DeliverySettings::default(),
+        }
+    }
+}
+
+impl RuntimeSettings {
+    /// Reads `<dir>/runtime.yaml`; a missing file means all defaults.
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join(RUNTIME_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", path.display())),
+        };
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The spool directory with relative paths resolved against the config directory.
+    pub fn spool_path(&self, config_dir: &Path) -> PathBuf {
+        if self.spool_dir.is_absolute() {
+            self.spool_dir.clone()
+        } else {
+            config_dir.join(&self.spool_dir)
+        }
+    }
+
+    /// The configured host name or the machine's.
+    pub fn effective_hostname(&self) -> String {
+        self.hostname.clone().unwrap_or_else(|| {
+            hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "localhost".to_string())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_and_partial_documents() {
+        let s: RuntimeSettings = serde_norway::from_str("{}").unwrap();
+        assert_eq!(s, RuntimeSettings::default());
+        let s: RuntimeSettings =
+            serde_norway::from_str("listenAddress: 127.0.0.1\ntimeouts:\n  commandSeconds: 5\n")
+                .unwrap();
+        assert_eq!(s.timeouts.command_seconds, 5);
+        assert_eq!(s.timeouts.session_seconds, 3600);
+        assert!(serde_norway::from_str::<RuntimeSettings>("bogus: 1").is_err());
+    }
+
+    #[test]
+    fn relative_spool_resolves_against_config_dir() {
+        let s = RuntimeSettings::default();
+        assert_eq!(
+            s.spool_path(Path::new("/etc/relay")),
+            PathBuf::from("/etc/relay/spool")
+        );
+    }
+}
