@@ -1,0 +1,501 @@
+//! Test harness: writes a config directory (compiled policy built in Rust, rcgen certificates
+//! from a test CA), runs the real `relay` binary on loopback ports and talks SMTP to it over TCP
+//! and rustls.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use mailrelay_crds::config::*;
+use mailrelay_crds::verifier::{PasswordVerifier, ScramVerifier};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+pub const USER: &str = "relay-user@example.test";
+pub const PASSWORD: &str = "relay-password";
+pub const MFA_USER: &str = "mfa-user@example.test";
+pub const MFA_PRIMARY: &str = "mfa-primary";
+pub const MFA_APP: &str = "mfa-app-password";
+pub const SUBMIT_ONLY: &str = "script@example.test";
+pub const BOUND_USER: &str = "bound@example.test";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub struct Ca {
+    pub cert_der: CertificateDer<'static>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Ca {
+    pub fn new() -> Ca {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "mailrelay test CA");
+        let cert = params.self_signed(&key).unwrap();
+        let cert_der = cert.der().clone();
+        Ca {
+            cert_der,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// (cert PEM, key PEM, cert DER) for a leaf.
+    pub fn leaf(&self, name: &str, label: &str) -> (String, String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, label);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+    }
+}
+
+fn account(login: &str, password: &str) -> Account {
+    Account {
+        login: login.into(),
+        password: Some(PasswordVerifier::derive(password)),
+        scram_sha256: Some(ScramVerifier::derive(password)),
+        cram_md5_secret: None,
+        app_passwords: vec![],
+        mfa: false,
+        sender_addresses: vec![],
+        access_policy: None,
+    }
+}
+
+/// Verifiers are slow to derive; all tests share one set.
+pub fn credentials() -> Credentials {
+    static CREDS: OnceLock<Credentials> = OnceLock::new();
+    CREDS
+        .get_or_init(|| {
+            let mut mfa = account(MFA_USER, MFA_PRIMARY);
+            mfa.mfa = true;
+            mfa.app_passwords.push(AppPassword {
+                name: "script".into(),
+                verifier: PasswordVerifier::derive(MFA_APP),
+                scram_sha256: Some(ScramVerifier::derive(MFA_APP)),
+            });
+            let mut submit = account(SUBMIT_ONLY, PASSWORD);
+            submit.access_policy = Some("submission-only".into());
+            let mut bound = account(BOUND_USER, PASSWORD);
+            bound.access_policy = Some("bound".into());
+            Credentials {
+                version: ConfigVersion::V1Alpha1,
+                accounts: vec![account(USER, PASSWORD), mfa, submit, bound],
+                relay_auth: BTreeMap::new(),
+            }
+        })
+        .clone()
+}
+
+pub struct Ports {
+    pub smtp: u16,
+    pub submission: u16,
+    pub smtps: u16,
+    pub refused: u16,
+    pub metrics: u16,
+}
+
+pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
+    let mut ip_groups = BTreeMap::new();
+    ip_groups.insert(
+        "loopback".to_string(),
+        IpSet(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]),
+    );
+    ip_groups.insert(
+        "elsewhere".to_string(),
+        IpSet(vec!["192.0.2.0/24".parse().unwrap()]),
+    );
+    let tls = Some(TlsSource {
+        secret_name: "relay-tls".into(),
+        dns_names: vec!["relay.example.test".into()],
+    });
+    let auth = |mode| AuthPolicy {
+        mode,
+        mechanisms: vec![Mechanism::Plain, Mechanism::Login, Mechanism::ScramSha256],
+        allow_plaintext_without_tls: false,
+    };
+    let limits = Limits {
+        max_recipients_per_message: Some(5),
+        max_failed_commands: Some(10),
+        max_message_size_bytes: Some(1_000_000),
+        max_received_headers: Some(30),
+        ..Limits::default()
+    };
+    let service = |name: &str, port, protocol, mode| ServicePolicy {
+        name: name.into(),
+        port,
+        protocol,
+        hostname: Some("relay.example.test".into()),
+        tls: tls.clone(),
+        auth: auth(mode),
+        allowed_from: vec![],
+        relay_control: RelayControl::Restricted {
+            ip_group: None,
+            authenticated: true,
+        },
+        limits: limits.clone(),
+        hide_client_ip_for: None,
+        trusted_from: vec![],
+        proxy_protocol: None,
+    };
+    let mut refused = service("refused", ports.refused, Protocol::Smtp, AuthMode::Optional);
+    refused.allowed_from = vec!["elsewhere".into()];
+    let mut access_policies = BTreeMap::new();
+    access_policies.insert(
+        "submission-only".to_string(),
+        AccessPolicyConfig {
+            services: vec!["submission".into()],
+            ..Default::default()
+        },
+    );
+    access_policies.insert(
+        "bound".to_string(),
+        AccessPolicyConfig {
+            sender_binding: true,
+            ..Default::default()
+        },
+    );
+    RelayConfig {
+        version: ConfigVersion::V1Alpha1,
+        ip_groups,
+        domains: vec![DomainPolicy {
+            domain: "example.test".into(),
+            local: true,
+            recipients: RecipientPolicy::Listed(recipients.iter().map(|s| s.to_string()).collect()),
+            windows_nt_domain: None,
+            kerberos_realm: None,
+        }],
+        services: vec![
+            service("smtp", ports.smtp, Protocol::Smtp, AuthMode::Optional),
+            service(
+                "submission",
+                ports.submission,
+                Protocol::Submission,
+                AuthMode::Required,
+            ),
+            service("smtps", ports.smtps, Protocol::Smtps, AuthMode::Optional),
+            refused,
+        ],
+        delivery_rules: vec![],
+        access_policies,
+    }
+}
+
+pub struct Relay {
+    pub dir: tempfile::TempDir,
+    pub ports: Ports,
+    pub ca: Ca,
+    pub child: Option<Child>,
+    pub cert_der: Vec<u8>,
+}
+
+pub const DEFAULT_RECIPIENTS: &[&str] = &["alice", "relay-user", "mfa-user", "script", "bound"];
+
+impl Relay {
+    pub fn start() -> Relay {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = Ports {
+            smtp: free_port(),
+            submission: free_port(),
+            smtps: free_port(),
+            refused: free_port(),
+            metrics: free_port(),
+        };
+        let ca = Ca::new();
+        let mut r = Relay {
+            dir,
+            ports,
+            ca,
+            child: None,
+            cert_der: vec![],
+        };
+        r.write_cert("first");
+        r.write_policy(&relay_config(&r.ports, DEFAULT_RECIPIENTS));
+        write(
+            &r.dir.path().join("credentials.yaml"),
+            &serde_norway::to_string(&credentials()).unwrap(),
+        );
+        write(
+            &r.dir.path().join("runtime.yaml"),
+            &format!(
+                "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{}\nspoolDir: spool\nhostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n",
+                r.ports.metrics
+            ),
+        );
+        r.spawn();
+        r
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write_cert(&mut self, label: &str) {
+        let (crt, key, der) = self.ca.leaf("relay.example.test", label);
+        let d = self.dir.path().join("tls/relay-tls");
+        std::fs::create_dir_all(&d).unwrap();
+        write(&d.join("tls.key"), &key);
+        write(&d.join("tls.crt"), &crt);
+        self.cert_der = der;
+    }
+
+    pub fn write_policy(&self, cfg: &RelayConfig) {
+        write(
+            &self.dir.path().join("relay.yaml"),
+            &serde_norway::to_string(cfg).unwrap(),
+        );
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("relay.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_relay"))
+            .arg("--config")
+            .arg(self.dir.path())
+            .env("RUST_LOG", "debug,rustls=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if self.http("/readyz").starts_with("HTTP/1.1 200") {
+                return;
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("relay exited with {status}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("relay did not become ready: {}", self.log());
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn http(&self, path: &str) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.ports.metrics)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// Waits until `/metrics` contains `needle` (reloads are asynchronous).
+    pub fn wait_metric(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if self.http("/metrics").contains(needle) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "metric {needle:?} never appeared:\n{}",
+            self.http("/metrics")
+        );
+    }
+
+    pub fn connect(&self, port: u16) -> Client {
+        Client::connect(port, &self.ca.cert_der)
+    }
+
+    pub fn connect_tls(&self, port: u16) -> Client {
+        Client::connect_tls(port, &self.ca.cert_der)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn write(path: &Path, text: &str) {
+    // Write-then-rename so the relay never reads a half-written file.
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+pub struct Client {
+    reader: BufReader<Box<dyn Stream>>,
+    tcp: Option<TcpStream>,
+    roots: CertificateDer<'static>,
+    pub peer_cert: Option<Vec<u8>>,
+}
+
+fn tls_config(ca: &CertificateDer<'static>) -> Arc<rustls::ClientConfig> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+fn tls_stream(tcp: TcpStream, ca: &CertificateDer<'static>) -> (Box<dyn Stream>, Vec<u8>) {
+    let name = ServerName::try_from("relay.example.test").unwrap();
+    let conn = rustls::ClientConnection::new(tls_config(ca), name).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    while s.conn.is_handshaking() {
+        s.conn.complete_io(&mut s.sock).expect("TLS handshake");
+    }
+    let der = s
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    (Box::new(s), der)
+}
+
+impl Client {
+    pub fn connect(port: u16, ca: &CertificateDer<'static>) -> Client {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        Client {
+            reader: BufReader::new(Box::new(tcp.try_clone().unwrap())),
+            tcp: Some(tcp),
+            roots: ca.clone(),
+            peer_cert: None,
+        }
+    }
+
+    pub fn connect_tls(port: u16, ca: &CertificateDer<'static>) -> Client {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let (s, der) = tls_stream(tcp, ca);
+        Client {
+            reader: BufReader::new(s),
+            tcp: None,
+            roots: ca.clone(),
+            peer_cert: Some(der),
+        }
+    }
+
+    /// One complete (possibly multi-line) reply: (code, full text).
+    pub fn reply(&mut self) -> (u16, String) {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap_or(0);
+            if n == 0 {
+                return (0, all);
+            }
+            all.push_str(&line);
+            if line.len() >= 4 && line.as_bytes()[3] == b' ' {
+                return (line[..3].parse().unwrap_or(0), all);
+            }
+            if line.len() < 4 {
+                return (line.trim().parse().unwrap_or(0), all);
+            }
+        }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.reader.get_mut().write_all(bytes);
+        let _ = self.reader.get_mut().flush();
+    }
+
+    pub fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.send_raw(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    pub fn expect(&mut self, line: &str, code: u16) -> String {
+        let (c, text) = self.cmd(line);
+        assert_eq!(c, code, "{line:?} got {text:?}");
+        text
+    }
+
+    pub fn starttls(&mut self) {
+        self.expect("STARTTLS", 220);
+        let tcp = self.tcp.take().expect("plain connection");
+        let (s, der) = tls_stream(tcp, &self.roots);
+        self.reader = BufReader::new(s);
+        self.peer_cert = Some(der);
+    }
+
+    pub fn auth_plain(&mut self, user: &str, password: &str) -> (u16, String) {
+        let token = B64.encode(format!("\0{user}\0{password}"));
+        self.cmd(&format!("AUTH PLAIN {token}"))
+    }
+
+    /// MAIL, RCPT..., DATA with `body`; returns the final reply.
+    pub fn send_mail(&mut self, from: &str, to: &[&str], body: &str) -> (u16, String) {
+        self.expect(&format!("MAIL FROM:<{from}>"), 250);
+        for t in to {
+            self.expect(&format!("RCPT TO:<{t}>"), 250);
+        }
+        self.expect("DATA", 354);
+        self.send_raw(body.as_bytes());
+        self.send_raw(b"\r\n.\r\n");
+        self.reply()
+    }
+}
+
+/// Reads every message of a spool directory (the relay must not be running).
+pub fn spool_messages(dir: &Path) -> Vec<(mailrelay_spool::Envelope, Vec<u8>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (spool, stored) = mailrelay_spool::Spool::open(dir, Default::default())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        for m in stored {
+            let data = spool.read_data(m.id).await.unwrap();
+            out.push((m.envelope, data));
+        }
+        out
+    })
+}
