@@ -114,7 +114,7 @@ impl AuthContext {
                     service: self.service.clone(),
                 });
             };
-            if !p.services.is_empty() && !p.services.iter().any(|s| *s == self.service) {
+            if !p.services.is_empty() && !p.services.contains(&self.service) {
                 return Err(AuthFailure::ServiceForbidden {
                     login,
                     policy: name.clone(),
@@ -339,7 +339,7 @@ impl Exchange {
                 Step::Failure(AuthFailure::Malformed("exchange already finished".into()))
             }
             Inner::PendingSuccess(login) => match input {
-                Some(d) if d.is_empty() => Step::Success(login),
+                Some([]) => Step::Success(login),
                 _ => Step::Failure(AuthFailure::Malformed(
                     "unexpected data after success".into(),
                 )),
@@ -482,7 +482,7 @@ impl SessionCallback for CallbackRef {
 }
 
 fn hex_decode(s: &str) -> Result<Vec<u8>, ()> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(());
     }
     (0..s.len())

@@ -532,9 +532,7 @@ impl Driver {
         data.extend_from_slice(header.as_bytes());
         data.extend_from_slice(&tx.data);
 
-        let mut env = Envelope::default();
-        env.sender = tx.sender.clone();
-        env.recipients = tx
+        let recipients = tx
             .recipients
             .iter()
             .map(|(addr, p)| {
@@ -554,22 +552,27 @@ impl Driver {
                 r
             })
             .collect();
-        env.received_at = now;
-        env.client_ip = Some(self.ip);
-        env.client_helo = facts.helo.clone();
-        env.authenticated_as = facts.authenticated_as.clone();
-        env.service = self.service.name.clone();
-        env.size = data.len() as u64;
-        env.body = match tx.body {
-            BodyType::SevenBit => Body::SevenBit,
-            BodyType::EightBitMime => Body::EightBitMime,
+        let env = Envelope {
+            sender: tx.sender.clone(),
+            recipients,
+            received_at: now,
+            client_ip: Some(self.ip),
+            client_helo: facts.helo.clone(),
+            authenticated_as: facts.authenticated_as.clone(),
+            service: self.service.name.clone(),
+            size: data.len() as u64,
+            body: match tx.body {
+                BodyType::SevenBit => Body::SevenBit,
+                BodyType::EightBitMime => Body::EightBitMime,
+            },
+            smtputf8: tx.smtputf8,
+            dsn_ret: tx.params.ret.map(|r| match r {
+                Ret::Full => DsnRet::Full,
+                Ret::Hdrs => DsnRet::Headers,
+            }),
+            envid: tx.params.envid.clone(),
+            ..Envelope::default()
         };
-        env.smtputf8 = tx.smtputf8;
-        env.dsn_ret = tx.params.ret.map(|r| match r {
-            Ret::Full => DsnRet::Full,
-            Ret::Hdrs => DsnRet::Headers,
-        });
-        env.envid = tx.params.envid.clone();
         let rcpts = env.recipients.len();
         match self.relay.spool.store(env, data).await {
             Ok(id) => {

@@ -61,8 +61,11 @@ fn certified_key(
 /// them every second.
 #[derive(Default)]
 pub struct SelfSignedCache {
-    certs: Mutex<HashMap<(String, Vec<String>), Arc<CertifiedKey>>>,
+    certs: Mutex<HashMap<SelfSignedKey, Arc<CertifiedKey>>>,
 }
+
+/// (Secret name, DNS names) a self-signed certificate was generated for.
+type SelfSignedKey = (String, Vec<String>);
 
 impl SelfSignedCache {
     pub fn get(&self, secret: &str, names: &[String]) -> anyhow::Result<Arc<CertifiedKey>> {

@@ -829,17 +829,14 @@ impl Session {
         ));
     }
 
+    /// A refused BDAT: its chunk still follows and is read and dropped (see `step_bdat`), and
+    /// the transaction is over (RFC 3030 §2).
     fn start_discarding_bdat(&mut self, size: u64, last: bool) {
-        if let Some(tx) = &mut self.tx {
-            tx.body = None;
-        }
         self.tx = None;
         self.state = State::Bdat {
             remaining: size,
             last,
         };
-        // Without a transaction the chunk is read and dropped; see step_bdat.
-        let _ = last;
     }
 
     fn bdat(&mut self, size: u64, last: bool) {
