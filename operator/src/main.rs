@@ -1,1 +1,63 @@
-fn main() {}
+//! `operator`: the mailrelay Kubernetes operator and its offline tools.
+//!
+//! - `operator render -f <files/dirs>` compiles policy YAML offline (GitOps pre-merge check).
+//! - `operator crds [--write <dir>]` prints or writes the generated CustomResourceDefinitions.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod load;
+mod manifests;
+mod render;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "operator",
+    version,
+    about = "mailrelay operator and policy tools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Compile policy YAML offline and print the ConfigMap and Secret the operator would apply.
+    Render(render::RenderArgs),
+    /// Print the CustomResourceDefinitions, or write one file per kind into a directory.
+    Crds {
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Render(args) => render::run(&args),
+        Command::Crds { write } => crds(write),
+    };
+    match result {
+        Ok(0) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn crds(write: Option<PathBuf>) -> anyhow::Result<i32> {
+    use mailrelay_crds::api::{crd_manifests, crd_yaml};
+    for (file, crd) in crd_manifests() {
+        let yaml = crd_yaml(&crd);
+        match &write {
+            Some(dir) => std::fs::write(dir.join(file), yaml)?,
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,234 @@
+//! `operator render` end to end: the real binary on real YAML files.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn render(args: &[&str]) -> Out {
+    let o = Command::new(env!("CARGO_BIN_EXE_operator"))
+        .arg("render")
+        .args(args)
+        .current_dir(repo())
+        .output()
+        .expect("run operator");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+fn decode_secret(stdout: &str) -> String {
+    let docs: Vec<&str> = stdout.split("\n---\n").collect();
+    let secret: serde_json::Value = serde_norway::from_str(docs[1]).expect("secret yaml");
+    let b64 = secret["data"]["credentials.yaml"].clone();
+    // ByteString decodes the standard base64 the API server uses.
+    let decoded: k8s_openapi::ByteString = serde_json::from_value(b64).expect("base64");
+    String::from_utf8(decoded.0).expect("utf8")
+}
+
+#[test]
+fn renders_the_example_policy() {
+    let o = render(&["-f", "deploy/examples/"]);
+    assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    assert!(o.stdout.contains("kind: ConfigMap"));
+    assert!(o.stdout.contains("name: mailrelay-policy"));
+    assert!(o.stdout.contains("namespace: mail"));
+    assert!(o.stdout.contains("mailrelay.dev/config-hash"));
+    // No secret material in the ConfigMap, no account plaintext anywhere.
+    for pw in [
+        "example-only-primary-password",
+        "example-only-app-password",
+        "example-only-jane-password",
+    ] {
+        assert!(!o.stdout.contains(pw), "{pw} leaked into the output");
+        assert!(
+            !decode_secret(&o.stdout).contains(pw),
+            "{pw} leaked into the credentials"
+        );
+    }
+    let creds = decode_secret(&o.stdout);
+    assert!(creds.contains("$argon2id$"));
+    assert!(creds.contains("storedKey"));
+    // The smarthost password must be usable by the relay, so it is in the Secret (only there).
+    let cm = o.stdout.split("\n---\n").next().unwrap_or_default();
+    assert!(!cm.contains("example-only-smarthost-password"));
+    assert!(creds.contains("example-only-smarthost-password"));
+}
+
+#[test]
+fn standalone_config_matches_its_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf8 path");
+    let o = render(&[
+        "-f",
+        "deploy/standalone/policy",
+        "--previous",
+        "deploy/standalone/credentials.yaml",
+        "--out-dir",
+        out,
+    ]);
+    assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    for f in ["relay.yaml", "credentials.yaml"] {
+        let want = std::fs::read_to_string(repo().join("deploy/standalone").join(f))
+            .expect("committed file");
+        let have = std::fs::read_to_string(dir.path().join(f)).expect("rendered file");
+        assert_eq!(
+            have, want,
+            "deploy/standalone/{f} is stale: run `cargo run -p mailrelay-operator -- render -f deploy/standalone/policy --out-dir deploy/standalone`"
+        );
+    }
+}
+
+const BASE: &str = r#"
+apiVersion: mailrelay.dev/v1alpha1
+kind: IpAddressGroup
+metadata: {name: internal}
+spec: {addresses: [10.0.0.0/8]}
+---
+apiVersion: mailrelay.dev/v1alpha1
+kind: SmtpService
+metadata: {name: smtp}
+spec: {port: 25, protocol: Smtp, relayControl: {allowIpGroup: internal}}
+"#;
+
+fn render_with(extra: &str) -> Out {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("policy.yaml");
+    std::fs::write(&f, format!("{BASE}---\n{extra}")).expect("write");
+    render(&["-f", f.to_str().expect("utf8")])
+}
+
+/// Each invalid input: render fails, and stderr names the object, the field and the cause.
+#[test]
+fn rejects_each_kind_of_invalid_input() {
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown kind",
+            "apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n",
+            &["Widget/w", "not a mailrelay resource"],
+        ),
+        (
+            "unknown mailrelay kind",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: MailBox\nmetadata: {name: m}\n",
+            &["MailBox/m", "unknown mailrelay kind"],
+        ),
+        (
+            "type error",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: s2}\nspec: {port: twenty-five, protocol: Smtp}\n",
+            &["SmtpService/s2", "spec.port"],
+        ),
+        (
+            "missing reference",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: sub}\nspec: {port: 587, protocol: Smtp, allowedFrom: [nowhere]}\n",
+            &["SmtpService/sub", "spec.allowedFrom[0]", "\"nowhere\" does not exist", "MissingReference"],
+        ),
+        (
+            "duplicate priorities",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: a}\nspec: {priority: 5, action: Direct}\n---\napiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: b}\nspec: {priority: 5, action: Direct}\n",
+            &["DeliveryRule/b", "spec.priority", "already used by DeliveryRule \"a\"", "DuplicatePriority"],
+        ),
+        (
+            "overlapping CIDRs",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: IpAddressGroup\nmetadata: {name: o}\nspec: {addresses: [10.0.0.0/8, 10.1.0.0/16]}\n",
+            &["IpAddressGroup/o", "spec.addresses[1]", "overlaps", "OverlappingAddresses"],
+        ),
+        (
+            "malformed CIDR",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: IpAddressGroup\nmetadata: {name: m}\nspec: {addresses: [10.0.0.1/8, 300.0.0.0/8]}\n",
+            &["IpAddressGroup/m", "spec.addresses[0]", "did you mean 10.0.0.0/8", "spec.addresses[1]"],
+        ),
+        (
+            "wildcard in domain part",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: w}\nspec: {priority: 1, action: Direct, match: {recipients: [\"user@*.example.com\"]}}\n",
+            &["DeliveryRule/w", "spec.match.recipients[0]", "only in the local part"],
+        ),
+        (
+            "include cycle",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: IpAddressGroup\nmetadata: {name: x}\nspec: {includes: [y]}\n---\napiVersion: mailrelay.dev/v1alpha1\nkind: IpAddressGroup\nmetadata: {name: y}\nspec: {includes: [x]}\n",
+            &["IpAddressGroup/x", "IpAddressGroup/y", "include cycle", "IncludeCycle"],
+        ),
+        (
+            "missing Secret",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: r}\nspec: {priority: 1, action: Relay, relay: {hosts: [smtp.example.net], tls: Required, auth: {secretRef: {name: nope}}}}\n",
+            &["DeliveryRule/r", "spec.relay.auth.secretRef", "Secret \"nope\" does not exist"],
+        ),
+        (
+            "Secret missing a key",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: r}\nspec: {priority: 1, action: Relay, relay: {hosts: [smtp.example.net], tls: Required, auth: {secretRef: {name: s}}}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {username: u}\n",
+            &["DeliveryRule/r", "has no key \"password\" (it has: username)"],
+        ),
+        (
+            "bad password hash",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\nspec: {domain: d.example, accountsSecretRef: {name: acc}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: acc}\nstringData:\n  accounts.yaml: |\n    accounts:\n      - name: bob\n        passwordHash: \"$2b$12$notargon\"\n",
+            &["MailDomain/d", "account \"bob\" left out", "passwordHash"],
+        ),
+        (
+            "misspelled account field",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\nspec: {domain: d.example, accountsSecretRef: {name: acc}}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: acc}\nstringData:\n  accounts.yaml: |\n    accounts:\n      - name: bob\n        pasword: x\n",
+            &["MailDomain/d", "unknown field `pasword`"],
+        ),
+        (
+            "Smtps without tls",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: s}\nspec: {port: 465, protocol: Smtps}\n",
+            &["SmtpService/s", "spec.tls", "implicit TLS"],
+        ),
+        (
+            "NT domain in DNS form",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\nspec: {domain: domain.org, windowsNtDomain: DOMAIN.ORG, recipients: {acceptAll: true}}\n",
+            &["MailDomain/d", "spec.windowsNtDomain", "short NetBIOS name"],
+        ),
+        (
+            "port conflict",
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: zz}\nspec: {port: 25, protocol: Smtp}\n",
+            &["SmtpService/zz", "port 25 is already used by SmtpService \"smtp\""],
+        ),
+        (
+            "not YAML",
+            "kind: [unclosed\n",
+            &["document", "not valid YAML"],
+        ),
+    ];
+    for (what, extra, needles) in cases {
+        let o = render_with(extra);
+        assert_eq!(o.code, 1, "{what}: expected exit 1, stderr: {}", o.stderr);
+        for n in *needles {
+            assert!(
+                o.stderr.contains(n),
+                "{what}: stderr lacks {n:?}:\n{}",
+                o.stderr
+            );
+        }
+        assert!(!o.stderr.contains("panicked"), "{what}: panic");
+    }
+}
+
+#[test]
+fn warnings_do_not_fail_render() {
+    let o = render_with(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: open}\nspec: {port: 2525, protocol: Smtp, relayControl: {open: true}}\n",
+    );
+    assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    assert!(
+        o.stderr.contains("SmtpService/open: warning"),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("OpenRelay"));
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let o = render(&["-f", "no/such/file.yaml"]);
+    assert_eq!(o.code, 2);
+    assert!(o.stderr.contains("no/such/file.yaml"), "{}", o.stderr);
+}
