@@ -1,0 +1,290 @@
+//! Semantics of the policy compiler on small in-memory namespaces.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+use mailrelay_crds::api::*;
+use mailrelay_crds::compile::{compile, Inputs, Kind, Severity};
+use mailrelay_crds::config::{RelayControl, RouteAction};
+
+fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
+    serde_norway::from_str(yaml).expect("test yaml")
+}
+
+fn group(name: &str, addrs: &[&str]) -> IpAddressGroup {
+    IpAddressGroup::new(
+        name,
+        IpAddressGroupSpec {
+            description: None,
+            addresses: addrs.iter().map(|a| IpEntry(a.to_string())).collect(),
+            includes: vec![],
+        },
+    )
+}
+
+fn secret(name: &str, data: &[(&str, &str)]) -> Secret {
+    Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        string_data: Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn relay_control_with_group_and_auth_requires_both() {
+    let svc: SmtpService = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: s}\nspec: {port: 25, protocol: Smtp, relayControl: {allowIpGroup: lan, allowAuthenticated: true}}",
+    );
+    let c = compile(
+        &Inputs {
+            ip_groups: vec![group("lan", &["10.0.0.0/8"])],
+            smtp_services: vec![svc],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!c.report.has_errors(), "{:?}", c.report.lines());
+    assert_eq!(
+        c.config.services[0].relay_control,
+        RelayControl::Restricted {
+            ip_group: Some("lan".into()),
+            authenticated: true
+        }
+    );
+}
+
+#[test]
+fn open_relay_is_compiled_with_warnings() {
+    let open: SmtpService = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: open}\nspec: {port: 25, protocol: Smtp, relayControl: {open: true}}",
+    );
+    let everyone: SmtpService = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: everyone}\nspec: {port: 26, protocol: Smtp, relayControl: {allowIpGroup: world}}",
+    );
+    let c = compile(
+        &Inputs {
+            ip_groups: vec![group("world", &["0.0.0.0/0", "::/0"])],
+            smtp_services: vec![open, everyone],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!c.report.has_errors());
+    for (kind, name) in [
+        (Kind::SmtpService, "open"),
+        (Kind::SmtpService, "everyone"),
+        (Kind::IpAddressGroup, "world"),
+    ] {
+        let r = c.report.get(kind, name).expect("report");
+        assert!(
+            r.warnings().any(|w| w.reason == "OpenRelay"),
+            "{kind}/{name}: {:?}",
+            r.problems
+        );
+    }
+    assert_eq!(c.config.services.len(), 2);
+}
+
+#[test]
+fn invalid_objects_are_left_out_and_dependents_follow() {
+    let good: SmtpService = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: good}\nspec: {port: 25, protocol: Smtp}",
+    );
+    let uses_bad: SmtpService = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: uses-bad}\nspec: {port: 26, protocol: Smtp, allowedFrom: [bad]}",
+    );
+    let c = compile(
+        &Inputs {
+            ip_groups: vec![group("bad", &["10.0.0.1/8"])],
+            smtp_services: vec![good, uses_bad],
+            ..Default::default()
+        },
+        None,
+    );
+    assert_eq!(c.config.services.len(), 1);
+    assert_eq!(c.config.services[0].name, "good");
+    assert!(c.config.ip_groups.is_empty());
+    let r = c.report.get(Kind::SmtpService, "uses-bad").expect("report");
+    assert!(r.is_invalid());
+    assert_eq!(r.problems[0].reason, "InvalidReference");
+}
+
+#[test]
+fn rules_are_ordered_by_priority_and_disabled_rules_skipped() {
+    let rule = |name: &str, prio: i32, enabled: bool| -> DeliveryRule {
+        obj(&format!(
+            "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: {name}}}\nspec: {{priority: {prio}, enabled: {enabled}, action: Direct, match: {{recipients: ['*@{name}.example']}}}}"
+        ))
+    };
+    let c = compile(
+        &Inputs {
+            delivery_rules: vec![
+                rule("c", 30, true),
+                rule("a", 20, true),
+                rule("b", 10, true),
+                rule("off", 5, false),
+            ],
+            ..Default::default()
+        },
+        None,
+    );
+    let names: Vec<&str> = c
+        .config
+        .delivery_rules
+        .iter()
+        .map(|r| r.name.as_str())
+        .collect();
+    assert_eq!(names, ["b", "a", "c"]);
+    assert_eq!(
+        c.config
+            .route("x@y.z", "u@a.example")
+            .map(|r| r.name.as_str()),
+        Some("a")
+    );
+    assert_eq!(c.config.route("x@y.z", "u@off.example"), None);
+    assert!(matches!(
+        c.config.delivery_rules[0].action,
+        RouteAction::Direct
+    ));
+}
+
+fn domain_inputs(accounts_yaml: &str) -> Inputs {
+    let md: MailDomain = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: ex}\nspec: {domain: Example.COM, accountsSecretRef: {name: acc}}",
+    );
+    let ap: AccessPolicy = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: AccessPolicy\nmetadata: {name: domain-wide}\nspec: {mailDomains: [ex], senderBinding: true}",
+    );
+    Inputs {
+        mail_domains: vec![md],
+        access_policies: vec![ap],
+        secrets: vec![secret("acc", &[("accounts.yaml", accounts_yaml)])],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn accounts_compile_to_verifiers_and_recompile_identically() {
+    let inputs = domain_inputs(
+        "accounts:\n  - name: Jane\n    password: pw-jane\n  - name: svc\n    password: primary\n    mfa: true\n    appPasswords: [{name: app, password: app-pw}]\n",
+    );
+    let first = compile(&inputs, None);
+    assert!(!first.report.has_errors(), "{:?}", first.report.lines());
+    let creds = &first.credentials;
+    let jane = creds.account("jane@example.com").expect("jane");
+    assert!(jane.password.as_ref().is_some_and(|v| v.verify("pw-jane")));
+    assert!(jane
+        .scram_sha256
+        .as_ref()
+        .is_some_and(|v| v.verify("pw-jane")));
+    assert_eq!(jane.access_policy.as_deref(), Some("domain-wide"));
+    let svc = creds.account("svc@example.com").expect("svc");
+    assert!(svc.mfa);
+    assert!(svc.app_passwords[0].verifier.verify("app-pw"));
+    let text = serde_norway::to_string(creds).expect("yaml");
+    for pw in ["pw-jane", "primary", "app-pw"] {
+        assert!(!text.contains(pw), "plaintext {pw} in credentials");
+    }
+    assert_eq!(first.config.domains[0].domain, "example.com");
+    assert!(first.config.domains[0].accepts_local_part("JANE"));
+    assert!(!first.config.domains[0].accepts_local_part("nobody"));
+
+    // Unchanged inputs + previous credentials: byte-identical output, same hash.
+    let second = compile(&inputs, Some(&first.credentials));
+    assert_eq!(second.hash, first.hash);
+    assert_eq!(second.credentials, first.credentials);
+
+    // A changed password gets a new verifier; the other account keeps its own.
+    let changed = domain_inputs(
+        "accounts:\n  - name: Jane\n    password: new-pw\n  - name: svc\n    password: primary\n    mfa: true\n    appPasswords: [{name: app, password: app-pw}]\n",
+    );
+    let third = compile(&changed, Some(&first.credentials));
+    assert_ne!(third.hash, first.hash);
+    let jane3 = third.credentials.account("jane@example.com").expect("jane");
+    assert!(jane3.password.as_ref().is_some_and(|v| v.verify("new-pw")));
+    assert_eq!(
+        third
+            .credentials
+            .account("svc@example.com")
+            .map(|a| a.app_passwords.clone()),
+        first
+            .credentials
+            .account("svc@example.com")
+            .map(|a| a.app_passwords.clone())
+    );
+}
+
+#[test]
+fn a_bad_account_is_left_out_but_the_domain_stays() {
+    let inputs = domain_inputs(
+        "accounts:\n  - name: ok\n    password: fine\n  - name: mfa-no-app\n    password: x\n    mfa: true\n  - name: both\n    password: x\n    passwordHash: y\n",
+    );
+    let c = compile(&inputs, None);
+    let r = c.report.get(Kind::MailDomain, "ex").expect("report");
+    assert!(!r.is_invalid());
+    let degraded: Vec<_> = r
+        .problems
+        .iter()
+        .filter(|p| p.severity == Severity::Degraded)
+        .collect();
+    assert_eq!(degraded.len(), 2, "{:?}", r.problems);
+    assert!(degraded
+        .iter()
+        .any(|p| p.message.contains("no appPasswords")));
+    assert!(degraded.iter().any(|p| p.message.contains("not both")));
+    assert_eq!(c.credentials.accounts.len(), 1);
+    assert_eq!(c.config.domains.len(), 1);
+    assert!(c.report.has_errors());
+}
+
+#[test]
+fn explicit_access_policy_must_exist() {
+    let inputs = domain_inputs("accounts:\n  - name: a\n    password: x\n    accessPolicy: nope\n");
+    let c = compile(&inputs, None);
+    let r = c.report.get(Kind::MailDomain, "ex").expect("report");
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.message.contains("accessPolicy \"nope\" does not exist")));
+    assert!(c.credentials.accounts.is_empty());
+}
+
+#[test]
+fn relay_rule_credentials_go_to_the_secret_side() {
+    let rule: DeliveryRule = obj(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: gmail}\nspec: {priority: 1, action: Relay, relay: {hosts: [smtp.gmail.com, 'backup.example:2525'], tls: Implicit, auth: {secretRef: {name: oauth}, mechanism: XOAUTH2}}}",
+    );
+    let c = compile(
+        &Inputs {
+            delivery_rules: vec![rule],
+            secrets: vec![secret(
+                "oauth",
+                &[
+                    ("username", "relay@example.com"),
+                    ("tokenEndpoint", "https://oauth2.example/token"),
+                    ("clientId", "cid"),
+                    ("refreshToken", "rt-secret"),
+                ],
+            )],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!c.report.has_errors(), "{:?}", c.report.lines());
+    let RouteAction::Relay(t) = &c.config.delivery_rules[0].action else {
+        panic!("relay action expected");
+    };
+    assert_eq!(t.hosts[0].port, 465);
+    assert_eq!(t.hosts[1].port, 2525);
+    assert!(c.credentials.relay_auth.contains_key("gmail"));
+    assert!(!serde_norway::to_string(&c.config)
+        .expect("yaml")
+        .contains("rt-secret"));
+}

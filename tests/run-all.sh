@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it, on a fresh Debian machine with only Rust and Python:
+# installs the real peers the tests talk to (Debian packages, the CRD API server), starts what
+# must run, then runs formatting, lint and every workspace test.
+#
+#   tests/run-all.sh            # everything
+#   SKIP_LINT=1 tests/run-all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+need_pkgs=()
+command -v swaks >/dev/null || need_pkgs+=(swaks)
+command -v redis-server >/dev/null || need_pkgs+=(redis-server)
+command -v openssl >/dev/null || need_pkgs+=(openssl)
+command -v curl >/dev/null || need_pkgs+=(curl)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "== installing ${need_pkgs[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+# kubectl and helm, pinned, into a cache directory.
+PATH="$(tests/tools/install-k8s-tools.sh):$PATH"
+export PATH
+
+cleanup() {
+  if [ -x tests/apiserver/teardown.sh ]; then tests/apiserver/teardown.sh || true; fi
+}
+trap cleanup EXIT
+
+# A real Kubernetes API server (CRD API server + etcd) for the operator tests.
+if [ -x tests/apiserver/setup.sh ] && [ -z "${KUBECONFIG:-}" ]; then
+  echo "== starting the test API server"
+  # setup.sh prints `export KUBECONFIG=...` lines for the caller.
+  eval "$(tests/apiserver/setup.sh)"
+fi
+
+if [ -z "${SKIP_LINT:-}" ]; then
+  echo "== cargo fmt --check"
+  cargo fmt --all -- --check
+  echo "== cargo clippy"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+fi
+
+echo "== cargo test"
+cargo test --workspace --locked
