@@ -39,7 +39,7 @@
 //! ```
 //!
 //! `<id>` is a [`MessageId`]: 32 hex digits, sorting by arrival. Storing a message writes
-//! `<id>.eml` (new file, fsync), then `<id>.env.<nonce>.tmp` (fsync), syncs the directory, renames
+//! `<id>.eml` and `<id>.env.<nonce>.tmp` as new files, `fdatasync`s both, syncs the directory, renames
 //! the temporary file to `<id>.env` and syncs the directory again. **The appearance of `<id>.env`
 //! is the commit point**; the data file is always durable before it. Updating an envelope writes a
 //! new temporary file and renames it over `<id>.env`. Removing deletes `<id>.env` (the message is
@@ -328,7 +328,7 @@ impl Spool {
             let tmp = shared.tmp_path(id);
             let record = EnvelopeRecord::encode(&envelope, data_len);
             match write_file(&tmp, &record, shared.fsync) {
-                Ok(()) => {
+                Ok(_) => {
                     let op = Op::Replace { id, envelope, tmp };
                     let _ = tx.send(Job { op, done });
                 }
@@ -508,15 +508,38 @@ impl Shared {
     /// Writes and flushes the data file and a temporary envelope; returns the temporary's path.
     fn write_new(&self, id: MessageId, data: &[u8], record: &[u8]) -> io::Result<PathBuf> {
         let data_path = self.data_path(id);
-        if let Err(e) = write_file(&data_path, data, self.fsync) {
-            remove_quietly(&data_path);
-            return Err(context(e, "writing message data", &data_path));
-        }
+        let data_file = match write_file(&data_path, data, false) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_quietly(&data_path);
+                return Err(context(e, "writing message data", &data_path));
+            }
+        };
         let tmp = self.tmp_path(id);
-        if let Err(e) = write_file(&tmp, record, self.fsync) {
-            remove_quietly(&tmp);
-            remove_quietly(&data_path);
-            return Err(context(e, "writing envelope", &tmp));
+        let env_file = match write_file(&tmp, record, false) {
+            Ok(f) => f,
+            Err(e) => {
+                remove_quietly(&tmp);
+                remove_quietly(&data_path);
+                return Err(context(e, "writing envelope", &tmp));
+            }
+        };
+        if self.fsync {
+            // Both files exist before the first flush, so the journal commit it forces covers
+            // both new inodes and the second flush often finds little left to do.
+            let synced = data_file
+                .sync_data()
+                .map_err(|e| context(e, "flushing message data", &data_path))
+                .and_then(|()| {
+                    env_file
+                        .sync_data()
+                        .map_err(|e| context(e, "flushing envelope", &tmp))
+                });
+            if let Err(e) = synced {
+                remove_quietly(&tmp);
+                remove_quietly(&data_path);
+                return Err(e);
+            }
         }
         Ok(tmp)
     }
@@ -782,7 +805,7 @@ fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8], fsync: bool) -> io::Result<()> {
+fn write_file(path: &Path, bytes: &[u8], fsync: bool) -> io::Result<File> {
     // create_new: a name collision must fail, never overwrite someone else's message.
     let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
     f.write_all(bytes)?;
@@ -791,7 +814,7 @@ fn write_file(path: &Path, bytes: &[u8], fsync: bool) -> io::Result<()> {
         // only timestamps are left out.
         f.sync_data()?;
     }
-    Ok(())
+    Ok(f)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
