@@ -46,3 +46,6 @@ fi
 
 echo "== cargo test"
 cargo test --workspace --locked
+
+echo "== Helm chart and manifests"
+tests/chart.sh
