@@ -2,15 +2,14 @@
 //!
 //! - `operator render -f <files/dirs>` compiles policy YAML offline (GitOps pre-merge check).
 //! - `operator crds [--write <dir>]` prints or writes the generated CustomResourceDefinitions.
+//! - `operator run` runs the controller (see [`mailrelay_operator::run`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod load;
-mod manifests;
-mod render;
+use mailrelay_operator::{render, run};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -27,6 +26,8 @@ struct Cli {
 enum Command {
     /// Compile policy YAML offline and print the ConfigMap and Secret the operator would apply.
     Render(render::RenderArgs),
+    /// Run the operator: watch the mailrelay resources and apply the compiled policy.
+    Run(Box<run::RunArgs>),
     /// Print the CustomResourceDefinitions, or write one file per kind into a directory.
     Crds {
         #[arg(long)]
@@ -38,6 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Render(args) => render::run(&args),
+        Command::Run(args) => run::main(*args),
         Command::Crds { write } => crds(write),
     };
     match result {

@@ -1,0 +1,24 @@
+//! The mailrelay operator as a library: the binary (`main.rs`) is a thin CLI over it, and the
+//! integration tests drive the same code paths.
+//!
+//! - [`load`], [`manifests`], [`render`]: offline compilation (`operator render`).
+//! - [`controller`]: watches, the per-namespace trigger and work queue.
+//! - [`reconcile`]: one namespace: compile, write the owned objects, statuses and events.
+//! - [`status`]: the pure status/conditions computation.
+//! - [`write`]: the only code that writes the policy ConfigMap and credentials Secret.
+//! - [`certs`]: cert-manager Certificates for SmtpServices with `tls.issuerRef`.
+//! - [`leader`]: Lease-based leader election.
+//! - [`metrics`]: the operator's `/metrics` and `/healthz`.
+//! - [`run`]: `operator run`, wiring all of the above.
+
+pub mod certs;
+pub mod controller;
+pub mod leader;
+pub mod load;
+pub mod manifests;
+pub mod metrics;
+pub mod reconcile;
+pub mod render;
+pub mod run;
+pub mod status;
+pub mod write;

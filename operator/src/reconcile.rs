@@ -1,0 +1,435 @@
+//! Reconciling one namespace: read its objects from the watch caches, compile them with the
+//! previously applied credentials, write the owned ConfigMap/Secret when (and only when) they
+//! differ, manage Certificates, then patch each object's status where it changed and publish
+//! Events for new problems.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use mailrelay_crds::api::{
+    AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, PolicyStatus, SmtpService,
+    CONDITION_INVALID, CONDITION_WARNING,
+};
+use mailrelay_crds::compile::{compile, Compiled, Inputs, Kind, Problem, Severity};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::certs::CertManager;
+use crate::manifests::{self, FIELD_MANAGER};
+use crate::metrics::Metrics;
+use crate::status;
+use crate::write::{self, Sink};
+
+/// Where referenced Secrets come from.
+#[derive(Clone)]
+pub enum SecretSource {
+    /// The watch cache of Secrets (production).
+    Kube(Store<Secret>),
+    /// Secret YAML files under a directory, for API servers without the core API: the compiler
+    /// still sees real account and relay-auth Secrets, and a file that disappears is a missing
+    /// Secret exactly as a deleted one would be.
+    Dir(PathBuf),
+}
+
+/// The watch caches of the five kinds.
+#[derive(Clone)]
+pub struct Stores {
+    pub ip_groups: Store<IpAddressGroup>,
+    pub mail_domains: Store<MailDomain>,
+    pub smtp_services: Store<SmtpService>,
+    pub delivery_rules: Store<DeliveryRule>,
+    pub access_policies: Store<AccessPolicy>,
+    pub secrets: SecretSource,
+    /// Owned ConfigMaps (Kube sink only).
+    pub config_maps: Option<Store<ConfigMap>>,
+}
+
+/// Everything a reconcile needs.
+pub struct Ctx {
+    pub client: Client,
+    pub stores: Stores,
+    pub sink: Sink,
+    /// Relay instance name: the owned objects are `<instance>-policy` / `<instance>-credentials`.
+    pub instance: String,
+    pub recorder: Recorder,
+    pub certs: CertManager,
+    pub metrics: Arc<Metrics>,
+    /// How soon to look again when something outside the watched objects was missing
+    /// (cert-manager not installed).
+    pub recheck: Duration,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, PartialEq)]
+pub struct Outcome {
+    /// The config hash now applied.
+    pub hash: String,
+    /// The ConfigMap/Secret were written (false: they already matched).
+    pub applied: bool,
+    pub statuses_patched: usize,
+    /// Reconcile again after this long even without a watch event.
+    pub requeue: Option<Duration>,
+}
+
+fn in_ns<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: &str) -> Vec<K> {
+    store
+        .state()
+        .iter()
+        .filter(|o| o.meta().namespace.as_deref() == Some(ns))
+        .map(|o| (**o).clone())
+        .collect()
+}
+
+/// The compiler inputs of namespace `ns`.
+pub fn inputs(stores: &Stores, ns: &str) -> Inputs {
+    let secrets = match &stores.secrets {
+        SecretSource::Kube(s) => in_ns(s, ns),
+        SecretSource::Dir(dir) => secrets_from_dir(dir, ns),
+    };
+    Inputs {
+        ip_groups: in_ns(&stores.ip_groups, ns),
+        mail_domains: in_ns(&stores.mail_domains, ns),
+        smtp_services: in_ns(&stores.smtp_services, ns),
+        delivery_rules: in_ns(&stores.delivery_rules, ns),
+        access_policies: in_ns(&stores.access_policies, ns),
+        secrets,
+    }
+}
+
+/// Secrets of namespace `ns` from YAML files under `dir` (other kinds in the files are ignored).
+pub fn secrets_from_dir(dir: &std::path::Path, ns: &str) -> Vec<Secret> {
+    let files = match crate::load::expand(&[dir.to_path_buf()]) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the secrets directory");
+            return Vec::new();
+        }
+    };
+    let (loaded, errors) = crate::load::load(&files);
+    for e in errors {
+        tracing::debug!(error = %e, "skipping a document of the secrets directory");
+    }
+    loaded
+        .secrets
+        .into_iter()
+        .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == ns)
+        .collect()
+}
+
+/// Namespaces that have at least one mailrelay object.
+pub fn namespaces(stores: &Stores) -> BTreeSet<String> {
+    fn add<K: Resource<DynamicType = ()> + Clone>(out: &mut BTreeSet<String>, s: &Store<K>) {
+        out.extend(s.state().iter().filter_map(|o| o.meta().namespace.clone()));
+    }
+    let mut out = BTreeSet::new();
+    add(&mut out, &stores.ip_groups);
+    add(&mut out, &stores.mail_domains);
+    add(&mut out, &stores.smtp_services);
+    add(&mut out, &stores.delivery_rules);
+    add(&mut out, &stores.access_policies);
+    out
+}
+
+/// Owner references of the policy objects: every SmtpService of the namespace, so the objects
+/// live as long as any listener does and are garbage collected with the last one. The
+/// lexicographically first service is the controller (stable while it exists).
+pub fn owners(services: &[SmtpService]) -> Vec<OwnerReference> {
+    let mut sorted: Vec<&SmtpService> = services.iter().collect();
+    sorted.sort_by_key(|s| s.name_any());
+    sorted
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let mut r = s.controller_owner_ref(&())?;
+            r.controller = Some(i == 0);
+            r.block_owner_deletion = None;
+            Some(r)
+        })
+        .collect()
+}
+
+/// The ConfigMap and Secret to apply for a compiled namespace.
+pub fn desired_objects(
+    compiled: &Compiled,
+    ns: &str,
+    instance: &str,
+    services: &[SmtpService],
+) -> anyhow::Result<(ConfigMap, Secret)> {
+    let (mut cm, mut secret) = manifests::objects(compiled, Some(ns), instance)?;
+    let o = owners(services);
+    if !o.is_empty() {
+        cm.metadata.owner_references = Some(o.clone());
+        secret.metadata.owner_references = Some(o);
+    }
+    Ok((cm, secret))
+}
+
+fn live_objects(ctx: &Ctx, ns: &str) -> (Option<ConfigMap>, Option<Secret>) {
+    let cm_name = manifests::policy_name(&ctx.instance);
+    let secret_name = manifests::credentials_name(&ctx.instance);
+    match (&ctx.sink, &ctx.stores.config_maps, &ctx.stores.secrets) {
+        (Sink::Dir(dir), _, _) => Sink::read_dir_objects(dir, ns, &cm_name, &secret_name),
+        (Sink::Kube(_), Some(cms), SecretSource::Kube(secrets)) => {
+            let find_cm = cms
+                .state()
+                .into_iter()
+                .find(|c| c.metadata.namespace.as_deref() == Some(ns) && c.name_any() == cm_name);
+            let find_secret = secrets.state().into_iter().find(|c| {
+                c.metadata.namespace.as_deref() == Some(ns) && c.name_any() == secret_name
+            });
+            (
+                find_cm.map(|c| (*c).clone()),
+                find_secret.map(|s| (*s).clone()),
+            )
+        }
+        _ => (None, None),
+    }
+}
+
+/// Reconciles namespace `ns`.
+pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
+    let inputs = inputs(&ctx.stores, ns);
+    let (live_cm, live_secret) = live_objects(ctx, ns);
+    let previous = live_secret.as_ref().and_then(write::previous_credentials);
+    let compiled = compile(&inputs, previous.as_ref());
+    let (cm, secret) = desired_objects(&compiled, ns, &ctx.instance, &inputs.smtp_services)?;
+    let mut outcome = Outcome {
+        hash: compiled.hash.clone(),
+        ..Outcome::default()
+    };
+    if !write::up_to_date((live_cm.as_ref(), live_secret.as_ref()), (&cm, &secret)) {
+        ctx.sink.apply(ns, &cm, &secret).await?;
+        ctx.metrics.wrote("policy");
+        outcome.applied = true;
+        tracing::info!(namespace = ns, hash = %compiled.hash, "applied the compiled policy");
+    }
+
+    let valid_services: BTreeSet<String> = compiled
+        .report
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::SmtpService && !o.is_invalid())
+        .map(|o| o.name.clone())
+        .collect();
+    let certs = ctx
+        .certs
+        .reconcile(ns, &inputs.smtp_services, &valid_services, &ctx.instance)
+        .await;
+    let extra = match certs {
+        Ok(c) => {
+            if c.missing {
+                outcome.requeue = Some(ctx.recheck);
+            }
+            c.problems
+        }
+        Err(e) => {
+            tracing::warn!(namespace = ns, error = %e, "cannot manage Certificates");
+            outcome.requeue = Some(ctx.recheck);
+            BTreeMap::new()
+        }
+    };
+
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let hash = compiled.hash.as_str();
+    let mut n = 0;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::IpAddressGroup,
+        &inputs.ip_groups,
+        &compiled,
+        &extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::MailDomain,
+        &inputs.mail_domains,
+        &compiled,
+        &extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::SmtpService,
+        &inputs.smtp_services,
+        &compiled,
+        &extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::DeliveryRule,
+        &inputs.delivery_rules,
+        &compiled,
+        &extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::AccessPolicy,
+        &inputs.access_policies,
+        &compiled,
+        &extra,
+        hash,
+        &now,
+    )
+    .await?;
+    outcome.statuses_patched = n;
+    Ok(outcome)
+}
+
+/// Read access to the status of the five kinds, whose status types differ slightly.
+pub trait HasPolicyStatus {
+    fn policy_status(&self) -> Option<&PolicyStatus>;
+    fn resolved_prefixes(&self) -> Option<i64> {
+        None
+    }
+}
+
+macro_rules! policy_status {
+    ($($t:ty),*) => {$(
+        impl HasPolicyStatus for $t {
+            fn policy_status(&self) -> Option<&PolicyStatus> {
+                self.status.as_ref()
+            }
+        }
+    )*};
+}
+policy_status!(MailDomain, SmtpService, DeliveryRule, AccessPolicy);
+
+impl HasPolicyStatus for IpAddressGroup {
+    fn policy_status(&self) -> Option<&PolicyStatus> {
+        self.status.as_ref().map(|s| &s.common)
+    }
+    fn resolved_prefixes(&self) -> Option<i64> {
+        self.status.as_ref().and_then(|s| s.resolved_prefixes)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn statuses<K>(
+    ctx: &Ctx,
+    ns: &str,
+    kind: Kind,
+    objects: &[K],
+    compiled: &Compiled,
+    extra: &BTreeMap<String, Vec<Problem>>,
+    hash: &str,
+    now: &Time,
+) -> anyhow::Result<usize>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + HasPolicyStatus
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let mut patched = 0;
+    for obj in objects {
+        let name = obj.name_any();
+        let Some(report) = compiled.report.get(kind, &name) else {
+            continue;
+        };
+        let no_extra = Vec::new();
+        let extra = if kind == Kind::SmtpService {
+            extra.get(&name).unwrap_or(&no_extra)
+        } else {
+            &no_extra
+        };
+        let existing = obj.policy_status();
+        let want = status::desired(report, extra, existing, Some(hash), now);
+        if !status::differs(existing, obj.resolved_prefixes(), &want) {
+            continue;
+        }
+        let body = json!({
+            "apiVersion": K::api_version(&()),
+            "kind": K::kind(&()),
+            "status": status::to_json(&want),
+        });
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        match api.patch_status(&name, &pp, &Patch::Apply(&body)).await {
+            Ok(_) => {
+                ctx.metrics.wrote("status");
+                patched += 1;
+            }
+            // Deleted between the cache read and now: nothing to report on.
+            Err(kube::Error::Api(s)) if s.code == 404 => continue,
+            Err(e) => return Err(e.into()),
+        }
+        publish_events(ctx, obj, existing, &want).await;
+    }
+    Ok(patched)
+}
+
+/// One Warning Event per Invalid/Warning condition that is new or says something new.
+async fn publish_events<K>(
+    ctx: &Ctx,
+    obj: &K,
+    existing: Option<&PolicyStatus>,
+    want: &status::Desired,
+) where
+    K: Resource<DynamicType = ()>,
+{
+    for c in &want.status.conditions {
+        if c.type_ != CONDITION_INVALID && c.type_ != CONDITION_WARNING {
+            continue;
+        }
+        let seen = existing
+            .and_then(|s| s.conditions.iter().find(|e| e.type_ == c.type_))
+            .is_some_and(|e| {
+                e.reason == c.reason && e.message == c.message && e.status == c.status
+            });
+        if seen {
+            continue;
+        }
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: c.reason.clone(),
+            note: Some(c.message.chars().take(1000).collect()),
+            action: if c.type_ == CONDITION_INVALID {
+                "Rejected".into()
+            } else {
+                "Compiled".into()
+            },
+            secondary: None,
+        };
+        match ctx.recorder.publish(&ev, &obj.object_ref(&())).await {
+            Ok(()) => ctx.metrics.wrote("event"),
+            // Events are best effort: a missing Events API must not block status or config.
+            Err(e) => tracing::warn!(error = %e, reason = %c.reason, "cannot publish an Event"),
+        }
+    }
+}
+
+/// Severity name for logs.
+pub fn severity_name(s: Severity) -> &'static str {
+    match s {
+        Severity::Invalid => "invalid",
+        Severity::Degraded => "degraded",
+        Severity::Warning => "warning",
+    }
+}

@@ -1,0 +1,212 @@
+//! `operator run`: the long-running operator. Wires the client, metrics endpoint, leader election,
+//! controller and signal handling together; owns start-up order and graceful shutdown (SIGTERM:
+//! stop reconciling, release the lease, exit 0).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+
+use crate::certs::CertManager;
+use crate::controller::{Controller, Options, Scope};
+use crate::leader::LeaseLock;
+use crate::manifests::FIELD_MANAGER;
+use crate::metrics::{self, Metrics};
+use crate::reconcile::Ctx;
+use crate::write::Sink;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Relay instance name: the owned objects are `<instance>-policy` and `<instance>-credentials`.
+    #[arg(long, default_value = "mailrelay", env = "MAILRELAY_INSTANCE")]
+    pub instance: String,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Run without leader election (a single replica).
+    #[arg(long)]
+    pub no_leader_election: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, default_value = "mailrelay-operator")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, else `default`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    /// This replica's identity in the Lease (default: the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    pub lease_duration_seconds: u64,
+    /// Seconds between renewals (and between attempts while following).
+    #[arg(long, default_value_t = 5.0)]
+    pub lease_renew_seconds: f64,
+    /// Seconds between full resyncs of every namespace.
+    #[arg(long, default_value_t = 300.0)]
+    pub resync_seconds: f64,
+    /// Seconds before checking again for something outside the watched objects (cert-manager).
+    #[arg(long, default_value_t = 30.0)]
+    pub recheck_seconds: f64,
+    /// For API servers without the core API (tests, local runs): read referenced Secrets from
+    /// YAML files under this directory instead of the API.
+    #[arg(long, requires = "output_dir")]
+    pub secrets_dir: Option<PathBuf>,
+    /// For API servers without the core API: write the policy ConfigMap and credentials Secret
+    /// as YAML to `<dir>/<namespace>/<name>.yaml` instead of applying them.
+    #[arg(long, requires = "secrets_dir")]
+    pub output_dir: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::try_from_secs_f64(s).unwrap_or(Duration::from_secs(1))
+}
+
+/// Entry point of `operator run`.
+pub fn main(args: RunArgs) -> anyhow::Result<i32> {
+    init_logging(args.log_json);
+    // One crypto provider for the whole process (kube's rustls and anything else).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(run(args))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        b.json().try_init()
+    } else {
+        b.try_init()
+    };
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::new());
+    let listener = metrics::bind(args.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into()),
+            std::process::id()
+        )
+    });
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+
+    let lock = (!args.no_leader_election).then(|| {
+        LeaseLock::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_duration_seconds),
+        )
+    });
+    let renew = secs(args.lease_renew_seconds);
+    if let Some(lock) = &lock {
+        tokio::select! {
+            _ = lock.acquire(renew) => {},
+            _ = &mut shutdown => return Ok(0),
+        }
+        tracing::info!(identity = %identity, "became the leader");
+        metrics.leader.set(1);
+    }
+
+    let sink = match &args.output_dir {
+        Some(d) => Sink::Dir(d.clone()),
+        None => Sink::Kube(client.clone()),
+    };
+    let opts = Options {
+        scope: match &args.namespace {
+            Some(ns) => Scope::Namespace(ns.clone()),
+            None => Scope::All,
+        },
+        secrets_dir: args.secrets_dir.clone(),
+        watch_owned: args.output_dir.is_none(),
+        resync: secs(args.resync_seconds),
+    };
+    let controller = tokio::select! {
+        c = Controller::start(&client, &opts) => c?,
+        _ = &mut shutdown => return release(lock.as_ref()).await,
+    };
+    let recheck = secs(args.recheck_seconds);
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        stores: controller.stores.clone(),
+        sink,
+        instance: args.instance.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        certs: CertManager::new(client.clone(), recheck),
+        metrics: metrics.clone(),
+        recheck,
+    });
+    tracing::info!("caches synced; reconciling");
+    let lost = async {
+        match &lock {
+            Some(l) => l.hold(renew).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut lost_lease = false;
+    controller
+        .run(ctx, async {
+            tokio::select! {
+                _ = &mut shutdown => tracing::info!("shutting down"),
+                _ = lost => lost_lease = true,
+            }
+        })
+        .await;
+    metrics.leader.set(0);
+    if lost_lease {
+        // Another replica may be writing already: stop at once, let the pod restart as follower.
+        return Ok(1);
+    }
+    release(lock.as_ref()).await
+}
+
+async fn release(lock: Option<&LeaseLock>) -> anyhow::Result<i32> {
+    if let Some(l) = lock {
+        match l.release().await {
+            Ok(()) => tracing::info!(identity = %l.identity(), "released the leader lease"),
+            Err(e) => tracing::warn!(error = %e, "could not release the leader lease"),
+        }
+    }
+    Ok(0)
+}
