@@ -1,5 +1,6 @@
-//! A deliberately tiny HTTP/1.1 responder for `/metrics`, `/healthz` and `/readyz`: one request
-//! per connection, GET only, bounded request size. Enough for Prometheus and kubelet probes
+//! A deliberately tiny HTTP/1.1 responder for `/metrics`, `/healthz`, `/readyz` and the queue
+//! administration endpoints (`/queue...`, see [`crate::delivery::admin`]): one request per
+//! connection, bounded request size. Enough for Prometheus, kubelet probes and `relay queue`
 //! without pulling in an HTTP stack.
 
 use std::sync::atomic::Ordering;
@@ -10,24 +11,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::warn;
 
+use crate::delivery::Queue;
 use crate::server::Relay;
 
 pub async fn serve(listener: TcpListener, relay: Arc<Relay>) {
+    serve_with_admin(listener, relay, None).await
+}
+
+/// [`serve`] plus the queue administration endpoints when a delivery queue runs.
+pub async fn serve_with_admin(listener: TcpListener, relay: Arc<Relay>, queue: Option<Arc<Queue>>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let relay = relay.clone();
+        let queue = queue.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &relay).await {
+            if let Err(e) = handle(stream, &relay, queue.as_deref()).await {
                 warn!(error = %e, "metrics request failed");
             }
         });
     }
 }
 
-async fn handle(mut stream: TcpStream, relay: &Relay) -> std::io::Result<()> {
+async fn handle(
+    mut stream: TcpStream,
+    relay: &Relay,
+    queue: Option<&Queue>,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     let read = async {
@@ -50,7 +62,13 @@ async fn handle(mut stream: TcpStream, relay: &Relay) -> std::io::Result<()> {
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = if method != "GET" {
+    let admin = match queue {
+        Some(q) => crate::delivery::admin::handle(q, method, path).await,
+        None => None,
+    };
+    let (status, ctype, body) = if let Some((status, body)) = admin {
+        (status, "application/json", body)
+    } else if method != "GET" {
         (
             "405 Method Not Allowed",
             "text/plain",
@@ -60,6 +78,9 @@ async fn handle(mut stream: TcpStream, relay: &Relay) -> std::io::Result<()> {
         match path.split('?').next().unwrap_or("") {
             "/metrics" => {
                 relay.metrics.spool_depth.set(relay.spool.len() as i64);
+                if let Some(q) = queue {
+                    q.update_gauges();
+                }
                 (
                     "200 OK",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -4,6 +4,7 @@
 //! accepted messages to the durable spool.
 
 pub mod auth;
+pub mod delivery;
 pub mod http;
 pub mod metrics;
 pub mod policy;

@@ -20,8 +20,26 @@ use tracing_subscriber::EnvFilter;
 #[command(name = "relay", about = "mailrelay SMTP relay")]
 struct Args {
     /// Directory with relay.yaml, credentials.yaml, runtime.yaml and tls/<secret>/.
-    #[arg(long, env = "MAILRELAY_CONFIG_DIR")]
-    config: PathBuf,
+    #[arg(long, env = "MAILRELAY_CONFIG_DIR", required = false)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Inspect and manage the delivery queue of a running relay (via its metrics port).
+    Queue {
+        /// Base URL of the relay's metrics/admin listener.
+        #[arg(
+            long,
+            env = "MAILRELAY_ADMIN_URL",
+            default_value = "http://127.0.0.1:9090"
+        )]
+        admin: String,
+        #[command(subcommand)]
+        action: mailrelay_relay::delivery::admin::QueueAction,
+    },
 }
 
 fn init_logging() {
@@ -42,8 +60,12 @@ fn init_logging() {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    if let Some(Command::Queue { admin, action }) = &args.command {
+        return mailrelay_relay::delivery::admin::cli(admin, action);
+    }
     init_logging();
-    match run(Args::parse()).await {
+    match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "relay failed");
@@ -54,7 +76,9 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     install_crypto_provider();
-    let dir = args.config;
+    let Some(dir) = args.config else {
+        anyhow::bail!("--config <dir> is required to run the relay");
+    };
     let settings = RuntimeSettings::load(&dir)?;
     let self_signed = Arc::new(SelfSignedCache::default());
     let snap = snapshot::load(&dir, &settings, &self_signed)?;
@@ -71,14 +95,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
             anyhow::anyhow!("binding metrics address {}: {e}", settings.metrics_address)
         })?;
     let relay = Relay::new(dir, settings, snap, spool, metrics);
+    let queue = mailrelay_relay::delivery::for_relay(&relay, &relay.config_dir)?;
+    {
+        let q = queue.clone();
+        let _ = relay.on_queued.set(Box::new(move |id| q.notify(id)));
+    }
+    queue.start();
     relay.sync_listeners().await?;
-    tokio::spawn(http::serve(metrics_listener, relay.clone()));
+    tokio::spawn(http::serve_with_admin(
+        metrics_listener,
+        relay.clone(),
+        Some(queue.clone()),
+    ));
     tokio::spawn(reload::watch(relay.clone(), self_signed));
     relay.ready.store(true, Ordering::Relaxed);
     info!("relay ready");
     shutdown_signal().await;
     relay.ready.store(false, Ordering::Relaxed);
     info!("shutting down");
+    // Stop accepting, let sessions finish, then give deliveries what is left of the grace
+    // period; whatever is unfinished stays in the spool for the next start.
+    relay.stop_listening();
+    let grace = std::time::Duration::from_secs(relay.settings.delivery.shutdown_grace_seconds);
+    let deadline = tokio::time::Instant::now() + grace;
+    while relay.metrics.sessions_active.get() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    queue
+        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
+        .await;
     Ok(())
 }
 

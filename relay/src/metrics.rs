@@ -47,6 +47,13 @@ pub struct Metrics {
     pub security_events: Family<KindLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub spool_depth: Gauge,
+    /// Outbound: messages waiting for delivery (spool depth as the queue sees it).
+    pub queue_depth: Gauge,
+    pub queue_oldest_age_seconds: Gauge,
+    /// Outbound: per-recipient attempt outcomes (`delivered`, `delayed`, `bounced`).
+    pub delivery_attempts: Family<ResultLabels, Counter>,
+    /// Outbound: DSNs generated, by kind (`failure`, `delay`).
+    pub dsn_generated: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +75,10 @@ impl Metrics {
             security_events: Family::default(),
             config_reloads: Family::default(),
             spool_depth: Gauge::default(),
+            queue_depth: Gauge::default(),
+            queue_oldest_age_seconds: Gauge::default(),
+            delivery_attempts: Family::default(),
+            dsn_generated: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -114,6 +125,26 @@ impl Metrics {
             "spool_depth",
             "Messages in the spool",
             m.spool_depth.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Messages in the delivery queue",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "queue_oldest_age_seconds",
+            "Age of the oldest message in the delivery queue",
+            m.queue_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "delivery_attempts",
+            "Outbound delivery attempts per recipient, by result (delivered, delayed, bounced)",
+            m.delivery_attempts.clone(),
+        );
+        registry.register(
+            "dsn_generated",
+            "Delivery status notifications generated, by kind",
+            m.dsn_generated.clone(),
         );
         Metrics { registry, ..m }
     }

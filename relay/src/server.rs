@@ -37,8 +37,13 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     pub tls: TlsAcceptors,
     pub ready: AtomicBool,
+    /// Called with the id of every message stored by a session (the delivery queue's feed).
+    pub on_queued: std::sync::OnceLock<QueuedHook>,
     listeners: Mutex<HashMap<String, (u16, JoinHandle<()>)>>,
 }
+
+/// See [`Relay::on_queued`].
+pub type QueuedHook = Box<dyn Fn(mailrelay_spool::MessageId) + Send + Sync>;
 
 impl Relay {
     pub fn new(
@@ -57,8 +62,19 @@ impl Relay {
             spool: Arc::new(spool),
             metrics,
             ready: AtomicBool::new(false),
+            on_queued: std::sync::OnceLock::new(),
             listeners: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Stops every accept loop (graceful shutdown); open connections are not affected.
+    pub fn stop_listening(&self) {
+        if let Ok(mut map) = self.listeners.lock() {
+            for (name, (_, handle)) in map.drain() {
+                info!(service = %name, "stopping listener");
+                handle.abort();
+            }
+        }
     }
 
     /// Binds listeners for services that have none yet and stops those whose service is gone or
@@ -576,6 +592,9 @@ impl Driver {
         let rcpts = env.recipients.len();
         match self.relay.spool.store(env, data).await {
             Ok(id) => {
+                if let Some(hook) = self.relay.on_queued.get() {
+                    hook(id);
+                }
                 self.relay
                     .metrics
                     .messages_accepted

@@ -67,13 +67,31 @@ impl Default for Timeouts {
     }
 }
 
-/// Queue and delivery tuning (used by the delivery engine; accepted here so that one file
-/// describes the deployment).
+/// Queue and delivery tuning for the outbound side (`crate::delivery`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DeliverySettings {
+    /// Concurrent outbound SMTP connections overall.
     #[serde(default = "default_concurrency")]
     pub concurrency: u32,
+    /// Concurrent outbound connections to one destination (MX host set or relay rule).
+    #[serde(default = "default_per_destination")]
+    pub per_destination_concurrency: u32,
+    /// Messages per minute to one destination; unset means unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_destination_per_minute: Option<u32>,
+    /// Messages sent over one connection before it is closed and a new one opened.
+    #[serde(default = "default_per_connection")]
+    pub max_messages_per_connection: u32,
+    /// How long an idle outbound connection waits for more mail to the same destination.
+    #[serde(default = "default_idle_ms")]
+    pub connection_idle_millis: u64,
+    /// SMTP port for direct (MX) delivery; only tests and special networks change it.
+    #[serde(default = "default_direct_port")]
+    pub direct_port: u16,
+    /// Name sent in EHLO; the relay's host name when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helo_name: Option<String>,
     /// Delays between attempts; the last one repeats.
     #[serde(default = "default_retry")]
     pub retry_schedule_seconds: Vec<u64>,
@@ -81,20 +99,147 @@ pub struct DeliverySettings {
     pub warn_after_seconds: u64,
     #[serde(default = "default_give_up")]
     pub give_up_after_seconds: u64,
+    /// Language of DSNs: `en` or `de` (anything else falls back to English).
     #[serde(default = "default_dsn_language")]
     pub dsn_language: String,
+    /// How long SIGTERM waits for in-flight deliveries before leaving them in the spool.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace_seconds: u64,
+    #[serde(default)]
+    pub dns: DeliveryDnsSettings,
+    #[serde(default)]
+    pub tls: OutboundTlsSettings,
+    #[serde(default)]
+    pub timeouts: ClientTimeouts,
 }
 
 impl Default for DeliverySettings {
     fn default() -> Self {
         DeliverySettings {
             concurrency: default_concurrency(),
+            per_destination_concurrency: default_per_destination(),
+            rate_per_destination_per_minute: None,
+            max_messages_per_connection: default_per_connection(),
+            connection_idle_millis: default_idle_ms(),
+            direct_port: default_direct_port(),
+            helo_name: None,
             retry_schedule_seconds: default_retry(),
             warn_after_seconds: default_warn_after(),
             give_up_after_seconds: default_give_up(),
             dsn_language: default_dsn_language(),
+            shutdown_grace_seconds: default_shutdown_grace(),
+            dns: DeliveryDnsSettings::default(),
+            tls: OutboundTlsSettings::default(),
+            timeouts: ClientTimeouts::default(),
         }
     }
+}
+
+/// The resolver used for MX and address lookups (`delivery.dns`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeliveryDnsSettings {
+    /// Name server addresses; empty means the system's (`/etc/resolv.conf`).
+    #[serde(default)]
+    pub nameservers: Vec<IpAddr>,
+    /// Port of the configured name servers.
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+    #[serde(default = "default_dns_timeout")]
+    pub timeout_seconds: u64,
+    #[serde(default = "default_dns_attempts")]
+    pub attempts: u32,
+}
+
+impl Default for DeliveryDnsSettings {
+    fn default() -> Self {
+        DeliveryDnsSettings {
+            nameservers: Vec::new(),
+            port: default_dns_port(),
+            timeout_seconds: default_dns_timeout(),
+            attempts: default_dns_attempts(),
+        }
+    }
+}
+
+/// Trust for outbound TLS with certificate verification (`RequiredVerified`, `Implicit`, and
+/// HTTPS token endpoints).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTlsSettings {
+    /// PEM file with additional trust anchors (a private CA), on top of the built-in roots.
+    /// Relative paths resolve against the config directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+/// Outbound SMTP timeouts in seconds; defaults are RFC 5321 §4.5.3.2.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTimeouts {
+    #[serde(default = "default_connect_timeout")]
+    pub connect_seconds: u64,
+    /// Greeting, EHLO, STARTTLS, AUTH, MAIL and RCPT replies.
+    #[serde(default = "default_command_timeout")]
+    pub command_seconds: u64,
+    /// Reply to `DATA` (354).
+    #[serde(default = "default_data_init_timeout")]
+    pub data_init_seconds: u64,
+    /// Writing one block of message data.
+    #[serde(default = "default_data_block_timeout")]
+    pub data_block_seconds: u64,
+    /// Reply after the final dot.
+    #[serde(default = "default_data_term_timeout")]
+    pub data_term_seconds: u64,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        ClientTimeouts {
+            connect_seconds: default_connect_timeout(),
+            command_seconds: default_command_timeout(),
+            data_init_seconds: default_data_init_timeout(),
+            data_block_seconds: default_data_block_timeout(),
+            data_term_seconds: default_data_term_timeout(),
+        }
+    }
+}
+
+fn default_per_destination() -> u32 {
+    8
+}
+fn default_per_connection() -> u32 {
+    100
+}
+fn default_idle_ms() -> u64 {
+    1000
+}
+fn default_direct_port() -> u16 {
+    25
+}
+fn default_shutdown_grace() -> u64 {
+    20
+}
+fn default_dns_port() -> u16 {
+    53
+}
+fn default_dns_timeout() -> u64 {
+    5
+}
+fn default_dns_attempts() -> u32 {
+    2
+}
+fn default_connect_timeout() -> u64 {
+    30
+}
+fn default_data_init_timeout() -> u64 {
+    120
+}
+fn default_data_block_timeout() -> u64 {
+    180
+}
+fn default_data_term_timeout() -> u64 {
+    600
 }
 
 fn default_listen() -> IpAddr {

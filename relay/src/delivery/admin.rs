@@ -1,0 +1,174 @@
+//! Queue administration over HTTP on the metrics port: `GET /queue`, `GET /queue/<id>`,
+//! `POST /queue/<id>/retry`, `DELETE /queue/<id>`, `POST /queue/<id>/bounce`. Answers are JSON.
+//! The `relay queue ...` subcommand is a thin client of these endpoints.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use mailrelay_spool::{Envelope, MessageId, RecipientStatus};
+use serde_json::{json, Value};
+
+use super::queue::{AdminResult, Queue};
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn describe(queue: &Queue, id: MessageId, env: &Envelope) -> Value {
+    let rcpts: Vec<Value> = env
+        .recipients
+        .iter()
+        .map(|r| {
+            let (state, reply) = match &r.status {
+                RecipientStatus::Pending => ("pending", r.last_error.clone()),
+                RecipientStatus::Delivered {
+                    code,
+                    enhanced,
+                    text,
+                } => (
+                    "delivered",
+                    Some(format!(
+                        "{code} {} {text}",
+                        enhanced.as_deref().unwrap_or("")
+                    )),
+                ),
+                RecipientStatus::Failed {
+                    code,
+                    enhanced,
+                    text,
+                } => (
+                    "failed",
+                    Some(format!(
+                        "{code} {} {text}",
+                        enhanced.as_deref().unwrap_or("")
+                    )),
+                ),
+            };
+            json!({"address": r.address, "state": state, "attempts": r.attempts, "reply": reply})
+        })
+        .collect();
+    json!({
+        "id": id.to_string(),
+        "sender": env.sender,
+        "size": env.size,
+        "receivedAt": unix(env.received_at),
+        "nextAttemptAt": env.next_attempt_at.map(unix),
+        "inFlight": queue.in_flight(id),
+        "warned": env.warned,
+        "recipients": rcpts,
+    })
+}
+
+/// Handles an admin request; `None` when the path is not an admin path.
+pub async fn handle(queue: &Queue, method: &str, path: &str) -> Option<(&'static str, String)> {
+    let rest = path.strip_prefix("/queue")?;
+    if !(rest.is_empty() || rest.starts_with('/')) {
+        return None;
+    }
+    let parts: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    let ok = |v: Value| Some(("200 OK", v.to_string() + "\n"));
+    let err =
+        |status: &'static str, msg: &str| Some((status, json!({"error": msg}).to_string() + "\n"));
+    let id = match parts.first() {
+        None => None,
+        Some(s) => match s.parse::<MessageId>() {
+            Ok(id) => Some(id),
+            Err(_) => return err("400 Bad Request", "not a message id"),
+        },
+    };
+    let outcome = |r: AdminResult, what: &str| match r {
+        AdminResult::Done => ok(json!({"result": what})),
+        AdminResult::NotFound => err("404 Not Found", "no such message"),
+        AdminResult::Busy => err(
+            "409 Conflict",
+            "a delivery attempt is running; try again shortly",
+        ),
+    };
+    match (method, id, parts.get(1).copied(), parts.len()) {
+        ("GET", None, _, 0) => {
+            let list: Vec<Value> = queue
+                .spool
+                .list()
+                .into_iter()
+                .filter_map(|id| queue.spool.envelope(id).map(|e| describe(queue, id, &e)))
+                .collect();
+            ok(json!({"messages": list}))
+        }
+        ("GET", Some(id), None, 1) => match queue.spool.envelope(id) {
+            Some(e) => ok(describe(queue, id, &e)),
+            None => err("404 Not Found", "no such message"),
+        },
+        ("POST", Some(id), Some("retry"), 2) => outcome(queue.retry_now(id), "scheduled"),
+        ("POST", Some(id), Some("bounce"), 2) => outcome(queue.bounce(id).await, "bounced"),
+        ("DELETE", Some(id), None, 1) => outcome(queue.delete(id).await, "deleted"),
+        _ => err("405 Method Not Allowed", "unsupported queue operation"),
+    }
+}
+
+/// `relay queue ...` actions.
+#[derive(clap::Subcommand, Debug)]
+pub enum QueueAction {
+    /// List queued messages.
+    List,
+    /// Show one message with per-recipient state.
+    Show { id: String },
+    /// Attempt delivery now.
+    Retry { id: String },
+    /// Remove without notifying the sender.
+    Delete { id: String },
+    /// Fail all pending recipients now and send a failure DSN.
+    Bounce { id: String },
+}
+
+/// Runs a `relay queue` action against `base` (e.g. `http://127.0.0.1:9090`) and prints the
+/// JSON answer.
+pub fn cli(base: &str, action: &QueueAction) -> std::process::ExitCode {
+    let (method, path) = match action {
+        QueueAction::List => ("GET", "/queue".to_string()),
+        QueueAction::Show { id } => ("GET", format!("/queue/{id}")),
+        QueueAction::Retry { id } => ("POST", format!("/queue/{id}/retry")),
+        QueueAction::Delete { id } => ("DELETE", format!("/queue/{id}")),
+        QueueAction::Bounce { id } => ("POST", format!("/queue/{id}/bounce")),
+    };
+    match request(base, method, &path) {
+        Ok((code, body)) => {
+            print!("{body}");
+            if (200..300).contains(&code) {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("relay queue: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A blocking HTTP/1.1 request to the admin listener (plain HTTP on the pod's metrics port).
+pub fn request(base: &str, method: &str, path: &str) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let authority = base
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("admin URL must start with http:// (got {base})"))?
+        .trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(authority)
+        .map_err(|e| format!("connecting to {authority}: {e}"))?;
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("malformed HTTP response")?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or("malformed HTTP status line")?;
+    Ok((code, body.to_string()))
+}

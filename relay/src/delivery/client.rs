@@ -1,0 +1,822 @@
+//! The outbound SMTP client: one connection to one downstream host, from TCP connect through
+//! greeting, EHLO, STARTTLS or implicit TLS, AUTH, and any number of transactions (RSET between
+//! them), with a timeout on every stage (RFC 5321 §4.5.3.2 values, configurable). It uses
+//! PIPELINING when offered, checks SIZE, 8BITMIME and SMTPUTF8 before sending, dot-stuffs the data
+//! and turns every outcome into a [`Status`] per recipient. It never retries; the queue decides.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use mailrelay_crds::config::{OutboundAuthMechanism, OutboundTls};
+use mailrelay_spool::{Body, Envelope};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
+};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::status::{is_enhanced_code, Status};
+use super::tls::{server_name, ClientTls};
+use crate::settings::ClientTimeouts;
+
+/// Longest reply line accepted; RFC 5321 allows 512, real servers send a little more.
+const MAX_LINE: u64 = 4096;
+/// Most lines in one multi-line reply (EHLO lists are the longest).
+const MAX_REPLY_LINES: usize = 100;
+/// Data is written in blocks so that each block has its own timeout.
+const DATA_BLOCK: usize = 64 * 1024;
+
+/// A reply from the downstream server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// The enhanced status code of the first line, when the server sent one matching the class.
+    pub fn enhanced(&self) -> Option<String> {
+        let first = self.lines.first()?;
+        let word = first.split_whitespace().next()?;
+        (is_enhanced_code(word) && word.as_bytes()[0] == b'0' + (self.code / 100) as u8)
+            .then(|| word.to_string())
+    }
+
+    /// The text without the enhanced codes, lines joined by spaces.
+    pub fn text(&self) -> String {
+        let enh = self.enhanced();
+        self.lines
+            .iter()
+            .map(|l| match &enh {
+                Some(e) => l.strip_prefix(e.as_str()).unwrap_or(l).trim_start(),
+                None => l.as_str(),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn status(&self, remote: &str, default_enhanced: &str) -> Status {
+        let enhanced = self.enhanced().unwrap_or_else(|| {
+            // Servers without ENHANCEDSTATUSCODES: keep the class of the reply code.
+            let class = match self.code / 100 {
+                2 => '2',
+                4 => '4',
+                _ => '5',
+            };
+            format!("{class}{}", &default_enhanced[1..])
+        });
+        Status {
+            code: self.code,
+            enhanced,
+            text: self.text(),
+            remote: Some(remote.to_string()),
+        }
+    }
+}
+
+/// What the server announced in its EHLO reply.
+#[derive(Clone, Debug, Default)]
+pub struct Capabilities {
+    pub pipelining: bool,
+    /// `SIZE` limit; 0 = no limit given.
+    pub size: Option<u64>,
+    pub eightbitmime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+    pub auth: Vec<String>,
+}
+
+impl Capabilities {
+    fn parse(reply: &Reply) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for line in reply.lines.iter().skip(1) {
+            let mut words = line.split_whitespace();
+            let Some(kw) = words.next() else { continue };
+            match kw.to_ascii_uppercase().as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => caps.eightbitmime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "STARTTLS" => caps.starttls = true,
+                "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
+                _ => {}
+            }
+        }
+        caps
+    }
+}
+
+/// Secret material for AUTH, resolved by the queue (an OAuth2 access token is already fetched).
+#[derive(Clone)]
+pub enum AuthSecret {
+    Password { username: String, password: String },
+    Bearer { username: String, token: String },
+}
+
+/// Where and how to connect.
+#[derive(Clone)]
+pub struct HostTarget {
+    /// Host name (for SNI, certificate verification and logs).
+    pub name: String,
+    pub addr: SocketAddr,
+    pub tls: OutboundTls,
+    pub auth: Option<(OutboundAuthMechanism, AuthSecret)>,
+}
+
+impl HostTarget {
+    /// `host[address]`, the way logs and DSNs name a remote MTA.
+    pub fn label(&self) -> String {
+        format!("{}[{}]", self.name, self.addr.ip())
+    }
+}
+
+pub struct ClientOptions {
+    pub helo: String,
+    pub timeouts: ClientTimeouts,
+    pub tls: ClientTls,
+}
+
+/// Why a connection could not be used. `auth_rejected` tells the queue to drop a cached OAuth2
+/// token before the next try.
+#[derive(Debug)]
+pub struct HostFailure {
+    pub status: Status,
+    pub auth_rejected: bool,
+}
+
+impl HostFailure {
+    fn new(status: Status) -> HostFailure {
+        HostFailure {
+            status,
+            auth_rejected: false,
+        }
+    }
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Failure of one exchange on an open connection.
+enum Io {
+    Timeout(&'static str),
+    Lost(String),
+    Garbage(String),
+}
+
+impl Io {
+    fn status(&self, remote: &str) -> Status {
+        let mut s = match self {
+            Io::Timeout(stage) => Status::local(
+                451,
+                "4.4.2",
+                format!("Timed out waiting for the reply to {stage}"),
+            ),
+            Io::Lost(e) => Status::local(451, "4.4.2", format!("Connection lost: {e}")),
+            Io::Garbage(l) => Status::local(
+                451,
+                "4.5.0",
+                format!("Protocol error: malformed reply {l:?}"),
+            ),
+        };
+        s.remote = Some(remote.to_string());
+        s
+    }
+}
+
+/// An open, greeted (and possibly encrypted and authenticated) connection.
+pub struct Connection {
+    io: BufReader<Stream>,
+    pub caps: Capabilities,
+    pub remote: String,
+    pub encrypted: bool,
+    timeouts: ClientTimeouts,
+    /// Transactions started on this connection.
+    pub transactions: u32,
+    /// The connection broke or is in an unknown state; do not reuse.
+    pub broken: bool,
+}
+
+/// Result of one message on a connection: a status per recipient (in the order given).
+pub type RecipientResults = Vec<Status>;
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s.max(1))
+}
+
+impl Connection {
+    /// Connects, reads the greeting, says EHLO, applies the TLS policy and authenticates.
+    pub async fn open(
+        target: &HostTarget,
+        opts: &ClientOptions,
+    ) -> Result<Connection, HostFailure> {
+        let label = target.label();
+        let t = &opts.timeouts;
+        let tcp =
+            match tokio::time::timeout(secs(t.connect_seconds), TcpStream::connect(target.addr))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return Err(HostFailure::new(connect_failed(&label, &e.to_string())));
+                }
+                Err(_) => {
+                    return Err(HostFailure::new(connect_failed(
+                        &label,
+                        "connect timed out",
+                    )))
+                }
+            };
+        let _ = tcp.set_nodelay(true);
+        let mut encrypted = false;
+        let stream = if target.tls == OutboundTls::Implicit {
+            encrypted = true;
+            Stream::Tls(Box::new(handshake(tcp, target, &opts.tls, true, t).await?))
+        } else {
+            Stream::Plain(tcp)
+        };
+        let mut conn = Connection {
+            io: BufReader::new(stream),
+            caps: Capabilities::default(),
+            remote: label.clone(),
+            encrypted,
+            timeouts: t.clone(),
+            transactions: 0,
+            broken: false,
+        };
+        let greeting = conn
+            .read(t.command_seconds, "the greeting")
+            .await
+            .map_err(|e| HostFailure::new(e.status(&label)))?;
+        if greeting.code != 220 {
+            return Err(HostFailure::new(greeting_failed(&greeting, &label)));
+        }
+        conn.ehlo(&opts.helo).await?;
+        if target.tls != OutboundTls::Implicit {
+            let must = matches!(
+                target.tls,
+                OutboundTls::Required | OutboundTls::RequiredVerified
+            );
+            if conn.caps.starttls {
+                let reply = conn
+                    .command("STARTTLS", t.command_seconds, "STARTTLS")
+                    .await?;
+                if reply.code != 220 {
+                    if must {
+                        return Err(HostFailure::new(reply.status(&label, "4.7.5")));
+                    }
+                } else {
+                    conn = conn.upgrade(target, opts).await?;
+                    conn.ehlo(&opts.helo).await?;
+                }
+            } else if must {
+                let mut s = Status::local(
+                    451,
+                    "4.7.4",
+                    "TLS is required by the delivery rule but the server does not offer STARTTLS",
+                );
+                s.remote = Some(label.clone());
+                return Err(HostFailure::new(s));
+            }
+        }
+        if let Some((mech, secret)) = &target.auth {
+            conn.authenticate(*mech, secret).await?;
+        }
+        Ok(conn)
+    }
+
+    async fn upgrade(
+        self,
+        target: &HostTarget,
+        opts: &ClientOptions,
+    ) -> Result<Connection, HostFailure> {
+        // Anything the server sent after its 220 is discarded with the buffer: it arrived
+        // before encryption and must not be trusted (STARTTLS command injection).
+        let Connection {
+            io,
+            remote,
+            timeouts,
+            ..
+        } = self;
+        let Stream::Plain(tcp) = io.into_inner() else {
+            let mut s = Status::local(451, "4.5.0", "STARTTLS on an encrypted connection");
+            s.remote = Some(remote);
+            return Err(HostFailure::new(s));
+        };
+        let verify = target.tls == OutboundTls::RequiredVerified;
+        let tls = handshake(tcp, target, &opts.tls, verify, &timeouts).await?;
+        Ok(Connection {
+            io: BufReader::new(Stream::Tls(Box::new(tls))),
+            caps: Capabilities::default(),
+            remote,
+            encrypted: true,
+            timeouts,
+            transactions: 0,
+            broken: false,
+        })
+    }
+
+    async fn ehlo(&mut self, helo: &str) -> Result<(), HostFailure> {
+        let t = self.timeouts.command_seconds;
+        let reply = self.command(&format!("EHLO {helo}"), t, "EHLO").await?;
+        if reply.code == 250 {
+            self.caps = Capabilities::parse(&reply);
+            return Ok(());
+        }
+        // RFC 5321 §3.2: a server that does not know EHLO gets HELO, and no extensions.
+        let reply = self.command(&format!("HELO {helo}"), t, "HELO").await?;
+        if reply.code == 250 {
+            self.caps = Capabilities::default();
+            Ok(())
+        } else {
+            Err(HostFailure::new(reply.status(&self.remote, "4.5.0")))
+        }
+    }
+
+    async fn authenticate(
+        &mut self,
+        mech: OutboundAuthMechanism,
+        secret: &AuthSecret,
+    ) -> Result<(), HostFailure> {
+        let t = self.timeouts.command_seconds;
+        let name = match mech {
+            OutboundAuthMechanism::Plain => "PLAIN",
+            OutboundAuthMechanism::Login => "LOGIN",
+            OutboundAuthMechanism::XOAuth2 => "XOAUTH2",
+        };
+        let deny = |remote: &str, text: String| {
+            let mut s = Status::local(454, "4.7.0", text);
+            s.remote = Some(remote.to_string());
+            Err(HostFailure::new(s))
+        };
+        if !self.encrypted {
+            // Credentials never go over plain text, whatever the rule says.
+            return deny(&self.remote, format!("refusing AUTH {name} without TLS; use a TLS policy other than Opportunistic or a server offering STARTTLS"));
+        }
+        if !self.caps.auth.iter().any(|m| m == name) {
+            return deny(
+                &self.remote,
+                format!(
+                    "server does not offer AUTH {name} (offers: {})",
+                    self.caps.auth.join(" ")
+                ),
+            );
+        }
+        let reply = match (mech, secret) {
+            (OutboundAuthMechanism::Plain, AuthSecret::Password { username, password }) => {
+                let ir = B64.encode(format!("\0{username}\0{password}"));
+                self.command(&format!("AUTH PLAIN {ir}"), t, "AUTH").await?
+            }
+            (OutboundAuthMechanism::Login, AuthSecret::Password { username, password }) => {
+                let r = self.command("AUTH LOGIN", t, "AUTH").await?;
+                if r.code != 334 {
+                    r
+                } else {
+                    let r = self.command(&B64.encode(username), t, "AUTH").await?;
+                    if r.code != 334 {
+                        r
+                    } else {
+                        self.command(&B64.encode(password), t, "AUTH").await?
+                    }
+                }
+            }
+            (OutboundAuthMechanism::XOAuth2, AuthSecret::Bearer { username, token }) => {
+                let ir = B64.encode(format!("user={username}\x01auth=Bearer {token}\x01\x01"));
+                let r = self
+                    .command(&format!("AUTH XOAUTH2 {ir}"), t, "AUTH")
+                    .await?;
+                if r.code == 334 {
+                    // The server sent a JSON error as a challenge; an empty response ends the
+                    // exchange and the final reply carries the failure.
+                    self.command("", t, "AUTH").await?
+                } else {
+                    r
+                }
+            }
+            _ => return deny(&self.remote, format!("no {name} credentials for this rule")),
+        };
+        if reply.code == 235 {
+            return Ok(());
+        }
+        // A rejected login is a configuration problem on our side or theirs; the mail waits in
+        // the queue rather than bouncing.
+        let mut status = reply.status(&self.remote, "4.7.8");
+        status.text = format!("authentication failed: {}", status.text);
+        if status.code >= 500 {
+            status.code = 454;
+            status.enhanced.replace_range(0..1, "4");
+        }
+        Err(HostFailure {
+            status,
+            auth_rejected: true,
+        })
+    }
+
+    async fn command(
+        &mut self,
+        line: &str,
+        timeout: u64,
+        stage: &'static str,
+    ) -> Result<Reply, HostFailure> {
+        let r = async {
+            self.write(format!("{line}\r\n").as_bytes(), timeout, stage)
+                .await?;
+            self.read(timeout, stage).await
+        }
+        .await;
+        r.map_err(|e| {
+            self.broken = true;
+            HostFailure::new(e.status(&self.remote))
+        })
+    }
+
+    async fn write(&mut self, bytes: &[u8], timeout: u64, stage: &'static str) -> Result<(), Io> {
+        let w = async {
+            let s = self.io.get_mut();
+            s.write_all(bytes).await?;
+            s.flush().await
+        };
+        match tokio::time::timeout(secs(timeout), w).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Io::Lost(e.to_string())),
+            Err(_) => Err(Io::Timeout(stage)),
+        }
+    }
+
+    async fn read(&mut self, timeout: u64, stage: &'static str) -> Result<Reply, Io> {
+        match tokio::time::timeout(secs(timeout), read_reply(&mut self.io)).await {
+            Ok(r) => r,
+            Err(_) => Err(Io::Timeout(stage)),
+        }
+    }
+
+    /// Sends one message to `recipients`. On `Err` the connection is unusable and the status
+    /// applies to every recipient not already answered.
+    pub async fn send(
+        &mut self,
+        env: &Envelope,
+        recipients: &[String],
+        data: &[u8],
+    ) -> RecipientResults {
+        let remote = self.remote.clone();
+        let all = |s: Status| vec![s; recipients.len()];
+        // Checks the server announced, made before anything is sent.
+        if let Some(max) = self.caps.size.filter(|m| *m > 0) {
+            if data.len() as u64 > max {
+                let mut s = Status::local(552, "5.3.4", format!("Message size {} exceeds the fixed maximum message size of {max} bytes of the next hop", data.len()));
+                s.remote = Some(remote);
+                return all(s);
+            }
+        }
+        let eight_bit = env.body != Body::SevenBit || data.iter().any(|b| *b >= 0x80);
+        if eight_bit && !self.caps.eightbitmime {
+            let mut s = Status::local(554, "5.6.3", "Conversion required but not supported: 8-bit message and the next hop does not support 8BITMIME");
+            s.remote = Some(remote);
+            return all(s);
+        }
+        if env.smtputf8 && !self.caps.smtputf8 {
+            let mut s = Status::local(
+                553,
+                "5.6.7",
+                "The next hop does not support SMTPUTF8 and the message needs it",
+            );
+            s.remote = Some(remote);
+            return all(s);
+        }
+        match self.transaction(env, recipients, data, eight_bit).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.broken = true;
+                all(e.status(&remote))
+            }
+        }
+    }
+
+    async fn transaction(
+        &mut self,
+        env: &Envelope,
+        recipients: &[String],
+        data: &[u8],
+        eight_bit: bool,
+    ) -> Result<RecipientResults, Io> {
+        let t = self.timeouts.clone();
+        let remote = self.remote.clone();
+        if self.transactions > 0 {
+            self.write(b"RSET\r\n", t.command_seconds, "RSET").await?;
+            let r = self.read(t.command_seconds, "RSET").await?;
+            if r.code != 250 {
+                return Err(Io::Lost(format!("RSET answered {} {}", r.code, r.text())));
+            }
+        }
+        self.transactions += 1;
+        let mut mail = format!("MAIL FROM:<{}>", env.sender);
+        if self.caps.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", data.len()));
+        }
+        if eight_bit && self.caps.eightbitmime {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if env.smtputf8 && self.caps.smtputf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+        let rcpt_lines: Vec<String> = recipients
+            .iter()
+            .map(|r| format!("RCPT TO:<{r}>\r\n"))
+            .collect();
+
+        let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
+            let mut batch = mail.into_bytes();
+            for l in &rcpt_lines {
+                batch.extend_from_slice(l.as_bytes());
+            }
+            batch.extend_from_slice(b"DATA\r\n");
+            self.write(&batch, t.command_seconds, "MAIL FROM").await?;
+            let m = self.read(t.command_seconds, "MAIL FROM").await?;
+            let mut rs = Vec::with_capacity(recipients.len());
+            for _ in recipients {
+                rs.push(self.read(t.command_seconds, "RCPT TO").await?);
+            }
+            let d = self.read(t.data_init_seconds, "DATA").await?;
+            (m, rs, Some(d))
+        } else {
+            self.write(mail.as_bytes(), t.command_seconds, "MAIL FROM")
+                .await?;
+            let m = self.read(t.command_seconds, "MAIL FROM").await?;
+            if m.code != 250 {
+                (m, Vec::new(), None)
+            } else {
+                let mut rs = Vec::with_capacity(recipients.len());
+                for l in &rcpt_lines {
+                    self.write(l.as_bytes(), t.command_seconds, "RCPT TO")
+                        .await?;
+                    rs.push(self.read(t.command_seconds, "RCPT TO").await?);
+                }
+                let d = if rs.iter().any(|r| r.code / 100 == 2) {
+                    self.write(b"DATA\r\n", t.data_init_seconds, "DATA").await?;
+                    Some(self.read(t.data_init_seconds, "DATA").await?)
+                } else {
+                    None
+                };
+                (m, rs, d)
+            }
+        };
+
+        if mail_reply.code != 250 {
+            if data_reply.as_ref().is_some_and(|d| d.code == 354) {
+                // A pipelining server that accepted DATA anyway needs the end of the (empty)
+                // data before it is usable again.
+                self.write(b".\r\n", t.data_term_seconds, "end of data")
+                    .await?;
+                self.read(t.data_term_seconds, "end of data").await?;
+            }
+            let s = mail_reply.status(&remote, "5.5.0");
+            return Ok(vec![s; recipients.len()]);
+        }
+        let mut results: Vec<Option<Status>> = rcpt_replies
+            .iter()
+            .map(|r| (r.code / 100 != 2).then(|| r.status(&remote, "5.1.1")))
+            .collect();
+        results.resize(recipients.len(), None);
+        let accepted = results.iter().filter(|r| r.is_none()).count();
+        let Some(data_reply) = data_reply else {
+            return Ok(results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| Status::local(451, "4.5.0", "no DATA")))
+                .collect());
+        };
+        if data_reply.code != 354 {
+            let s = data_reply.status(&remote, "5.5.0");
+            return Ok(results
+                .into_iter()
+                .map(|r| r.unwrap_or_else(|| s.clone()))
+                .collect());
+        }
+        if accepted == 0 {
+            self.write(b".\r\n", t.data_term_seconds, "end of data")
+                .await?;
+            self.read(t.data_term_seconds, "end of data").await?;
+            return Ok(results.into_iter().flatten().collect());
+        }
+        let stuffed = dot_stuff(data);
+        for block in stuffed.chunks(DATA_BLOCK) {
+            self.write(block, t.data_block_seconds, "message data")
+                .await?;
+        }
+        let end = self.read(t.data_term_seconds, "end of data").await?;
+        let s = end.status(&remote, "2.0.0");
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| s.clone()))
+            .collect())
+    }
+
+    /// Ends the session politely; errors do not matter any more.
+    pub async fn quit(mut self) {
+        if !self.broken {
+            let _ = self.write(b"QUIT\r\n", 5, "QUIT").await;
+            let _ = self.read(5, "QUIT").await;
+        }
+        let _ = self.io.get_mut().shutdown().await;
+    }
+}
+
+fn connect_failed(label: &str, why: &str) -> Status {
+    Status {
+        code: 421,
+        enhanced: "4.4.1".into(),
+        text: format!("Cannot connect to host {label}: {why}"),
+        remote: Some(label.to_string()),
+    }
+}
+
+fn greeting_failed(reply: &Reply, label: &str) -> Status {
+    // A refusing greeting (554) still only concerns this host: the next MX may accept, and the
+    // message is retried later otherwise (RFC 5321 §3.1).
+    let mut s = reply.status(label, "4.4.1");
+    if s.code >= 500 {
+        s.text = format!("host refused the session: {}", s.text);
+        s.code = 421;
+        s.enhanced.replace_range(0..1, "4");
+    }
+    s
+}
+
+async fn handshake(
+    tcp: TcpStream,
+    target: &HostTarget,
+    tls: &ClientTls,
+    verify: bool,
+    t: &ClientTimeouts,
+) -> Result<TlsStream<TcpStream>, HostFailure> {
+    let label = target.label();
+    let config: Arc<rustls::ClientConfig> = if verify {
+        tls.verified.clone()
+    } else {
+        tls.unverified.clone()
+    };
+    let name = server_name(&target.name)
+        .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(target.addr.ip().into()));
+    let fut = TlsConnector::from(config).connect(name, tcp);
+    match tokio::time::timeout(secs(t.command_seconds), fut).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => {
+            let mut s = Status::local(454, "4.7.5", format!("TLS handshake failed: {e}"));
+            s.remote = Some(label);
+            Err(HostFailure::new(s))
+        }
+        Err(_) => Err(HostFailure::new(
+            Io::Timeout("the TLS handshake").status(&label),
+        )),
+    }
+}
+
+async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Reply, Io> {
+    let mut lines = Vec::new();
+    let mut code = None;
+    loop {
+        let mut buf = Vec::new();
+        let n = (&mut *io)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut buf)
+            .await
+            .map_err(|e| Io::Lost(e.to_string()))?;
+        if n == 0 {
+            return Err(Io::Lost("connection closed by the server".into()));
+        }
+        if buf.last() != Some(&b'\n') {
+            return Err(Io::Garbage(
+                String::from_utf8_lossy(&buf[..buf.len().min(80)]).into_owned(),
+            ));
+        }
+        let line = String::from_utf8_lossy(&buf);
+        let line = line.trim_end_matches(['\r', '\n']);
+        let bytes = line.as_bytes();
+        let valid = bytes.len() >= 3
+            && bytes[..3].iter().all(|b| b.is_ascii_digit())
+            && (b'2'..=b'5').contains(&bytes[0])
+            && (bytes.len() == 3 || bytes[3] == b' ' || bytes[3] == b'-');
+        if !valid {
+            return Err(Io::Garbage(line.chars().take(80).collect()));
+        }
+        let this: u16 = line[..3]
+            .parse()
+            .map_err(|_| Io::Garbage(line.to_string()))?;
+        if *code.get_or_insert(this) != this {
+            return Err(Io::Garbage(line.chars().take(80).collect()));
+        }
+        lines.push(line.get(4..).unwrap_or("").to_string());
+        if bytes.len() == 3 || bytes[3] == b' ' {
+            return Ok(Reply { code: this, lines });
+        }
+        if lines.len() >= MAX_REPLY_LINES {
+            return Err(Io::Garbage("reply too long".into()));
+        }
+    }
+}
+
+/// RFC 5321 §4.5.2 transparency, the terminating dot, and a final CRLF if the data lacks one.
+pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 8);
+    let mut at_line_start = true;
+    for &b in data {
+        if at_line_start && b == b'.' {
+            out.push(b'.');
+        }
+        out.push(b);
+        at_line_start = b == b'\n';
+    }
+    if !data.is_empty() && !data.ends_with(b"\r\n") {
+        if data.ends_with(b"\n") {
+            out.pop();
+            out.extend_from_slice(b"\r\n");
+        } else {
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing() {
+        assert_eq!(
+            dot_stuff(b".a\r\nb\r\n..c\r\n"),
+            b"..a\r\nb\r\n...c\r\n.\r\n"
+        );
+        assert_eq!(dot_stuff(b"x"), b"x\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+    }
+
+    #[tokio::test]
+    async fn reply_parsing() {
+        let mut r: &[u8] = b"250-mx.example\r\n250-SIZE 1000\r\n250 8BITMIME\r\n";
+        let rep = read_reply(&mut r).await.ok().unwrap();
+        assert_eq!(rep.code, 250);
+        let caps = Capabilities::parse(&rep);
+        assert_eq!(caps.size, Some(1000));
+        assert!(caps.eightbitmime && !caps.pipelining);
+        let mut r: &[u8] = b"550 5.1.1 no such user\r\n";
+        let rep = read_reply(&mut r).await.ok().unwrap();
+        assert_eq!(rep.enhanced().as_deref(), Some("5.1.1"));
+        assert_eq!(rep.text(), "no such user");
+        for bad in [
+            &b"hello\r\n"[..],
+            b"250-a\r\n251 b\r\n",
+            b"2500\r\n",
+            b"250 no newline",
+        ] {
+            let mut r = bad;
+            assert!(read_reply(&mut r).await.is_err(), "{bad:?}");
+        }
+    }
+}

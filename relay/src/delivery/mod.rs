@@ -1,0 +1,41 @@
+//! The outbound side: everything between a message in the spool and the downstream server's
+//! `250`. [`queue`] schedules and routes, [`mx`] resolves, [`client`] speaks SMTP with the
+//! TLS policy of [`tls`] and credentials (incl. [`oauth2`] tokens), [`dsn`] writes bounces and
+//! delay warnings, [`admin`] exposes the queue over HTTP.
+
+pub mod admin;
+pub mod client;
+pub mod dsn;
+pub mod mx;
+pub mod oauth2;
+pub mod queue;
+pub mod status;
+pub mod tls;
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use queue::{AdminResult, Queue};
+
+use crate::server::Relay;
+
+/// Creates the queue for a running relay, with the spool, live snapshot and metrics it shares
+/// with the inbound side. `start()` on the result begins delivery.
+pub fn for_relay(relay: &Relay, config_dir: &Path) -> anyhow::Result<Arc<Queue>> {
+    let settings = relay.settings.delivery.clone();
+    let extra_ca = settings.tls.extra_ca_file.as_ref().map(|p| {
+        if p.is_absolute() {
+            p.clone()
+        } else {
+            config_dir.join(p)
+        }
+    });
+    Queue::new(
+        relay.spool.clone(),
+        relay.current.clone(),
+        settings,
+        relay.settings.effective_hostname(),
+        relay.metrics.clone(),
+        extra_ca.as_deref(),
+    )
+}

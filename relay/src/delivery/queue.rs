@@ -1,0 +1,998 @@
+//! The delivery queue: schedules every spooled message, splits its pending recipients by route
+//! (delivery rule or recipient domain), groups the resulting jobs into per-destination queues
+//! (the MX host set, or the relay rule), and runs workers that reuse one connection for several
+//! jobs to the same destination. Concurrency is bounded overall and per destination, with an
+//! optional message rate per destination.
+//!
+//! Per-recipient results go into the envelope via [`Spool::update_envelope`] before anything else
+//! happens, so a restart never sends to a recipient twice once its `250` was recorded; a message
+//! leaves the spool only when every recipient is delivered or finally failed (and its failure DSN
+//! is itself spooled). Temporary failures are retried on the configured schedule; warn-after
+//! produces one delay DSN, give-up-after turns what is still pending into failures.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use mailrelay_crds::config::{
+    OutboundAuthMechanism, OutboundTls, RelayAuth, RelayTarget, RetryOverride, RouteAction,
+};
+use mailrelay_spool::{Envelope, MessageId, RecipientStatus, Spool};
+use tokio::sync::{Notify, Semaphore};
+use tracing::{debug, info, warn};
+
+use super::client::{AuthSecret, ClientOptions, Connection, HostTarget};
+use super::dsn;
+use super::mx::{Dns, MxHost};
+use super::oauth2::TokenCache;
+use super::status::Status;
+use super::tls::ClientTls;
+use crate::metrics::{KindLabels, Metrics, ResultLabels};
+use crate::settings::DeliverySettings;
+use crate::snapshot::Snapshot;
+
+/// Where a job goes.
+#[derive(Clone, Debug)]
+enum Target {
+    Mx(Vec<MxHost>),
+    Relay { rule: String, target: RelayTarget },
+}
+
+/// Some recipients of one message, all routed to the same destination.
+struct Job {
+    id: MessageId,
+    rcpts: Vec<usize>,
+}
+
+struct Dest {
+    target: Target,
+    jobs: VecDeque<Job>,
+    workers: usize,
+    idle: usize,
+    notify: Arc<Notify>,
+    next_allowed: Instant,
+}
+
+struct Msg {
+    /// When the next attempt is due; `None` while an attempt is running.
+    due: Option<Instant>,
+    /// Working copy of the envelope during an attempt.
+    env: Option<Envelope>,
+    outstanding: usize,
+    /// Recipients that failed permanently in this attempt, for the failure DSN.
+    failed: Vec<(usize, Status)>,
+    retry: Option<RetryOverride>,
+    /// Serializes envelope writes of one message so the newest state is written last.
+    write: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Msg {
+    fn new(due: Instant) -> Msg {
+        Msg {
+            due: Some(due),
+            env: None,
+            outstanding: 0,
+            failed: Vec::new(),
+            retry: None,
+            write: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    msgs: HashMap<MessageId, Msg>,
+    timers: BTreeSet<(Instant, MessageId)>,
+    dests: HashMap<String, Dest>,
+}
+
+/// Result of an admin action on one message.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AdminResult {
+    Done,
+    NotFound,
+    /// A delivery attempt is running; try again when it is over.
+    Busy,
+}
+
+pub struct Queue {
+    pub spool: Arc<Spool>,
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    settings: DeliverySettings,
+    hostname: String,
+    metrics: Arc<Metrics>,
+    dns: Dns,
+    client: ClientOptions,
+    tokens: TokenCache,
+    state: Mutex<State>,
+    wake: Notify,
+    global: Arc<Semaphore>,
+    stopping: AtomicBool,
+    /// Workers and attempts in progress, for graceful shutdown.
+    active: AtomicUsize,
+    quiet: Notify,
+}
+
+struct ActiveGuard<'a>(&'a Queue);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.quiet.notify_waiters();
+        }
+    }
+}
+
+impl Queue {
+    /// Builds the queue; [`Queue::start`] begins delivering.
+    pub fn new(
+        spool: Arc<Spool>,
+        snapshot: Arc<ArcSwap<Snapshot>>,
+        settings: DeliverySettings,
+        hostname: String,
+        metrics: Arc<Metrics>,
+        extra_ca: Option<&std::path::Path>,
+    ) -> anyhow::Result<Arc<Queue>> {
+        let dns = Dns::new(&settings.dns)?;
+        let tls = ClientTls::new(extra_ca)?;
+        let client = ClientOptions {
+            helo: settings
+                .helo_name
+                .clone()
+                .unwrap_or_else(|| hostname.clone()),
+            timeouts: settings.timeouts.clone(),
+            tls,
+        };
+        Ok(Arc::new(Queue {
+            global: Arc::new(Semaphore::new(settings.concurrency.max(1) as usize)),
+            spool,
+            snapshot,
+            settings,
+            hostname,
+            metrics,
+            dns,
+            client,
+            tokens: TokenCache::default(),
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            stopping: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            quiet: Notify::new(),
+        }))
+    }
+
+    /// Schedules everything already in the spool (recovery at start) and starts the scheduler.
+    pub fn start(self: &Arc<Self>) {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        {
+            let mut st = self.lock();
+            for id in self.spool.list() {
+                let due = self
+                    .spool
+                    .envelope(id)
+                    .and_then(|e| e.next_attempt_at)
+                    .and_then(|t| t.duration_since(wall).ok())
+                    .map(|d| now + d)
+                    .unwrap_or(now);
+                st.msgs.insert(id, Msg::new(due));
+                st.timers.insert((due, id));
+            }
+            info!(messages = st.msgs.len(), "delivery queue started");
+        }
+        let q = self.clone();
+        tokio::spawn(async move { q.scheduler().await });
+    }
+
+    /// A new message is in the spool (called by the inbound side after the `250`).
+    pub fn notify(&self, id: MessageId) {
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            if st.msgs.contains_key(&id) {
+                return;
+            }
+            st.msgs.insert(id, Msg::new(now));
+            st.timers.insert((now, id));
+        }
+        self.wake.notify_one();
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state holds no invariants a panicking holder could break halfway that matter more
+        // than continuing to deliver.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn enter(&self) -> ActiveGuard<'_> {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        ActiveGuard(self)
+    }
+
+    async fn scheduler(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return;
+            }
+            let now = Instant::now();
+            let mut due = Vec::new();
+            let next = {
+                let mut st = self.lock();
+                while let Some(&(at, id)) = st.timers.first() {
+                    if at > now {
+                        break;
+                    }
+                    st.timers.pop_first();
+                    if let Some(m) = st.msgs.get_mut(&id) {
+                        if m.due == Some(at) {
+                            m.due = None;
+                            due.push(id);
+                        }
+                    }
+                }
+                st.timers.first().map(|(at, _)| *at)
+            };
+            for id in due {
+                let q = self.clone();
+                tokio::spawn(async move { q.dispatch(id).await });
+            }
+            let sleep = next
+                .map(|at| at.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Routes the pending recipients of one message and queues the jobs.
+    async fn dispatch(self: Arc<Self>, id: MessageId) {
+        let _active = self.enter();
+        let Some(env) = self.spool.envelope(id) else {
+            self.lock().msgs.remove(&id);
+            return;
+        };
+        let snap = self.snapshot.load_full();
+        // Group key -> (target or resolution, recipient indices).
+        let mut relay_groups: Vec<(String, RelayTarget, Vec<usize>)> = Vec::new();
+        let mut domain_groups: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut retry = None;
+        for (i, r) in env.recipients.iter().enumerate() {
+            if r.status.is_final() {
+                continue;
+            }
+            let route = snap.config.route(&env.sender, &r.address);
+            if retry.is_none() {
+                retry = route.and_then(|p| p.retry.clone());
+            }
+            match route.map(|p| (&p.name, &p.action)) {
+                Some((name, RouteAction::Relay(t))) => {
+                    match relay_groups.iter_mut().find(|g| &g.0 == name) {
+                        Some(g) => g.2.push(i),
+                        None => relay_groups.push((name.clone(), t.clone(), vec![i])),
+                    }
+                }
+                _ => {
+                    let domain = r
+                        .address
+                        .rsplit_once('@')
+                        .map(|(_, d)| d.to_ascii_lowercase())
+                        .unwrap_or_default();
+                    match domain_groups.iter_mut().find(|g| g.0 == domain) {
+                        Some(g) => g.1.push(i),
+                        None => domain_groups.push((domain, vec![i])),
+                    }
+                }
+            }
+        }
+        let mut jobs: Vec<(String, Target, Job)> = Vec::new();
+        let mut immediate: Vec<(usize, Status)> = Vec::new();
+        for (rule, target, rcpts) in relay_groups {
+            jobs.push((
+                format!("relay:{rule}"),
+                Target::Relay { rule, target },
+                Job { id, rcpts },
+            ));
+        }
+        for (domain, rcpts) in domain_groups {
+            let resolved = if domain.is_empty() {
+                Err(Status::local(
+                    550,
+                    "5.1.3",
+                    "Bad destination mailbox address syntax",
+                ))
+            } else {
+                self.dns.mx(&domain).await
+            };
+            match resolved {
+                Ok(hosts) => {
+                    let key = format!(
+                        "mx:{}",
+                        hosts
+                            .iter()
+                            .map(|h| h.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    );
+                    jobs.push((key, Target::Mx(hosts), Job { id, rcpts }));
+                }
+                Err(s) => immediate.extend(rcpts.into_iter().map(|i| (i, s.clone()))),
+            }
+        }
+        {
+            let mut st = self.lock();
+            let Some(m) = st.msgs.get_mut(&id) else {
+                return;
+            };
+            m.env = Some(env);
+            m.retry = retry;
+            m.failed.clear();
+            m.outstanding = jobs.len() + usize::from(!immediate.is_empty() || jobs.is_empty());
+        }
+        if !immediate.is_empty() || jobs.is_empty() {
+            self.clone().job_done(id, immediate).await;
+        }
+        for (key, target, job) in jobs {
+            self.enqueue(key, target, job);
+        }
+    }
+
+    fn enqueue(self: &Arc<Self>, key: String, target: Target, job: Job) {
+        let spawn = {
+            let mut st = self.lock();
+            let dest = st.dests.entry(key.clone()).or_insert_with(|| Dest {
+                target: target.clone(),
+                jobs: VecDeque::new(),
+                workers: 0,
+                idle: 0,
+                notify: Arc::new(Notify::new()),
+                next_allowed: Instant::now(),
+            });
+            // MX answers can change between attempts; newest wins.
+            dest.target = target;
+            dest.jobs.push_back(job);
+            let limit = self.settings.per_destination_concurrency.max(1) as usize;
+            if dest.jobs.len() > dest.idle && dest.workers < limit {
+                dest.workers += 1;
+                true
+            } else {
+                dest.notify.notify_one();
+                false
+            }
+        };
+        if spawn {
+            spawn_worker(self.clone(), key);
+        }
+    }
+
+    /// Takes the next job of a destination, waiting up to the idle time for one.
+    async fn next_job(&self, key: &str) -> Option<(Job, Target)> {
+        let idle = Duration::from_millis(self.settings.connection_idle_millis);
+        let deadline = Instant::now() + idle;
+        loop {
+            if self.stopping.load(Ordering::Acquire) {
+                return None;
+            }
+            let notify = {
+                let mut st = self.lock();
+                let dest = st.dests.get_mut(key)?;
+                if let Some(job) = dest.jobs.pop_front() {
+                    return Some((job, dest.target.clone()));
+                }
+                dest.idle += 1;
+                dest.notify.clone()
+            };
+            let woke = tokio::time::timeout_at(deadline.into(), notify.notified()).await;
+            if let Some(d) = self.lock().dests.get_mut(key) {
+                d.idle = d.idle.saturating_sub(1);
+            }
+            if woke.is_err() {
+                // One last look, so a job queued right at the deadline is not stranded.
+                let mut st = self.lock();
+                let dest = st.dests.get_mut(key)?;
+                return dest.jobs.pop_front().map(|j| (j, dest.target.clone()));
+            }
+        }
+    }
+
+    async fn worker(self: Arc<Self>, key: String) {
+        let _active = self.enter();
+        let permit = self.global.clone().acquire_owned().await;
+        let mut conn: Option<Connection> = None;
+        while let Some((job, target)) = self.next_job(&key).await {
+            self.pace(&key).await;
+            let results = self.run_job(&mut conn, &target, &job).await;
+            self.clone().job_done(job.id, results).await;
+        }
+        if let Some(c) = conn.take() {
+            c.quit().await;
+        }
+        drop(permit);
+        let respawn = {
+            let mut st = self.lock();
+            let (remove, respawn) = match st.dests.get_mut(&key) {
+                Some(d) => {
+                    d.workers = d.workers.saturating_sub(1);
+                    // Jobs queued after this worker's last look would otherwise wait for the
+                    // next enqueue; during shutdown they stay for the next start.
+                    let orphaned = d.workers == 0
+                        && !d.jobs.is_empty()
+                        && !self.stopping.load(Ordering::Acquire);
+                    if orphaned {
+                        d.workers = 1;
+                    }
+                    (d.workers == 0 && d.jobs.is_empty(), orphaned)
+                }
+                None => (false, false),
+            };
+            if remove {
+                st.dests.remove(&key);
+            }
+            respawn
+        };
+        if respawn {
+            spawn_worker(self.clone(), key);
+        }
+    }
+
+    /// Optional per-destination message rate.
+    async fn pace(&self, key: &str) {
+        let Some(rate) = self
+            .settings
+            .rate_per_destination_per_minute
+            .filter(|r| *r > 0)
+        else {
+            return;
+        };
+        let gap = Duration::from_secs(60) / rate;
+        let at = {
+            let mut st = self.lock();
+            let Some(d) = st.dests.get_mut(key) else {
+                return;
+            };
+            let at = d.next_allowed.max(Instant::now());
+            d.next_allowed = at + gap;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+
+    async fn run_job(
+        &self,
+        conn: &mut Option<Connection>,
+        target: &Target,
+        job: &Job,
+    ) -> Vec<(usize, Status)> {
+        let Some(env) = self.lock().msgs.get(&job.id).and_then(|m| m.env.clone()) else {
+            return Vec::new();
+        };
+        let data = match self.spool.read_data(job.id).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(id = %job.id, error = %e, "cannot read message data; will retry");
+                let s = Status::local(
+                    451,
+                    "4.3.0",
+                    format!("Local error reading the message: {e}"),
+                );
+                return job.rcpts.iter().map(|i| (*i, s.clone())).collect();
+            }
+        };
+        let addrs: Vec<String> = job
+            .rcpts
+            .iter()
+            .filter_map(|i| env.recipients.get(*i).map(|r| r.address.clone()))
+            .collect();
+        let reusable = conn.as_ref().is_some_and(|c| {
+            !c.broken && c.transactions < self.settings.max_messages_per_connection.max(1)
+        });
+        if !reusable {
+            if let Some(c) = conn.take() {
+                c.quit().await;
+            }
+            match self.connect(target).await {
+                Ok(c) => *conn = Some(c),
+                Err(s) => return job.rcpts.iter().map(|i| (*i, s.clone())).collect(),
+            }
+        }
+        let Some(c) = conn.as_mut() else {
+            return Vec::new();
+        };
+        debug!(id = %job.id, remote = %c.remote, recipients = addrs.len(), "sending");
+        let statuses = c.send(&env, &addrs, &data).await;
+        job.rcpts.iter().copied().zip(statuses).collect()
+    }
+
+    /// Opens a connection to the first host of the target that works.
+    async fn connect(&self, target: &Target) -> Result<Connection, Status> {
+        let mut last = Status::local(451, "4.4.1", "Cannot connect to host: no hosts to try");
+        let hosts: Vec<(String, u16)> = match target {
+            Target::Mx(hosts) => hosts
+                .iter()
+                .map(|h| (h.name.clone(), self.settings.direct_port))
+                .collect(),
+            Target::Relay { target, .. } => target
+                .hosts
+                .iter()
+                .map(|h| (h.host.clone(), h.port))
+                .collect(),
+        };
+        let (tls, auth) = match target {
+            Target::Mx(_) => (OutboundTls::Opportunistic, None),
+            Target::Relay { rule, target } => {
+                let auth = match target.auth {
+                    None => None,
+                    Some(mech) => match self.secret(rule, mech).await {
+                        Ok(s) => Some((mech, s)),
+                        Err(s) => return Err(s),
+                    },
+                };
+                (target.tls, auth)
+            }
+        };
+        for (name, port) in hosts {
+            let addrs = match self.dns.addresses(&name).await {
+                Ok(a) => a,
+                Err(s) => {
+                    last = s;
+                    continue;
+                }
+            };
+            for ip in addrs {
+                let ht = HostTarget {
+                    name: name.clone(),
+                    addr: SocketAddr::new(ip, port),
+                    tls,
+                    auth: auth.clone(),
+                };
+                match Connection::open(&ht, &self.client).await {
+                    Ok(c) => return Ok(c),
+                    Err(f) => {
+                        debug!(remote = %ht.label(), status = %f.status, "host failed, trying the next one");
+                        if f.auth_rejected {
+                            if let Target::Relay { rule, .. } = target {
+                                self.tokens.invalidate(rule);
+                            }
+                        }
+                        last = f.status;
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn secret(&self, rule: &str, mech: OutboundAuthMechanism) -> Result<AuthSecret, Status> {
+        let snap = self.snapshot.load_full();
+        let missing = || {
+            Status::local(
+                454,
+                "4.7.0",
+                format!("No credentials for delivery rule {rule} in credentials.yaml"),
+            )
+        };
+        let auth = snap.credentials.relay_auth.get(rule).ok_or_else(missing)?;
+        match (mech, auth) {
+            (OutboundAuthMechanism::XOAuth2, RelayAuth::OAuth2 { username, .. }) => {
+                let token = self
+                    .tokens
+                    .token(rule, auth, &self.client.tls)
+                    .await
+                    .map_err(|e| {
+                        Status::local(
+                            454,
+                            "4.7.0",
+                            format!("Cannot obtain an OAuth2 access token: {e}"),
+                        )
+                    })?;
+                Ok(AuthSecret::Bearer {
+                    username: username.clone(),
+                    token,
+                })
+            }
+            (
+                OutboundAuthMechanism::Plain | OutboundAuthMechanism::Login,
+                RelayAuth::Password { username, password },
+            ) => Ok(AuthSecret::Password {
+                username: username.clone(),
+                password: password.expose().to_string(),
+            }),
+            _ => Err(missing()),
+        }
+    }
+
+    /// Records the results of one job; the last job of an attempt finishes the attempt.
+    async fn job_done(self: Arc<Self>, id: MessageId, results: Vec<(usize, Status)>) {
+        let Some(write) = self.lock().msgs.get(&id).map(|m| m.write.clone()) else {
+            return;
+        };
+        let _w = write.lock().await;
+        let (env, last) = {
+            let mut st = self.lock();
+            let Some(m) = st.msgs.get_mut(&id) else {
+                return;
+            };
+            let Some(env) = m.env.as_mut() else {
+                return;
+            };
+            for (i, s) in &results {
+                let Some(r) = env.recipients.get_mut(*i) else {
+                    continue;
+                };
+                r.attempts += 1;
+                log_result(id, &r.address, r.attempts, s);
+                self.metrics
+                    .delivery_attempts
+                    .get_or_create(&ResultLabels {
+                        result: s.result_word().to_string(),
+                    })
+                    .inc();
+                if s.is_success() {
+                    r.status = RecipientStatus::Delivered {
+                        code: s.code,
+                        enhanced: Some(s.enhanced.clone()),
+                        text: s.text.clone(),
+                    };
+                } else if s.is_permanent() {
+                    r.status = RecipientStatus::Failed {
+                        code: s.code,
+                        enhanced: Some(s.enhanced.clone()),
+                        text: s.text.clone(),
+                    };
+                    m.failed.push((*i, s.clone()));
+                } else {
+                    r.last_error = Some(s.reply_line());
+                }
+            }
+            m.outstanding = m.outstanding.saturating_sub(1);
+            (env.clone(), m.outstanding == 0)
+        };
+        if !last {
+            // Other destinations of this message are still in progress: persist the final
+            // states reached so far, so a crash now cannot lead to a second delivery.
+            if results
+                .iter()
+                .any(|(_, s)| s.is_success() || s.is_permanent())
+            {
+                if let Err(e) = self.spool.update_envelope(id, env).await {
+                    warn!(id = %id, error = %e, "cannot record delivery state");
+                }
+            }
+            return;
+        }
+        let _active = self.enter();
+        self.finish(id, env).await;
+    }
+
+    /// End of an attempt: give-up, warnings, DSNs, and removal or rescheduling.
+    async fn finish(&self, id: MessageId, mut env: Envelope) {
+        let now = SystemTime::now();
+        let (retry, mut failed) = {
+            let mut st = self.lock();
+            match st.msgs.get_mut(&id) {
+                Some(m) => (m.retry.clone(), std::mem::take(&mut m.failed)),
+                None => return,
+            }
+        };
+        let schedule = retry
+            .as_ref()
+            .map(|r| r.schedule_seconds.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| self.settings.retry_schedule_seconds.clone());
+        let warn_after = retry
+            .as_ref()
+            .and_then(|r| r.warn_after_seconds)
+            .unwrap_or(self.settings.warn_after_seconds);
+        let give_up = retry
+            .as_ref()
+            .and_then(|r| r.give_up_after_seconds)
+            .unwrap_or(self.settings.give_up_after_seconds);
+        let age = now.duration_since(env.received_at).unwrap_or_default();
+        let give_up_at = env.received_at + Duration::from_secs(give_up);
+
+        if env.pending().next().is_some() && age >= Duration::from_secs(give_up) {
+            for (i, r) in env.recipients.iter_mut().enumerate() {
+                if r.status.is_final() {
+                    continue;
+                }
+                let mut s = r
+                    .last_error
+                    .as_deref()
+                    .and_then(Status::parse_reply_line)
+                    .unwrap_or_else(|| Status::local(451, "4.4.7", "Delivery time expired"));
+                s.text = format!(
+                    "{} (gave up after {} s in the queue)",
+                    s.text,
+                    age.as_secs()
+                );
+                info!(id = %id, to = %r.address, "Result: failed, Status: {} {} — retry period expired", s.enhanced, s.text);
+                r.status = RecipientStatus::Failed {
+                    code: s.code,
+                    enhanced: Some(s.enhanced.clone()),
+                    text: s.text.clone(),
+                };
+                failed.push((i, s));
+            }
+        }
+
+        let pending: Vec<usize> = env
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.status.is_final())
+            .map(|(i, _)| i)
+            .collect();
+        let mut dsns = Vec::new();
+        if !failed.is_empty() {
+            dsns.push((dsn::Kind::Failure, failed));
+        }
+        if !pending.is_empty() && !env.warned && age >= Duration::from_secs(warn_after) {
+            env.warned = true;
+            let delayed = pending
+                .iter()
+                .map(|i| {
+                    let s = env.recipients[*i]
+                        .last_error
+                        .as_deref()
+                        .and_then(Status::parse_reply_line)
+                        .unwrap_or_else(|| Status::local(451, "4.4.7", "Delivery delayed"));
+                    (*i, s)
+                })
+                .collect();
+            dsns.push((dsn::Kind::Delay, delayed));
+        }
+        for (kind, entries) in dsns {
+            // The DSN is spooled before the original changes, so a crash in between can
+            // duplicate a DSN but never lose one.
+            if let Err(e) = self.send_dsn(kind, id, &env, &entries, give_up_at).await {
+                warn!(id = %id, error = %e, "cannot spool DSN; the message stays queued");
+                self.reschedule(id, Duration::from_secs(60));
+                return;
+            }
+        }
+
+        if env.is_complete() {
+            match self.spool.remove(id).await {
+                Ok(()) => {
+                    debug!(id = %id, "message complete, removed from the spool");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => warn!(id = %id, error = %e, "cannot remove delivered message"),
+            }
+            self.lock().msgs.remove(&id);
+            return;
+        }
+        let attempts = pending
+            .iter()
+            .filter_map(|i| env.recipients.get(*i).map(|r| r.attempts))
+            .max()
+            .unwrap_or(1)
+            .max(1) as usize;
+        let delay = Duration::from_secs(
+            schedule
+                .get(attempts - 1)
+                .or(schedule.last())
+                .copied()
+                .unwrap_or(300),
+        );
+        env.next_attempt_at = Some(now + delay);
+        if let Err(e) = self.spool.update_envelope(id, env).await {
+            warn!(id = %id, error = %e, "cannot record delivery state");
+        }
+        self.reschedule(id, delay);
+    }
+
+    fn reschedule(&self, id: MessageId, delay: Duration) {
+        let at = Instant::now() + delay;
+        {
+            let mut st = self.lock();
+            let Some(m) = st.msgs.get_mut(&id) else {
+                return;
+            };
+            m.due = Some(at);
+            m.env = None;
+            st.timers.insert((at, id));
+        }
+        self.wake.notify_one();
+    }
+
+    async fn send_dsn(
+        &self,
+        kind: dsn::Kind,
+        id: MessageId,
+        env: &Envelope,
+        entries: &[(usize, Status)],
+        give_up_at: SystemTime,
+    ) -> std::io::Result<()> {
+        let list: Vec<dsn::Entry<'_>> = entries
+            .iter()
+            .filter_map(|(i, s)| {
+                let r = env.recipients.get(*i)?;
+                dsn::wanted(env, r, kind).then(|| dsn::Entry {
+                    recipient: r,
+                    status: s.clone(),
+                })
+            })
+            .collect();
+        if list.is_empty() {
+            return Ok(());
+        }
+        let original = self.spool.read_data(id).await.unwrap_or_default();
+        let data = dsn::build(
+            kind,
+            &self.settings.dsn_language,
+            &self.hostname,
+            env,
+            &list,
+            &original,
+            give_up_at,
+        );
+        let mut dsn_env = Envelope::new("", [env.sender.clone()]);
+        dsn_env.size = data.len() as u64;
+        dsn_env.body = mailrelay_spool::Body::EightBitMime;
+        dsn_env.service = "dsn".into();
+        let new_id = self.spool.store(dsn_env, data).await?;
+        let label = match kind {
+            dsn::Kind::Failure => "failure",
+            dsn::Kind::Delay => "delay",
+        };
+        info!(id = %id, dsn = %new_id, kind = label, to = %env.sender, "DSN queued");
+        self.metrics
+            .dsn_generated
+            .get_or_create(&KindLabels {
+                kind: label.to_string(),
+            })
+            .inc();
+        self.notify(new_id);
+        Ok(())
+    }
+
+    // ---- administration ----
+
+    /// Makes a waiting message due now.
+    pub fn retry_now(&self, id: MessageId) -> AdminResult {
+        let now = Instant::now();
+        {
+            let mut st = self.lock();
+            let Some(m) = st.msgs.get_mut(&id) else {
+                return AdminResult::NotFound;
+            };
+            let Some(old) = m.due else {
+                return AdminResult::Busy;
+            };
+            m.due = Some(now);
+            st.timers.remove(&(old, id));
+            st.timers.insert((now, id));
+        }
+        self.wake.notify_one();
+        AdminResult::Done
+    }
+
+    /// Takes a waiting message out of the schedule so an admin action can own it.
+    fn claim(&self, id: MessageId) -> AdminResult {
+        let mut st = self.lock();
+        let Some(m) = st.msgs.get_mut(&id) else {
+            return AdminResult::NotFound;
+        };
+        let Some(old) = m.due.take() else {
+            return AdminResult::Busy;
+        };
+        st.timers.remove(&(old, id));
+        AdminResult::Done
+    }
+
+    /// Removes a message without any DSN.
+    pub async fn delete(&self, id: MessageId) -> AdminResult {
+        match self.claim(id) {
+            AdminResult::Done => {}
+            other => return other,
+        }
+        let r = self.spool.remove(id).await;
+        self.lock().msgs.remove(&id);
+        match r {
+            Ok(()) => {
+                info!(id = %id, "message deleted by the administrator");
+                AdminResult::Done
+            }
+            Err(_) => AdminResult::NotFound,
+        }
+    }
+
+    /// Fails every pending recipient now, with a failure DSN to the sender.
+    pub async fn bounce(&self, id: MessageId) -> AdminResult {
+        match self.claim(id) {
+            AdminResult::Done => {}
+            other => return other,
+        }
+        let Some(mut env) = self.spool.envelope(id) else {
+            self.lock().msgs.remove(&id);
+            return AdminResult::NotFound;
+        };
+        let s = Status::local(550, "5.0.0", "Message bounced by the administrator");
+        let mut failed = Vec::new();
+        for (i, r) in env.recipients.iter_mut().enumerate() {
+            if !r.status.is_final() {
+                r.status = RecipientStatus::Failed {
+                    code: s.code,
+                    enhanced: Some(s.enhanced.clone()),
+                    text: s.text.clone(),
+                };
+                failed.push((i, s.clone()));
+            }
+        }
+        if let Some(m) = self.lock().msgs.get_mut(&id) {
+            m.failed = failed;
+        }
+        let _active = self.enter();
+        self.finish(id, env).await;
+        AdminResult::Done
+    }
+
+    /// Whether an attempt for `id` is running right now.
+    pub fn in_flight(&self, id: MessageId) -> bool {
+        self.lock().msgs.get(&id).is_some_and(|m| m.due.is_none())
+    }
+
+    /// Refreshes the queue gauges.
+    pub fn update_gauges(&self) {
+        self.metrics.queue_depth.set(self.spool.len() as i64);
+        self.metrics.queue_oldest_age_seconds.set(
+            self.spool
+                .oldest_age()
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        );
+    }
+
+    /// Graceful shutdown: no new attempts start; running ones get until `grace` to finish. What
+    /// is not finished stays in the spool for the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::Release);
+        self.wake.notify_one();
+        {
+            let st = self.lock();
+            for d in st.dests.values() {
+                d.notify.notify_waiters();
+            }
+        }
+        let deadline = Instant::now() + grace;
+        loop {
+            let quiet = self.quiet.notified();
+            if self.active.load(Ordering::Acquire) == 0 {
+                info!("delivery queue stopped; nothing in flight");
+                return;
+            }
+            if tokio::time::timeout_at(deadline.into(), quiet)
+                .await
+                .is_err()
+            {
+                warn!(
+                    in_flight = self.active.load(Ordering::Acquire),
+                    "delivery shutdown deadline reached; unfinished messages stay in the spool"
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Spawns a worker through a boxed future: the worker can spawn its successor, and the
+/// recursion would otherwise hide the future's `Send` bound from the compiler.
+fn spawn_worker(q: Arc<Queue>, key: String) {
+    let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(async move { q.worker(key).await });
+    tokio::spawn(fut);
+}
+
+fn log_result(id: MessageId, rcpt: &str, attempts: u32, s: &Status) {
+    let word = s.result_word();
+    if s.is_success() {
+        info!(id = %id, to = %rcpt, attempts, "Result: {word}, {s}");
+    } else {
+        warn!(id = %id, to = %rcpt, attempts, "Result: {word}, {s}");
+    }
+}
