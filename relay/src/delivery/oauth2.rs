@@ -23,6 +23,9 @@ const MAX_RESPONSE: usize = 1024 * 1024;
 #[derive(Default)]
 pub struct TokenCache {
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    /// One fetch at a time, so concurrent connections share one new token instead of each
+    /// asking the endpoint.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl TokenCache {
@@ -33,12 +36,12 @@ impl TokenCache {
         auth: &RelayAuth,
         tls: &ClientTls,
     ) -> Result<String, String> {
-        if let Ok(map) = self.tokens.lock() {
-            if let Some((t, until)) = map.get(rule) {
-                if Instant::now() < *until {
-                    return Ok(t.clone());
-                }
-            }
+        if let Some(t) = self.cached(rule) {
+            return Ok(t);
+        }
+        let _fetching = self.fetching.lock().await;
+        if let Some(t) = self.cached(rule) {
+            return Ok(t);
         }
         let RelayAuth::OAuth2 {
             token_endpoint,
@@ -101,6 +104,12 @@ impl TokenCache {
             map.insert(rule.to_string(), (token.clone(), until));
         }
         Ok(token)
+    }
+
+    fn cached(&self, rule: &str) -> Option<String> {
+        let map = self.tokens.lock().ok()?;
+        let (t, until) = map.get(rule)?;
+        (Instant::now() < *until).then(|| t.clone())
     }
 
     /// The relay host rejected the token: fetch a fresh one next time.
