@@ -5,9 +5,12 @@
 
 pub mod auth;
 pub mod delivery;
+pub mod dnscheck;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
+pub mod proxy;
 pub mod reload;
 pub mod server;
 pub mod settings;

@@ -2,11 +2,19 @@
 //! families here so that `/metrics` stays the single place to look. Label values are bounded
 //! (service names, reply classes, fixed reason labels) to keep cardinality small.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,6 +44,160 @@ pub struct KindLabels {
     pub kind: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub service: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub service: String,
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IpLimitLabels {
+    ip: String,
+    limit: &'static str,
+}
+
+/// Most client IPs that `mailrelay_ip_limit_usage` / `_max` show at once.
+pub const IP_USAGE_SERIES_CAP: usize = 1000;
+
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    usage: u64,
+    max: u64,
+    /// After this the entry is stale (the window slid past it, the block ended).
+    expires: Instant,
+}
+
+/// Per-IP limit usage, kept only for IPs at or above 80% of a limit (or blocked), and for at
+/// most [`IP_USAGE_SERIES_CAP`] IPs, so that a flood from many addresses cannot blow up the
+/// number of series. Rendered at scrape time by a collector.
+#[derive(Debug)]
+pub struct IpUsageBoard {
+    entries: Mutex<HashMap<IpAddr, HashMap<&'static str, Usage>>>,
+    cap: usize,
+    /// Observations not shown because the cap was reached.
+    pub dropped: Counter,
+}
+
+impl IpUsageBoard {
+    pub fn new(cap: usize) -> Self {
+        IpUsageBoard {
+            entries: Mutex::new(HashMap::new()),
+            cap,
+            dropped: Counter::default(),
+        }
+    }
+
+    /// Records the current `usage` of `limit` for `ip`; below 80% of `max` the series goes away.
+    pub fn observe(&self, ip: IpAddr, limit: &'static str, usage: u64, max: u64, expires: Instant) {
+        let Ok(mut map) = self.entries.lock() else {
+            return;
+        };
+        let near = max > 0 && usage.saturating_mul(5) >= max.saturating_mul(4);
+        if !near {
+            if let Some(per_ip) = map.get_mut(&ip) {
+                per_ip.remove(limit);
+                if per_ip.is_empty() {
+                    map.remove(&ip);
+                }
+            }
+            return;
+        }
+        if !map.contains_key(&ip) && map.len() >= self.cap {
+            let now = Instant::now();
+            map.retain(|_, per_ip| {
+                per_ip.retain(|_, u| u.expires > now);
+                !per_ip.is_empty()
+            });
+            if map.len() >= self.cap {
+                self.dropped.inc();
+                return;
+            }
+        }
+        map.entry(ip).or_default().insert(
+            limit,
+            Usage {
+                usage,
+                max,
+                expires,
+            },
+        );
+    }
+
+    /// Number of IPs currently shown.
+    pub fn len(&self) -> usize {
+        self.entries.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn live(&self) -> Vec<(IpLimitLabels, Usage)> {
+        let now = Instant::now();
+        let Ok(map) = self.entries.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = map
+            .iter()
+            .flat_map(|(ip, per_ip)| {
+                per_ip
+                    .iter()
+                    .filter(|(_, u)| u.expires > now)
+                    .map(|(l, u)| {
+                        (
+                            IpLimitLabels {
+                                ip: ip.to_string(),
+                                limit: l,
+                            },
+                            *u,
+                        )
+                    })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0.ip, a.0.limit).cmp(&(&b.0.ip, b.0.limit)));
+        out
+    }
+}
+
+#[derive(Debug)]
+struct IpUsageCollector(std::sync::Arc<IpUsageBoard>);
+
+impl Collector for IpUsageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let live = self.0.live();
+        if live.is_empty() {
+            return Ok(());
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "ip_limit_usage",
+                "Current count of a per-IP limit, only for client IPs at >= 80% of it or blocked",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (labels, u) in &live {
+                ConstGauge::new(u.usage as i64).encode(m.encode_family(labels)?)?;
+            }
+        }
+        let mut m = encoder.encode_descriptor(
+            "ip_limit_max",
+            "The configured value of a per-IP limit, for the IPs in mailrelay_ip_limit_usage",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (labels, u) in &live {
+            ConstGauge::new(u.max as i64).encode(m.encode_family(labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ServiceLabels, Counter>,
@@ -54,6 +216,13 @@ pub struct Metrics {
     pub delivery_attempts: Family<ResultLabels, Counter>,
     /// Outbound: DSNs generated, by kind (`failure`, `delay`).
     pub dsn_generated: Family<KindLabels, Counter>,
+    pub sessions: Family<ServiceLabels, Counter>,
+    pub sessions_open: Family<ServiceLabels, Gauge>,
+    pub messages_rejected: Family<ReasonLabels, Counter>,
+    pub limit_hits: Family<LimitLabels, Counter>,
+    /// 1 while the shared counter store answers (or none is configured), 0 while degraded.
+    pub limit_store_up: Gauge,
+    pub ip_usage: std::sync::Arc<IpUsageBoard>,
 }
 
 impl Default for Metrics {
@@ -79,8 +248,46 @@ impl Metrics {
             queue_oldest_age_seconds: Gauge::default(),
             delivery_attempts: Family::default(),
             dsn_generated: Family::default(),
+            sessions: Family::default(),
+            sessions_open: Family::default(),
+            messages_rejected: Family::default(),
+            limit_hits: Family::default(),
+            limit_store_up: Gauge::default(),
+            ip_usage: std::sync::Arc::new(IpUsageBoard::new(IP_USAGE_SERIES_CAP)),
             registry: Registry::default(),
         };
+        m.limit_store_up.set(1);
+        registry.register(
+            "sessions",
+            "SMTP sessions started (greeting sent), by service",
+            m.sessions.clone(),
+        );
+        registry.register(
+            "sessions_open",
+            "Open SMTP sessions, by service",
+            m.sessions_open.clone(),
+        );
+        registry.register(
+            "messages_rejected",
+            "Messages or transactions refused, by service and reason",
+            m.messages_rejected.clone(),
+        );
+        registry.register(
+            "limit_hits",
+            "Times a limit refused a connection, command or message, by service and limit",
+            m.limit_hits.clone(),
+        );
+        registry.register(
+            "limit_store_up",
+            "1 when the shared limit counter store is reachable or not configured, 0 when limits are enforced per process only",
+            m.limit_store_up.clone(),
+        );
+        registry.register(
+            "ip_limit_series_dropped",
+            "Per-IP usage observations not exported because the series cap was reached",
+            m.ip_usage.dropped.clone(),
+        );
+        registry.register_collector(Box::new(IpUsageCollector(m.ip_usage.clone())));
         registry.register(
             "connections",
             "SMTP connections accepted, by service",
@@ -190,6 +397,25 @@ impl Metrics {
             .inc();
     }
 
+    /// A limit refused something; `reason` also feeds `messages_rejected` when it cost a message.
+    pub fn limit_hit(&self, service: &str, limit: &str) {
+        self.limit_hits
+            .get_or_create(&LimitLabels {
+                service: service.to_string(),
+                limit: limit.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn rejected(&self, service: &str, reason: &str) {
+        self.messages_rejected
+            .get_or_create(&ReasonLabels {
+                service: service.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
     pub fn reload(&self, ok: bool) {
         self.config_reloads
             .get_or_create(&ResultLabels {
@@ -221,5 +447,39 @@ mod tests {
             text.contains("mailrelay_connections_total{service=\"smtp\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn ip_usage_only_near_limits_and_capped() {
+        let m = Metrics::new();
+        let later = Instant::now() + std::time::Duration::from_secs(3600);
+        let ip = |n: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + n));
+        m.ip_usage
+            .observe(ip(1), "connections_per_ip", 1, 10, later);
+        assert!(!m.encode().contains("ip_limit_usage"));
+        m.ip_usage
+            .observe(ip(1), "connections_per_ip", 8, 10, later);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "mailrelay_ip_limit_usage{ip=\"10.0.0.1\",limit=\"connections_per_ip\"} 8"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "mailrelay_ip_limit_max{ip=\"10.0.0.1\",limit=\"connections_per_ip\"} 10"
+            ),
+            "{text}"
+        );
+        m.ip_usage
+            .observe(ip(1), "connections_per_ip", 7, 10, later);
+        assert!(m.ip_usage.is_empty());
+        for n in 0..(IP_USAGE_SERIES_CAP as u32 + 50) {
+            m.ip_usage
+                .observe(ip(n), "messages_per_hour_per_ip", 9, 10, later);
+        }
+        assert_eq!(m.ip_usage.len(), IP_USAGE_SERIES_CAP);
+        assert_eq!(m.ip_usage.dropped.get(), 50);
     }
 }

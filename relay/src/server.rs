@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::auth::{AuthContext, Exchange, Step};
+use crate::dnscheck::DnsChecker;
+use crate::limits::gate::{admit, Refusal, SessionLimits};
+use crate::limits::Limiter;
 use crate::metrics::{Metrics, ServiceLabels};
 use crate::policy::PolicyEngine;
 use crate::settings::RuntimeSettings;
@@ -37,6 +40,10 @@ pub struct Relay {
     pub metrics: Arc<Metrics>,
     pub tls: TlsAcceptors,
     pub ready: AtomicBool,
+    /// Per-IP and per-account limit counters (see `crate::limits`).
+    pub limiter: Arc<Limiter>,
+    /// Resolver for PTR and sender-domain checks; `None` if it could not be built.
+    pub dns_checks: Option<Arc<DnsChecker>>,
     /// Called with the id of every message stored by a session (the delivery queue's feed).
     pub on_queued: std::sync::OnceLock<QueuedHook>,
     listeners: Mutex<HashMap<String, (u16, JoinHandle<()>)>>,
@@ -54,6 +61,14 @@ impl Relay {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let current = Arc::new(ArcSwap::from_pointee(snapshot));
+        let limiter = Limiter::new(&settings.limits, metrics.clone());
+        let dns_checks = match DnsChecker::new(&settings.delivery.dns) {
+            Ok(d) => Some(Arc::new(d)),
+            Err(e) => {
+                warn!(error = %e, "no resolver for DNS checks; PTR and sender-domain checks will fail temporarily");
+                None
+            }
+        };
         Arc::new(Relay {
             config_dir,
             settings,
@@ -62,6 +77,8 @@ impl Relay {
             spool: Arc::new(spool),
             metrics,
             ready: AtomicBool::new(false),
+            limiter,
+            dns_checks,
             on_queued: std::sync::OnceLock::new(),
             listeners: Mutex::new(HashMap::new()),
         })
@@ -164,7 +181,19 @@ impl Relay {
         let Some(service) = snap.service(&service_name).cloned() else {
             return;
         };
-        let ip = canonical_ip(peer.ip());
+        let mut ip = canonical_ip(peer.ip());
+        let mut stream = stream;
+        let mut refuse_proxy_header = false;
+        if let Some(pp) = &service.proxy_protocol {
+            if snap.config.in_any_group(&pp.trusted_from, ip) {
+                match self.proxy_header(&mut stream, &service.name, ip).await {
+                    Some(real) => ip = real,
+                    None => return,
+                }
+            } else {
+                refuse_proxy_header = true;
+            }
+        }
         self.metrics
             .connections
             .get_or_create(&ServiceLabels {
@@ -198,6 +227,33 @@ impl Relay {
             let _ = conn.shutdown().await;
             return;
         }
+        let limits = SessionLimits::new(
+            self.limiter.clone(),
+            self.dns_checks.clone(),
+            snap.clone(),
+            service.clone(),
+            ip,
+        );
+        let _slot = match admit(&self.limiter, &service, limits.exempt, ip).await {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                refusal_event(&self.metrics, &service.name, ip, &refusal);
+                self.metrics.reply(&service.name, refusal.reply.code);
+                let _ = conn.write_all(&refusal.reply.to_bytes()).await;
+                let _ = conn.shutdown().await;
+                return;
+            }
+        };
+        let service_label = ServiceLabels {
+            service: service.name.clone(),
+        };
+        self.metrics.sessions.get_or_create(&service_label).inc();
+        let open = self
+            .metrics
+            .sessions_open
+            .get_or_create(&service_label)
+            .clone();
+        open.inc();
         let hostname = snap.hostname_for(&service);
         let cfg = SessionConfig {
             hostname: hostname.clone(),
@@ -211,7 +267,12 @@ impl Relay {
                 .max_message_size_bytes
                 .filter(|n| *n > 0)
                 .unwrap_or(self.settings.max_message_size_bytes),
-            max_recipients: service.limits.max_recipients_per_message,
+            // RFC 5321 §4.5.3.1.8 asks for at least 100; without a configured limit a client
+            // could otherwise grow one transaction without bound.
+            max_recipients: service
+                .limits
+                .max_recipients_per_message
+                .or(Some(DEFAULT_MAX_RECIPIENTS)),
             max_failed_commands: service.limits.max_failed_commands,
             max_received_headers: service.limits.max_received_headers,
             auth_mode: service.auth.mode,
@@ -231,6 +292,7 @@ impl Relay {
             service: service.name.clone(),
         };
         let mut session = Session::new(cfg, facts, Box::new(policy));
+        session.enable_mail_check();
         let mut driver = Driver {
             relay: self.clone(),
             snap,
@@ -238,11 +300,78 @@ impl Relay {
             ip,
             hostname,
             exchange: None,
+            limits,
+            refuse_proxy_header,
+            tx_span: None,
         };
-        debug!(service = %driver.service.name, client = %ip, "session start");
-        driver.run(&mut session, conn).await;
-        debug!(service = %driver.service.name, client = %ip, "session end");
+        let span = tracing::info_span!(
+            "smtp_session",
+            service = %driver.service.name,
+            client_ip = %ip,
+            peer = %peer,
+        );
+        debug!(parent: &span, service = %driver.service.name, client = %ip, "session start");
+        tracing::Instrument::instrument(driver.run(&mut session, conn), span.clone()).await;
+        debug!(parent: &span, service = %driver.service.name, client = %ip, "session end");
+        open.dec();
     }
+
+    /// Reads the PROXY header of a trusted proxy; `None` closes the connection.
+    async fn proxy_header(
+        &self,
+        stream: &mut TcpStream,
+        service: &str,
+        proxy: IpAddr,
+    ) -> Option<IpAddr> {
+        let wait = Duration::from_secs(self.settings.timeouts.tls_handshake_seconds.max(1));
+        match tokio::time::timeout(wait, crate::proxy::read_header(stream)).await {
+            Ok(Ok(crate::proxy::ProxiedPeer::Client(addr))) => {
+                debug!(service, proxy = %proxy, client = %addr, "PROXY header");
+                Some(canonical_ip(addr.ip()))
+            }
+            Ok(Ok(crate::proxy::ProxiedPeer::Local)) => Some(proxy),
+            Ok(Err(e)) => {
+                security(
+                    &self.metrics,
+                    "proxy_header_invalid",
+                    service,
+                    proxy,
+                    &e.to_string(),
+                );
+                None
+            }
+            Err(_) => {
+                security(
+                    &self.metrics,
+                    "proxy_header_invalid",
+                    service,
+                    proxy,
+                    "no PROXY header from a trusted proxy in time",
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Recipients per transaction when the service sets no limit.
+pub const DEFAULT_MAX_RECIPIENTS: u32 = 1000;
+
+fn refusal_event(metrics: &Metrics, service: &str, ip: IpAddr, r: &Refusal) {
+    metrics.limit_hit(service, r.limit);
+    metrics.rejected(service, r.limit);
+    security(metrics, r.kind, service, ip, &r.detail);
+}
+
+/// Session-level security events that are limit hits, with their metrics label.
+fn limit_of(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "too_many_failed_commands" => "failed_commands",
+        "too_many_recipients" => "recipients_per_message",
+        "message_too_large" => "message_size",
+        "mail_loop" => "received_headers",
+        _ => return None,
+    })
 }
 
 fn security(metrics: &Metrics, kind: &str, service: &str, ip: IpAddr, detail: &str) {
@@ -313,6 +442,11 @@ struct Driver {
     ip: IpAddr,
     hostname: String,
     exchange: Option<Exchange>,
+    limits: SessionLimits,
+    /// An untrusted peer on a PROXY-protocol listener: a PROXY header from it is refused.
+    refuse_proxy_header: bool,
+    /// The open transaction's span (MAIL to stored message).
+    tx_span: Option<tracing::Span>,
 }
 
 enum Flow {
@@ -397,7 +531,26 @@ impl Driver {
                     }
                     return;
                 }
-                Ok(Ok(n)) => session.feed(&buf[..n]),
+                Ok(Ok(n)) => {
+                    if std::mem::take(&mut self.refuse_proxy_header)
+                        && crate::proxy::looks_like_header(&buf[..n])
+                    {
+                        security(
+                            &self.relay.metrics,
+                            "proxy_header_untrusted",
+                            &self.service.name,
+                            self.ip,
+                            "PROXY header from a peer outside proxyProtocol.trustedFrom",
+                        );
+                        session.close_with(Reply::new(
+                            554,
+                            "5.7.1",
+                            "PROXY protocol not accepted from your address",
+                        ));
+                        continue;
+                    }
+                    session.feed(&buf[..n])
+                }
             }
         }
     }
@@ -418,6 +571,26 @@ impl Driver {
     async fn event(&mut self, session: &mut Session, ev: Event, conn: &mut Conn) -> Flow {
         match ev {
             Event::Close => Flow::Close,
+            Event::MailCheck { sender } => {
+                let facts = session.facts().clone();
+                let verdict = match self.limits.mail(&facts, &sender).await {
+                    Ok(()) => {
+                        self.tx_span = Some(tracing::info_span!(
+                            "smtp_transaction",
+                            sender = %sender,
+                            message_id = tracing::field::Empty,
+                            recipients = tracing::field::Empty,
+                        ));
+                        Ok(())
+                    }
+                    Err(r) => {
+                        refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+                        Err(r.reply)
+                    }
+                };
+                session.mail_checked(verdict);
+                Flow::Continue
+            }
             Event::Security { kind, detail } => {
                 security(
                     &self.relay.metrics,
@@ -426,6 +599,16 @@ impl Driver {
                     self.ip,
                     &detail,
                 );
+                if let Some(limit) = limit_of(kind) {
+                    self.relay.metrics.limit_hit(&self.service.name, limit);
+                }
+                self.relay.metrics.rejected(&self.service.name, kind);
+                if kind == "unknown_recipient" {
+                    if let Some(r) = self.limits.unknown_recipient().await {
+                        refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+                        session.close_with(r.reply);
+                    }
+                }
                 Flow::Continue
             }
             Event::StartTls => {
@@ -477,7 +660,20 @@ impl Driver {
                 Flow::Continue
             }
             Event::Message(tx) => {
-                let result = self.store(session, *tx).await;
+                let span = self.tx_span.take().unwrap_or_else(tracing::Span::none);
+                span.record("recipients", tx.recipients.len());
+                let result =
+                    tracing::Instrument::instrument(self.store(session, *tx), span.clone()).await;
+                match &result {
+                    Ok(id) => {
+                        span.record("message_id", id.as_str());
+                        self.limits.stored(session.facts()).await;
+                    }
+                    Err(_) => self
+                        .relay
+                        .metrics
+                        .rejected(&self.service.name, "spool_error"),
+                }
                 session.message_stored(result);
                 Flow::Continue
             }

@@ -40,6 +40,51 @@ pub struct RuntimeSettings {
     pub timeouts: Timeouts,
     #[serde(default)]
     pub delivery: DeliverySettings,
+    #[serde(default)]
+    pub limits: LimitSettings,
+    #[serde(default)]
+    pub logging: LoggingSettings,
+}
+
+/// Where per-IP limit counters live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitSettings {
+    /// `redis://host:port[/db]` of a Redis-compatible store shared by all relay pods, making
+    /// message-rate and harvest limits cluster-wide. Unset: each process counts on its own.
+    #[serde(default)]
+    pub shared_store_url: Option<String>,
+    /// Per-request timeout towards the store, in milliseconds; past it the relay falls back to
+    /// its local counters.
+    #[serde(default = "default_store_timeout")]
+    pub store_timeout_ms: u64,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        LimitSettings {
+            shared_store_url: None,
+            store_timeout_ms: default_store_timeout(),
+        }
+    }
+}
+
+/// Logging and tracing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoggingSettings {
+    /// `tracing` filter directives (`info,smtp_server=debug`); `RUST_LOG` wins when set.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Also write the security event stream (target `security`) here: a file path, or `stderr`.
+    #[serde(default)]
+    pub security_log: Option<String>,
+    /// Accept `PUT /debug/log` on the metrics listener to change the filter at run time.
+    #[serde(default)]
+    pub debug_endpoint: bool,
+    /// OTLP/HTTP endpoint (e.g. `http://otel-collector:4318`); spans are exported when set.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Session timeouts, in seconds.
@@ -266,6 +311,9 @@ fn default_session_timeout() -> u64 {
 fn default_handshake_timeout() -> u64 {
     30
 }
+fn default_store_timeout() -> u64 {
+    250
+}
 fn default_concurrency() -> u32 {
     16
 }
@@ -295,6 +343,8 @@ impl Default for RuntimeSettings {
             reload_interval_ms: default_reload_ms(),
             timeouts: Timeouts::default(),
             delivery: DeliverySettings::default(),
+            limits: LimitSettings::default(),
+            logging: LoggingSettings::default(),
         }
     }
 }

@@ -108,6 +108,9 @@ pub enum Event {
     Message(Box<Transaction>),
     /// A security-relevant refusal or anomaly, for the security log.
     Security { kind: &'static str, detail: String },
+    /// Only with [`Session::enable_mail_check`]: the sender passed the synchronous checks; run
+    /// the asynchronous ones (rate limits, DNS) and answer with [`Session::mail_checked`].
+    MailCheck { sender: String },
     /// Write pending output and close the connection.
     Close,
 }
@@ -117,6 +120,7 @@ enum State {
     Command,
     AuthWaiting,
     AuthClient,
+    MailWaiting,
     Data,
     Bdat { remaining: u64, last: bool },
     MessageWaiting,
@@ -220,6 +224,8 @@ struct Tx {
     params: MailParams,
     recipients: Vec<(String, RcptParams)>,
     body: Option<Body>,
+    /// The recipient limit was hit and logged (once per transaction, not per RCPT).
+    recipients_refused: bool,
 }
 
 /// One SMTP session.
@@ -238,6 +244,9 @@ pub struct Session {
     tx: Option<Tx>,
     failed_commands: u32,
     auth_mechanism: Option<Mechanism>,
+    mail_check: bool,
+    /// The transaction MAIL is opening while [`Event::MailCheck`] is outstanding.
+    pending_tx: Option<Tx>,
 }
 
 fn r(code: u16, enh: &'static str, text: &str) -> Reply {
@@ -264,6 +273,8 @@ impl Session {
             tx: None,
             failed_commands: 0,
             auth_mechanism: None,
+            mail_check: false,
+            pending_tx: None,
         }
     }
 
@@ -273,6 +284,38 @@ impl Session {
 
     pub fn config(&self) -> &SessionConfig {
         &self.cfg
+    }
+
+    /// Makes every accepted MAIL wait for [`Event::MailCheck`] to be answered. Off by default so
+    /// that the core works without an async driver (unit tests, benches).
+    pub fn enable_mail_check(&mut self) {
+        self.mail_check = true;
+    }
+
+    /// The driver's verdict on [`Event::MailCheck`].
+    pub fn mail_checked(&mut self, verdict: Result<(), Reply>) {
+        if self.state != State::MailWaiting {
+            return;
+        }
+        self.state = State::Command;
+        let tx = self.pending_tx.take();
+        match verdict {
+            Ok(()) => {
+                self.tx = tx;
+                self.reply(r(250, "2.1.0", "Ok"));
+            }
+            Err(reply) => self.failed(reply),
+        }
+        self.process();
+    }
+
+    /// Sends `reply` and ends the session (a limit the driver enforces, e.g. a harvest block).
+    pub fn close_with(&mut self, reply: Reply) {
+        if self.state == State::Closed {
+            return;
+        }
+        self.reply(reply);
+        self.close();
     }
 
     /// The `220` banner.
@@ -468,7 +511,9 @@ impl Session {
                         break;
                     }
                 }
-                State::AuthWaiting | State::MessageWaiting | State::Closed => break,
+                State::AuthWaiting | State::MessageWaiting | State::MailWaiting | State::Closed => {
+                    break
+                }
             }
         }
         if self.pos == self.input.len() {
@@ -762,6 +807,10 @@ impl Session {
         }
         if let Some(size) = params.size {
             if size > self.cfg.max_message_size {
+                self.security(
+                    "message_too_large",
+                    format!("MAIL SIZE={size} over {}", self.cfg.max_message_size),
+                );
                 return self.failed(r(
                     552,
                     "5.3.4",
@@ -776,17 +825,27 @@ impl Session {
             self.security("sender_rejected", rej.reason);
             return self.failed(rej.reply);
         }
-        self.tx = Some(Tx {
+        let tx = Tx {
             sender,
             params,
             recipients: Vec::new(),
             body: None,
-        });
+            recipients_refused: false,
+        };
+        if self.mail_check {
+            self.events.push_back(Event::MailCheck {
+                sender: tx.sender.clone(),
+            });
+            self.pending_tx = Some(tx);
+            self.state = State::MailWaiting;
+            return;
+        }
+        self.tx = Some(tx);
         self.reply(r(250, "2.1.0", "Ok"));
     }
 
     fn rcpt(&mut self, rcpt: String, params: RcptParams) {
-        let Some(tx) = &self.tx else {
+        let Some(tx) = &mut self.tx else {
             return self.failed(bad_sequence("Need MAIL command"));
         };
         if tx.body.is_some() {
@@ -794,6 +853,13 @@ impl Session {
         }
         if let Some(max) = self.cfg.max_recipients {
             if tx.recipients.len() as u64 >= u64::from(max) {
+                if std::mem::replace(&mut tx.recipients_refused, true) {
+                    return self.reply(r(452, "4.5.3", "Too many recipients"));
+                }
+                self.security(
+                    "too_many_recipients",
+                    format!("more than {max} recipients in one transaction"),
+                );
                 return self.reply(r(452, "4.5.3", "Too many recipients"));
             }
         }
@@ -802,7 +868,13 @@ impl Session {
         }
         let sender = tx.sender.clone();
         if let Err(rej) = self.policy.check_recipient(&self.facts, &sender, &rcpt) {
-            self.security("recipient_rejected", rej.reason);
+            // The driver counts unknown users per client IP (directory harvest detection).
+            let kind = if rej.reply.enhanced == Some("5.1.1") {
+                "unknown_recipient"
+            } else {
+                "recipient_rejected"
+            };
+            self.security(kind, rej.reason);
             return self.failed(rej.reply);
         }
         if let Some(tx) = &mut self.tx {
@@ -940,6 +1012,7 @@ impl Session {
             .is_some_and(|b| b.too_big);
         if too_big {
             self.tx = None;
+            self.security("message_too_large", "BDAT message over the size limit");
             self.failed(r(
                 552,
                 "5.3.4",
@@ -970,6 +1043,10 @@ impl Session {
         let body = tx.body.take().unwrap_or_default();
         self.state = State::Command;
         if body.too_big {
+            self.security(
+                "message_too_large",
+                format!("message of {} bytes or more", body.size),
+            );
             return self.failed(r(
                 552,
                 "5.3.4",
