@@ -1,0 +1,365 @@
+//! Shared harness of the real-API-server tests: finding the server, kubectl, running operator
+//! processes, bounded polling.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use serde_json::Value;
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The API server's kubeconfig, or `None` after a loud message (the test then passes vacuously;
+/// CI always sets KUBECONFIG, see operator/README.md).
+pub fn server() -> Option<PathBuf> {
+    match std::env::var_os("KUBECONFIG") {
+        Some(k) if !k.is_empty() => Some(PathBuf::from(k)),
+        _ => {
+            eprintln!("\n\n!!!!! SKIPPED: KUBECONFIG is not set; this test needs a real API server. !!!!!\n!!!!! Run tests/apiserver/setup.sh and export the KUBECONFIG it prints.       !!!!!\n");
+            None
+        }
+    }
+}
+
+pub fn kubectl_bin() -> String {
+    std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into())
+}
+
+pub fn kubectl(args: &[&str]) -> Output {
+    Command::new(kubectl_bin())
+        .args(args)
+        .output()
+        .expect("run kubectl (set KUBECTL or put it on PATH)")
+}
+
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let o = kubectl(args);
+    assert!(
+        o.status.success(),
+        "kubectl {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// kubectl apply of YAML text; returns (success, stdout+stderr).
+pub fn apply_yaml(yaml: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let f = dir.path().join("obj.yaml");
+    std::fs::write(&f, yaml).expect("write");
+    let o = kubectl(&["apply", "-f", f.to_str().expect("utf8")]);
+    (
+        o.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ),
+    )
+}
+
+/// Installs the mailrelay CRDs and the built-in kinds the test server lacks (idempotent).
+pub fn install_crds() {
+    kubectl_ok(&["apply", "-f", repo().join("crds").to_str().expect("utf8")]);
+    kubectl_ok(&[
+        "apply",
+        "-f",
+        repo()
+            .join("tests/apiserver/builtin-crds.yaml")
+            .to_str()
+            .expect("utf8"),
+    ]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/deliveryrules.mailrelay.dev",
+        "crd/ipaddressgroups.mailrelay.dev",
+        "crd/maildomains.mailrelay.dev",
+        "crd/smtpservices.mailrelay.dev",
+        "crd/accesspolicies.mailrelay.dev",
+        "crd/leases.coordination.k8s.io",
+        "crd/events.events.k8s.io",
+    ]);
+}
+
+/// The example policy for namespace `ns`: (custom resources YAML, Secrets YAML).
+pub fn example(ns: &str) -> (String, String) {
+    let mut crs = String::new();
+    let mut secrets = String::new();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/examples"))
+        .expect("examples")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort();
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read");
+        for doc in text.split("\n---\n") {
+            let doc = doc.replace("namespace: mail", &format!("namespace: {ns}"));
+            if doc.contains("\nkind: Secret\n") {
+                secrets.push_str(&format!("---\n{doc}\n"));
+            } else {
+                crs.push_str(&format!("---\n{doc}\n"));
+            }
+        }
+    }
+    (crs, secrets)
+}
+
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn get(kind: &str, ns: &str, name: &str) -> Option<Value> {
+    let o = kubectl(&["get", kind, name, "-n", ns, "-o", "json"]);
+    if !o.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&o.stdout).ok()
+}
+
+pub fn condition(obj: &Value, type_: &str) -> Option<Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+}
+
+/// Waits until `kind/name` has condition `type_` with `status` (and `reason` if given).
+pub fn wait_condition(
+    kind: &str,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: Option<&str>,
+) -> Value {
+    wait_for(
+        &format!("{kind}/{name} {type_}={status} {reason:?}"),
+        Duration::from_secs(30),
+        || {
+            let o = get(kind, ns, name)?;
+            let gen = o["metadata"]["generation"].clone();
+            let c = condition(&o, type_)?;
+            (c["status"] == status
+                && reason.is_none_or(|r| c["reason"] == r)
+                && o["status"]["observedGeneration"] == gen)
+                .then_some(o)
+        },
+    )
+}
+
+/// Waits until `kind/name` has no condition `type_`.
+pub fn wait_no_condition(kind: &str, ns: &str, name: &str, type_: &str) -> Value {
+    wait_for(
+        &format!("{kind}/{name} without {type_}"),
+        Duration::from_secs(30),
+        || {
+            let o = get(kind, ns, name)?;
+            let gen = o["metadata"]["generation"].clone();
+            (condition(&o, type_).is_none() && o["status"]["observedGeneration"] == gen)
+                .then_some(o)
+        },
+    )
+}
+
+/// One operator process in the core-API-less mode the test server needs.
+pub struct Operator {
+    pub child: Child,
+    pub out: PathBuf,
+    pub log: PathBuf,
+}
+
+pub struct OperatorOpts<'a> {
+    pub ns: &'a str,
+    pub secrets: &'a Path,
+    pub out: &'a Path,
+    pub identity: &'a str,
+    pub log: &'a Path,
+    pub lease_seconds: u64,
+}
+
+impl Operator {
+    pub fn start(o: OperatorOpts<'_>) -> Operator {
+        let log = std::fs::File::create(o.log).expect("log file");
+        // MAILRELAY_OPERATOR_BIN: run another build (e.g. --release) of the same binary.
+        let bin = std::env::var("MAILRELAY_OPERATOR_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_operator").to_string());
+        let lease = o.lease_seconds.to_string();
+        let child = Command::new(bin)
+            .args([
+                "run",
+                "--namespace",
+                o.ns,
+                "--lease-namespace",
+                o.ns,
+                "--identity",
+                o.identity,
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--lease-duration-seconds",
+                &lease,
+                "--lease-renew-seconds",
+                "0.5",
+                "--recheck-seconds",
+                "2",
+                "--secrets-dir",
+                o.secrets.to_str().expect("utf8"),
+                "--output-dir",
+                o.out.to_str().expect("utf8"),
+            ])
+            .env("RUST_LOG", "info,mailrelay_operator=debug")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start operator");
+        Operator {
+            child,
+            out: o.out.to_path_buf(),
+            log: o.log.to_path_buf(),
+        }
+    }
+
+    pub fn policy_path(&self, ns: &str) -> PathBuf {
+        self.out.join(ns).join("mailrelay-policy.yaml")
+    }
+
+    /// The applied policy ConfigMap, if written.
+    pub fn policy(&self, ns: &str) -> Option<Value> {
+        let t = std::fs::read_to_string(self.policy_path(ns)).ok()?;
+        serde_norway::from_str(&t).ok()
+    }
+
+    pub fn hash(&self, ns: &str) -> Option<String> {
+        self.policy(ns)?["metadata"]["annotations"]["mailrelay.dev/config-hash"]
+            .as_str()
+            .map(str::to_string)
+    }
+
+    pub fn relay_yaml(&self, ns: &str) -> String {
+        self.policy(ns)
+            .and_then(|p| p["data"]["relay.yaml"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(15) {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A kube client for fast polling.
+pub async fn client() -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Client::try_default().await.expect("kube client")
+}
+
+/// Every Event (events.k8s.io, registered as a CRD on the test server) in `ns`: (reason, object).
+pub fn events(ns: &str) -> Vec<(String, String)> {
+    let o = kubectl(&["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    v["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|e| {
+                    (
+                        e["reason"].as_str().unwrap_or("").to_string(),
+                        e["regarding"]["name"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A unique namespace name per test run, so reruns against the same server do not collide.
+pub fn namespace(prefix: &str) -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() % 1_000_000)
+        .unwrap_or(0);
+    format!("{prefix}-{n}")
+}
+
+/// A namespace directory with the example Secrets (and a scratch output dir).
+pub struct Dirs {
+    pub _tmp: tempfile::TempDir,
+    pub secrets: PathBuf,
+    pub out: PathBuf,
+    pub root: PathBuf,
+}
+
+pub fn dirs() -> Dirs {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path().to_path_buf();
+    let secrets = root.join("secrets");
+    let out = root.join("out");
+    std::fs::create_dir_all(&secrets).expect("mkdir");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    Dirs {
+        _tmp: tmp,
+        secrets,
+        out,
+        root,
+    }
+}
+
+/// Splits the example Secrets into one file per Secret in `dir` (so a test can remove one).
+pub fn write_secrets(dir: &Path, secrets_yaml: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for (i, doc) in secrets_yaml
+        .split("---\n")
+        .filter(|d| d.contains("kind: Secret"))
+        .enumerate()
+    {
+        let name = doc
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("name: "))
+            .unwrap_or("secret")
+            .to_string();
+        let p = dir.join(format!("{i:02}-{name}.yaml"));
+        std::fs::write(&p, doc).expect("write secret");
+        out.push(p);
+    }
+    out
+}
