@@ -1,0 +1,116 @@
+//! cert-manager integration against a real API server: with the `certificates.cert-manager.io`
+//! API present (registered here as a bare CRD; no cert-manager controller runs), an SmtpService
+//! with `tls.issuerRef` gets a Certificate it owns, and loses it when it switches to
+//! `tls.secretName`. Its own test binary because registering the API changes what the tests in
+//! apiserver.rs see (they expect `CertManagerMissing`); the CRD is removed again at the end.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const CERT_CRD: &str = r#"apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: certificates.cert-manager.io
+spec:
+  group: cert-manager.io
+  scope: Namespaced
+  names: {plural: certificates, singular: certificate, kind: Certificate, listKind: CertificateList}
+  versions:
+    - name: v1
+      served: true
+      storage: true
+      schema:
+        openAPIV3Schema:
+          type: object
+          properties:
+            spec: {type: object, x-kubernetes-preserve-unknown-fields: true}
+            status: {type: object, x-kubernetes-preserve-unknown-fields: true}
+"#;
+
+struct RemoveCrd;
+impl Drop for RemoveCrd {
+    fn drop(&mut self) {
+        kubectl(&[
+            "delete",
+            "crd",
+            "certificates.cert-manager.io",
+            "--wait=true",
+        ]);
+    }
+}
+
+#[test]
+fn issuer_ref_creates_an_owned_certificate() {
+    let Some(_) = server() else { return };
+    install_crds();
+    if kubectl(&["get", "crd", "certificates.cert-manager.io"])
+        .status
+        .success()
+    {
+        eprintln!(
+            "\n!!!!! SKIPPED: cert-manager is really installed here; not touching its CRD. !!!!!\n"
+        );
+        return;
+    }
+    let (ok, out) = apply_yaml(CERT_CRD);
+    assert!(ok, "{out}");
+    let _cleanup = RemoveCrd;
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/certificates.cert-manager.io",
+    ]);
+
+    let ns = namespace("certs");
+    let (crs, secrets) = example(&ns);
+    assert!(apply_yaml(&crs).0);
+    let d = dirs();
+    write_secrets(&d.secrets, &secrets);
+    let _op = Operator::start(OperatorOpts {
+        ns: &ns,
+        secrets: &d.secrets,
+        out: &d.out,
+        identity: "certs",
+        log: &d.root.join("certs.log"),
+        lease_seconds: 4,
+    });
+    let cert = wait_for(
+        "Certificate submission-tls",
+        Duration::from_secs(30),
+        || get("certificates.cert-manager.io", &ns, "submission-tls"),
+    );
+    assert_eq!(cert["spec"]["secretName"], "submission-tls");
+    assert_eq!(
+        cert["spec"]["dnsNames"],
+        serde_json::json!(["mail.example.com"])
+    );
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(cert["spec"]["issuerRef"]["name"], "letsencrypt");
+    let owner = &cert["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "SmtpService");
+    assert_eq!(owner["name"], "submission");
+    assert_eq!(owner["controller"], true);
+    assert!(
+        get("certificates.cert-manager.io", &ns, "smtp-tls").is_none(),
+        "secretName services get no Certificate"
+    );
+    wait_no_condition("smtpservice", &ns, "submission", "Warning");
+
+    // Switching to an existing Secret removes the Certificate.
+    let yaml = crs.replace(
+        "    issuerRef:\n      name: letsencrypt\n      kind: ClusterIssuer\n",
+        "    secretName: mail-example-com-tls\n",
+    );
+    assert_ne!(yaml, crs);
+    let (ok, out) = apply_yaml(&yaml);
+    assert!(ok, "{out}");
+    wait_for("Certificate deleted", Duration::from_secs(30), || {
+        get("certificates.cert-manager.io", &ns, "submission-tls")
+            .is_none()
+            .then_some(())
+    });
+}
