@@ -62,11 +62,19 @@ async fn handle(
     let line = String::from_utf8_lossy(line);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let debug_log = if path.split('?').next() == Some("/debug/log") {
+        let body = crate::telemetry::read_body(&mut stream, &buf).await;
+        Some(crate::telemetry::debug_log_endpoint(method, &body))
+    } else {
+        None
+    };
     let admin = match queue {
         Some(q) => crate::delivery::admin::handle(q, method, path).await,
         None => None,
     };
-    let (status, ctype, body) = if let Some((status, body)) = admin {
+    let (status, ctype, body) = if let Some((status, body)) = debug_log {
+        (status, "text/plain", body)
+    } else if let Some((status, body)) = admin {
         (status, "application/json", body)
     } else if method != "GET" {
         (

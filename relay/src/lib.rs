@@ -16,4 +16,5 @@ pub mod server;
 pub mod settings;
 pub mod smtp;
 pub mod snapshot;
+pub mod telemetry;
 pub mod tls;

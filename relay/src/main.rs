@@ -1,7 +1,6 @@
 //! `relay --config <dir>`: loads runtime settings, the compiled policy, credentials and
 //! certificates from one directory, opens the spool, and serves SMTP until SIGTERM/SIGINT.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,7 +13,6 @@ use mailrelay_relay::tls::{install_crypto_provider, SelfSignedCache};
 use mailrelay_relay::{http, reload, snapshot};
 use mailrelay_spool::{Spool, SpoolOptions};
 use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser, Debug)]
 #[command(name = "relay", about = "mailrelay SMTP relay")]
@@ -42,29 +40,20 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
-        builder.init();
-    } else {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(Command::Queue { admin, action }) = &args.command {
         return mailrelay_relay::delivery::admin::cli(admin, action);
     }
-    init_logging();
+    // Logging needs runtime.yaml's `logging` section; a broken file is reported by `run`.
+    let logging = args
+        .config
+        .as_deref()
+        .and_then(|d| RuntimeSettings::load(d).ok())
+        .map(|s| s.logging)
+        .unwrap_or_default();
+    let _telemetry = mailrelay_relay::telemetry::init(&logging);
     match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -23,7 +23,7 @@ fn proxied(trusted: &str) -> Relay {
         s.limits.max_connections_per_ip = Some(1);
         let s = service(cfg, "submission");
         s.proxy_protocol = Some(ProxyProtocol {
-            trusted_from: vec![trusted],
+            trusted_from: vec![trusted.clone()],
         });
     })
 }

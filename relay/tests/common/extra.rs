@@ -22,7 +22,23 @@ use super::common::{
 
 /// Starts the relay like `Relay::start`, with `runtime_extra` appended to runtime.yaml and
 /// `edit` applied to the policy.
-pub fn start_custom(runtime_extra: &str, edit: impl FnOnce(&mut RelayConfig, &Ports)) -> Relay {
+pub fn start_custom(runtime_extra: &str, edit: impl Fn(&mut RelayConfig, &Ports)) -> Relay {
+    // `free_port` can race with other tests binding ports; a start that lost the race is
+    // retried on fresh ports.
+    for attempt in 1.. {
+        let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            start_once(runtime_extra, &edit)
+        }));
+        match started {
+            Ok(r) => return r,
+            Err(e) if attempt >= 3 => std::panic::resume_unwind(e),
+            Err(_) => eprintln!("relay start failed (attempt {attempt}); retrying on new ports"),
+        }
+    }
+    unreachable!("the loop returns or panics")
+}
+
+fn start_once(runtime_extra: &str, edit: &impl Fn(&mut RelayConfig, &Ports)) -> Relay {
     let dir = tempfile::tempdir().unwrap();
     let ports = Ports {
         smtp: free_port(),
