@@ -8,12 +8,12 @@
 //!
 //! # Guarantees
 //!
-//! * [`Spool::store`] returns only after the data and the envelope are on stable storage (file
-//!   `fdatasync`, then directory `fsync`s that persist the names). The caller answers `250` after
-//!   that, never before.
+//! * [`Spool::store`] returns only after the message (data and envelope, one file) is on stable
+//!   storage: file `fdatasync`, rename into place, then a directory `fsync` that persists the
+//!   name. The caller answers `250` after that, never before.
 //! * A crash before `store` returns may leave the message committed anyway (the client will then
-//!   send it again: a duplicate), or leave uncommitted files, which recovery deletes. It never
-//!   leaves a committed envelope without its complete data.
+//!   send it again: a duplicate), or leave an uncommitted temporary file, which recovery deletes.
+//!   It never leaves a committed envelope without its complete data.
 //! * [`Spool::update_envelope`] and [`Spool::remove`] are atomic and durable when they return.
 //!
 //! With [`SpoolOptions::fsync`] off none of this holds past an OS crash or power loss; it exists
@@ -21,45 +21,69 @@
 //!
 //! # Group commit
 //!
-//! Each `store` writes and `fdatasync`s its own files on the blocking thread pool, so concurrent
-//! sessions' data flushes run in parallel (the filesystem journal merges concurrent flushes into
-//! one commit). The directory `fsync`s, which every message needs, are shared: one committer
-//! thread takes every operation that is waiting, syncs the directory once so all new data files
-//! are named durably, renames all envelopes into place, syncs the directory once more, and then
-//! wakes all waiters. A batch of any size costs two directory syncs.
+//! Each `store` writes its message file under a temporary name and `fdatasync`s it on the
+//! blocking thread pool, so concurrent sessions' flushes run in parallel (the filesystem journal
+//! merges concurrent flushes into a few commits). The rest is shared: one committer thread takes
+//! every operation that is waiting, renames all their files into place (and applies removals,
+//! checking the index), syncs the directory once, and then wakes all waiters. A message costs
+//! one `fdatasync` of its own; a batch of any size costs one directory sync. (Renaming in the
+//! committer rather than right after each flush measured faster: the renames then land in one
+//! journal transaction, the one the directory sync commits.)
 //!
 //! # On-disk layout
 //!
 //! ```text
 //! <dir>/lock                     flock(2)ed while a process has the spool open
-//! <dir>/msg/<id>.eml             message data, exactly as it will be relayed
-//! <dir>/msg/<id>.env             envelope record (JSON, one line): {"version":1,"dataLen":N,"envelope":{..}}
-//! <dir>/msg/<id>.env.<nonce>.tmp envelope being written; never valid
+//! <dir>/msg/<id>.msg             the message: fixed header, envelope record, data (see below)
+//! <dir>/msg/<id>.upd             newer envelope record of <id>.msg (after update_envelope)
+//! <dir>/msg/<id>.msg.tmp         message being stored; never valid
+//! <dir>/msg/<id>.upd.<nonce>.tmp envelope update being written; never valid
 //! <dir>/corrupt/                 unreadable or inconsistent files moved aside by recovery
+//!
+//! Written by relays before message files (read, updated and removed, never created, now):
+//! <dir>/msg/<id>.eml             message data, exactly as it will be relayed
+//! <dir>/msg/<id>.env             envelope record of <id>.eml
+//! <dir>/msg/<id>.env.<nonce>.tmp envelope update being written; never valid
 //! ```
 //!
-//! `<id>` is a [`MessageId`]: 32 hex digits, sorting by arrival. Storing a message writes
-//! `<id>.eml` and `<id>.env.<nonce>.tmp` as new files, `fdatasync`s both, syncs the directory, renames
-//! the temporary file to `<id>.env` and syncs the directory again. **The appearance of `<id>.env`
-//! is the commit point**; the data file is always durable before it. Updating an envelope writes a
-//! new temporary file and renames it over `<id>.env`. Removing deletes `<id>.env` (the message is
-//! gone once that is durable) and then `<id>.eml`.
+//! `<id>` is a [`MessageId`]: 32 hex digits, sorting by arrival. An envelope record is one line
+//! of JSON, `{"version":1,"dataLen":N,"envelope":{..}}`. A message file is a 24-byte header
+//! (magic `mrspool\n`, format version, envelope record length, data length; little-endian), the
+//! envelope record, then the data; [`Spool::data_offset`] says where the data starts.
 //!
-//! Recovery ([`Spool::open`]) therefore deletes `*.tmp` files and `.eml` files without an
-//! `.env`; moves an `.env` that does not parse, lacks its data file, or disagrees with the data
-//! file's length to `corrupt/` together with its data, and reports it ([`RecoveryReport`]); leaves
-//! envelopes of a newer format version where they are (a newer relay will read them) and reports
-//! them; and loads everything else.
+//! Storing a message writes `<id>.msg.tmp` as a new file, `fdatasync`s it, renames it to
+//! `<id>.msg` and syncs the directory. **The appearance of `<id>.msg` is the commit point**; it
+//! is complete and flushed before it has that name. Updating an envelope writes a new temporary
+//! file, flushes it, renames it over `<id>.upd` and syncs the directory; the envelope in
+//! `<id>.upd` overrides the one inside `<id>.msg`. Removing deletes `<id>.msg` (the message is
+//! gone once that is durable, so a crash can never bring it back with a stale envelope) and then
+//! `<id>.upd`.
+//!
+//! Messages stored by earlier versions (`<id>.eml` + `<id>.env`, committed by the appearance of
+//! `<id>.env`) are loaded as they are and drained by normal delivery: updates rename over
+//! `<id>.env`, removal deletes `<id>.env` and then `<id>.eml`, as those versions did. A relay
+//! upgraded in place keeps its spool; one downgraded again sees `.msg`/`.upd` files as unknown
+//! and leaves them alone.
+//!
+//! Recovery ([`Spool::open`]) therefore deletes `*.tmp` files, `.upd` files without a `.msg`
+//! and `.eml` files without an `.env` (leftovers of interrupted stores and removals); moves a
+//! message whose file has a damaged header, a length that disagrees with it, or an envelope
+//! record that does not parse or disagrees with the data length (in `.msg` or `.upd`; for the
+//! old layout: an `.env` that does not parse, lacks its data file, or disagrees with its length)
+//! to `corrupt/` with all its files, and reports it ([`RecoveryReport`]); leaves messages whose
+//! file or envelope has a newer format version where they are (a newer relay will read them) and
+//! reports them; and loads everything else.
 //!
 //! The lock keeps two processes from sharing one spool: the recovery of one would delete the
 //! in-flight files of the other. Each relay instance needs its own spool directory.
 
 mod envelope;
+mod format;
 mod id;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Read, SeekFrom, Write};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
@@ -73,15 +97,22 @@ pub use envelope::{
 pub use id::{MessageId, ParseMessageIdError};
 
 use envelope::EnvelopeRecord;
+use format::{Header, HeaderError, HEADER_LEN};
 
 const MSG_DIR: &str = "msg";
 const CORRUPT_DIR: &str = "corrupt";
 const LOCK_FILE: &str = "lock";
+/// Message file: header, envelope record, data.
+const MSG_EXT: &str = "msg";
+/// Envelope update of a message file.
+const UPD_EXT: &str = "upd";
+/// Old layout: message data.
 const DATA_EXT: &str = "eml";
+/// Old layout: envelope record.
 const ENV_EXT: &str = "env";
 const TMP_EXT: &str = "tmp";
 
-/// Bounds how long the first waiter of a batch waits for the last one's rename.
+/// Bounds how long the first waiter of a batch waits for the directory sync.
 const MAX_BATCH: usize = 4096;
 
 /// How the spool is opened.
@@ -177,6 +208,31 @@ struct Index {
 struct Entry {
     envelope: Envelope,
     data_len: u64,
+    layout: Layout,
+}
+
+/// Which files hold a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// `<id>.msg` (data at `data_offset`), envelope updates in `<id>.upd`.
+    Single { data_offset: u64 },
+    /// Stored by an earlier version: `<id>.eml` (data only) and `<id>.env`.
+    Split,
+}
+
+impl Layout {
+    fn data_offset(self) -> u64 {
+        match self {
+            Layout::Single { data_offset } => data_offset,
+            Layout::Split => 0,
+        }
+    }
+}
+
+/// A message found by recovery, with where it lives.
+struct Recovered {
+    message: StoredMessage,
+    layout: Layout,
 }
 
 struct Job {
@@ -185,18 +241,21 @@ struct Job {
 }
 
 enum Op {
-    /// Data file and temporary envelope are written and flushed.
+    /// The message file is written and flushed under its temporary name `tmp`.
     Store {
         id: MessageId,
         envelope: Envelope,
         data_len: u64,
+        data_offset: u64,
         tmp: PathBuf,
     },
-    /// Temporary envelope is written and flushed.
+    /// A temporary envelope record is written and flushed; it is renamed to `target` if the
+    /// message is still there.
     Replace {
         id: MessageId,
         envelope: Envelope,
         tmp: PathBuf,
+        target: PathBuf,
     },
     Remove {
         id: MessageId,
@@ -237,18 +296,21 @@ impl Spool {
             index: Mutex::new(Index::default()),
             poisoned: OnceLock::new(),
         });
-        let (messages, report) = shared.recover()?;
+        let (recovered, report) = shared.recover()?;
+        let mut messages = Vec::with_capacity(recovered.len());
         {
             let mut index = shared.lock_index();
-            for m in &messages {
+            for Recovered { message: m, layout } in recovered {
                 index.bytes += m.data_len;
                 index.entries.insert(
                     m.id,
                     Entry {
                         envelope: m.envelope.clone(),
                         data_len: m.data_len,
+                        layout,
                     },
                 );
+                messages.push(m);
             }
         }
         let dir_file = File::open(&shared.msg_dir)
@@ -287,12 +349,14 @@ impl Spool {
         tokio::task::spawn_blocking(move || {
             let data = data.as_ref();
             let data_len = data.len() as u64;
-            match shared.write_new(id, data, &EnvelopeRecord::encode(&envelope, data_len)) {
-                Ok(tmp) => {
+            let record = EnvelopeRecord::encode(&envelope, data_len);
+            match shared.write_message(id, &record, data) {
+                Ok((tmp, data_offset)) => {
                     let op = Op::Store {
                         id,
                         envelope,
                         data_len,
+                        data_offset,
                         tmp,
                     };
                     // A failed send drops `done`, which the waiter reports.
@@ -313,23 +377,29 @@ impl Spool {
     pub async fn update_envelope(&self, id: MessageId, mut envelope: Envelope) -> io::Result<()> {
         self.inner.shared.check_usable()?;
         envelope.normalize();
-        let data_len = self
+        let (data_len, layout) = self
             .inner
             .shared
             .lock_index()
             .entries
             .get(&id)
-            .map(|e| e.data_len)
+            .map(|e| (e.data_len, e.layout))
             .ok_or_else(|| not_found(id))?;
         let (done, wait) = oneshot::channel();
         let shared = self.inner.shared.clone();
         let tx = self.inner.tx.clone();
         tokio::task::spawn_blocking(move || {
-            let tmp = shared.tmp_path(id);
+            let target = shared.envelope_path(id, layout);
+            let tmp = tmp_path(&target);
             let record = EnvelopeRecord::encode(&envelope, data_len);
-            match write_file(&tmp, &record, shared.fsync) {
+            match write_file(&tmp, &[&record], shared.fsync) {
                 Ok(_) => {
-                    let op = Op::Replace { id, envelope, tmp };
+                    let op = Op::Replace {
+                        id,
+                        envelope,
+                        tmp,
+                        target,
+                    };
                     let _ = tx.send(Job { op, done });
                 }
                 Err(e) => {
@@ -357,29 +427,66 @@ impl Spool {
 
     /// The message data.
     pub async fn read_data(&self, id: MessageId) -> io::Result<Vec<u8>> {
-        if !self.contains(id) {
-            return Err(not_found(id));
-        }
-        let path = self.data_path(id);
-        tokio::fs::read(&path)
+        use tokio::io::AsyncReadExt;
+        let (mut file, data_len) = self.open_positioned(id).await?;
+        // Capacity only: a length that does not fit memory fails in the read, not here.
+        let mut data = Vec::with_capacity(usize::try_from(data_len).unwrap_or(0).min(1 << 30));
+        file.read_to_end(&mut data)
             .await
-            .map_err(|e| context(e, "reading message data", &path))
+            .map_err(|e| context(e, "reading message data", &self.data_path(id)))?;
+        Ok(data)
     }
 
     /// The message data as a file, for streaming large messages.
+    ///
+    /// The file is positioned at the start of the data, and the data runs to the end of the file
+    /// (the file may hold more than the data before that position; see [`Spool::data_offset`]).
     pub async fn open_data(&self, id: MessageId) -> io::Result<tokio::fs::File> {
-        if !self.contains(id) {
-            return Err(not_found(id));
-        }
-        let path = self.data_path(id);
-        tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| context(e, "opening message data", &path))
+        Ok(self.open_positioned(id).await?.0)
     }
 
-    /// Where the data of `id` is (or would be). Read-only use; the spool owns the file.
+    async fn open_positioned(&self, id: MessageId) -> io::Result<(tokio::fs::File, u64)> {
+        use tokio::io::AsyncSeekExt;
+        let (layout, data_len) = {
+            let index = self.inner.shared.lock_index();
+            let entry = index.entries.get(&id).ok_or_else(|| not_found(id))?;
+            (entry.layout, entry.data_len)
+        };
+        let path = self.inner.shared.data_path(id, Some(layout));
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| context(e, "opening message data", &path))?;
+        let offset = layout.data_offset();
+        if offset != 0 {
+            file.seek(SeekFrom::Start(offset))
+                .await
+                .map_err(|e| context(e, "opening message data", &path))?;
+        }
+        Ok((file, data_len))
+    }
+
+    /// The file holding the data of `id` (or where it would be). Read-only use; the spool owns
+    /// the file.
+    ///
+    /// The data is the `data_len` bytes starting at [`Spool::data_offset`], which for messages
+    /// stored by this version is past a header and the envelope record (the data runs to the
+    /// end of the file). Prefer [`Spool::open_data`], which handles the offset.
     pub fn data_path(&self, id: MessageId) -> PathBuf {
-        self.inner.shared.data_path(id)
+        let layout = self
+            .inner
+            .shared
+            .lock_index()
+            .entries
+            .get(&id)
+            .map(|e| e.layout);
+        self.inner.shared.data_path(id, layout)
+    }
+
+    /// Where the data of a stored message starts inside [`Spool::data_path`]: past the header
+    /// and envelope record for message files, 0 for messages stored by earlier versions.
+    pub fn data_offset(&self, id: MessageId) -> Option<u64> {
+        let index = self.inner.shared.lock_index();
+        index.entries.get(&id).map(|e| e.layout.data_offset())
     }
 
     /// The current envelope of a stored message.
@@ -490,67 +597,53 @@ impl Shared {
         )
     }
 
-    fn data_path(&self, id: MessageId) -> PathBuf {
-        self.msg_dir.join(format!("{id}.{DATA_EXT}"))
-    }
-
-    fn env_path(&self, id: MessageId) -> PathBuf {
-        self.msg_dir.join(format!("{id}.{ENV_EXT}"))
-    }
-
-    /// A fresh name per write, so concurrent updates of one message never share a file.
-    fn tmp_path(&self, id: MessageId) -> PathBuf {
-        let nonce: u64 = rand::random();
-        self.msg_dir
-            .join(format!("{id}.{ENV_EXT}.{nonce:016x}.{TMP_EXT}"))
-    }
-
-    /// Writes and flushes the data file and a temporary envelope; returns the temporary's path.
-    fn write_new(&self, id: MessageId, data: &[u8], record: &[u8]) -> io::Result<PathBuf> {
-        let data_path = self.data_path(id);
-        let data_file = match write_file(&data_path, data, false) {
-            Ok(f) => f,
-            Err(e) => {
-                remove_quietly(&data_path);
-                return Err(context(e, "writing message data", &data_path));
-            }
-        };
-        let tmp = self.tmp_path(id);
-        let env_file = match write_file(&tmp, record, false) {
-            Ok(f) => f,
-            Err(e) => {
-                remove_quietly(&tmp);
-                remove_quietly(&data_path);
-                return Err(context(e, "writing envelope", &tmp));
-            }
-        };
-        if self.fsync {
-            // Both files exist before the first flush, so the journal commit it forces covers
-            // both new inodes and the second flush often finds little left to do.
-            let synced = data_file
-                .sync_data()
-                .map_err(|e| context(e, "flushing message data", &data_path))
-                .and_then(|()| {
-                    env_file
-                        .sync_data()
-                        .map_err(|e| context(e, "flushing envelope", &tmp))
-                });
-            if let Err(e) = synced {
-                remove_quietly(&tmp);
-                remove_quietly(&data_path);
-                return Err(e);
-            }
+    /// The file holding the data of a message in `layout` (`None`: a new message).
+    fn data_path(&self, id: MessageId, layout: Option<Layout>) -> PathBuf {
+        match layout {
+            Some(Layout::Split) => self.file(id, DATA_EXT),
+            Some(Layout::Single { .. }) | None => self.file(id, MSG_EXT),
         }
-        Ok(tmp)
+    }
+
+    /// The file holding the current envelope record of a message in `layout`, if it has one of
+    /// its own (for message files: the update, which may not exist yet).
+    fn envelope_path(&self, id: MessageId, layout: Layout) -> PathBuf {
+        match layout {
+            Layout::Single { .. } => self.file(id, UPD_EXT),
+            Layout::Split => self.file(id, ENV_EXT),
+        }
+    }
+
+    fn file(&self, id: MessageId, ext: &str) -> PathBuf {
+        self.msg_dir.join(format!("{id}.{ext}"))
+    }
+
+    /// Writes and flushes `<id>.msg.tmp`; returns its path and the data offset.
+    fn write_message(
+        &self,
+        id: MessageId,
+        record: &[u8],
+        data: &[u8],
+    ) -> io::Result<(PathBuf, u64)> {
+        let tmp = self.file(id, &format!("{MSG_EXT}.{TMP_EXT}"));
+        let header = Header::new(record.len(), data.len() as u64).map_err(|e| {
+            context(
+                io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+                "writing",
+                &tmp,
+            )
+        })?;
+        if let Err(e) = write_file(&tmp, &[&header.encode(), record, data], self.fsync) {
+            remove_quietly(&tmp);
+            return Err(context(e, "writing message", &tmp));
+        }
+        Ok((tmp, header.data_offset()))
     }
 
     /// Deletes the files of an operation that will not commit.
     fn discard(&self, op: &Op) {
         match op {
-            Op::Store { id, tmp, .. } => {
-                remove_quietly(tmp);
-                remove_quietly(&self.data_path(*id));
-            }
+            Op::Store { tmp, .. } => remove_quietly(tmp),
             Op::Replace { tmp, .. } => remove_quietly(tmp),
             Op::Remove { .. } => {}
         }
@@ -564,18 +657,6 @@ impl Shared {
             }
             return;
         }
-        // Barrier: every data file's name must be durable before any envelope naming it is.
-        let has_store = batch.iter().any(|j| matches!(j.op, Op::Store { .. }));
-        if self.fsync && has_store {
-            if let Err(e) = dir.sync_all() {
-                self.poison(&e);
-                for job in batch {
-                    self.discard(&job.op);
-                    let _ = job.done.send(Err(self.sync_failed(&e)));
-                }
-                return;
-            }
-        }
 
         let mut results = Vec::with_capacity(batch.len());
         // Removals are applied to the index only after the sync, so later ops of this batch
@@ -583,25 +664,35 @@ impl Shared {
         let mut removed = HashSet::new();
         for job in &batch {
             let result = match &job.op {
-                Op::Store { id, tmp, .. } => rename(tmp, &self.env_path(*id)),
-                Op::Replace { id, tmp, .. } => {
+                // Complete and flushed: naming it commits the message (once the name is durable).
+                Op::Store { id, tmp, .. } => rename(tmp, &self.file(*id, MSG_EXT)),
+                Op::Replace {
+                    id, tmp, target, ..
+                } => {
                     if removed.contains(id) || !self.contains(*id) {
                         Err(not_found(*id))
                     } else {
-                        rename(tmp, &self.env_path(*id))
+                        rename(tmp, target)
                     }
                 }
                 Op::Remove { id } => {
-                    if removed.contains(id) || !self.contains(*id) {
-                        Err(not_found(*id))
-                    } else {
-                        let path = self.env_path(*id);
-                        let r = fs::remove_file(&path)
-                            .map_err(|e| context(e, "removing envelope", &path));
-                        if r.is_ok() {
-                            removed.insert(*id);
+                    let layout = self.lock_index().entries.get(id).map(|e| e.layout);
+                    match layout {
+                        Some(layout) if !removed.contains(id) => {
+                            // The commit point of a removal: the file whose name commits the
+                            // message.
+                            let path = match layout {
+                                Layout::Single { .. } => self.file(*id, MSG_EXT),
+                                Layout::Split => self.file(*id, ENV_EXT),
+                            };
+                            let r = fs::remove_file(&path)
+                                .map_err(|e| context(e, "removing message", &path));
+                            if r.is_ok() {
+                                removed.insert(*id);
+                            }
+                            r
                         }
-                        r
+                        _ => Err(not_found(*id)),
                     }
                 }
             };
@@ -634,12 +725,16 @@ impl Shared {
                         id,
                         envelope,
                         data_len,
+                        data_offset,
                         ..
                     } => {
                         index.bytes += data_len;
                         let entry = Entry {
                             envelope: envelope.clone(),
                             data_len: *data_len,
+                            layout: Layout::Single {
+                                data_offset: *data_offset,
+                            },
                         };
                         index.entries.insert(*id, entry);
                     }
@@ -651,29 +746,34 @@ impl Shared {
                     Op::Remove { id } => {
                         if let Some(entry) = index.entries.remove(id) {
                             index.bytes -= entry.data_len;
+                            unlink.push(match entry.layout {
+                                Layout::Single { .. } => self.file(*id, UPD_EXT),
+                                Layout::Split => self.file(*id, DATA_EXT),
+                            });
                         }
-                        unlink.push(*id);
                     }
+                }
+            }
+        }
+        // The messages are already gone for good; a file that survives a crash here is an
+        // orphan that recovery deletes, so this needs no sync. Done before waking the waiters
+        // (unlinking is cheap) so that a finished `remove` leaves no file behind.
+        for path in unlink {
+            if let Err(e) = fs::remove_file(&path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(file = %path.display(), error = %e, "removing message leftover");
                 }
             }
         }
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.done.send(result);
         }
-        // The message is already gone for good; a data file that survives a crash here is an
-        // orphan that recovery deletes, so this needs no sync.
-        for id in unlink {
-            let path = self.data_path(id);
-            if let Err(e) = fs::remove_file(&path) {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(file = %path.display(), error = %e, "removing message data");
-                }
-            }
-        }
     }
 
-    fn recover(&self) -> io::Result<(Vec<StoredMessage>, RecoveryReport)> {
+    fn recover(&self) -> io::Result<(Vec<Recovered>, RecoveryReport)> {
         let mut report = RecoveryReport::default();
+        let mut msg_files = BTreeSet::new();
+        let mut upd_files = HashSet::new();
         let mut data_files = HashSet::new();
         let mut env_files = BTreeMap::new();
         let entries = fs::read_dir(&self.msg_dir)
@@ -696,6 +796,12 @@ impl Shared {
                 .split_once('.')
                 .and_then(|(id, ext)| Some((id.parse::<MessageId>().ok()?, ext)));
             match parsed {
+                Some((id, MSG_EXT)) => {
+                    msg_files.insert(id);
+                }
+                Some((id, UPD_EXT)) => {
+                    upd_files.insert(id);
+                }
                 Some((id, DATA_EXT)) => {
                     data_files.insert(id);
                 }
@@ -707,39 +813,83 @@ impl Shared {
         }
 
         let mut messages = Vec::new();
+        for &id in &msg_files {
+            let has_upd = upd_files.remove(&id);
+            let msg_name = format!("{id}.{MSG_EXT}");
+            let skip = match self.load_message_file(id, has_upd) {
+                Ok(found) => {
+                    messages.push(found);
+                    continue;
+                }
+                Err(skip) => skip,
+            };
+            match skip {
+                Skip::Unsupported(file, reason) => {
+                    tracing::warn!(file = %self.msg_dir.join(&file).display(), error = %reason, "skipping message");
+                    report.unsupported.push(SkippedFile { file, reason });
+                }
+                Skip::Corrupt(file, problem) => {
+                    tracing::error!(file = %self.msg_dir.join(&file).display(), problem = %problem, "quarantining spooled message");
+                    self.quarantine(&msg_name)?;
+                    if has_upd {
+                        self.quarantine(&format!("{id}.{UPD_EXT}"))?;
+                    }
+                    report.quarantined.push(SkippedFile {
+                        file,
+                        reason: problem,
+                    });
+                }
+            }
+        }
+        // Updates of removed messages (removal deletes the message file first).
+        for id in upd_files {
+            let name = format!("{id}.{UPD_EXT}");
+            let path = self.msg_dir.join(&name);
+            fs::remove_file(&path).map_err(|e| context(e, "removing leftover", &path))?;
+            report.removed_uncommitted.push(name);
+        }
+
+        // Messages stored by earlier versions.
         for (id, name) in env_files {
             let path = self.msg_dir.join(&name);
             let has_data = data_files.remove(&id);
-            let problem = match fs::read(&path) {
-                Err(e) => format!("unreadable: {e}"),
-                Ok(bytes) => match EnvelopeRecord::decode(&bytes) {
-                    Err(e @ EnvelopeError::UnsupportedVersion { .. }) => {
-                        tracing::warn!(file = %path.display(), error = %e, "skipping envelope");
-                        report.unsupported.push(SkippedFile {
-                            file: name,
-                            reason: e.to_string(),
-                        });
-                        continue;
-                    }
-                    Err(e) => e.to_string(),
-                    Ok(_) if !has_data => "data file is missing".to_owned(),
-                    Ok(record) => match fs::metadata(self.data_path(id)) {
-                        Err(e) => format!("data file unreadable: {e}"),
-                        Ok(meta) if meta.len() != record.data_len => format!(
-                            "data file has {} bytes, envelope records {}",
-                            meta.len(),
-                            record.data_len
-                        ),
-                        Ok(_) => {
-                            messages.push(StoredMessage {
-                                id,
-                                envelope: record.envelope,
-                                data_len: record.data_len,
+            let problem = if msg_files.contains(&id) {
+                format!("{id}.{MSG_EXT} exists as well")
+            } else {
+                match fs::read(&path) {
+                    Err(e) => format!("unreadable: {e}"),
+                    Ok(bytes) => match EnvelopeRecord::decode(&bytes) {
+                        Err(e @ EnvelopeError::UnsupportedVersion { .. }) => {
+                            tracing::warn!(file = %path.display(), error = %e, "skipping envelope");
+                            report.unsupported.push(SkippedFile {
+                                file: name,
+                                reason: e.to_string(),
                             });
                             continue;
                         }
+                        Err(e) => e.to_string(),
+                        Ok(_) if !has_data => "data file is missing".to_owned(),
+                        Ok(record) => match fs::metadata(self.file(id, DATA_EXT)) {
+                            Err(e) => format!("data file unreadable: {e}"),
+                            Ok(meta) if meta.len() != record.data_len => format!(
+                                "data file has {} bytes, envelope records {}",
+                                meta.len(),
+                                record.data_len
+                            ),
+                            Ok(_) => {
+                                messages.push(Recovered {
+                                    message: StoredMessage {
+                                        id,
+                                        envelope: record.envelope,
+                                        data_len: record.data_len,
+                                    },
+                                    layout: Layout::Split,
+                                });
+                                continue;
+                            }
+                        },
                     },
-                },
+                }
             };
             tracing::error!(file = %path.display(), problem = %problem, "quarantining spooled message");
             self.quarantine(&name)?;
@@ -763,8 +913,11 @@ impl Shared {
             sync_dir(&self.msg_dir)?;
             sync_dir(&self.dir.join(CORRUPT_DIR))?;
         }
+        messages.sort_by_key(|m| m.message.id);
         report.removed_uncommitted.sort();
         report.unknown.sort();
+        report.quarantined.sort_by(|a, b| a.file.cmp(&b.file));
+        report.unsupported.sort_by(|a, b| a.file.cmp(&b.file));
         for name in &report.unknown {
             tracing::warn!(file = %self.msg_dir.join(name).display(), "unknown file in spool, left alone");
         }
@@ -776,6 +929,54 @@ impl Shared {
         }
         report.recovered = messages.len();
         Ok((messages, report))
+    }
+
+    /// Reads and checks `<id>.msg` (header, length, envelope record) and `<id>.upd` if present,
+    /// without reading the data.
+    fn load_message_file(&self, id: MessageId, has_upd: bool) -> Result<Recovered, Skip> {
+        let name = format!("{id}.{MSG_EXT}");
+        let corrupt = |problem: String| Skip::Corrupt(name.clone(), problem);
+        let mut file = File::open(self.msg_dir.join(&name))
+            .map_err(|e| corrupt(format!("unreadable: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| corrupt(format!("unreadable: {e}")))?
+            .len();
+        let mut raw = [0u8; HEADER_LEN];
+        file.read_exact(&mut raw)
+            .map_err(|e| corrupt(format!("header unreadable ({file_len} bytes): {e}")))?;
+        let header = Header::decode(&raw).map_err(|e| match e {
+            HeaderError::Unsupported(_) => Skip::Unsupported(name.clone(), e.to_string()),
+            _ => corrupt(e.to_string()),
+        })?;
+        if header.file_len() != Some(file_len) {
+            return Err(corrupt(format!(
+                "file has {file_len} bytes, header records {} of envelope and {} of data",
+                header.envelope_len, header.data_len
+            )));
+        }
+        // Bounded by the file length just checked, so a damaged header cannot ask for more
+        // memory than the file has.
+        let mut record = vec![0u8; header.envelope_len as usize];
+        file.read_exact(&mut record)
+            .map_err(|e| corrupt(format!("envelope unreadable: {e}")))?;
+        let mut record = decode_record(&name, &record, header.data_len)?;
+        if has_upd {
+            let upd = format!("{id}.{UPD_EXT}");
+            let bytes = fs::read(self.msg_dir.join(&upd))
+                .map_err(|e| Skip::Corrupt(upd.clone(), format!("unreadable: {e}")))?;
+            record = decode_record(&upd, &bytes, header.data_len)?;
+        }
+        Ok(Recovered {
+            message: StoredMessage {
+                id,
+                envelope: record.envelope,
+                data_len: header.data_len,
+            },
+            layout: Layout::Single {
+                data_offset: header.data_offset(),
+            },
+        })
     }
 
     /// Moves a message directory entry to `corrupt/`, never overwriting an earlier one.
@@ -792,6 +993,32 @@ impl Shared {
     }
 }
 
+/// Why recovery did not load a message file, naming the file at fault.
+enum Skip {
+    /// Newer format: leave everything in place.
+    Unsupported(String, String),
+    /// Damaged: quarantine the message's files.
+    Corrupt(String, String),
+}
+
+/// Decodes an envelope record of a message file whose data is `data_len` bytes.
+fn decode_record(file: &str, bytes: &[u8], data_len: u64) -> Result<EnvelopeRecord, Skip> {
+    match EnvelopeRecord::decode(bytes) {
+        Ok(record) if record.data_len == data_len => Ok(record),
+        Ok(record) => Err(Skip::Corrupt(
+            file.to_owned(),
+            format!(
+                "message has {data_len} bytes of data, envelope records {}",
+                record.data_len
+            ),
+        )),
+        Err(e @ EnvelopeError::UnsupportedVersion { .. }) => {
+            Err(Skip::Unsupported(file.to_owned(), e.to_string()))
+        }
+        Err(e) => Err(Skip::Corrupt(file.to_owned(), e.to_string())),
+    }
+}
+
 fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -805,16 +1032,27 @@ fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
     }
 }
 
-fn write_file(path: &Path, bytes: &[u8], fsync: bool) -> io::Result<File> {
+fn write_file(path: &Path, parts: &[&[u8]], fsync: bool) -> io::Result<File> {
     // create_new: a name collision must fail, never overwrite someone else's message.
     let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    f.write_all(bytes)?;
+    for part in parts {
+        f.write_all(part)?;
+    }
     if fsync {
         // fdatasync also flushes the size and block map, which reading the data back needs;
         // only timestamps are left out.
         f.sync_data()?;
     }
     Ok(f)
+}
+
+/// A fresh temporary name per write next to `target`, so concurrent updates of one message
+/// never share a file.
+fn tmp_path(target: &Path) -> PathBuf {
+    let nonce: u64 = rand::random();
+    let mut name = target.as_os_str().to_owned();
+    name.push(format!(".{nonce:016x}.{TMP_EXT}"));
+    PathBuf::from(name)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {

@@ -2,13 +2,14 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use mailrelay_spool::{
     Body, Envelope, MessageId, RecipientStatus, Spool, SpoolOptions, StoredMessage,
 };
+use tokio::io::AsyncReadExt;
 
 fn envelope(n: usize) -> Envelope {
     let mut e = Envelope::new(
@@ -149,16 +150,26 @@ async fn uncommitted_leftovers_are_deleted() {
 
     let msg = tmp.path().join("msg");
     let orphan = MessageId::generate();
-    // What a crash at each step of store/update leaves behind.
-    fs::write(msg.join(format!("{orphan}.eml")), b"partial da").unwrap();
+    let removed = MessageId::generate();
+    let old_orphan = MessageId::generate();
+    // What a crash at each step of store/update/remove leaves behind.
+    fs::write(msg.join(format!("{orphan}.msg.tmp")), b"mrspool\npartial").unwrap();
     fs::write(
-        msg.join(format!("{orphan}.env.00000000000000aa.tmp")),
-        b"{\"vers",
+        msg.join(format!("{kept}.upd.00000000000000bb.tmp")),
+        b"{\"version\":1}",
     )
     .unwrap();
+    // Removal deletes the message file first; its envelope update may survive it.
     fs::write(
-        msg.join(format!("{kept}.env.00000000000000bb.tmp")),
-        b"{\"version\":1}",
+        msg.join(format!("{removed}.upd")),
+        b"{\"version\":1,\"dataLen\":3,\"envelope\":{}}\n",
+    )
+    .unwrap();
+    // The same for the layout of earlier versions.
+    fs::write(msg.join(format!("{old_orphan}.eml")), b"partial da").unwrap();
+    fs::write(
+        msg.join(format!("{old_orphan}.env.00000000000000aa.tmp")),
+        b"{\"vers",
     )
     .unwrap();
     fs::write(msg.join("README.txt"), b"not ours").unwrap();
@@ -166,38 +177,170 @@ async fn uncommitted_leftovers_are_deleted() {
     let (spool, recovered) = open(tmp.path()).await;
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].id, kept);
+    assert_eq!(recovered[0].envelope, spool.envelope(kept).unwrap());
     let report = spool.recovery_report();
     let mut expected = vec![
-        format!("{orphan}.eml"),
-        format!("{orphan}.env.00000000000000aa.tmp"),
-        format!("{kept}.env.00000000000000bb.tmp"),
+        format!("{orphan}.msg.tmp"),
+        format!("{kept}.upd.00000000000000bb.tmp"),
+        format!("{removed}.upd"),
+        format!("{old_orphan}.eml"),
+        format!("{old_orphan}.env.00000000000000aa.tmp"),
     ];
     expected.sort();
     assert_eq!(report.removed_uncommitted, expected);
     assert_eq!(report.unknown, vec!["README.txt".to_string()]);
     assert_eq!(
         names(&msg),
-        vec![
-            format!("{kept}.eml"),
-            format!("{kept}.env"),
-            "README.txt".to_string(),
-        ]
+        vec![format!("{kept}.msg"), "README.txt".to_string()]
     );
     assert_eq!(spool.read_data(kept).await.unwrap(), data(1));
 }
 
+/// Overwrites part of a file in place.
+fn patch(path: &Path, offset: usize, bytes: &[u8]) {
+    let mut content = fs::read(path).unwrap();
+    content[offset..offset + bytes.len()].copy_from_slice(bytes);
+    fs::write(path, content).unwrap();
+}
+
 #[tokio::test]
-async fn corrupt_envelopes_are_quarantined_not_deleted() {
+async fn corrupt_messages_are_quarantined_not_deleted() {
     let tmp = tempfile::tempdir().unwrap();
     let (spool, _) = open(tmp.path()).await;
-    let good = spool.store(envelope(1), data(1)).await.unwrap();
-    let garbled = spool.store(envelope(2), data(2)).await.unwrap();
-    let truncated_data = spool.store(envelope(3), data(3)).await.unwrap();
-    let no_data = spool.store(envelope(4), data(4)).await.unwrap();
-    let future = spool.store(envelope(5), data(5)).await.unwrap();
+    let mut ids = Vec::new();
+    for n in 0..9 {
+        ids.push(spool.store(envelope(n), data(n)).await.unwrap());
+    }
+    for &id in &ids[6..] {
+        let mut env = spool.envelope(id).unwrap();
+        env.warned = true;
+        spool.update_envelope(id, env).await.unwrap();
+    }
     drop(spool);
+    let [good, bad_magic, truncated, garbled_envelope, future_format, extended, garbled_update, wrong_length, future_update] =
+        ids[..]
+    else {
+        unreachable!()
+    };
 
     let msg = tmp.path().join("msg");
+    let file = |id: MessageId, ext: &str| msg.join(format!("{id}.{ext}"));
+    patch(&file(bad_magic, "msg"), 0, b"MRSPOOL");
+    let len = fs::metadata(file(truncated, "msg")).unwrap().len();
+    fs::File::options()
+        .write(true)
+        .open(file(truncated, "msg"))
+        .unwrap()
+        .set_len(len - 5)
+        .unwrap();
+    // Offset 24 is the first byte of the envelope record.
+    patch(&file(garbled_envelope, "msg"), 24, b"\xff");
+    patch(&file(future_format, "msg"), 8, &[9]);
+    fs::OpenOptions::new()
+        .append(true)
+        .open(file(extended, "msg"))
+        .unwrap()
+        .write_all(b"trailing")
+        .unwrap();
+    fs::write(
+        file(garbled_update, "upd"),
+        b"{\"version\":1,\"dataLen\":\xff",
+    )
+    .unwrap();
+    let wrong = format!(
+        "{{\"version\":1,\"dataLen\":{},\"envelope\":{{}}}}\n",
+        data(7).len() + 1
+    );
+    fs::write(file(wrong_length, "upd"), wrong).unwrap();
+    let future_env = b"{\"version\":7,\"somethingNew\":true}\n";
+    fs::write(file(future_update, "upd"), future_env).unwrap();
+
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(
+        recovered.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![good]
+    );
+    let report = spool.recovery_report().clone();
+    let quarantined: Vec<(&str, &str)> = report
+        .quarantined
+        .iter()
+        .map(|q| (q.file.as_str(), q.reason.as_str()))
+        .collect();
+    let expect = [
+        (file(bad_magic, "msg"), "bad magic"),
+        (file(truncated, "msg"), "header records"),
+        (file(garbled_envelope, "msg"), "malformed envelope"),
+        (file(extended, "msg"), "header records"),
+        (file(garbled_update, "upd"), "malformed envelope"),
+        (file(wrong_length, "upd"), "envelope records"),
+    ];
+    assert_eq!(quarantined.len(), expect.len(), "{report:?}");
+    for ((file, reason), (want_file, want_reason)) in quarantined.iter().zip(&expect) {
+        let want_file = want_file.file_name().unwrap().to_str().unwrap();
+        assert_eq!(*file, want_file);
+        assert!(reason.contains(want_reason), "{file}: {reason}");
+    }
+    let unsupported: Vec<&str> = report.unsupported.iter().map(|u| u.file.as_str()).collect();
+    assert_eq!(
+        unsupported,
+        vec![
+            format!("{future_format}.msg"),
+            format!("{future_update}.upd")
+        ]
+    );
+    assert!(
+        report.unsupported[0].reason.contains("version 9"),
+        "{report:?}"
+    );
+    assert!(
+        report.unsupported[1].reason.contains("version 7"),
+        "{report:?}"
+    );
+
+    let mut corrupt_expected = vec![
+        format!("{bad_magic}.msg"),
+        format!("{truncated}.msg"),
+        format!("{garbled_envelope}.msg"),
+        format!("{extended}.msg"),
+        format!("{garbled_update}.msg"),
+        format!("{garbled_update}.upd"),
+        format!("{wrong_length}.msg"),
+        format!("{wrong_length}.upd"),
+    ];
+    corrupt_expected.sort();
+    assert_eq!(names(&tmp.path().join("corrupt")), corrupt_expected);
+    // A newer relay's messages stay where a newer relay will find them, untouched.
+    let mut left = vec![
+        format!("{good}.msg"),
+        format!("{future_format}.msg"),
+        format!("{future_update}.msg"),
+        format!("{future_update}.upd"),
+    ];
+    left.sort();
+    assert_eq!(names(&msg), left);
+    assert_eq!(fs::read(file(future_update, "upd")).unwrap(), future_env);
+    assert!(!spool.contains(future_format));
+    assert!(!spool.contains(future_update));
+}
+
+/// Writes a message the way relays before message files stored it: `<id>.eml` holding the data
+/// and `<id>.env` holding the envelope record.
+fn write_split_layout(msg: &Path, env: &Envelope, data: &[u8]) -> MessageId {
+    let id = MessageId::generate();
+    fs::write(msg.join(format!("{id}.eml")), data).unwrap();
+    let record = serde_json::json!({"version": 1, "dataLen": data.len(), "envelope": env});
+    fs::write(msg.join(format!("{id}.env")), format!("{record}\n")).unwrap();
+    id
+}
+
+#[tokio::test]
+async fn corrupt_messages_of_the_split_layout_are_quarantined() {
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = tmp.path().join("msg");
+    fs::create_dir_all(&msg).unwrap();
+    let [good, garbled, truncated_data, no_data, future] =
+        [1, 2, 3, 4, 5].map(|n| write_split_layout(&msg, &envelope(n), &data(n)));
+
     fs::write(
         msg.join(format!("{garbled}.env")),
         b"{\"version\":1,\"dataLen\":\xff",
@@ -267,6 +410,171 @@ async fn corrupt_envelopes_are_quarantined_not_deleted() {
         fs::read(tmp.path().join("corrupt").join(format!("{garbled}.env.1"))).unwrap(),
         b"again"
     );
+}
+
+/// Reads the data of `id` through `data_path` and `data_offset`, as a caller that streams the
+/// file itself would.
+fn data_via_path(spool: &Spool, id: MessageId) -> Vec<u8> {
+    let all = fs::read(spool.data_path(id)).unwrap();
+    let offset = spool.data_offset(id).unwrap() as usize;
+    let len = spool.data_len(id).unwrap() as usize;
+    all[offset..offset + len].to_vec()
+}
+
+async fn data_via_open(spool: &Spool, id: MessageId) -> Vec<u8> {
+    let mut f = spool.open_data(id).await.unwrap();
+    let mut v = Vec::new();
+    f.read_to_end(&mut v).await.unwrap();
+    v
+}
+
+#[tokio::test]
+async fn one_file_per_message_and_updates_override_it_after_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = tmp.path().join("msg");
+    let (spool, _) = open(tmp.path()).await;
+    let id = spool.store(envelope(3), data(3)).await.unwrap();
+    let other = spool.store(envelope(4), data(4)).await.unwrap();
+    assert_eq!(
+        names(&msg),
+        vec![format!("{id}.msg"), format!("{other}.msg")]
+    );
+    assert_eq!(spool.data_path(id), msg.join(format!("{id}.msg")));
+    assert!(fs::read(spool.data_path(id))
+        .unwrap()
+        .starts_with(b"mrspool\n"));
+    assert!(spool.data_offset(id).unwrap() > 24);
+    assert_eq!(data_via_path(&spool, id), data(3));
+    assert_eq!(data_via_open(&spool, id).await, data(3));
+    assert_eq!(spool.data_offset(MessageId::generate()), None);
+
+    // Two updates: the second replaces the first; the message file is never rewritten.
+    let before = fs::read(msg.join(format!("{id}.msg"))).unwrap();
+    let mut env = spool.envelope(id).unwrap();
+    env.recipients[0].attempts = 1;
+    spool.update_envelope(id, env.clone()).await.unwrap();
+    env.recipients[0].attempts = 2;
+    env.recipients[1].status = RecipientStatus::Delivered {
+        code: 250,
+        enhanced: None,
+        text: "ok".into(),
+    };
+    spool.update_envelope(id, env.clone()).await.unwrap();
+    assert_eq!(fs::read(msg.join(format!("{id}.msg"))).unwrap(), before);
+    assert_eq!(
+        names(&msg),
+        vec![
+            format!("{id}.msg"),
+            format!("{id}.upd"),
+            format!("{other}.msg")
+        ]
+    );
+    drop(spool);
+
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(recovered.len(), 2);
+    assert_eq!(recovered[0].envelope, env);
+    assert_eq!(spool.envelope(id).unwrap(), env);
+    assert_eq!(spool.envelope(other).unwrap().sender, "sender4@example.com");
+    assert_eq!(spool.read_data(id).await.unwrap(), data(3));
+    assert_eq!(data_via_open(&spool, id).await, data(3));
+    assert_eq!(data_via_path(&spool, id), data(3));
+
+    spool.remove(id).await.unwrap();
+    assert_eq!(names(&msg), vec![format!("{other}.msg")]);
+    drop(spool);
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(recovered.len(), 1);
+    assert!(spool.recovery_report().removed_uncommitted.is_empty());
+}
+
+#[tokio::test]
+async fn spool_of_the_split_layout_is_read_updated_and_drained() {
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = tmp.path().join("msg");
+    fs::create_dir_all(&msg).unwrap();
+    let mut env = envelope(1);
+    env.received_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    let old = write_split_layout(&msg, &env, &data(1));
+    let old_updated = write_split_layout(&msg, &envelope(2), &data(2));
+
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(
+        recovered.iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![old, old_updated]
+    );
+    assert_eq!(recovered[0].envelope, env);
+    assert_eq!(spool.data_path(old), msg.join(format!("{old}.eml")));
+    assert_eq!(spool.data_offset(old), Some(0));
+    assert_eq!(spool.read_data(old).await.unwrap(), data(1));
+    assert_eq!(data_via_open(&spool, old).await, data(1));
+    assert_eq!(data_via_path(&spool, old), data(1));
+    assert_eq!(spool.total_bytes(), (data(1).len() + data(2).len()) as u64);
+
+    // New messages use message files next to the old ones; old ones keep their layout.
+    let new = spool.store(envelope(3), data(3)).await.unwrap();
+    let mut env2 = spool.envelope(old_updated).unwrap();
+    env2.warned = true;
+    spool
+        .update_envelope(old_updated, env2.clone())
+        .await
+        .unwrap();
+    let mut expected = vec![
+        format!("{old}.eml"),
+        format!("{old}.env"),
+        format!("{old_updated}.eml"),
+        format!("{old_updated}.env"),
+        format!("{new}.msg"),
+    ];
+    expected.sort();
+    assert_eq!(names(&msg), expected);
+    drop(spool);
+
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(recovered.len(), 3);
+    assert_eq!(spool.envelope(old_updated).unwrap(), env2);
+    assert_eq!(spool.read_data(new).await.unwrap(), data(3));
+    spool.remove(old).await.unwrap();
+    spool.remove(old_updated).await.unwrap();
+    assert_eq!(names(&msg), vec![format!("{new}.msg")]);
+    assert_eq!(spool.total_bytes(), data(3).len() as u64);
+}
+
+/// A spool directory written by the previous release (split layout), committed as a fixture:
+/// three messages, the second with an updated envelope.
+#[tokio::test]
+async fn spool_written_by_the_previous_release_is_recovered() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/split-layout/msg");
+    let tmp = tempfile::tempdir().unwrap();
+    let msg = tmp.path().join("msg");
+    fs::create_dir_all(&msg).unwrap();
+    for entry in fs::read_dir(&fixture).unwrap() {
+        let entry = entry.unwrap();
+        fs::copy(entry.path(), msg.join(entry.file_name())).unwrap();
+    }
+    let (spool, recovered) = open(tmp.path()).await;
+    let report = spool.recovery_report();
+    assert_eq!(report.recovered, 3, "{report:?}");
+    assert!(report.quarantined.is_empty() && report.removed_uncommitted.is_empty());
+    for (n, m) in (1..).zip(&recovered) {
+        assert_eq!(m.envelope.sender, format!("old{n}@example.com"));
+        let want = format!("Subject: old layout {n}\r\n\r\nbody {n}\r\n");
+        assert_eq!(spool.read_data(m.id).await.unwrap(), want.as_bytes());
+        assert_eq!(m.data_len, want.len() as u64);
+    }
+    let updated = &recovered[1].envelope;
+    assert!(matches!(
+        updated.recipients[0].status,
+        RecipientStatus::Delivered { code: 250, .. }
+    ));
+    assert_eq!(
+        updated.recipients[1].last_error.as_deref(),
+        Some("451 4.3.0 later")
+    );
+    for m in &recovered {
+        spool.remove(m.id).await.unwrap();
+    }
+    assert!(names(&msg).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
