@@ -91,10 +91,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     queue.start();
     relay.sync_listeners().await?;
+    let admin_queue = relay
+        .settings
+        .delivery
+        .admin_endpoint
+        .then(|| queue.clone());
     tokio::spawn(http::serve_with_admin(
         metrics_listener,
         relay.clone(),
-        Some(queue.clone()),
+        admin_queue,
     ));
     tokio::spawn(reload::watch(relay.clone(), self_signed));
     relay.ready.store(true, Ordering::Relaxed);

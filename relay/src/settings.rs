@@ -150,6 +150,12 @@ pub struct DeliverySettings {
     /// How long SIGTERM waits for in-flight deliveries before leaving them in the spool.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace_seconds: u64,
+    /// Serve the queue administration endpoints (`/queue...`: list, show, retry, delete, bounce)
+    /// on the metrics listener. Off by default: that listener is reachable by whoever can scrape
+    /// metrics, and these endpoints change the queue. Enable where the metrics address is
+    /// loopback-only or otherwise protected.
+    #[serde(default)]
+    pub admin_endpoint: bool,
     #[serde(default)]
     pub dns: DeliveryDnsSettings,
     #[serde(default)]
@@ -173,6 +179,7 @@ impl Default for DeliverySettings {
             give_up_after_seconds: default_give_up(),
             dsn_language: default_dsn_language(),
             shutdown_grace_seconds: default_shutdown_grace(),
+            admin_endpoint: false,
             dns: DeliveryDnsSettings::default(),
             tls: OutboundTlsSettings::default(),
             timeouts: ClientTimeouts::default(),
