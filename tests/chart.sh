@@ -14,6 +14,7 @@ helm template mail charts/mailrelay --namespace mail \
   --set service.type=ClusterIP --set relay.replicas=3 > "$out/custom.yaml"
 grep -q 'path: tls/submission-tls/tls.crt' "$out/custom.yaml"
 grep -q 'externalTrafficPolicy: Local' "$out/default.yaml"
+grep -q "^kind: Role$" "$out/default.yaml"  # the operator rules from deploy/rbac, namespaced
 
 files=("$out/default.yaml" "$out/custom.yaml")
 for d in deploy/rbac deploy/operator; do
