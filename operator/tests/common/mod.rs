@@ -66,6 +66,13 @@ pub fn apply_yaml(yaml: &str) -> (bool, String) {
 /// Installs the mailrelay CRDs and, where the server lacks them, the built-in kinds the operator
 /// uses (Lease, events.k8s.io Event) as CRDs. Idempotent.
 pub fn install_crds() {
+    // Tests of one binary run in parallel; on a fresh server their concurrent `kubectl apply`
+    // calls race to create the same CRDs (AlreadyExists), so one installs and the others wait.
+    static INSTALLED: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    if *installed {
+        return;
+    }
     kubectl_ok(&["apply", "-f", repo().join("crds").to_str().expect("utf8")]);
     let mut wait = vec![
         "wait",
@@ -90,6 +97,7 @@ pub fn install_crds() {
         wait.extend(["crd/leases.coordination.k8s.io", "crd/events.events.k8s.io"]);
     }
     kubectl_ok(&wait);
+    *installed = true;
 }
 
 /// The example policy for namespace `ns`: (custom resources YAML, Secrets YAML).
