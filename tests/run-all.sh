@@ -45,7 +45,7 @@ if [ -z "${SKIP_LINT:-}" ]; then
 fi
 
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --no-fail-fast
 
 echo "== Helm chart and manifests"
 tests/chart.sh
