@@ -53,14 +53,17 @@ async fn main() -> std::process::ExitCode {
         .and_then(|d| RuntimeSettings::load(d).ok())
         .map(|s| s.logging)
         .unwrap_or_default();
-    let _telemetry = mailrelay_relay::telemetry::init(&logging);
-    match run(args).await {
+    let telemetry = mailrelay_relay::telemetry::init(&logging);
+    let code = match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %format!("{e:#}"), "relay failed");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Spans still buffered for OTLP go out before exit (bounded).
+    telemetry.shutdown().await;
+    code
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

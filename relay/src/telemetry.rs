@@ -9,9 +9,11 @@
 //!
 //! Spans for tracing backends: `smtp_session` (fields `service`, `client_ip`, `peer`) for each
 //! connection, `smtp_transaction` (`sender`, `recipients`, `message_id` = spool id) from an
-//! accepted MAIL to the stored message, and delivery attempts should be `delivery_attempt`
-//! with `message_id` (the same spool id), `destination` and `outcome`, so that a message can
-//! be followed from receipt to delivery by its id.
+//! accepted MAIL to the stored message, and `delivery_attempt` (`message_id` = the same spool
+//! id, `destination`, `recipients`, `outcome`) per delivery attempt at one destination, so that
+//! a message can be followed from receipt to delivery by its id. With `logging.otlpEndpoint`
+//! set, those spans are exported over OTLP/HTTP (see [`otlp`]); unset, no exporter layer is
+//! installed.
 
 use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock};
@@ -108,14 +110,27 @@ impl LogControl {
     }
 }
 
-/// Keeps exporters alive; dropping it flushes pending spans.
+/// Keeps the trace exporter alive; [`TelemetryGuard::shutdown`] flushes pending spans.
 #[derive(Default)]
 pub struct TelemetryGuard {
-    #[allow(dead_code)]
-    otlp: Option<crate::telemetry::otlp::Guard>,
+    otlp: Option<otlp::Guard>,
 }
 
-/// Installs the global subscriber. Call once, before anything logs.
+impl TelemetryGuard {
+    /// Whether spans are exported over OTLP.
+    pub fn exporting(&self) -> bool {
+        self.otlp.is_some()
+    }
+
+    /// Flushes and stops the OTLP exporter, if any (bounded); call once at process exit.
+    pub async fn shutdown(self) {
+        if let Some(g) = self.otlp {
+            g.shutdown().await;
+        }
+    }
+}
+
+/// Installs the global subscriber. Call once, inside the tokio runtime, before anything logs.
 pub fn init(settings: &LoggingSettings) -> TelemetryGuard {
     let spec = std::env::var("RUST_LOG")
         .ok()
@@ -248,21 +263,132 @@ pub async fn read_body<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, head: &[
     body
 }
 
-/// OTLP export (not compiled in this build: the layer is absent and a configured endpoint
-/// only produces a warning).
+/// OTLP trace export: the `tracing-opentelemetry` layer feeding a batch span processor on the
+/// tokio runtime, which posts OTLP/HTTP protobuf to `<logging.otlpEndpoint>/v1/traces`. Only
+/// spans and events of the relay's own crates are exported (so the exporter's HTTP client cannot
+/// trace itself); with no endpoint there is no layer at all.
 pub mod otlp {
-    pub struct Guard;
+    use std::time::Duration;
 
-    pub fn layer(
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry::KeyValue;
+    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use opentelemetry_sdk::Resource;
+    use tracing::Subscriber;
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::registry::LookupSpan;
+    use tracing_subscriber::Layer;
+
+    /// Reported as `service.name`.
+    pub const SERVICE_NAME: &str = "mailrelay-relay";
+    /// Upper bound for the final flush at shutdown.
+    const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// The tracer provider; [`Guard::shutdown`] flushes what is still buffered.
+    pub struct Guard {
+        provider: SdkTracerProvider,
+    }
+
+    impl Guard {
+        /// Exports pending spans and stops the processor (bounded by a few seconds). The
+        /// SDK's shutdown blocks, so it runs off the runtime's worker threads.
+        pub async fn shutdown(self) {
+            let provider = self.provider;
+            let flush = tokio::task::spawn_blocking(move || {
+                provider.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
+            });
+            match tokio::time::timeout(SHUTDOWN_TIMEOUT + Duration::from_secs(1), flush).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "OTLP trace export shutdown"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "OTLP trace export shutdown task"),
+                Err(_) => tracing::warn!("OTLP trace export shutdown timed out"),
+            }
+        }
+    }
+
+    /// `endpoint` as given, or with `/v1/traces` appended to a base URL.
+    pub fn traces_url(endpoint: &str) -> String {
+        let base = endpoint.trim().trim_end_matches('/');
+        if base.ends_with("/v1/traces") {
+            base.to_string()
+        } else {
+            format!("{base}/v1/traces")
+        }
+    }
+
+    /// The export layer and its guard for a configured endpoint; `(None, None, None)` without
+    /// one, and a problem to log (and no layer) when the exporter cannot be built. Must run
+    /// inside the tokio runtime.
+    #[allow(clippy::type_complexity)]
+    pub fn layer<S>(
         endpoint: Option<&str>,
     ) -> (
-        Option<tracing_subscriber::layer::Identity>,
+        Option<Box<dyn Layer<S> + Send + Sync>>,
         Option<Guard>,
         Option<String>,
-    ) {
-        let problem = endpoint
-            .map(|e| format!("OTLP endpoint {e} configured but OTLP export is not built in"));
-        (None, None, problem)
+    )
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        let Some(endpoint) = endpoint.map(str::trim).filter(|e| !e.is_empty()) else {
+            return (None, None, None);
+        };
+        if !endpoint.to_ascii_lowercase().starts_with("http://") {
+            // The exporter's client speaks plain HTTP only (no second TLS stack in the build).
+            return (
+                None,
+                None,
+                Some(format!(
+                    "OTLP endpoint {endpoint}: only http:// endpoints are supported; trace export is off"
+                )),
+            );
+        }
+        let url = traces_url(endpoint);
+        let exporter = match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpBinary)
+            .with_endpoint(url.clone())
+            .with_timeout(Duration::from_secs(10))
+            .build()
+        {
+            Ok(e) => e,
+            Err(e) => {
+                return (
+                    None,
+                    None,
+                    Some(format!(
+                        "OTLP endpoint {endpoint}: cannot build exporter: {e}"
+                    )),
+                )
+            }
+        };
+        let host = hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_default();
+        let resource = Resource::builder()
+            .with_service_name(SERVICE_NAME)
+            .with_attribute(KeyValue::new("host.name", host))
+            .build();
+        let processor =
+            BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
+        let provider = SdkTracerProvider::builder()
+            .with_resource(resource)
+            .with_span_processor(processor)
+            .build();
+        let tracer = provider.tracer(SERVICE_NAME);
+        let own = Targets::new()
+            .with_target("mailrelay_relay", tracing::Level::TRACE)
+            .with_target("mailrelay_spool", tracing::Level::TRACE)
+            .with_target("security", tracing::Level::TRACE);
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(own)
+            .boxed();
+        tracing::debug!(url = %url, "OTLP trace export enabled");
+        (Some(layer), Some(Guard { provider }), None)
     }
 }
 
@@ -278,5 +404,32 @@ mod tests {
         assert!(f.ends_with("security=info"), "{f}");
         assert!(EnvFilter::try_new(&f).is_ok());
         assert_eq!(expand_filter("warn,security=debug"), "warn,security=debug");
+    }
+
+    #[test]
+    fn otlp_traces_url() {
+        assert_eq!(
+            otlp::traces_url("http://collector:4318"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp::traces_url("http://collector:4318/"),
+            "http://collector:4318/v1/traces"
+        );
+        assert_eq!(
+            otlp::traces_url("http://collector:4318/v1/traces"),
+            "http://collector:4318/v1/traces"
+        );
+    }
+
+    #[test]
+    fn no_endpoint_no_layer() {
+        let (layer, guard, problem) = otlp::layer::<Registry>(None);
+        assert!(layer.is_none() && guard.is_none() && problem.is_none());
+        let (layer, guard, problem) = otlp::layer::<Registry>(Some("  "));
+        assert!(layer.is_none() && guard.is_none() && problem.is_none());
+        let (layer, guard, problem) = otlp::layer::<Registry>(Some("https://collector:4318"));
+        assert!(layer.is_none() && guard.is_none());
+        assert!(problem.is_some_and(|p| p.contains("only http://")));
     }
 }

@@ -405,7 +405,20 @@ impl Queue {
         let mut conn: Option<Connection> = None;
         while let Some((job, target)) = self.next_job(&key).await {
             self.pace(&key).await;
-            let results = self.run_job(&mut conn, &target, &job).await;
+            let span = tracing::info_span!(
+                "delivery_attempt",
+                message_id = %job.id,
+                destination = %key,
+                recipients = job.rcpts.len(),
+                outcome = tracing::field::Empty,
+            );
+            let results = tracing::Instrument::instrument(
+                self.run_job(&mut conn, &target, &job),
+                span.clone(),
+            )
+            .await;
+            span.record("outcome", attempt_outcome(&results));
+            drop(span);
             self.clone().job_done(job.id, results).await;
         }
         if let Some(c) = conn.take() {
@@ -986,6 +999,17 @@ fn spawn_worker(q: Arc<Queue>, key: String) {
     let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
         Box::pin(async move { q.worker(key).await });
     tokio::spawn(fut);
+}
+
+/// One word for a `delivery_attempt` span: `delivered`/`bounced`/`delayed` when every
+/// recipient of the job got that result, `mixed` otherwise, `none` for no results.
+fn attempt_outcome(results: &[(usize, Status)]) -> &'static str {
+    let mut words = results.iter().map(|(_, s)| s.result_word());
+    match words.next() {
+        None => "none",
+        Some(first) if words.all(|w| w == first) => first,
+        Some(_) => "mixed",
+    }
 }
 
 fn log_result(id: MessageId, rcpt: &str, attempts: u32, s: &Status) {
