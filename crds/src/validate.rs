@@ -11,17 +11,10 @@ pub fn domain_name(d: &str) -> Result<(), String> {
             "domain {d:?} needs at least two labels, e.g. example.com"
         ));
     }
-    for l in labels {
-        let ok = !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-');
-        if !ok {
-            return Err(format!(
-                "domain {d:?} has an invalid label {l:?} (letters, digits and inner hyphens only)"
-            ));
-        }
+    if let Some(l) = labels.into_iter().find(|l| !valid_label(l)) {
+        return Err(format!(
+            "domain {d:?} has an invalid label {l:?} (letters, digits and inner hyphens only)"
+        ));
     }
     Ok(())
 }
@@ -34,17 +27,19 @@ pub fn host_name(h: &str) -> Result<(), String> {
     if h.is_empty() || h.len() > 253 {
         return Err(format!("host {h:?} must be 1 to 253 characters"));
     }
-    for l in h.trim_end_matches('.').split('.') {
-        let ok = !l.is_empty()
-            && l.len() <= 63
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-');
-        if !ok {
-            return Err(format!("host {h:?} has an invalid label {l:?}"));
-        }
+    match h.trim_end_matches('.').split('.').find(|l| !valid_label(l)) {
+        Some(l) => Err(format!("host {h:?} has an invalid label {l:?}")),
+        None => Ok(()),
     }
-    Ok(())
+}
+
+/// An LDH label (RFC 1035 §2.3.1): 1-63 letters, digits and hyphens, no hyphen at either end.
+fn valid_label(l: &str) -> bool {
+    !l.is_empty()
+        && l.len() <= 63
+        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !l.starts_with('-')
+        && !l.ends_with('-')
 }
 
 #[cfg(test)]

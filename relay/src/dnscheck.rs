@@ -3,17 +3,13 @@
 //! as delivery (`delivery.dns`: name servers, port, timeout), so that tests point both at a
 //! local server. Logs under target `dns`.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::IpAddr;
 
-use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
-use hickory_resolver::name_server::TokioConnectionProvider;
-use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::proto::ProtoErrorKind;
+use hickory_resolver::config::ResolveHosts;
 use hickory_resolver::{ResolveError, TokioResolver};
 use tracing::debug;
 
+use crate::dns::{self, DnsError};
 use crate::settings::DeliveryDnsSettings;
 use crate::smtp::Reply;
 
@@ -30,16 +26,11 @@ pub enum Lookup {
 }
 
 fn classify(e: &ResolveError) -> Lookup {
-    if let Some(p) = e.proto() {
-        if let ProtoErrorKind::NoRecordsFound { response_code, .. } = p.kind() {
-            return match *response_code {
-                ResponseCode::NXDomain => Lookup::NoDomain,
-                ResponseCode::NoError => Lookup::NoRecords,
-                other => Lookup::Temporary(format!("{other}")),
-            };
-        }
+    match dns::classify(e) {
+        DnsError::NoDomain => Lookup::NoDomain,
+        DnsError::NoRecords => Lookup::NoRecords,
+        DnsError::Temporary(why) => Lookup::Temporary(why),
     }
-    Lookup::Temporary(e.to_string())
 }
 
 pub struct DnsChecker {
@@ -48,26 +39,9 @@ pub struct DnsChecker {
 
 impl DnsChecker {
     pub fn new(settings: &DeliveryDnsSettings) -> anyhow::Result<Self> {
-        let mut builder = if settings.nameservers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| anyhow::anyhow!("reading the system resolver configuration: {e}"))?
-        } else {
-            let mut config = ResolverConfig::new();
-            for ip in &settings.nameservers {
-                let addr = SocketAddr::new(*ip, settings.port);
-                config.add_name_server(NameServerConfig::new(addr, Protocol::Udp));
-                config.add_name_server(NameServerConfig::new(addr, Protocol::Tcp));
-            }
-            TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
-        };
-        let opts: &mut ResolverOpts = builder.options_mut();
-        opts.timeout = Duration::from_secs(settings.timeout_seconds.max(1));
-        opts.attempts = settings.attempts.max(1) as usize;
-        opts.ndots = 0;
-        // /etc/hosts names localhost; a PTR or sender check is about what the world sees.
-        opts.use_hosts_file = ResolveHosts::Never;
         Ok(DnsChecker {
-            resolver: builder.build(),
+            // /etc/hosts names localhost; a PTR or sender check is about what the world sees.
+            resolver: dns::resolver(settings, ResolveHosts::Never)?,
         })
     }
 

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod delivery;
+pub mod dns;
 pub mod dnscheck;
 pub mod http;
 pub mod limits;

@@ -180,6 +180,43 @@ async fn mx_fallback_connection_reuse_and_removal_after_250() {
         .contains("mailrelay_delivery_attempts_total{result=\"delivered\"} 6"));
 }
 
+/// A server that drops a cached connection while it idles must not cost the next message a
+/// whole retry interval (3600 s here): it goes out at once on a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_cached_connection_is_replaced_without_delaying_the_message() {
+    let dns = basic_dns().await;
+    let sink = Sink::start(
+        LOCAL,
+        Behavior {
+            close_after_message: true,
+            ..Behavior::default()
+        },
+    )
+    .await;
+    let mut s = settings(&dns, sink.addr.port());
+    s.per_destination_concurrency = 1;
+    s.connection_idle_millis = 10_000;
+    let env = start(vec![], Credentials::default(), s, None).await;
+    env.submit("alice@sender.test", &["bob@example.test"], "first")
+        .await;
+    wait_for("first delivery", || sink.messages().len() == 1).await;
+    env.submit("alice@sender.test", &["bob@example.test"], "second")
+        .await;
+    wait_for("second delivery on a fresh connection", || {
+        sink.messages().len() == 2
+    })
+    .await;
+    wait_for("spool empty", || env.spool.is_empty()).await;
+    assert_eq!(
+        sink.connections.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+    assert!(!env
+        .metrics
+        .encode()
+        .contains("mailrelay_delivery_attempts_total{result=\"delayed\"} 1"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_split_recipients_and_relay_requires_verified_tls_with_auth() {
     let dns = basic_dns().await;

@@ -3,17 +3,13 @@
 //! into temporary (`4.4.3`, timeouts and SERVFAIL) and permanent (`5.1.2` NXDOMAIN, `5.1.10`
 //! null MX) outcomes. The resolver's name servers come from `delivery.dns`.
 
-use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::net::IpAddr;
 
-use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
-use hickory_resolver::name_server::TokioConnectionProvider;
-use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::xfer::Protocol;
-use hickory_resolver::proto::ProtoErrorKind;
-use hickory_resolver::{ResolveError, TokioResolver};
+use hickory_resolver::config::ResolveHosts;
+use hickory_resolver::TokioResolver;
 
 use super::status::Status;
+use crate::dns::{self, classify, DnsError};
 use crate::settings::DeliveryDnsSettings;
 
 /// One mail exchanger, in the order to try.
@@ -26,25 +22,6 @@ pub struct MxHost {
 
 pub struct Dns {
     resolver: TokioResolver,
-}
-
-enum Failure {
-    NoDomain,
-    NoRecords,
-    Temporary(String),
-}
-
-fn classify(e: &ResolveError) -> Failure {
-    if let Some(p) = e.proto() {
-        if let ProtoErrorKind::NoRecordsFound { response_code, .. } = p.kind() {
-            return match *response_code {
-                ResponseCode::NXDomain => Failure::NoDomain,
-                ResponseCode::NoError => Failure::NoRecords,
-                other => Failure::Temporary(format!("{other}")),
-            };
-        }
-    }
-    Failure::Temporary(e.to_string())
 }
 
 fn temporary(domain: &str, what: &str) -> Status {
@@ -65,25 +42,8 @@ fn no_domain(domain: &str) -> Status {
 
 impl Dns {
     pub fn new(settings: &DeliveryDnsSettings) -> anyhow::Result<Dns> {
-        let mut builder = if settings.nameservers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| anyhow::anyhow!("reading the system resolver configuration: {e}"))?
-        } else {
-            let mut config = ResolverConfig::new();
-            for ip in &settings.nameservers {
-                let addr = SocketAddr::new(*ip, settings.port);
-                config.add_name_server(NameServerConfig::new(addr, Protocol::Udp));
-                config.add_name_server(NameServerConfig::new(addr, Protocol::Tcp));
-            }
-            TokioResolver::builder_with_config(config, TokioConnectionProvider::default())
-        };
-        let opts: &mut ResolverOpts = builder.options_mut();
-        opts.timeout = Duration::from_secs(settings.timeout_seconds.max(1));
-        opts.attempts = settings.attempts.max(1) as usize;
-        // Mail domains are always fully qualified; search lists would only invent names.
-        opts.ndots = 0;
         Ok(Dns {
-            resolver: builder.build(),
+            resolver: dns::resolver(settings, ResolveHosts::Auto)?,
         })
     }
 
@@ -124,9 +84,9 @@ impl Dns {
                 Ok(hosts)
             }
             Err(e) => match classify(&e) {
-                Failure::NoDomain => Err(no_domain(domain)),
-                Failure::NoRecords => self.implicit(domain).await,
-                Failure::Temporary(why) => Err(temporary(domain, &why)),
+                DnsError::NoDomain => Err(no_domain(domain)),
+                DnsError::NoRecords => self.implicit(domain).await,
+                DnsError::Temporary(why) => Err(temporary(domain, &why)),
             },
         }
     }
@@ -162,13 +122,13 @@ impl Dns {
                 }
             }
             Err(e) => match classify(&e) {
-                Failure::NoDomain => Err(no_domain(host)),
-                Failure::NoRecords => Err(Status::local(
+                DnsError::NoDomain => Err(no_domain(host)),
+                DnsError::NoRecords => Err(Status::local(
                     550,
                     "5.1.2",
                     format!("Host or domain name not found: {host} has no A or AAAA record"),
                 )),
-                Failure::Temporary(why) => Err(temporary(host, &why)),
+                DnsError::Temporary(why) => Err(temporary(host, &why)),
             },
         }
     }

@@ -503,6 +503,7 @@ impl Queue {
         let reusable = conn.as_ref().is_some_and(|c| {
             !c.broken && c.transactions < self.settings.max_messages_per_connection.max(1)
         });
+        let reused = reusable;
         if !reusable {
             if let Some(c) = conn.take() {
                 c.quit().await;
@@ -516,7 +517,26 @@ impl Queue {
             return Vec::new();
         };
         debug!(id = %job.id, remote = %c.remote, recipients = addrs.len(), "sending");
-        let statuses = c.send(&env, &addrs, &data).await;
+        let mut statuses = c.send(&env, &addrs, &data).await;
+        // A cached connection that the server dropped while it sat idle fails with a temporary
+        // error that says nothing about this message: send it again at once on a fresh
+        // connection instead of delaying it by a whole retry interval.
+        if reused
+            && c.broken
+            && statuses
+                .iter()
+                .all(|s| !s.is_success() && !s.is_permanent())
+        {
+            debug!(id = %job.id, remote = %c.remote, "cached connection was dead; reconnecting");
+            *conn = None;
+            match self.connect(target).await {
+                Ok(fresh) => {
+                    let c = conn.insert(fresh);
+                    statuses = c.send(&env, &addrs, &data).await;
+                }
+                Err(s) => return job.rcpts.iter().map(|i| (*i, s.clone())).collect(),
+            }
+        }
         job.rcpts.iter().copied().zip(statuses).collect()
     }
 

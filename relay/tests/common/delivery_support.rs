@@ -43,6 +43,9 @@ pub struct Behavior {
     pub final_reply: Arc<dyn Fn(usize) -> String + Send + Sync>,
     pub mail_reply: Option<String>,
     pub drop_mid_data: bool,
+    /// Close the connection right after answering a message's final dot (as a server whose
+    /// idle timeout is shorter than the client's connection cache).
+    pub close_after_message: bool,
     pub silent_after_greeting: bool,
     pub garbage_greeting: bool,
     pub tls: Option<Arc<rustls::ServerConfig>>,
@@ -63,6 +66,7 @@ impl Default for Behavior {
             final_reply: Arc::new(|_| "250 2.0.0 Ok: queued".into()),
             mail_reply: None,
             drop_mid_data: false,
+            close_after_message: false,
             silent_after_greeting: false,
             garbage_greeting: false,
             tls: None,
@@ -146,6 +150,7 @@ async fn session(
     let mut rcpts = Vec::new();
     let mut pending = String::new();
     loop {
+        let mut close_now = false;
         let mut line = String::new();
         if io.read_line(&mut line).await? == 0 {
             return Ok(());
@@ -254,6 +259,7 @@ async fn session(
                 }
                 let n = datas.fetch_add(1, Ordering::SeqCst);
                 let r = (b.final_reply)(n);
+                close_now = b.close_after_message;
                 if r.starts_with('2') {
                     store.lock().unwrap().push(Received {
                         from: from.clone(),
@@ -277,9 +283,12 @@ async fn session(
         pending.push_str(&reply);
         pending.push_str("\r\n");
         // Pipelined commands get their replies together, as real servers send them.
-        if io.buffer().is_empty() {
+        if io.buffer().is_empty() || close_now {
             io.get_mut().write_all(pending.as_bytes()).await?;
             pending.clear();
+        }
+        if close_now {
+            return Ok(());
         }
     }
 }
