@@ -501,7 +501,9 @@ impl Driver {
             }
         }
         session.greeting();
-        let mut buf = vec![0u8; 16 * 1024];
+        // Sized for memory, not speed: every idle session holds one, and a whole pipelined
+        // transaction of a typical message fits; large DATA just takes more reads.
+        let mut buf = vec![0u8; 4 * 1024];
         loop {
             while let Some(ev) = session.poll_event() {
                 if let Flow::Close = self.event(session, ev, &mut conn).await {
