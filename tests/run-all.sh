@@ -37,6 +37,12 @@ if [ -x tests/apiserver/setup.sh ] && [ -z "${KUBECONFIG:-}" ]; then
   eval "$(tests/apiserver/setup.sh)"
 fi
 
+if [ -z "${SKIP_LINT:-}" ] && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
+  rustup component add rustfmt clippy >/dev/null 2>&1 || {
+    echo "!! rustfmt/clippy are not installed and cannot be added: SKIPPING the lint step" >&2
+    SKIP_LINT=1
+  }
+fi
 if [ -z "${SKIP_LINT:-}" ]; then
   echo "== cargo fmt --check"
   cargo fmt --all -- --check
