@@ -68,6 +68,30 @@ fn slide(q: &mut VecDeque<Instant>, now: Instant) -> usize {
     q.len()
 }
 
+/// Adds an event at `now` to `key`'s window and returns the events within the hour. The map is
+/// bounded: when full, expired keys are pruned, and a new key that still does not fit is not
+/// tracked (counts 0) rather than growing memory without bound under a flood of addresses.
+fn record<K: Eq + std::hash::Hash>(
+    map: &mut HashMap<K, VecDeque<Instant>>,
+    key: K,
+    now: Instant,
+    max: u32,
+) -> u64 {
+    if !map.contains_key(&key) && map.len() >= MAX_TRACKED_KEYS {
+        prune(map, now);
+    }
+    if !map.contains_key(&key) && map.len() >= MAX_TRACKED_KEYS {
+        return 0;
+    }
+    let q = map.entry(key).or_default();
+    q.push_back(now);
+    // Only the newest `max` timestamps can decide the next verdict.
+    while q.len() > max.max(1) as usize {
+        q.pop_front();
+    }
+    slide(q, now) as u64
+}
+
 fn prune<K: Eq + std::hash::Hash>(map: &mut HashMap<K, VecDeque<Instant>>, now: Instant) {
     map.retain(|_, q| slide(q, now) > 0);
 }
@@ -221,23 +245,7 @@ impl Limiter {
     /// A message from `key` was accepted.
     pub async fn record_message(&self, key: &RateKey, max: u32) {
         let now = Instant::now();
-        let local = {
-            let mut l = self.local();
-            if !l.messages.contains_key(key) && l.messages.len() >= MAX_TRACKED_KEYS {
-                prune(&mut l.messages, now);
-            }
-            if l.messages.contains_key(key) || l.messages.len() < MAX_TRACKED_KEYS {
-                let q = l.messages.entry(key.clone()).or_default();
-                q.push_back(now);
-                // Only the newest `max` timestamps can decide the next verdict.
-                while q.len() > max.max(1) as usize {
-                    q.pop_front();
-                }
-                slide(q, now) as u64
-            } else {
-                0
-            }
-        };
+        let local = record(&mut self.local().messages, key.clone(), now, max);
         let count = match &self.store {
             Some(s) => s
                 .window_add(&key.store_key(), WINDOW)
@@ -264,22 +272,7 @@ impl Limiter {
     /// and `ip` is now blocked for [`WINDOW`].
     pub async fn unknown_recipient(&self, ip: IpAddr, max: u32) -> bool {
         let now = Instant::now();
-        let local = {
-            let mut l = self.local();
-            if !l.unknown.contains_key(&ip) && l.unknown.len() >= MAX_TRACKED_KEYS {
-                prune(&mut l.unknown, now);
-            }
-            if l.unknown.contains_key(&ip) || l.unknown.len() < MAX_TRACKED_KEYS {
-                let q = l.unknown.entry(ip).or_default();
-                q.push_back(now);
-                while q.len() > max.max(1) as usize {
-                    q.pop_front();
-                }
-                slide(q, now) as u64
-            } else {
-                0
-            }
-        };
+        let local = record(&mut self.local().unknown, ip, now, max);
         let count = match &self.store {
             Some(s) => s
                 .incr_window(&format!("unknown:{ip}"), WINDOW)

@@ -296,15 +296,7 @@ impl SharedStore {
         let k = Self::key(key);
         let cutoff = now_ms().saturating_sub(window.as_millis());
         let r = self
-            .pipeline(&[
-                vec![
-                    b"ZREMRANGEBYSCORE".to_vec(),
-                    k.clone(),
-                    b"-inf".to_vec(),
-                    format!("({cutoff}").into_bytes(),
-                ],
-                vec![b"ZCARD".to_vec(), k],
-            ])
+            .pipeline(&[trim_window(&k, cutoff), vec![b"ZCARD".to_vec(), k]])
             .await?;
         r.get(1)
             .ok_or(StoreError::Protocol("missing reply"))
@@ -324,12 +316,7 @@ impl SharedStore {
         );
         let r = self
             .pipeline(&[
-                vec![
-                    b"ZREMRANGEBYSCORE".to_vec(),
-                    k.clone(),
-                    b"-inf".to_vec(),
-                    format!("({cutoff}").into_bytes(),
-                ],
+                trim_window(&k, cutoff),
                 vec![
                     b"ZADD".to_vec(),
                     k.clone(),
@@ -401,6 +388,16 @@ impl SharedStore {
             .await
             .map(|_| ())
     }
+}
+
+/// Drops the entries of sliding window `k` older than `cutoff` (milliseconds).
+fn trim_window(k: &[u8], cutoff: u128) -> Vec<Vec<u8>> {
+    vec![
+        b"ZREMRANGEBYSCORE".to_vec(),
+        k.to_vec(),
+        b"-inf".to_vec(),
+        format!("({cutoff}").into_bytes(),
+    ]
 }
 
 #[cfg(test)]

@@ -64,10 +64,7 @@ fn start_once(runtime_extra: &str, edit: &impl Fn(&mut RelayConfig, &Ports)) -> 
     );
     write(
         &r.dir.path().join("runtime.yaml"),
-        &format!(
-            "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{}\nspoolDir: spool\nhostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{runtime_extra}",
-            r.ports.metrics
-        ),
+        &super::common::runtime_yaml(r.ports.metrics, runtime_extra),
     );
     r.spawn();
     r

@@ -237,10 +237,7 @@ impl Relay {
         );
         write(
             &r.dir.path().join("runtime.yaml"),
-            &format!(
-                "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{}\nspoolDir: spool\nhostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n",
-                r.ports.metrics
-            ),
+            &runtime_yaml(r.ports.metrics, ""),
         );
         r.spawn();
         r
@@ -498,4 +495,11 @@ pub fn spool_messages(dir: &Path) -> Vec<(mailrelay_spool::Envelope, Vec<u8>)> {
         }
         out
     })
+}
+
+/// runtime.yaml of a test relay: loopback, quick reloads and timeouts, plus `extra` lines.
+pub fn runtime_yaml(metrics_port: u16, extra: &str) -> String {
+    format!(
+        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\nspoolDir: spool\nhostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}"
+    )
 }
