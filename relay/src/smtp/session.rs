@@ -536,7 +536,7 @@ impl Session {
             let pending = self.input.len() - self.pos;
             if pending > limit || (self.skipping_line && pending > 0) {
                 // Over-long line: drop what we have and ignore the rest of it.
-                self.pos = self.input.len();
+                self.discard_pending();
                 if !self.skipping_line {
                     self.skipping_line = true;
                     self.line_too_long();
@@ -935,6 +935,12 @@ impl Session {
     }
 
     /// Consumes DATA lines. Returns false when more input is needed.
+    ///
+    /// End of data is only `<CR><LF>.<CR><LF>`: every line must end in CRLF, and the first line
+    /// that does not (a bare LF, or a CR not followed by LF) ends the session after the reply.
+    /// Receivers disagree about what a bare LF or CR means, which is what SMTP smuggling
+    /// exploits; closing guarantees that nothing pipelined behind such a line is executed here,
+    /// whatever the sender meant.
     fn step_data(&mut self) -> bool {
         let max = self.cfg.max_message_size;
         let Some((end, next, crlf)) = self.next_line() else {
@@ -946,12 +952,16 @@ impl Session {
                     body.data = Vec::new();
                 }
                 self.skipping_line = true;
-                self.pos = self.input.len();
+                self.discard_pending();
             }
             return false;
         };
         let start = self.pos;
         self.pos = next;
+        if !crlf || self.input[start..end].contains(&b'\r') {
+            self.reject_bare_newline();
+            return true;
+        }
         if self.skipping_line {
             self.skipping_line = false;
             return true;
@@ -960,12 +970,6 @@ impl Session {
             self.state = State::Command;
             return true;
         };
-        if !crlf {
-            // Bare LF: never a line ending for end-of-data purposes (SMTP smuggling).
-            body.bare_newline = true;
-            body.data = Vec::new();
-            return true;
-        }
         let line = &self.input[start..end];
         if line == b"." {
             self.end_of_message();
@@ -978,6 +982,30 @@ impl Session {
         };
         body.push_line(line, max);
         true
+    }
+
+    /// Drops the unterminated input of an over-long line, keeping a final CR so that a CRLF
+    /// split across two reads is still recognised as one.
+    fn discard_pending(&mut self) {
+        self.pos = self.input.len();
+        if self.input.last() == Some(&b'\r') {
+            self.pos -= 1;
+        }
+    }
+
+    /// A DATA line not terminated by CRLF, or with a CR inside: refuse the message and close.
+    fn reject_bare_newline(&mut self) {
+        self.tx = None;
+        self.security(
+            "bare_newline",
+            "bare CR or LF in message data (possible SMTP smuggling); connection closed",
+        );
+        self.reply(r(
+            554,
+            "5.6.0",
+            "Message rejected: bare CR or LF in message content, closing connection",
+        ));
+        self.close();
     }
 
     fn step_bdat(&mut self) -> bool {

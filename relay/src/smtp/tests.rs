@@ -3,6 +3,7 @@
 
 use mailrelay_crds::config::{AuthMode, Mechanism, Protocol};
 
+use super::session::MAX_TEXT_LINE;
 use super::*;
 
 struct TestPolicy;
@@ -218,35 +219,113 @@ fn size_limits() {
     assert_eq!(send(&mut s, "NOOP\r\n"), "250 2.0.0 Ok\r\n");
 }
 
-#[test]
-fn smuggling_bare_lf_does_not_end_data() {
+/// What a smuggling client sends after `DATA`: a body line with an ambiguous ending, then a
+/// whole second transaction that a lenient receiver would execute with the session's rights.
+fn smuggling_payload(variant: &str) -> String {
+    format!(
+        "Subject: a\r\n\r\nhello{variant}MAIL FROM:<ceo@bank.example>\r\nRCPT TO:<victim@elsewhere.example>\r\nDATA\r\nSubject: SMUGGLED\r\n\r\nx\r\n.\r\n"
+    )
+}
+
+const SMUGGLING_VARIANTS: [&str; 5] = ["\n.\n", "\n.\r\n", "\r\n.\n", "\r.\r\n", "\r\n.\r"];
+
+/// A session in DATA.
+fn session_in_data() -> Session {
     let mut s = session();
     send(
         &mut s,
         "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n",
     );
-    let out = send(
-        &mut s,
-        "Subject: a\r\n\r\nhello\n.\nMAIL FROM:<spoof@x.test>\r\nRCPT TO:<v@example.test>\r\nDATA\r\nevil\r\n.\r\n",
-    );
-    assert_eq!(codes(&out), vec![554], "{out}");
-    assert!(out.contains("5.6.0"));
-    let ev = events(&mut s);
-    assert!(ev.iter().all(|e| !matches!(e, Event::Message(_))));
-    assert!(ev.iter().any(|e| matches!(
-        e,
-        Event::Security {
-            kind: "bare_newline",
-            ..
+    s
+}
+
+/// Every smuggling variant, split into two reads at every byte offset: the message is refused
+/// with one `554 5.6.0`, the session is closed, and nothing after the ambiguous line runs (no
+/// second `250`, no message).
+#[test]
+fn smuggling_variants_close_the_session_at_every_split() {
+    for variant in SMUGGLING_VARIANTS {
+        let payload = smuggling_payload(variant);
+        let bytes = payload.as_bytes();
+        for split in 0..=bytes.len() {
+            let mut s = session_in_data();
+            s.feed(&bytes[..split]);
+            s.feed(&bytes[split..]);
+            let out = String::from_utf8(s.take_output()).unwrap();
+            assert_eq!(
+                codes(&out),
+                vec![554],
+                "variant {variant:?} split at {split}: {out}"
+            );
+            assert!(out.contains("554 5.6.0"), "{variant:?} at {split}: {out}");
+            assert!(s.is_closed(), "{variant:?} at {split}: session still open");
+            let ev = events(&mut s);
+            assert!(
+                ev.iter().all(|e| !matches!(e, Event::Message(_))),
+                "{variant:?} at {split}: a message was produced"
+            );
+            assert!(ev.iter().any(|e| matches!(
+                e,
+                Event::Security {
+                    kind: "bare_newline",
+                    ..
+                }
+            )));
+            assert!(matches!(ev.last(), Some(Event::Close)));
+            // Whatever else arrives is ignored.
+            assert_eq!(send(&mut s, "NOOP\r\n"), "");
         }
-    )));
-    // `\r\n.\n` and bare CR variants are not terminators either.
-    send(
-        &mut s,
-        "MAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n",
+    }
+}
+
+/// The control: a well-formed message split at every offset is accepted, and the session
+/// continues with the pipelined commands behind it.
+#[test]
+fn crlf_message_split_at_every_offset_is_accepted() {
+    let payload = "Subject: a\r\n\r\nhello\r\n..dot\r\n.\r\nNOOP\r\n";
+    let bytes = payload.as_bytes();
+    for split in 0..=bytes.len() {
+        let mut s = session_in_data();
+        s.feed(&bytes[..split]);
+        s.feed(&bytes[split..]);
+        let tx = take_message(&mut s);
+        assert_eq!(
+            tx.data, b"Subject: a\r\n\r\nhello\r\n.dot\r\n",
+            "split {split}"
+        );
+        s.message_stored(Ok("id".into()));
+        let out = String::from_utf8(s.take_output()).unwrap();
+        assert!(
+            out.ends_with("250 2.0.0 Ok: queued as id\r\n250 2.0.0 Ok\r\n"),
+            "{out}"
+        );
+    }
+}
+
+/// An over-long line whose end is a bare LF must not let a following `.` end the data while
+/// the session goes on.
+#[test]
+fn long_line_ending_in_bare_lf_closes() {
+    let mut s = session_in_data();
+    let payload = format!(
+        "{}\n.\r\nMAIL FROM:<ceo@bank.example>\r\n",
+        "x".repeat(3 * MAX_TEXT_LINE)
     );
-    let out = send(&mut s, "x\r\n.\nRSET\r\ny\r.\r\nz\r\n.\r\n");
+    let out = send(&mut s, &payload);
     assert_eq!(codes(&out), vec![554], "{out}");
+    assert!(s.is_closed());
+}
+
+/// A CRLF split between two reads right after an over-long line is still one line ending.
+#[test]
+fn long_line_with_crlf_split_across_reads() {
+    let mut s = session_in_data();
+    let mut first = "x".repeat(3 * MAX_TEXT_LINE);
+    first.push('\r');
+    assert_eq!(send(&mut s, &first), "");
+    let out = send(&mut s, "\n.\r\n");
+    assert!(out.starts_with("500 5.5.2"), "{out}");
+    assert!(!s.is_closed());
 }
 
 #[test]
@@ -257,6 +336,7 @@ fn bare_cr_in_data_rejected() {
         "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n",
     );
     assert!(send(&mut s, "a\rb\r\n.\r\n").starts_with("554 5.6.0"));
+    assert!(s.is_closed());
 }
 
 #[test]
