@@ -203,7 +203,8 @@ pub struct AuthPolicy {
     pub mode: AuthMode,
     /// Offered mechanisms, in announcement order.
     pub mechanisms: Vec<Mechanism>,
-    /// PLAIN/LOGIN accepted on an unencrypted connection (never by default).
+    /// AUTH (any mechanism) offered and accepted on an unencrypted connection (never by
+    /// default).
     #[serde(default)]
     pub allow_plaintext_without_tls: bool,
 }

@@ -36,3 +36,28 @@ fn smtp_smuggling_closes_the_connection_and_stores_nothing() {
     relay.kill9();
     assert!(spool_messages(&relay.path().join("spool")).is_empty());
 }
+
+/// Before TLS no mechanism is advertised and every AUTH (SCRAM included) is refused with
+/// `530 5.7.0`, on port-25-style and submission services alike.
+#[test]
+fn no_authentication_before_tls() {
+    let relay = Relay::start();
+    for port in [relay.ports.smtp, relay.ports.submission] {
+        let mut c = relay.connect(port);
+        assert_eq!(c.reply().0, 220);
+        let ehlo = c.expect("EHLO client.test", 250);
+        assert!(!ehlo.contains("AUTH"), "AUTH advertised before TLS: {ehlo}");
+        let (code, text) = c.auth_scram(USER, PASSWORD);
+        assert_eq!(code, 530, "{text}");
+        assert!(text.starts_with("530 5.7.0 Must issue a STARTTLS command first"));
+        for mech in ["PLAIN", "LOGIN", "CRAM-MD5"] {
+            let (code, _) = c.cmd(&format!("AUTH {mech}"));
+            assert_eq!(code, 530, "{mech}");
+        }
+        // After STARTTLS the same login works.
+        c.starttls();
+        let ehlo = c.expect("EHLO client.test", 250);
+        assert!(ehlo.contains("AUTH PLAIN LOGIN SCRAM-SHA-256"), "{ehlo}");
+        assert_eq!(c.auth_scram(USER, PASSWORD).0, 235);
+    }
+}

@@ -150,8 +150,10 @@ pub struct AuthenticationSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub mechanisms: Vec<MechanismSpec>,
-    /// Allow PLAIN and LOGIN on unencrypted connections. Off by default (clients get
-    /// `530 5.7.0 Must issue a STARTTLS command first`); turning it on raises a Warning condition.
+    /// Allow SMTP AUTH on unencrypted connections, with any mechanism. Off by default: before
+    /// STARTTLS no mechanism is advertised and AUTH gets `530 5.7.0 Must issue a STARTTLS command
+    /// first` (Kerio's "require encrypted connection for authentication"). Turning it on raises a
+    /// Warning condition (`PlaintextAuth`).
     #[serde(default)]
     pub allow_plaintext_without_tls: bool,
 }

@@ -157,21 +157,21 @@ fn compile_one(
         fresh
     });
     if mode != AuthMode::Disabled {
-        if auth_spec.allow_plaintext_without_tls && mechanisms.iter().any(|m| m.is_plaintext()) {
+        if auth_spec.allow_plaintext_without_tls {
             r.problems.push(Problem::warning(
                 "spec.authentication.allowPlaintextWithoutTls",
                 "PlaintextAuth",
-                "PLAIN/LOGIN are allowed without TLS: passwords can cross the network unencrypted",
+                "authentication is allowed without TLS: credentials (PLAIN/LOGIN passwords, SCRAM proofs) can cross the network unencrypted",
             ));
         }
-        if tls.is_none()
-            && !auth_spec.allow_plaintext_without_tls
-            && mechanisms.iter().all(|m| m.is_plaintext())
-        {
+        // Optional AUTH on a plain port-25 service without tls is the usual inbound MX: AUTH is
+        // simply not offered there. Warn when somebody evidently expects to authenticate.
+        let expects_auth = mode == AuthMode::Required || !auth_spec.mechanisms.is_empty();
+        if tls.is_none() && !auth_spec.allow_plaintext_without_tls && expects_auth {
             r.problems.push(Problem::warning(
                 "spec.tls",
                 "NoUsableMechanism",
-                "without tls, PLAIN and LOGIN are refused, so no client can authenticate on this service; add tls or SCRAM-SHA-256",
+                "without tls, AUTH is refused before STARTTLS, so no client can authenticate on this service; add tls",
             ));
         }
         if mechanisms.contains(&Mechanism::CramMd5) {

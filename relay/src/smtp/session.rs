@@ -37,6 +37,7 @@ pub struct SessionConfig {
     pub max_received_headers: Option<u32>,
     pub auth_mode: AuthMode,
     pub mechanisms: Vec<Mechanism>,
+    /// AUTH (any mechanism) offered and accepted before TLS; off unless the service says so.
     pub allow_plaintext_without_tls: bool,
 }
 
@@ -701,17 +702,13 @@ impl Session {
         if self.starttls_available() {
             lines.push("STARTTLS".to_string());
         }
-        if self.cfg.auth_mode != AuthMode::Disabled && self.facts.authenticated_as.is_none() {
-            let usable: Vec<&str> = self
-                .cfg
-                .mechanisms
-                .iter()
-                .filter(|m| !m.is_plaintext() || self.plaintext_ok())
-                .map(|m| m.as_str())
-                .collect();
-            if !usable.is_empty() {
-                lines.push(format!("AUTH {}", usable.join(" ")));
-            }
+        if self.cfg.auth_mode != AuthMode::Disabled
+            && self.facts.authenticated_as.is_none()
+            && self.auth_transport_ok()
+            && !self.cfg.mechanisms.is_empty()
+        {
+            let names: Vec<&str> = self.cfg.mechanisms.iter().map(|m| m.as_str()).collect();
+            lines.push(format!("AUTH {}", names.join(" ")));
         }
         lines.push("HELP".to_string());
         self.reply(Reply::plain(250, lines));
@@ -721,7 +718,10 @@ impl Session {
         self.cfg.starttls && self.facts.tls.is_none() && self.cfg.protocol != Protocol::Smtps
     }
 
-    fn plaintext_ok(&self) -> bool {
+    /// Authentication needs an encrypted connection unless the service explicitly allows it in
+    /// clear text (every mechanism: even SCRAM exposes the user name and an offline-attackable
+    /// proof, and CRAM-MD5 worse).
+    fn auth_transport_ok(&self) -> bool {
         self.facts.tls.is_some() || self.cfg.allow_plaintext_without_tls
     }
 
@@ -762,6 +762,13 @@ impl Session {
         if self.tx.is_some() {
             return self.failed(bad_sequence("AUTH not permitted during a mail transaction"));
         }
+        if !self.auth_transport_ok() {
+            self.security(
+                "auth_tls_required",
+                format!("AUTH {mechanism} attempted without TLS"),
+            );
+            return self.failed(r(530, "5.7.0", "Must issue a STARTTLS command first"));
+        }
         let mech = self
             .cfg
             .mechanisms
@@ -775,13 +782,6 @@ impl Session {
             );
             return self.failed(r(504, "5.5.4", "Unrecognized authentication type"));
         };
-        if mech.is_plaintext() && !self.plaintext_ok() {
-            self.security(
-                "auth_tls_required",
-                format!("{} attempted without TLS", mech.as_str()),
-            );
-            return self.failed(r(530, "5.7.0", "Must issue a STARTTLS command first"));
-        }
         let initial = match initial.as_deref() {
             None => None,
             Some("=") => Some(Vec::new()),

@@ -106,8 +106,8 @@ fn ehlo_announces_extensions() {
     ] {
         assert!(out.contains(ext), "{ext} missing in {out}");
     }
-    // PLAIN is hidden before TLS; SCRAM is not a plaintext mechanism.
-    assert!(out.contains("AUTH SCRAM-SHA-256\r\n"), "{out}");
+    // No mechanism at all is offered before TLS.
+    assert!(!out.contains("AUTH"), "{out}");
     assert!(out.starts_with("250-mx.example.test Hello client.test [192.0.2.1]"));
 }
 
@@ -467,6 +467,30 @@ fn auth_plain_requires_tls() {
             ..
         }
     )));
+    // Every mechanism, SCRAM included, needs TLS first.
+    assert_eq!(
+        send(&mut s, "AUTH SCRAM-SHA-256\r\n"),
+        "530 5.7.0 Must issue a STARTTLS command first\r\n"
+    );
+    assert!(send(&mut s, "AUTH CRAM-MD5\r\n").starts_with("530 5.7.0"));
+}
+
+#[test]
+fn auth_offered_after_tls_and_when_clear_text_is_allowed() {
+    let mut s = session();
+    send(&mut s, "EHLO c\r\nSTARTTLS\r\n");
+    events(&mut s);
+    s.tls_established(TlsInfo {
+        version: "TLSv1_3".into(),
+        cipher: "x".into(),
+    });
+    let out = send(&mut s, "EHLO c\r\n");
+    assert!(out.contains("AUTH PLAIN SCRAM-SHA-256\r\n"), "{out}");
+    let mut c = cfg();
+    c.allow_plaintext_without_tls = true;
+    let mut s = session_with(c);
+    let out = send(&mut s, "EHLO c\r\n");
+    assert!(out.contains("AUTH PLAIN SCRAM-SHA-256\r\n"), "{out}");
     assert!(send(&mut s, "AUTH CRAM-MD5\r\n").starts_with("504 5.5.4"));
 }
 
