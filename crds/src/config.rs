@@ -207,6 +207,54 @@ pub struct AuthPolicy {
     /// default).
     #[serde(default)]
     pub allow_plaintext_without_tls: bool,
+    /// Failed-login throttling; on by default.
+    #[serde(default)]
+    pub brute_force: BruteForce,
+}
+
+/// Failed-login throttling of a listener. The counters and blocks themselves are relay-wide.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct BruteForce {
+    /// Failures per client IP within the window before the IP is blocked; 0 = never block.
+    pub max_failures_per_ip: u32,
+    /// Failures per account within the window before its attempts are delayed; 0 = never.
+    pub max_failures_per_account: u32,
+    pub window_seconds: u32,
+    pub block_seconds: u32,
+    pub account_delay_seconds: u32,
+    /// Minimum time before a failed login is answered; 0 = answer at once.
+    pub failure_delay_millis: u32,
+    /// Group never blocked by IP.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exempt_ip_group: Option<String>,
+}
+
+impl Default for BruteForce {
+    fn default() -> Self {
+        BruteForce {
+            max_failures_per_ip: 10,
+            max_failures_per_account: 10,
+            window_seconds: 600,
+            block_seconds: 900,
+            account_delay_seconds: 5,
+            failure_delay_millis: 1000,
+            exempt_ip_group: None,
+        }
+    }
+}
+
+impl BruteForce {
+    /// No blocking, no delays.
+    pub fn off() -> Self {
+        BruteForce {
+            max_failures_per_ip: 0,
+            max_failures_per_account: 0,
+            account_delay_seconds: 0,
+            failure_delay_millis: 0,
+            ..BruteForce::default()
+        }
+    }
 }
 
 /// Who may relay (send to non-local domains). Anyone may send to local domains.

@@ -43,9 +43,37 @@ pub enum AuthFailure {
         ip: IpAddr,
     },
     Malformed(String),
+    /// A SASL library failed internally (a panic, contained); the client gets `454 4.7.0`.
+    Internal(String),
 }
 
 impl AuthFailure {
+    /// The login the failure is about, when the client named one.
+    pub fn login(&self) -> Option<&str> {
+        match self {
+            AuthFailure::UnknownUser(u)
+            | AuthFailure::BadPassword(u)
+            | AuthFailure::MfaAppPasswordRequired(u)
+            | AuthFailure::NoVerifier(u, _)
+            | AuthFailure::AuthzidMismatch(u) => Some(u),
+            AuthFailure::ServiceForbidden { login, .. }
+            | AuthFailure::SourceForbidden { login, .. } => Some(login),
+            AuthFailure::Malformed(_) | AuthFailure::Internal(_) => None,
+        }
+    }
+
+    /// A failure that says something about the credentials (a guess), as opposed to a correct
+    /// login the access policy refuses or an internal error. These count towards the
+    /// brute-force limits.
+    pub fn is_guess(&self) -> bool {
+        !matches!(
+            self,
+            AuthFailure::ServiceForbidden { .. }
+                | AuthFailure::SourceForbidden { .. }
+                | AuthFailure::Internal(_)
+        )
+    }
+
     /// Short label for metrics (bounded cardinality).
     pub fn label(&self) -> &'static str {
         match self {
@@ -57,6 +85,7 @@ impl AuthFailure {
             AuthFailure::ServiceForbidden { .. } => "service_forbidden",
             AuthFailure::SourceForbidden { .. } => "source_forbidden",
             AuthFailure::Malformed(_) => "malformed",
+            AuthFailure::Internal(_) => "internal_error",
         }
     }
 }
@@ -89,6 +118,7 @@ impl fmt::Display for AuthFailure {
                 "access policy {policy:?} of {login:?} forbids authenticating from {ip}"
             ),
             AuthFailure::Malformed(e) => write!(f, "malformed SASL exchange: {e}"),
+            AuthFailure::Internal(e) => write!(f, "internal SASL error: {e}"),
         }
     }
 }
@@ -288,6 +318,10 @@ pub struct Exchange {
     ctx: AuthContext,
     mechanism: Mechanism,
     inner: Inner,
+    /// Client messages handed to rsasl so far (which SCRAM message the next one must be).
+    responses: u32,
+    /// The login the client named (LOGIN and SCRAM name it before the secret).
+    login_hint: Option<String>,
 }
 
 impl Exchange {
@@ -324,11 +358,43 @@ impl Exchange {
             ctx,
             mechanism,
             inner,
+            responses: 0,
+            login_hint: None,
         })
     }
 
     pub fn mechanism(&self) -> Mechanism {
         self.mechanism
+    }
+
+    /// The login the client claims, read from `input` (the next client message) or remembered
+    /// from an earlier one, before anything is verified: for throttling by account without
+    /// spending a verification on it. Cheap; never fails.
+    pub fn claimed_login(&mut self, input: Option<&[u8]>) -> Option<String> {
+        if self.login_hint.is_none() {
+            let first = self.responses == 0;
+            let found = match (self.mechanism, input) {
+                (Mechanism::Plain, Some(msg)) => msg
+                    .split(|b| *b == 0)
+                    .nth(1)
+                    .and_then(|u| std::str::from_utf8(u).ok())
+                    .map(str::to_string),
+                (Mechanism::Login, Some(msg)) if first => {
+                    std::str::from_utf8(msg).ok().map(str::to_string)
+                }
+                (Mechanism::ScramSha256, Some(msg)) if first => std::str::from_utf8(msg)
+                    .ok()
+                    .and_then(|m| m.split(',').find_map(|p| p.strip_prefix("n=")))
+                    .map(|n| n.replace("=2C", ",").replace("=3D", "=")),
+                (Mechanism::CramMd5, Some(msg)) => std::str::from_utf8(msg)
+                    .ok()
+                    .and_then(|m| m.rsplit_once(' '))
+                    .map(|(u, _)| u.to_string()),
+                _ => None,
+            };
+            self.login_hint = found.filter(|l| !l.is_empty() && l.len() <= 320);
+        }
+        self.login_hint.clone()
     }
 
     /// Feeds the client's data (`None`: AUTH without initial response). Blocking.
@@ -367,19 +433,36 @@ impl Exchange {
                     };
                     return Step::Challenge(Vec::new());
                 }
-                let mut out = Cursor::new(Vec::new());
-                let result = if self.mechanism == Mechanism::Login && !started {
-                    // LOGIN is server-first: emit the user-name prompt, then consume an initial
-                    // response (the user name) if the client sent one.
-                    match session.step(None, &mut out) {
-                        Ok(_) if input.is_some() => {
-                            out = Cursor::new(Vec::new());
-                            session.step(input, &mut out)
-                        }
-                        other => other,
+                if let (Mechanism::ScramSha256, Some(msg)) = (self.mechanism, input) {
+                    let checked = match self.responses {
+                        0 => scram::check_client_first(msg),
+                        _ => scram::check_client_final(msg),
+                    };
+                    if let Err(e) = checked {
+                        return Step::Failure(AuthFailure::Malformed(e));
                     }
-                } else {
-                    session.step(input, &mut out)
+                }
+                if input.is_some() {
+                    self.responses += 1;
+                }
+                // rsasl's parsers have panicked on malformed input; whatever a client sends must
+                // end its exchange, never the relay.
+                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.rsasl_step(&mut session, started, input)
+                }));
+                let (result, out) = match stepped {
+                    Ok(r) => r,
+                    Err(panic) => {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "panic".into());
+                        return Step::Failure(AuthFailure::Internal(format!(
+                            "{} exchange panicked: {what}",
+                            self.mechanism.as_str()
+                        )));
+                    }
                 };
                 match result {
                     Ok(State::Running) => {
@@ -424,6 +507,29 @@ impl Exchange {
         }
     }
 
+    /// One rsasl step; LOGIN is server-first, so its first call emits the user-name prompt and
+    /// then consumes an initial response (the user name) if the client sent one.
+    fn rsasl_step(
+        &self,
+        session: &mut SaslSession<Outcome>,
+        started: bool,
+        input: Option<&[u8]>,
+    ) -> (Result<State, SessionError>, Cursor<Vec<u8>>) {
+        let mut out = Cursor::new(Vec::new());
+        let result = if self.mechanism == Mechanism::Login && !started {
+            match session.step(None, &mut out) {
+                Ok(_) if input.is_some() => {
+                    out = Cursor::new(Vec::new());
+                    session.step(input, &mut out)
+                }
+                other => other,
+            }
+        } else {
+            session.step(input, &mut out)
+        };
+        (result, out)
+    }
+
     fn cram_md5(&self, challenge: &str, resp: &[u8]) -> Step {
         let Ok(resp) = std::str::from_utf8(resp) else {
             return Step::Failure(AuthFailure::Malformed("CRAM-MD5 response not UTF-8".into()));
@@ -456,6 +562,101 @@ impl Exchange {
             Ok(l) => Step::Success(l),
             Err(f) => Step::Failure(f),
         }
+    }
+}
+
+/// Syntax checks of SCRAM client messages (RFC 5802 §7) before they reach rsasl, whose parser
+/// indexes into attributes without checking their length. Only the shape is checked here;
+/// rsasl still does the cryptography and the nonce comparison.
+mod scram {
+    use base64::engine::general_purpose::STANDARD as B64;
+    use base64::Engine as _;
+
+    fn text(msg: &[u8]) -> Result<&str, String> {
+        let s = std::str::from_utf8(msg).map_err(|_| "SCRAM message is not UTF-8".to_string())?;
+        if s.chars().any(|c| c.is_control()) {
+            return Err("SCRAM message contains control characters".into());
+        }
+        Ok(s)
+    }
+
+    /// `value` of an `x=value` attribute with a non-empty value.
+    fn attr(part: &str, name: char) -> Result<&str, String> {
+        let mut chars = part.chars();
+        match (chars.next(), chars.next()) {
+            (Some(n), Some('=')) if n == name && part.len() > 2 => Ok(&part[2..]),
+            _ => Err(format!("expected attribute {name}=... but got {part:?}")),
+        }
+    }
+
+    fn nonce(value: &str) -> Result<(), String> {
+        if value
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
+        {
+            Ok(())
+        } else {
+            Err("SCRAM nonce has characters outside printable ASCII".into())
+        }
+    }
+
+    fn base64(value: &str, what: &str) -> Result<(), String> {
+        match B64.decode(value) {
+            Ok(v) if !v.is_empty() => Ok(()),
+            _ => Err(format!("SCRAM {what} is not base64")),
+        }
+    }
+
+    /// `gs2-header client-first-message-bare`: `n,,n=user,r=nonce[,ext...]`.
+    pub fn check_client_first(msg: &[u8]) -> Result<(), String> {
+        let s = text(msg)?;
+        let mut parts = s.splitn(3, ',');
+        let flag = parts.next().unwrap_or_default();
+        if !(flag == "n" || flag == "y" || (flag.starts_with("p=") && flag.len() > 2)) {
+            return Err(format!(
+                "SCRAM client-first has a bad channel-binding flag {flag:?}"
+            ));
+        }
+        let authzid = parts
+            .next()
+            .ok_or("SCRAM client-first lacks the GS2 header")?;
+        if !authzid.is_empty() {
+            attr(authzid, 'a')?;
+        }
+        let bare = parts
+            .next()
+            .ok_or("SCRAM client-first lacks the user name")?;
+        let mut bare = bare.split(',');
+        attr(bare.next().unwrap_or_default(), 'n')?;
+        nonce(attr(bare.next().unwrap_or_default(), 'r')?)?;
+        for ext in bare {
+            if ext.len() < 2 || ext.as_bytes()[1] != b'=' {
+                return Err(format!(
+                    "SCRAM client-first has a malformed extension {ext:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `c=binding,r=nonce[,ext...],p=proof`.
+    pub fn check_client_final(msg: &[u8]) -> Result<(), String> {
+        let s = text(msg)?;
+        let parts: Vec<&str> = s.split(',').collect();
+        if parts.len() < 3 {
+            return Err("SCRAM client-final needs c=, r= and p=".into());
+        }
+        base64(attr(parts[0], 'c')?, "channel binding")?;
+        nonce(attr(parts[1], 'r')?)?;
+        let last = parts.len() - 1;
+        for ext in &parts[2..last] {
+            if ext.len() < 2 || ext.as_bytes()[1] != b'=' || ext.starts_with("p=") {
+                return Err(format!(
+                    "SCRAM client-final has a malformed attribute {ext:?}"
+                ));
+            }
+        }
+        base64(attr(parts[last], 'p')?, "proof")
     }
 }
 
@@ -508,4 +709,106 @@ fn rand_nonce() -> u64 {
 /// Base64 helper for tests and clients of this module.
 pub fn b64(data: &[u8]) -> String {
     B64.encode(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use mailrelay_crds::config::{Credentials, RelayConfig};
+    use mailrelay_crds::verifier::{PasswordVerifier, ScramVerifier};
+
+    use super::*;
+
+    const USER: &str = "user@example.test";
+
+    fn ctx() -> AuthContext {
+        let account = Account {
+            login: USER.into(),
+            password: Some(PasswordVerifier::derive("secret")),
+            scram_sha256: Some(ScramVerifier::derive("secret")),
+            cram_md5_secret: None,
+            app_passwords: vec![],
+            mfa: false,
+            sender_addresses: vec![],
+            access_policy: None,
+        };
+        AuthContext {
+            snapshot: Arc::new(Snapshot {
+                config: RelayConfig::default(),
+                credentials: Credentials {
+                    accounts: vec![account],
+                    ..Credentials::default()
+                },
+                certs: BTreeMap::new(),
+                fingerprint: 0,
+                default_hostname: "relay.example.test".into(),
+            }),
+            service: "submission".into(),
+            client_ip: "192.0.2.1".parse().unwrap(),
+            hostname: "relay.example.test".into(),
+        }
+    }
+
+    fn scram_after_client_first() -> Exchange {
+        let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+        let step = ex.step(Some(format!("n,,n={USER},r=abcdefghijklmnop").as_bytes()));
+        assert!(matches!(step, Step::Challenge(_)), "{step:?}");
+        ex
+    }
+
+    /// The audit's input: a valid client-first, then a client-final of `x`. rsasl 2.3.1's parser
+    /// panics on it (slice index out of range); the exchange must fail cleanly instead.
+    #[test]
+    fn malformed_scram_client_final_fails_without_panicking() {
+        for bad in [
+            &b"x"[..],
+            b"",
+            b"c=",
+            b"c=biws",
+            b"c=biws,r=",
+            b"c=biws,r=abcdefghijklmnop",
+            b"c=biws,r=abcdefghijklmnop,p=",
+            b"c=biws,r=abcdefghijklmnop,p=!!",
+            b"p=xx,c=biws,r=abc",
+            b"c=biws,r=abc,p=AAAA,",
+            b"\xff\xfe",
+        ] {
+            let mut ex = scram_after_client_first();
+            let step =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ex.step(Some(bad))));
+            let step =
+                step.unwrap_or_else(|_| panic!("panicked on {:?}", String::from_utf8_lossy(bad)));
+            assert!(
+                matches!(step, Step::Failure(AuthFailure::Malformed(_))),
+                "{:?}: {step:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn malformed_scram_client_first_fails_without_panicking() {
+        for bad in [
+            &b"x"[..],
+            b"n,,",
+            b"n,,n=",
+            b"n,,n=user",
+            b"n,,r=abc",
+            b"q,,n=user,r=abc",
+            b"n,x,n=user,r=abc",
+            b"n,,n=user,r=",
+        ] {
+            let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+            let step =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ex.step(Some(bad))));
+            let step =
+                step.unwrap_or_else(|_| panic!("panicked on {:?}", String::from_utf8_lossy(bad)));
+            assert!(
+                matches!(step, Step::Failure(_)),
+                "{:?}: {step:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
 }

@@ -203,6 +203,8 @@ pub struct Metrics {
     pub connections: Family<ServiceLabels, Counter>,
     pub connections_refused: Family<ServiceLabels, Counter>,
     pub sessions_active: Gauge,
+    /// Password verifications running now (bounded by `limits.authVerificationConcurrency`).
+    pub auth_verifications_active: Gauge,
     pub replies: Family<ReplyLabels, Counter>,
     pub auth_attempts: Family<AuthLabels, Counter>,
     pub messages_accepted: Family<ServiceLabels, Counter>,
@@ -238,6 +240,7 @@ impl Metrics {
             connections: Family::default(),
             connections_refused: Family::default(),
             sessions_active: Gauge::default(),
+            auth_verifications_active: Gauge::default(),
             replies: Family::default(),
             auth_attempts: Family::default(),
             messages_accepted: Family::default(),
@@ -302,6 +305,11 @@ impl Metrics {
             "sessions_active",
             "Open SMTP sessions",
             m.sessions_active.clone(),
+        );
+        registry.register(
+            "auth_verifications_active",
+            "Password verifications running now (bounded by limits.authVerificationConcurrency)",
+            m.auth_verifications_active.clone(),
         );
         registry.register(
             "replies",

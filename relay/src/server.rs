@@ -18,8 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::auth::{AuthContext, Exchange, Step};
+use crate::auth::{AuthContext, AuthFailure, Exchange, Step};
 use crate::dnscheck::DnsChecker;
+use crate::limits::auth::{AuthProtection, VerificationSlots};
 use crate::limits::gate::{admit, Refusal, SessionLimits};
 use crate::limits::Limiter;
 use crate::metrics::{Metrics, ServiceLabels};
@@ -46,6 +47,8 @@ pub struct Relay {
     pub dns_checks: Option<Arc<DnsChecker>>,
     /// Called with the id of every message stored by a session (the delivery queue's feed).
     pub on_queued: std::sync::OnceLock<QueuedHook>,
+    /// Bounds the password verifications running at once (memory and CPU of an AUTH flood).
+    pub auth_slots: VerificationSlots,
     listeners: Mutex<HashMap<String, (u16, JoinHandle<()>)>>,
 }
 
@@ -69,6 +72,10 @@ impl Relay {
                 None
             }
         };
+        let auth_slots = VerificationSlots::per_cpu(
+            settings.limits.auth_verification_concurrency,
+            Duration::from_secs(settings.limits.auth_verification_queue_seconds.max(1)),
+        );
         Arc::new(Relay {
             config_dir,
             settings,
@@ -80,6 +87,7 @@ impl Relay {
             limiter,
             dns_checks,
             on_queued: std::sync::OnceLock::new(),
+            auth_slots,
             listeners: Mutex::new(HashMap::new()),
         })
     }
@@ -234,7 +242,8 @@ impl Relay {
             service.clone(),
             ip,
         );
-        let _slot = match admit(&self.limiter, &service, limits.exempt, ip).await {
+        let auth = AuthProtection::new(self.limiter.clone(), &snap, &service.auth.brute_force, ip);
+        let _slot = match admit(&self.limiter, &service, limits.exempt, &auth, ip).await {
             Ok(slot) => slot,
             Err(refusal) => {
                 refusal_event(&self.metrics, &service.name, ip, &refusal);
@@ -301,6 +310,8 @@ impl Relay {
             hostname,
             exchange: None,
             limits,
+            auth,
+            auth_delayed: false,
             refuse_proxy_header,
             tx_span: None,
         };
@@ -443,6 +454,10 @@ struct Driver {
     hostname: String,
     exchange: Option<Exchange>,
     limits: SessionLimits,
+    /// Failed-login protection of this client on this service.
+    auth: AuthProtection,
+    /// The current AUTH exchange was already held back for its account.
+    auth_delayed: bool,
     /// An untrusted peer on a PROXY-protocol listener: a PROXY header from it is refused.
     refuse_proxy_header: bool,
     /// The open transaction's span (MAIL to stored message).
@@ -632,6 +647,13 @@ impl Driver {
                 }
             }
             Event::AuthStart { mechanism, initial } => {
+                self.auth_delayed = false;
+                if let Err(r) = self.auth.check_ip().await {
+                    refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+                    session.auth_failure(r.reply.clone());
+                    session.close_with(r.reply);
+                    return Flow::Continue;
+                }
                 let ctx = AuthContext {
                     snapshot: self.snap.clone(),
                     service: self.service.name.clone(),
@@ -644,7 +666,8 @@ impl Driver {
                         self.auth_step(session, initial).await;
                     }
                     Err(f) => {
-                        self.auth_failed(session, mechanism.as_str(), &f.to_string(), f.label())
+                        self.auth_failed(session, mechanism.as_str(), &f, None)
+                            .await
                     }
                 }
                 Flow::Continue
@@ -682,21 +705,52 @@ impl Driver {
         }
     }
 
+    /// One SASL step: the account delay (once per exchange), a verification slot, the step on
+    /// the blocking pool (argon2 and PBKDF2 are deliberately slow), then the outcome.
     async fn auth_step(&mut self, session: &mut Session, input: Option<Vec<u8>>) {
         let Some(mut ex) = self.exchange.take() else {
             session.auth_failure(Reply::new(454, "4.7.0", "Temporary authentication failure"));
             return;
         };
         let mech = ex.mechanism();
-        // argon2 and PBKDF2 are deliberately slow; keep them off the reactor threads.
+        let claimed = ex.claimed_login(input.as_deref());
+        if let (Some(login), false) = (&claimed, self.auth_delayed) {
+            if let Some((delay, event)) = self.auth.account_delay(login).await {
+                self.auth_delayed = true;
+                refusal_event(&self.relay.metrics, &self.service.name, self.ip, &event);
+                // Held without a verification slot: waiting costs the relay nothing.
+                tokio::time::sleep(delay).await;
+            }
+        }
+        let permit = match self.relay.auth_slots.acquire().await {
+            Ok(p) => p,
+            Err(r) => {
+                refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+                self.relay.metrics.auth(mech.as_str(), "queue_full");
+                session.auth_failure(r.reply);
+                return;
+            }
+        };
+        self.relay
+            .metrics
+            .auth_verifications_active
+            .set(self.relay.auth_slots.in_use() as i64);
         let joined = tokio::task::spawn_blocking(move || {
             let step = ex.step(input.as_deref());
+            drop(permit);
             (ex, step)
         })
         .await;
-        let Ok((ex, step)) = joined else {
-            session.auth_failure(Reply::new(454, "4.7.0", "Temporary authentication failure"));
-            return;
+        self.relay
+            .metrics
+            .auth_verifications_active
+            .set(self.relay.auth_slots.in_use() as i64);
+        let (ex, step) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                let f = AuthFailure::Internal(format!("SASL step failed: {e}"));
+                return self.auth_failed(session, mech.as_str(), &f, claimed).await;
+            }
         };
         match step {
             Step::Challenge(c) => {
@@ -708,20 +762,47 @@ impl Driver {
                 info!(target: "security", kind = "auth_success", service = %self.service.name, client_ip = %self.ip, mechanism = mech.as_str(), login = %login);
                 session.auth_success(login);
             }
-            Step::Failure(f) => self.auth_failed(session, mech.as_str(), &f.to_string(), f.label()),
+            Step::Failure(f) => self.auth_failed(session, mech.as_str(), &f, claimed).await,
         }
     }
 
-    fn auth_failed(&mut self, session: &mut Session, mech: &str, detail: &str, label: &str) {
+    /// A failed AUTH: precise in the security log, generic to the client (`535 5.7.8`, or
+    /// `454 4.7.0` for an internal error), counted towards the brute-force limits, answered
+    /// only after the failure delay, and the session closed if this failure blocked the IP.
+    async fn auth_failed(
+        &mut self,
+        session: &mut Session,
+        mech: &str,
+        f: &AuthFailure,
+        claimed: Option<String>,
+    ) {
         self.exchange = None;
+        let label = f.label();
+        let detail = f.to_string();
         self.relay.metrics.auth(mech, label);
         self.relay.metrics.security("auth_failure");
         warn!(target: "security", kind = "auth_failure", reason = label, service = %self.service.name, client_ip = %self.ip, mechanism = mech, detail);
+        if let AuthFailure::Internal(_) = f {
+            session.auth_failure(Reply::new(454, "4.7.0", "Temporary authentication failure"));
+            return;
+        }
+        let blocked = if f.is_guess() {
+            let login = f.login().map(str::to_string).or(claimed);
+            let blocked = self.auth.failed(login.as_deref()).await;
+            tokio::time::sleep(self.auth.failure_delay()).await;
+            blocked
+        } else {
+            None
+        };
         session.auth_failure(Reply::new(
             535,
             "5.7.8",
             "Authentication credentials invalid",
         ));
+        if let Some(r) = blocked {
+            refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+            session.close_with(r.reply);
+        }
     }
 
     async fn store(&self, session: &Session, tx: Transaction) -> Result<String, String> {

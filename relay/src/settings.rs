@@ -58,6 +58,14 @@ pub struct LimitSettings {
     /// its local counters.
     #[serde(default = "default_store_timeout")]
     pub store_timeout_ms: u64,
+    /// Password verifications (argon2id, about 19 MiB and tens of milliseconds each) running at
+    /// once; more wait. Unset: the number of CPUs. This bounds the memory and CPU an AUTH flood
+    /// can take, by design.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_verification_concurrency: Option<u32>,
+    /// How long an AUTH may wait for a verification slot before it gets `454 4.7.0`.
+    #[serde(default = "default_auth_queue")]
+    pub auth_verification_queue_seconds: u64,
 }
 
 impl Default for LimitSettings {
@@ -65,8 +73,14 @@ impl Default for LimitSettings {
         LimitSettings {
             shared_store_url: None,
             store_timeout_ms: default_store_timeout(),
+            auth_verification_concurrency: None,
+            auth_verification_queue_seconds: default_auth_queue(),
         }
     }
+}
+
+fn default_auth_queue() -> u64 {
+    10
 }
 
 /// Logging and tracing.

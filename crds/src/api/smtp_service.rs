@@ -156,6 +156,54 @@ pub struct AuthenticationSpec {
     /// Warning condition (`PlaintextAuth`).
     #[serde(default)]
     pub allow_plaintext_without_tls: bool,
+    /// Brute-force protection (Kerio's blocking of addresses with repeated failed logins). On by
+    /// default with the defaults below even when this field is absent; set `enabled: false` to
+    /// turn it off. Blocks and counters are relay-wide (and cluster-wide with a shared limit
+    /// store), not per service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brute_force_protection: Option<BruteForceSpec>,
+}
+
+/// Failed-login throttling for a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BruteForceSpec {
+    /// Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Failed logins from one client IP within `windowSeconds` after which the IP is blocked for
+    /// `blockSeconds`: new connections and AUTH get `421 4.7.0`. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_failures_per_ip: Option<u32>,
+    /// Failed logins for one account (from anywhere) within `windowSeconds` after which every
+    /// further login attempt for it waits `accountDelaySeconds` first. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_failures_per_account: Option<u32>,
+    /// Counting window, seconds. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub window_seconds: Option<u32>,
+    /// How long a blocked IP stays blocked, seconds. Default 900.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub block_seconds: Option<u32>,
+    /// Delay before each login attempt for an account over `maxFailuresPerAccount`, seconds.
+    /// Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 300))]
+    pub account_delay_seconds: Option<u32>,
+    /// Every failed login is answered after at least this delay (milliseconds), so guessing costs
+    /// the client time, not the relay. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 60000))]
+    pub failure_delay_millis: Option<u32>,
+    /// IpAddressGroup never blocked by IP (monitoring hosts, internal networks). The per-account
+    /// delay and the failure delay still apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "name_schema")]
+    pub exempt_ip_group: Option<String>,
 }
 
 /// Authentication mode.

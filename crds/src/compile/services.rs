@@ -9,8 +9,8 @@ use super::report::{Kind, ObjectReport, Problem};
 use super::{report, sorted, Ctx};
 use crate::api::{AuthModeSpec, MechanismSpec, ServiceProtocol, SmtpService};
 use crate::config::{
-    AuthMode, AuthPolicy, Limits, Mechanism, Protocol, ProxyProtocol, RelayControl, ServicePolicy,
-    TlsSource,
+    AuthMode, AuthPolicy, BruteForce, Limits, Mechanism, Protocol, ProxyProtocol, RelayControl,
+    ServicePolicy, TlsSource,
 };
 
 /// Compiled services, their reports, and the IP groups that grant relay permission.
@@ -193,6 +193,29 @@ fn compile_one(
     if let Some(g) = &s.hide_client_ip_for {
         refs.push(("spec.hideClientIpFor".into(), g));
     }
+    let bf = auth_spec.brute_force_protection.clone().unwrap_or_default();
+    let brute_force = if bf.enabled == Some(false) {
+        BruteForce::off()
+    } else {
+        let d = BruteForce::default();
+        if let Some(g) = &bf.exempt_ip_group {
+            refs.push((
+                "spec.authentication.bruteForceProtection.exemptIpGroup".into(),
+                g,
+            ));
+        }
+        BruteForce {
+            max_failures_per_ip: bf.max_failures_per_ip.unwrap_or(d.max_failures_per_ip),
+            max_failures_per_account: bf
+                .max_failures_per_account
+                .unwrap_or(d.max_failures_per_account),
+            window_seconds: bf.window_seconds.unwrap_or(d.window_seconds),
+            block_seconds: bf.block_seconds.unwrap_or(d.block_seconds),
+            account_delay_seconds: bf.account_delay_seconds.unwrap_or(d.account_delay_seconds),
+            failure_delay_millis: bf.failure_delay_millis.unwrap_or(d.failure_delay_millis),
+            exempt_ip_group: bf.exempt_ip_group.clone(),
+        }
+    };
     let limits_spec = s.limits.clone().unwrap_or_default();
     if let Some(g) = &limits_spec.exempt_ip_group {
         refs.push(("spec.limits.exemptIpGroup".into(), g));
@@ -285,6 +308,7 @@ fn compile_one(
                 mechanisms
             },
             allow_plaintext_without_tls: auth_spec.allow_plaintext_without_tls,
+            brute_force,
         },
         allowed_from: s.allowed_from.clone(),
         relay_control,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use mailrelay_crds::config::ServicePolicy;
 
+use super::auth::AuthProtection;
 use super::{
     ConnectionGuard, Limiter, RateKey, CONNECTIONS_PER_IP, HARVEST_BLOCK,
     MESSAGES_PER_HOUR_PER_ACCOUNT, MESSAGES_PER_HOUR_PER_IP,
@@ -37,17 +38,24 @@ pub struct Refusal {
 }
 
 /// Admission at connect: `Ok` holds the connection slot (if counted).
+///
+/// Blocks are relay-wide, as in Kerio: an address blocked for directory harvesting or failed
+/// logins on one service is refused on every service, whatever that service's own thresholds
+/// (they decide when a block starts, not where it applies). The service's exempt groups still
+/// decide who is never refused.
 pub async fn admit(
     limiter: &Arc<Limiter>,
     service: &ServicePolicy,
     exempt: bool,
+    auth: &AuthProtection,
     ip: IpAddr,
 ) -> Result<Option<ConnectionGuard>, Refusal> {
+    auth.check_ip().await?;
     if exempt {
         return Ok(None);
     }
     let limits = &service.limits;
-    if limits.max_unknown_recipients_per_ip.is_some() && limiter.blocked(ip).await {
+    if limiter.blocked(ip).await {
         return Err(Refusal {
             reply: Reply::new(
                 421,

@@ -10,6 +10,7 @@
 //! number of keys is capped ([`MAX_TRACKED_KEYS`]); past the cap new keys go uncounted (fail
 //! open) rather than growing without bound.
 
+pub mod auth;
 pub mod gate;
 pub mod store;
 
@@ -35,6 +36,9 @@ pub const MESSAGES_PER_HOUR_PER_IP: &str = "messages_per_hour_per_ip";
 pub const MESSAGES_PER_HOUR_PER_ACCOUNT: &str = "messages_per_hour_per_account";
 pub const UNKNOWN_RECIPIENTS_PER_IP: &str = "unknown_recipients_per_ip";
 pub const HARVEST_BLOCK: &str = "harvest_block";
+pub const AUTH_FAILURES_PER_IP: &str = "auth_failures_per_ip";
+pub const AUTH_FAILURES_PER_ACCOUNT: &str = "auth_failures_per_account";
+pub const AUTH_BLOCK: &str = "auth_block";
 
 /// Whose messages a rate counts.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -58,11 +62,19 @@ struct Local {
     messages: HashMap<RateKey, VecDeque<Instant>>,
     unknown: HashMap<IpAddr, VecDeque<Instant>>,
     blocked: HashMap<IpAddr, Instant>,
+    auth_failures_ip: HashMap<IpAddr, VecDeque<Instant>>,
+    auth_failures_account: HashMap<String, VecDeque<Instant>>,
+    auth_blocked: HashMap<IpAddr, Instant>,
 }
 
-/// Drops timestamps that left the window; returns how many remain.
+/// Drops timestamps that left the hour; returns how many remain.
 fn slide(q: &mut VecDeque<Instant>, now: Instant) -> usize {
-    while q.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+    slide_in(q, now, WINDOW)
+}
+
+/// Drops timestamps older than `window`; returns how many remain.
+fn slide_in(q: &mut VecDeque<Instant>, now: Instant, window: Duration) -> usize {
+    while q.front().is_some_and(|t| now.duration_since(*t) >= window) {
         q.pop_front();
     }
     q.len()
@@ -77,8 +89,19 @@ fn record<K: Eq + std::hash::Hash>(
     now: Instant,
     max: u32,
 ) -> u64 {
+    record_in(map, key, now, max, WINDOW)
+}
+
+/// [`record`] with a window other than the hour.
+fn record_in<K: Eq + std::hash::Hash>(
+    map: &mut HashMap<K, VecDeque<Instant>>,
+    key: K,
+    now: Instant,
+    max: u32,
+    window: Duration,
+) -> u64 {
     if !map.contains_key(&key) && map.len() >= MAX_TRACKED_KEYS {
-        prune(map, now);
+        map.retain(|_, q| slide_in(q, now, window) > 0);
     }
     if !map.contains_key(&key) && map.len() >= MAX_TRACKED_KEYS {
         return 0;
@@ -89,11 +112,7 @@ fn record<K: Eq + std::hash::Hash>(
     while q.len() > max.max(1) as usize {
         q.pop_front();
     }
-    slide(q, now) as u64
-}
-
-fn prune<K: Eq + std::hash::Hash>(map: &mut HashMap<K, VecDeque<Instant>>, now: Instant) {
-    map.retain(|_, q| slide(q, now) > 0);
+    slide_in(q, now, window) as u64
 }
 
 /// The shared limit state of one relay process.
@@ -313,4 +332,125 @@ impl Limiter {
             let _ = s.delete(&format!("unknown:{ip}")).await;
         }
     }
+
+    /// Is `ip` blocked for failed logins (here or, with a store, anywhere)?
+    pub async fn auth_blocked(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        {
+            let mut l = self.local();
+            match l.auth_blocked.get(&ip) {
+                Some(until) if *until > now => return true,
+                Some(_) => {
+                    l.auth_blocked.remove(&ip);
+                }
+                None => {}
+            }
+        }
+        match &self.store {
+            Some(s) => s.exists(&format!("authblock:{ip}")).await.unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Failed logins for `login` within `window` (here or, with a store, anywhere).
+    pub async fn account_auth_failures(&self, login: &str, window: Duration) -> u64 {
+        let key = login.to_ascii_lowercase();
+        let local = {
+            let mut l = self.local();
+            l.auth_failures_account
+                .get_mut(&key)
+                .map(|q| slide_in(q, Instant::now(), window) as u64)
+                .unwrap_or(0)
+        };
+        match &self.store {
+            Some(s) => s
+                .window_count(&format!("authfail:acct:{key}"), window)
+                .await
+                .map_or(local, |shared| shared.max(local)),
+            None => local,
+        }
+    }
+
+    /// Counts a failed login from `ip` (and for `login`, when the client named one). Returns the
+    /// failures within `window` for the IP and the account; when `block` is set and the IP
+    /// reached `max_ip` failures, the IP is blocked for `block` and the counter starts over.
+    pub async fn auth_failure(
+        &self,
+        ip: IpAddr,
+        login: Option<&str>,
+        window: Duration,
+        max_ip: u32,
+        block: Option<Duration>,
+    ) -> AuthFailureCounts {
+        let now = Instant::now();
+        let account = login.map(|l| l.to_ascii_lowercase());
+        let (local_ip, local_account) = {
+            let mut l = self.local();
+            let ip_count = record_in(&mut l.auth_failures_ip, ip, now, max_ip.max(1), window);
+            let account_count = account.clone().map(|a| {
+                // Accounts are not capped by `max_ip`; keep enough history for any threshold.
+                record_in(&mut l.auth_failures_account, a, now, 100_000, window)
+            });
+            (ip_count, account_count)
+        };
+        let (mut ip_count, mut account_count) = (local_ip, local_account);
+        if let Some(s) = &self.store {
+            if let Ok(n) = s.window_add(&format!("authfail:ip:{ip}"), window).await {
+                ip_count = ip_count.max(n);
+            }
+            if let Some(a) = &account {
+                if let Ok(n) = s.window_add(&format!("authfail:acct:{a}"), window).await {
+                    account_count = Some(account_count.unwrap_or(0).max(n));
+                }
+            }
+        }
+        if max_ip > 0 {
+            self.metrics.ip_usage.observe(
+                ip,
+                AUTH_FAILURES_PER_IP,
+                ip_count,
+                u64::from(max_ip),
+                now + window,
+            );
+        }
+        let blocked_now = match block {
+            Some(block) if max_ip > 0 && ip_count >= u64::from(max_ip) => {
+                self.auth_block(ip, block).await;
+                true
+            }
+            _ => false,
+        };
+        AuthFailureCounts {
+            ip: ip_count,
+            account: account_count,
+            blocked_now,
+        }
+    }
+
+    async fn auth_block(&self, ip: IpAddr, block: Duration) {
+        let until = Instant::now() + block;
+        {
+            let mut l = self.local();
+            if l.auth_blocked.len() >= MAX_TRACKED_KEYS {
+                let now = Instant::now();
+                l.auth_blocked.retain(|_, t| *t > now);
+            }
+            l.auth_blocked.insert(ip, until);
+            l.auth_failures_ip.remove(&ip);
+        }
+        self.metrics.ip_usage.observe(ip, AUTH_BLOCK, 1, 1, until);
+        if let Some(s) = &self.store {
+            let _ = s.set_ttl(&format!("authblock:{ip}"), block).await;
+            let _ = s.delete(&format!("authfail:ip:{ip}")).await;
+        }
+    }
+}
+
+/// What [`Limiter::auth_failure`] counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthFailureCounts {
+    pub ip: u64,
+    pub account: Option<u64>,
+    /// This failure reached the per-IP threshold and blocked the IP.
+    pub blocked_now: bool,
 }

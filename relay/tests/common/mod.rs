@@ -133,6 +133,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
         mode,
         mechanisms: vec![Mechanism::Plain, Mechanism::Login, Mechanism::ScramSha256],
         allow_plaintext_without_tls: false,
+        brute_force: BruteForce::default(),
     };
     let limits = Limits {
         max_recipients_per_message: Some(5),
