@@ -9,6 +9,7 @@ pub mod dns;
 pub mod dnscheck;
 pub mod http;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

@@ -40,8 +40,23 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime starts its threads: allocator arenas are per thread.
+    mailrelay_relay::memory::configure();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relay: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main())
+}
+
+async fn async_main() -> std::process::ExitCode {
     let args = Args::parse();
     if let Some(Command::Queue { admin, action }) = &args.command {
         return mailrelay_relay::delivery::admin::cli(admin, action);
@@ -105,6 +120,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         admin_queue,
     ));
     tokio::spawn(reload::watch(relay.clone(), self_signed));
+    mailrelay_relay::memory::spawn_trimmer();
     relay.ready.store(true, Ordering::Relaxed);
     info!("relay ready");
     shutdown_signal().await;

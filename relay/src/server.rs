@@ -230,9 +230,7 @@ impl Relay {
                 "5.7.1",
                 "Access denied: connections from your address are not allowed",
             );
-            self.metrics.reply(&service.name, 554);
-            let _ = conn.write_all(&reply.to_bytes()).await;
-            let _ = conn.shutdown().await;
+            refuse(&self, &service, ip, conn, &reply).await;
             return;
         }
         let limits = SessionLimits::new(
@@ -247,9 +245,7 @@ impl Relay {
             Ok(slot) => slot,
             Err(refusal) => {
                 refusal_event(&self.metrics, &service.name, ip, &refusal);
-                self.metrics.reply(&service.name, refusal.reply.code);
-                let _ = conn.write_all(&refusal.reply.to_bytes()).await;
-                let _ = conn.shutdown().await;
+                refuse(&self, &service, ip, conn, &refusal.reply).await;
                 return;
             }
         };
@@ -402,6 +398,53 @@ fn gone() -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::NotConnected, "connection closed")
 }
 
+/// Server-side TLS handshake on a service's certificate, bounded by the handshake timeout.
+async fn tls_accept(
+    relay: &Relay,
+    service: &ServicePolicy,
+    ip: IpAddr,
+    tcp: TcpStream,
+) -> Option<Conn> {
+    let hs = Duration::from_secs(relay.settings.timeouts.tls_handshake_seconds.max(1));
+    let secret = service.tls.as_ref()?.secret_name.clone();
+    let acceptor = match relay.tls.acceptor(&secret) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(service = %service.name, error = %e, "no TLS acceptor");
+            return None;
+        }
+    };
+    match tokio::time::timeout(hs, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
+        Ok(Err(e)) => {
+            debug!(service = %service.name, client = %ip, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            debug!(service = %service.name, client = %ip, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Refuses a connection at connect with `reply`. On SMTPS the reply goes inside TLS (a client
+/// that speaks TLS from the first byte could not read it otherwise), so a refusal there costs a
+/// handshake, bounded by the handshake timeout.
+async fn refuse(relay: &Relay, service: &ServicePolicy, ip: IpAddr, conn: Conn, reply: &Reply) {
+    relay.metrics.reply(&service.name, reply.code);
+    let mut conn = match conn {
+        Conn::Plain(tcp) if service.protocol == Protocol::Smtps => {
+            match tls_accept(relay, service, ip, tcp).await {
+                Some(c) => c,
+                None => return,
+            }
+        }
+        other => other,
+    };
+    let _ = conn.write_all(&reply.to_bytes()).await;
+    let _ = conn.shutdown().await;
+}
+
 impl Conn {
     async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
@@ -480,26 +523,7 @@ impl Driver {
     }
 
     async fn handshake(&self, tcp: TcpStream) -> Option<Conn> {
-        let (_, _, hs) = self.timeouts();
-        let secret = self.service.tls.as_ref()?.secret_name.clone();
-        let acceptor = match self.relay.tls.acceptor(&secret) {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(service = %self.service.name, error = %e, "no TLS acceptor");
-                return None;
-            }
-        };
-        match tokio::time::timeout(hs, acceptor.accept(tcp)).await {
-            Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
-            Ok(Err(e)) => {
-                debug!(service = %self.service.name, client = %self.ip, error = %e, "TLS handshake failed");
-                None
-            }
-            Err(_) => {
-                debug!(service = %self.service.name, client = %self.ip, "TLS handshake timed out");
-                None
-            }
-        }
+        tls_accept(&self.relay, &self.service, self.ip, tcp).await
     }
 
     async fn run(&mut self, session: &mut Session, mut conn: Conn) {

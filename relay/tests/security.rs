@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use mailrelay_crds::config::{BruteForce, RelayConfig};
 
 /// The audit's reproduction: a client allowed to relay sends, in one write, a body line ending
 /// in a bare LF, `.\r\n`, and a whole spoofed transaction. The relay must refuse the message,
@@ -59,5 +60,185 @@ fn no_authentication_before_tls() {
         let ehlo = c.expect("EHLO client.test", 250);
         assert!(ehlo.contains("AUTH PLAIN LOGIN SCRAM-SHA-256"), "{ehlo}");
         assert_eq!(c.auth_scram(USER, PASSWORD).0, 235);
+    }
+}
+
+/// Opens a TLS session on `port` and tries `password` for `user` with AUTH PLAIN; returns the
+/// AUTH reply and the client (for what follows).
+fn try_login(relay: &Relay, port: u16, user: &str, password: &str) -> ((u16, String), Client) {
+    let mut c = relay.connect(port);
+    assert_eq!(c.reply().0, 220);
+    c.expect("EHLO client.test", 250);
+    c.starttls();
+    c.expect("EHLO client.test", 250);
+    let r = c.auth_plain(user, password);
+    (r, c)
+}
+
+fn with_brute_force(f: impl Fn(&mut BruteForce)) -> impl FnOnce(&mut RelayConfig) {
+    move |cfg: &mut RelayConfig| {
+        for s in &mut cfg.services {
+            f(&mut s.auth.brute_force);
+        }
+    }
+}
+
+/// rsasl 2.3.1 panics on this client-final; the relay must answer and live on.
+#[test]
+fn malformed_scram_client_final_is_refused_and_the_relay_lives() {
+    let relay = Relay::start();
+    let mut c = relay.connect(relay.ports.submission);
+    c.reply();
+    c.expect("EHLO c", 250);
+    c.starttls();
+    c.expect("EHLO c", 250);
+    let first = base64_encode(format!("n,,n={USER},r=abcdefghijklmnopqrstuvwx").as_bytes());
+    let (code, text) = c.cmd(&format!("AUTH SCRAM-SHA-256 {first}"));
+    assert_eq!(code, 334, "{text}");
+    let (code, text) = c.cmd(&base64_encode(b"x"));
+    assert_eq!(code, 535, "{text}");
+    assert!(relay.log().contains("malformed SASL exchange"));
+    // Same process, still serving.
+    let mut c = relay.connect(relay.ports.submission);
+    assert_eq!(c.reply().0, 220);
+    assert_eq!(c.cmd("NOOP").0, 250);
+}
+
+/// After `maxFailuresPerIp` failed logins the failing AUTH is answered `535`, then `421 4.7.0`
+/// and the connection closes; the address is refused at connect on every service; every failure
+/// is answered only after `failureDelayMillis`.
+#[test]
+fn failed_logins_block_the_address_on_every_service() {
+    let relay = Relay::start_with(
+        with_brute_force(|b| {
+            b.max_failures_per_ip = 3;
+            b.failure_delay_millis = 400;
+        }),
+        "",
+    );
+    for i in 1..=3 {
+        let started = std::time::Instant::now();
+        let ((code, text), mut c) = try_login(&relay, relay.ports.smtp, USER, "wrong");
+        assert_eq!(code, 535, "{text}");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(400),
+            "failure answered before the failure delay"
+        );
+        if i == 3 {
+            let (code, text) = c.reply();
+            assert_eq!(code, 421, "{text}");
+            assert!(text.starts_with("421 4.7.0"), "{text}");
+            assert_eq!(c.reply().0, 0, "connection must be closed");
+        }
+    }
+    // Blocked everywhere, even with the right password, even on another service.
+    for port in [relay.ports.smtp, relay.ports.submission, relay.ports.smtps] {
+        let mut c = if port == relay.ports.smtps {
+            relay.connect_tls(port)
+        } else {
+            relay.connect(port)
+        };
+        let (code, text) = c.reply();
+        assert_eq!(code, 421, "port {port}: {text}");
+        assert!(text.contains("failed logins"), "{text}");
+    }
+    let log = relay.log();
+    assert!(log.contains("auth_brute_force"), "{log}");
+    assert!(log.contains("auth_blocked"));
+    relay.wait_metric(
+        "mailrelay_limit_hits_total{service=\"smtp\",limit=\"auth_failures_per_ip\"} 1",
+    );
+}
+
+/// The exempt group is never blocked by IP, but an account that keeps failing is held back
+/// before each further attempt (and the right password still works, after the delay).
+#[test]
+fn exempt_address_is_not_blocked_but_the_account_is_delayed() {
+    let relay = Relay::start_with(
+        with_brute_force(|b| {
+            b.max_failures_per_ip = 2;
+            b.max_failures_per_account = 3;
+            b.account_delay_seconds = 1;
+            b.failure_delay_millis = 0;
+            b.exempt_ip_group = Some("loopback".into());
+        }),
+        "",
+    );
+    for _ in 0..4 {
+        let ((code, text), _) = try_login(&relay, relay.ports.smtp, USER, "wrong");
+        assert_eq!(code, 535, "{text}");
+    }
+    let started = std::time::Instant::now();
+    let ((code, text), _) = try_login(&relay, relay.ports.smtp, USER, PASSWORD);
+    assert_eq!(code, 235, "{text}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(1));
+    assert!(relay.log().contains("account_auth_throttled"));
+    assert!(!relay.log().contains("auth_brute_force"));
+    // Another account is not delayed.
+    let ((code, _), _) = try_login(&relay, relay.ports.smtp, MFA_USER, MFA_APP);
+    assert_eq!(code, 235);
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// 200 clients each try one wrong password at the same moment, with brute-force blocking off so
+/// that every attempt is verified. Memory for verification is bounded by the slots: the relay's
+/// peak resident size stays under 150 MiB, and after the flood it returns to within twice its
+/// idle size within 60 s.
+#[test]
+fn auth_flood_memory_is_bounded_and_returned() {
+    const CLIENTS: usize = 200;
+    let relay = Relay::start_with(with_brute_force(|b| *b = BruteForce::off()), "");
+    // Idle baseline after one ordinary login (TLS and SASL code paths warmed up).
+    let ((code, _), _) = try_login(&relay, relay.ports.submission, USER, PASSWORD);
+    assert_eq!(code, 235);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (idle, _) = relay.rss_kib();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(CLIENTS));
+    let port = relay.ports.submission;
+    let ca = relay.ca.cert_der.clone();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let barrier = barrier.clone();
+            let ca = ca.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port, &ca);
+                c.reply();
+                c.expect("EHLO flood.test", 250);
+                c.starttls();
+                c.expect("EHLO flood.test", 250);
+                barrier.wait();
+                c.auth_plain(USER, "wrong").0
+            })
+        })
+        .collect();
+    let codes: Vec<u16> = clients.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        codes.iter().all(|c| *c == 535 || *c == 454),
+        "unexpected replies: {codes:?}"
+    );
+    let (_, peak) = relay.rss_kib();
+    eprintln!(
+        "AUTH flood: {CLIENTS} clients, idle {} KiB, peak {} KiB, {} answered 454",
+        idle,
+        peak,
+        codes.iter().filter(|c| **c == 454).count()
+    );
+    assert!(peak < 150 * 1024, "peak RSS {peak} KiB over 150 MiB");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (now, _) = relay.rss_kib();
+        if now <= 2 * idle {
+            eprintln!("AUTH flood: back to {now} KiB");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "RSS still {now} KiB 60 s after the flood (idle {idle} KiB)"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }

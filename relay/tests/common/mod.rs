@@ -214,6 +214,12 @@ pub const DEFAULT_RECIPIENTS: &[&str] = &["alice", "relay-user", "mfa-user", "sc
 
 impl Relay {
     pub fn start() -> Relay {
+        Relay::start_with(|_| {}, "")
+    }
+
+    /// A relay whose policy is the default one changed by `policy`, with `runtime_extra` lines
+    /// appended to runtime.yaml.
+    pub fn start_with(policy: impl FnOnce(&mut RelayConfig), runtime_extra: &str) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let ports = Ports {
             smtp: free_port(),
@@ -231,14 +237,16 @@ impl Relay {
             cert_der: vec![],
         };
         r.write_cert("first");
-        r.write_policy(&relay_config(&r.ports, DEFAULT_RECIPIENTS));
+        let mut cfg = relay_config(&r.ports, DEFAULT_RECIPIENTS);
+        policy(&mut cfg);
+        r.write_policy(&cfg);
         write(
             &r.dir.path().join("credentials.yaml"),
             &serde_norway::to_string(&credentials()).unwrap(),
         );
         write(
             &r.dir.path().join("runtime.yaml"),
-            &runtime_yaml(r.ports.metrics, ""),
+            &runtime_yaml(r.ports.metrics, runtime_extra),
         );
         r.spawn();
         r
@@ -246,6 +254,24 @@ impl Relay {
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("relay running").id()
+    }
+
+    /// (current, peak) resident set size of the relay process in KiB (`VmRSS`, `VmHWM`).
+    pub fn rss_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("{name} missing in /proc status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
     }
 
     pub fn write_cert(&mut self, label: &str) {
