@@ -209,7 +209,7 @@ impl Relay {
             })
             .inc();
         let _ = stream.set_nodelay(true);
-        let mut conn = Conn::Plain(stream);
+        let conn = Conn::Plain(stream);
         if !service.allowed_from.is_empty() && !snap.config.in_any_group(&service.allowed_from, ip)
         {
             self.metrics
