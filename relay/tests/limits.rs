@@ -191,6 +191,28 @@ fn directory_harvest_blocks_the_ip_for_an_hour() {
     );
 }
 
+/// The block is the relay's, not the listener's: the address is also refused on a service
+/// that has no harvest limit of its own (as Kerio blocks it for the whole server).
+#[test]
+fn harvest_block_applies_to_every_service() {
+    let r = extra::start_custom("", |cfg, _| {
+        service(cfg, "smtp").limits.max_unknown_recipients_per_ip = Some(1);
+        service(cfg, "submission")
+            .limits
+            .max_unknown_recipients_per_ip = None;
+    });
+    let mut c = session(r.ports.smtp);
+    c.expect("MAIL FROM:<harvester@example.org>", 250);
+    c.expect("RCPT TO:<nobody@example.test>", 550);
+    assert_eq!(c.reply().0, 421);
+    for port in [r.ports.smtp, r.ports.submission] {
+        let mut d = Raw::connect(port);
+        let (code, text) = d.reply();
+        assert_eq!(code, 421, "port {port}: {text}");
+        assert!(text.starts_with("421 4.7.1"), "{text}");
+    }
+}
+
 #[test]
 fn ten_thousand_recipients() {
     let r = extra::start_custom("", |_, _| {});

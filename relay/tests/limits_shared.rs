@@ -93,3 +93,50 @@ fn harvest_block_is_cluster_wide() {
         assert!(text.starts_with("421 4.7.1"), "{text}");
     }
 }
+
+/// Failed logins are counted across relays, and the block that follows is honoured by all.
+#[test]
+fn failed_login_block_is_cluster_wide() {
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let runtime = format!(
+        "limits:\n  sharedStoreUrl: redis://127.0.0.1:{}/0\n  storeTimeoutMs: 1000\n",
+        redis.port
+    );
+    let start = || {
+        start_custom(&runtime, |cfg, _| {
+            for s in &mut cfg.services {
+                s.auth.brute_force.max_failures_per_ip = 2;
+                s.auth.brute_force.failure_delay_millis = 0;
+            }
+        })
+    };
+    let (a, b) = (start(), start());
+    let fail = |r: &Relay| {
+        let mut c = r.connect(r.ports.submission);
+        c.reply();
+        c.expect("EHLO c", 250);
+        c.starttls();
+        c.expect("EHLO c", 250);
+        let (code, text) = c.auth_plain(common::USER, "wrong");
+        assert_eq!(code, 535, "{text}");
+        c
+    };
+    assert_eq!(
+        fail(&a).cmd("QUIT").0,
+        221,
+        "first failure: no block, the session goes on"
+    );
+    let (code, text) = fail(&b).reply();
+    assert_eq!(
+        code, 421,
+        "second failure, counted across both relays: {text}"
+    );
+    for r in [&a, &b] {
+        let mut e = Raw::connect(r.ports.smtp);
+        let (code, text) = e.reply();
+        assert_eq!(code, 421, "{text}");
+        assert!(text.contains("failed logins"), "{text}");
+    }
+}

@@ -411,7 +411,7 @@ print("OK")
         .arg(script)
         .output();
     let Ok(out) = out else {
-        eprintln!("python3 not available; skipping");
+        missing_peer("python3", "apt-get install -y python3");
         return;
     };
     assert!(

@@ -336,7 +336,7 @@ impl RedisServer {
                 .is_ok()
         });
         let Some(bin) = bin else {
-            eprintln!("\n!!!!!!!! SKIPPED: redis-server not installed (apt-get install -y redis-server) !!!!!!!!\n");
+            super::common::missing_peer("redis-server", "apt-get install -y redis-server");
             return None;
         };
         let dir = tempfile::tempdir().unwrap();

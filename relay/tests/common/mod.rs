@@ -26,6 +26,16 @@ pub const MFA_APP: &str = "mfa-app-password";
 pub const SUBMIT_ONLY: &str = "script@example.test";
 pub const BOUND_USER: &str = "bound@example.test";
 
+/// A test's real peer (a server or client program) is not installed. With
+/// `MAILRELAY_REQUIRE_PEERS` set (CI sets it) this fails the test; otherwise it says so loudly
+/// and the caller skips.
+pub fn missing_peer(what: &str, install: &str) {
+    if std::env::var_os("MAILRELAY_REQUIRE_PEERS").is_some() {
+        panic!("{what} is required (MAILRELAY_REQUIRE_PEERS is set) but not installed: {install}");
+    }
+    eprintln!("\n!!!!!!!! SKIPPED: {what} not installed ({install}) !!!!!!!!\n");
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
