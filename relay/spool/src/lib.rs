@@ -371,6 +371,49 @@ impl Spool {
         Ok(id)
     }
 
+    /// Starts storing a message whose data arrives in pieces (a large DATA or BDAT), so that
+    /// memory per message stays bounded: write the data with [`Incoming::write`], then
+    /// [`Incoming::commit`] with the final envelope. Nothing is committed before `commit`
+    /// returns; dropping the `Incoming` (or a crash) leaves only a temporary file that is
+    /// deleted.
+    ///
+    /// `envelope` must be the message's envelope as far as it is known; `commit` may change its
+    /// `size` and `body`, and anything else only as long as its record does not grow by more
+    /// than [`INCOMING_SLACK`] bytes (the record's space is reserved before the data).
+    pub async fn begin(&self, envelope: &Envelope) -> io::Result<Incoming> {
+        self.inner.shared.check_usable()?;
+        let mut widest = envelope.clone();
+        widest.normalize();
+        widest.size = u64::MAX;
+        let reserved = EnvelopeRecord::encode(&widest, u64::MAX).len() + INCOMING_SLACK;
+        let id = MessageId::generate();
+        let shared = self.inner.shared.clone();
+        let tmp = shared.file(id, &format!("{MSG_EXT}.{TMP_EXT}"));
+        let path = tmp.clone();
+        let file = tokio::task::spawn_blocking(move || -> io::Result<File> {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)?;
+            // Header and record are written for real at commit; until then the file is never
+            // valid (and never named `.msg`).
+            f.write_all(&vec![0u8; HEADER_LEN + reserved])?;
+            Ok(f)
+        })
+        .await
+        .map_err(io::Error::other)?
+        .map_err(|e| context(e, "creating message", &tmp))?;
+        Ok(Incoming {
+            shared,
+            tx: self.inner.tx.clone(),
+            id,
+            tmp,
+            file: Some(file),
+            reserved,
+            data_len: 0,
+        })
+    }
+
     /// Atomically and durably replaces the envelope of a stored message.
     ///
     /// Fails with [`io::ErrorKind::NotFound`] if the message is not (or no longer) in the spool.
@@ -545,6 +588,114 @@ impl Spool {
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.inner.shared.dir
+    }
+}
+
+/// Bytes by which an [`Incoming`] message's envelope record may grow between
+/// [`Spool::begin`] and [`Incoming::commit`].
+pub const INCOMING_SLACK: usize = 64;
+
+/// A message being stored piece by piece; see [`Spool::begin`].
+pub struct Incoming {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Job>,
+    id: MessageId,
+    tmp: PathBuf,
+    /// `None` only while a write runs on the blocking pool (or after a failed one).
+    file: Option<File>,
+    /// Space for the envelope record between the header and the data.
+    reserved: usize,
+    data_len: u64,
+}
+
+impl Incoming {
+    /// Bytes of data written so far.
+    pub fn data_len(&self) -> u64 {
+        self.data_len
+    }
+
+    /// Appends data (exactly as it will be relayed).
+    pub async fn write(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+        let Some(mut file) = self.file.take() else {
+            return Err(io::Error::other("an earlier write of this message failed"));
+        };
+        let (file, result) = tokio::task::spawn_blocking(move || {
+            let r = file.write_all(&chunk).map(|_| chunk.len());
+            (file, r)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        let n = result.map_err(|e| context(e, "writing message", &self.tmp))?;
+        self.file = Some(file);
+        self.data_len += n as u64;
+        Ok(())
+    }
+
+    /// Writes the header and `envelope`, flushes, and commits like [`Spool::store`]: returns
+    /// once the message is on stable storage.
+    pub async fn commit(mut self, mut envelope: Envelope) -> io::Result<MessageId> {
+        self.shared.check_usable()?;
+        let Some(file) = self.file.take() else {
+            return Err(io::Error::other("an earlier write of this message failed"));
+        };
+        envelope.normalize();
+        let data_len = self.data_len;
+        let mut record = EnvelopeRecord::encode(&envelope, data_len);
+        if record.len() > self.reserved {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "envelope record of {} bytes does not fit the {} reserved for it",
+                    record.len(),
+                    self.reserved
+                ),
+            ));
+        }
+        // JSON allows trailing white space: pad the record to its reserved size.
+        record.pop();
+        record.resize(self.reserved - 1, b' ');
+        record.push(b'\n');
+        let header = Header::new(record.len(), data_len)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let fsync = self.shared.fsync;
+        let tmp = self.tmp.clone();
+        let written = tokio::task::spawn_blocking(move || -> io::Result<File> {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&header.encode(), 0)?;
+            file.write_all_at(&record, HEADER_LEN as u64)?;
+            if fsync {
+                file.sync_data()?;
+            }
+            Ok(file)
+        })
+        .await
+        .map_err(io::Error::other)?;
+        if let Err(e) = written {
+            return Err(context(e, "writing message", &tmp));
+        }
+        let (done, wait) = oneshot::channel();
+        let op = Op::Store {
+            id: self.id,
+            envelope,
+            data_len,
+            data_offset: header.data_offset(),
+            tmp: self.tmp.clone(),
+        };
+        // From here the committer owns the temporary file (it renames or discards it).
+        self.tmp = PathBuf::new();
+        self.tx
+            .send(Job { op, done })
+            .map_err(|_| committer_gone())?;
+        wait.await.map_err(|_| committer_gone())??;
+        Ok(self.id)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            remove_quietly(&self.tmp);
+        }
     }
 }
 
