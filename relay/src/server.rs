@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use mailrelay_crds::config::{canonical_ip, Protocol, ServicePolicy};
-use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Recipient, Spool};
+use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Incoming, Recipient, Spool};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -26,9 +26,11 @@ use crate::limits::Limiter;
 use crate::metrics::{Metrics, ServiceLabels};
 use crate::policy::PolicyEngine;
 use crate::settings::RuntimeSettings;
-use crate::smtp::parser::{BodyType, Ret};
+use crate::smtp::parser::{BodyType, MailParams, RcptParams, Ret};
 use crate::smtp::received::{received_header, ReceivedInfo};
-use crate::smtp::{Event, Reply, Session, SessionConfig, SessionFacts, TlsInfo, Transaction};
+use crate::smtp::{
+    Event, Reply, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo, Transaction,
+};
 use crate::snapshot::Snapshot;
 use crate::tls::TlsAcceptors;
 
@@ -310,6 +312,7 @@ impl Relay {
             auth_delayed: false,
             refuse_proxy_header,
             tx_span: None,
+            incoming: None,
         };
         let span = tracing::info_span!(
             "smtp_session",
@@ -505,7 +508,14 @@ struct Driver {
     refuse_proxy_header: bool,
     /// The open transaction's span (MAIL to stored message).
     tx_span: Option<tracing::Span>,
+    /// A large message being written to the spool as it arrives, with its envelope.
+    incoming: Option<(Incoming, Envelope)>,
 }
+
+/// Message data is handed to the spool in pieces of at least this size while it arrives, so a
+/// session holds at most about this much of a message in memory (smaller messages are stored
+/// whole at their end, in one write).
+const STREAM_CHUNK: usize = 64 * 1024;
 
 enum Flow {
     Continue,
@@ -550,6 +560,13 @@ impl Driver {
                     let _ = conn.shutdown().await;
                     return;
                 }
+            }
+            if let Some(chunk) = session.take_body_chunk(STREAM_CHUNK) {
+                self.stream(session, chunk).await;
+            }
+            if self.incoming.is_some() && !session.body_open() {
+                // Refused, reset or abandoned: the partial file goes.
+                self.incoming = None;
             }
             if !self.flush(session, &mut conn).await {
                 return;
@@ -829,71 +846,115 @@ impl Driver {
         }
     }
 
-    async fn store(&self, session: &Session, tx: Transaction) -> Result<String, String> {
-        let facts = session.facts();
-        let now = SystemTime::now();
+    /// The `Received:` header this relay adds, as of `now`.
+    fn received(
+        &self,
+        facts: &SessionFacts,
+        single: Option<&str>,
+        smtputf8: bool,
+        now: SystemTime,
+    ) -> String {
         let hide = self
             .service
             .hide_client_ip_for
             .as_ref()
             .is_some_and(|g| self.snap.config.in_group(g, self.ip));
-        let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].0.as_str());
-        let header = received_header(&ReceivedInfo {
+        received_header(&ReceivedInfo {
             facts,
             hostname: &self.hostname,
             hide_client_ip: hide,
             queue_id: None,
             single_recipient: single,
-            smtputf8: tx.smtputf8,
+            smtputf8,
             now,
-        });
-        let mut data = Vec::with_capacity(header.len() + tx.data.len());
-        data.extend_from_slice(header.as_bytes());
-        data.extend_from_slice(&tx.data);
+        })
+    }
 
-        let recipients = tx
-            .recipients
-            .iter()
-            .map(|(addr, p)| {
-                let mut r = Recipient::new(addr.clone());
-                r.orcpt = p.orcpt.clone();
-                r.notify = p
-                    .notify
-                    .iter()
-                    .filter_map(|n| match n.as_str() {
-                        "NEVER" => Some(DsnNotify::Never),
-                        "SUCCESS" => Some(DsnNotify::Success),
-                        "FAILURE" => Some(DsnNotify::Failure),
-                        "DELAY" => Some(DsnNotify::Delay),
-                        _ => None,
-                    })
-                    .collect();
-                r
-            })
-            .collect();
-        let env = Envelope {
-            sender: tx.sender.clone(),
-            recipients,
-            received_at: now,
-            client_ip: Some(self.ip),
-            client_helo: facts.helo.clone(),
-            authenticated_as: facts.authenticated_as.clone(),
-            service: self.service.name.clone(),
-            size: data.len() as u64,
-            body: match tx.body {
-                BodyType::SevenBit => Body::SevenBit,
-                BodyType::EightBitMime => Body::EightBitMime,
-            },
-            smtputf8: tx.smtputf8,
-            dsn_ret: tx.params.ret.map(|r| match r {
-                Ret::Full => DsnRet::Full,
-                Ret::Hdrs => DsnRet::Headers,
-            }),
-            envid: tx.params.envid.clone(),
-            ..Envelope::default()
+    /// Writes a piece of a large message to the spool while the rest arrives; the first piece
+    /// opens the spool file with the `Received:` header. A failure makes the session refuse the
+    /// message at its end (and read the rest without keeping it).
+    async fn stream(&mut self, session: &mut Session, chunk: Vec<u8>) {
+        if self.incoming.is_none() {
+            let Some(view) = session.envelope() else {
+                return;
+            };
+            let (sender, params, recipients) = (view.sender, view.params, view.recipients);
+            let now = SystemTime::now();
+            let env = envelope_from(
+                sender,
+                params,
+                recipients,
+                session.facts(),
+                &self.service.name,
+                self.ip,
+                now,
+            );
+            let single = (recipients.len() == 1).then(|| recipients[0].0.as_str());
+            let header = self.received(session.facts(), single, params.smtputf8, now);
+            let opened = match self.relay.spool.begin(&env).await {
+                Ok(mut incoming) => incoming.write(header.into_bytes()).await.map(|()| incoming),
+                Err(e) => Err(e),
+            };
+            match opened {
+                Ok(incoming) => self.incoming = Some((incoming, env)),
+                Err(e) => return self.stream_failed(session, &e),
+            }
+        }
+        if let Some((incoming, _)) = self.incoming.as_mut() {
+            if let Err(e) = incoming.write(chunk).await {
+                self.stream_failed(session, &e);
+            }
+        }
+    }
+
+    fn stream_failed(&mut self, session: &mut Session, e: &std::io::Error) {
+        warn!(service = %self.service.name, error = %e, "spool write failed");
+        self.incoming = None;
+        session.body_store_failed(store_failure(e));
+    }
+
+    async fn store(&mut self, session: &Session, tx: Transaction) -> Result<String, StoreFailure> {
+        let facts = session.facts();
+        let body = match tx.body {
+            BodyType::SevenBit => Body::SevenBit,
+            BodyType::EightBitMime => Body::EightBitMime,
         };
-        let rcpts = env.recipients.len();
-        match self.relay.spool.store(env, data).await {
+        let stored = match self.incoming.take() {
+            Some((mut incoming, mut env)) => {
+                let written = if tx.data.is_empty() {
+                    Ok(())
+                } else {
+                    incoming.write(tx.data).await
+                };
+                env.size = incoming.data_len();
+                env.body = body;
+                match written {
+                    Ok(()) => incoming.commit(env).await,
+                    Err(e) => Err(e),
+                }
+            }
+            None => {
+                let now = SystemTime::now();
+                let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].0.as_str());
+                let header = self.received(facts, single, tx.smtputf8, now);
+                let mut data = Vec::with_capacity(header.len() + tx.data.len());
+                data.extend_from_slice(header.as_bytes());
+                data.extend_from_slice(&tx.data);
+                let mut env = envelope_from(
+                    &tx.sender,
+                    &tx.params,
+                    &tx.recipients,
+                    facts,
+                    &self.service.name,
+                    self.ip,
+                    now,
+                );
+                env.size = data.len() as u64;
+                env.body = body;
+                self.relay.spool.store(env, data).await
+            }
+        };
+        match stored {
             Ok(id) => {
                 if let Some(hook) = self.relay.on_queued.get() {
                     hook(id);
@@ -909,13 +970,69 @@ impl Driver {
                     .metrics
                     .spool_depth
                     .set(self.relay.spool.len() as i64);
-                info!(service = %self.service.name, client = %self.ip, id = %id, sender = %tx.sender, recipients = rcpts, auth = ?facts.authenticated_as, "message queued");
+                info!(service = %self.service.name, client = %self.ip, id = %id, sender = %tx.sender, recipients = tx.recipients.len(), auth = ?facts.authenticated_as, "message queued");
                 Ok(id.to_string())
             }
             Err(e) => {
                 warn!(service = %self.service.name, error = %e, "spool store failed");
-                Err(e.to_string())
+                Err(store_failure(&e))
             }
         }
+    }
+}
+
+/// The spool envelope of a transaction received now; `size` and `body` are set when the data is
+/// complete.
+fn envelope_from(
+    sender: &str,
+    params: &MailParams,
+    recipients: &[(String, RcptParams)],
+    facts: &SessionFacts,
+    service: &str,
+    ip: IpAddr,
+    now: SystemTime,
+) -> Envelope {
+    let recipients = recipients
+        .iter()
+        .map(|(addr, p)| {
+            let mut r = Recipient::new(addr.clone());
+            r.orcpt = p.orcpt.clone();
+            r.notify = p
+                .notify
+                .iter()
+                .filter_map(|n| match n.as_str() {
+                    "NEVER" => Some(DsnNotify::Never),
+                    "SUCCESS" => Some(DsnNotify::Success),
+                    "FAILURE" => Some(DsnNotify::Failure),
+                    "DELAY" => Some(DsnNotify::Delay),
+                    _ => None,
+                })
+                .collect();
+            r
+        })
+        .collect();
+    Envelope {
+        sender: sender.to_string(),
+        recipients,
+        received_at: now,
+        client_ip: Some(ip),
+        client_helo: facts.helo.clone(),
+        authenticated_as: facts.authenticated_as.clone(),
+        service: service.to_string(),
+        smtputf8: params.smtputf8,
+        dsn_ret: params.ret.map(|r| match r {
+            Ret::Full => DsnRet::Full,
+            Ret::Hdrs => DsnRet::Headers,
+        }),
+        envid: params.envid.clone(),
+        ..Envelope::default()
+    }
+}
+
+/// A full file system (or quota) is told apart from other storage errors (`452 4.3.1`).
+fn store_failure(e: &std::io::Error) -> StoreFailure {
+    match e.kind() {
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => StoreFailure::Full,
+        _ => StoreFailure::Other,
     }
 }

@@ -242,3 +242,184 @@ fn auth_flood_memory_is_bounded_and_returned() {
         std::thread::sleep(std::time::Duration::from_secs(1));
     }
 }
+
+/// A `Subject` line and `mb` MiB of 76-character lines, as a client would send them.
+fn big_body(mb: usize) -> Vec<u8> {
+    let line = format!(
+        "{}\r\n",
+        "0123456789abcdefghij".repeat(4).get(..76).unwrap()
+    );
+    let mut body = b"Subject: big\r\n\r\n".to_vec();
+    while body.len() < mb * 1024 * 1024 {
+        body.extend_from_slice(line.as_bytes());
+    }
+    body
+}
+
+/// runtime.yaml lines that keep accepted mail in the spool: the delivery resolver gets no
+/// answers, so every delivery is deferred.
+const NO_DELIVERY: &str =
+    "delivery:\n  dns:\n    nameservers: [127.0.0.1]\n    port: 9\n    timeoutSeconds: 1\n    attempts: 1\n";
+
+fn big_messages_allowed(cfg: &mut RelayConfig) {
+    for s in &mut cfg.services {
+        s.limits.max_message_size_bytes = Some(30 * 1024 * 1024);
+    }
+}
+
+/// A 20 MiB message by DATA and one by BDAT in pieces arrive in the spool byte-exact (after the
+/// `Received:` header), whatever the chunking.
+#[test]
+fn large_messages_are_stored_byte_exact() {
+    let mut relay = Relay::start_with(big_messages_allowed, NO_DELIVERY);
+    let body = big_body(20);
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    // send_mail ends the data with CRLF . CRLF itself.
+    let without_crlf = std::str::from_utf8(&body[..body.len() - 2]).unwrap();
+    let (code, text) = c.send_mail("s@far.example", &["alice@example.test"], without_crlf);
+    assert_eq!(code, 250, "{text}");
+    c.expect("MAIL FROM:<s@far.example>", 250);
+    c.expect("RCPT TO:<alice@example.test>", 250);
+    for (i, piece) in body.chunks(3 * 1024 * 1024 + 7).enumerate() {
+        let last = (i + 1) * (3 * 1024 * 1024 + 7) >= body.len();
+        let cmd = format!(
+            "BDAT {}{}\r\n",
+            piece.len(),
+            if last { " LAST" } else { "" }
+        );
+        c.send_raw(cmd.as_bytes());
+        c.send_raw(piece);
+        let (code, text) = c.reply();
+        assert_eq!(code, 250, "{text}");
+    }
+    relay.kill9();
+    let msgs = spool_messages(&relay.path().join("spool"));
+    assert_eq!(msgs.len(), 2);
+    for (env, data) in &msgs {
+        let at = data
+            .windows(4)
+            .position(|w| w == b"\r\nSu")
+            .expect("Received header")
+            + 2;
+        assert!(data.starts_with(b"Received: from c "));
+        let stored = &data[at..];
+        let first_difference = stored.iter().zip(body.iter()).position(|(a, b)| a != b);
+        assert!(
+            stored.len() == body.len() && first_difference.is_none(),
+            "stored data differs: {} vs {} bytes, first difference at {first_difference:?}",
+            stored.len(),
+            body.len()
+        );
+        assert_eq!(env.size, data.len() as u64);
+    }
+}
+
+/// 20 clients send a 24 MiB message each at the same time: message data is never held whole in
+/// memory, so the relay's peak resident size stays far below the data in flight (480 MiB).
+#[test]
+fn concurrent_large_messages_keep_memory_bounded() {
+    const CLIENTS: usize = 20;
+    let mut relay = Relay::start_with(big_messages_allowed, NO_DELIVERY);
+    let body = std::sync::Arc::new(big_body(24));
+    let port = relay.ports.smtp;
+    let ca = relay.ca.cert_der.clone();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (body, ca) = (body.clone(), ca.clone());
+            std::thread::spawn(move || {
+                let mut c = Client::connect(port, &ca);
+                c.reply();
+                c.expect("EHLO c", 250);
+                let text = std::str::from_utf8(&body[..body.len() - 2]).unwrap();
+                c.send_mail("s@far.example", &["alice@example.test"], text)
+            })
+        })
+        .collect();
+    for t in clients {
+        let (code, text) = t.join().unwrap();
+        assert_eq!(code, 250, "{text}");
+    }
+    let (_, peak) = relay.rss_kib();
+    eprintln!("{CLIENTS} concurrent 24 MiB messages: peak RSS {peak} KiB");
+    assert!(peak < 200 * 1024, "peak RSS {peak} KiB");
+    relay.kill9();
+    assert_eq!(spool_messages(&relay.path().join("spool")).len(), CLIENTS);
+}
+
+/// A tmpfs of `size` mounted on a fresh directory for the test's life (we are root in CI).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            missing_peer("a tmpfs mount (needs root)", "run the tests as root");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A full spool file system is answered `452 4.3.1` (mail system full), for a message written
+/// while it arrives and for one stored whole at its end, and nothing partial is left behind.
+#[test]
+fn full_spool_answers_452_4_3_1() {
+    let Some(disk) = SmallDisk::mount("4m") else {
+        return;
+    };
+    let spool = disk.dir.path().join("spool");
+    let mut relay = Relay::start_with(
+        big_messages_allowed,
+        &format!("{NO_DELIVERY}spoolDir: {}\n", spool.display()),
+    );
+    let body = big_body(3);
+    let text = std::str::from_utf8(&body[..body.len() - 2]).unwrap();
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    assert_eq!(
+        c.send_mail("s@far.example", &["alice@example.test"], text)
+            .0,
+        250
+    );
+    let (code, reply) = c.send_mail("s@far.example", &["alice@example.test"], text);
+    assert_eq!(code, 452, "{reply}");
+    assert!(reply.starts_with("452 4.3.1"), "{reply}");
+    // Small messages fill what is left, then get the same answer.
+    let small = std::str::from_utf8(&body[..30 * 1024]).unwrap();
+    let mut last = 250;
+    for _ in 0..100 {
+        let (code, reply) = c.send_mail("s@far.example", &["alice@example.test"], small);
+        if code != 250 {
+            assert!(reply.starts_with("452 4.3.1"), "{reply}");
+            last = code;
+            break;
+        }
+    }
+    assert_eq!(last, 452, "the disk never filled up");
+    relay.kill9();
+    let leftovers: Vec<_> = std::fs::read_dir(spool.join("msg"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -9,7 +9,8 @@ pub mod session;
 
 pub use reply::Reply;
 pub use session::{
-    Event, Policy, Rejection, Session, SessionConfig, SessionFacts, TlsInfo, Transaction,
+    Event, Policy, Rejection, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo,
+    Transaction,
 };
 
 #[cfg(test)]

@@ -90,6 +90,33 @@ pub struct Transaction {
     pub body: BodyType,
 }
 
+/// The envelope of a transaction in progress (see [`Session::envelope`]).
+#[derive(Clone, Copy, Debug)]
+pub struct EnvelopeView<'a> {
+    pub sender: &'a str,
+    pub params: &'a MailParams,
+    pub recipients: &'a [(String, RcptParams)],
+}
+
+/// Why a message could not be stored; decides the reply (RFC 3463).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The spool's file system is full: `452 4.3.1`, so clients and operators can tell it from
+    /// other local errors.
+    Full,
+    /// Any other local error: `451 4.3.0`.
+    Other,
+}
+
+impl StoreFailure {
+    pub fn reply(self) -> Reply {
+        match self {
+            StoreFailure::Full => r(452, "4.3.1", "Insufficient system storage, try again later"),
+            StoreFailure::Other => r(451, "4.3.0", "Temporary local problem, try again later"),
+        }
+    }
+}
+
 /// Something the driver must do.
 #[derive(Debug)]
 pub enum Event {
@@ -141,6 +168,8 @@ struct Body {
     eight_bit: bool,
     /// BDAT: bytes of a line not yet terminated by LF (chunks split lines anywhere).
     partial: Vec<u8>,
+    /// The driver could not store data handed out earlier.
+    store_failure: Option<StoreFailure>,
 }
 
 impl Body {
@@ -152,7 +181,7 @@ impl Body {
     }
 
     fn failed(&self) -> bool {
-        self.too_big || self.bare_newline || self.long_line
+        self.too_big || self.bare_newline || self.long_line || self.store_failure.is_some()
     }
 
     /// One content line without its line ending (already dot-unstuffed for DATA).
@@ -428,7 +457,7 @@ impl Session {
     }
 
     /// The driver stored (or failed to store) the message handed out with [`Event::Message`].
-    pub fn message_stored(&mut self, result: Result<String, String>) {
+    pub fn message_stored(&mut self, result: Result<String, StoreFailure>) {
         if self.state != State::MessageWaiting {
             return;
         }
@@ -436,9 +465,44 @@ impl Session {
         self.tx = None;
         match result {
             Ok(id) => self.reply(r(250, "2.0.0", &format!("Ok: queued as {id}"))),
-            Err(_) => self.reply(r(451, "4.3.0", "Temporary local problem, try again later")),
+            Err(f) => self.reply(f.reply()),
         }
         self.process();
+    }
+
+    /// The message data received so far, once at least `min` bytes are buffered, for the driver
+    /// to write to storage while the rest arrives (memory per message stays bounded). Nothing
+    /// is handed out for a message that will be refused anyway.
+    pub fn take_body_chunk(&mut self, min: usize) -> Option<Vec<u8>> {
+        let body = self.tx.as_mut()?.body.as_mut()?;
+        if body.failed() || body.data.len() < min.max(1) {
+            return None;
+        }
+        Some(std::mem::take(&mut body.data))
+    }
+
+    /// True from `DATA`/the first `BDAT` until the message is complete, refused or reset: data
+    /// handed out with [`Session::take_body_chunk`] belongs to a message still in progress.
+    pub fn body_open(&self) -> bool {
+        self.tx.as_ref().is_some_and(|t| t.body.is_some())
+    }
+
+    /// Storing the data received so far failed: the rest is read and dropped, and the message
+    /// is refused at its end with the failure's reply.
+    pub fn body_store_failed(&mut self, failure: StoreFailure) {
+        if let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) {
+            body.store_failure = Some(failure);
+            body.data = Vec::new();
+        }
+    }
+
+    /// The envelope of the open transaction.
+    pub fn envelope(&self) -> Option<EnvelopeView<'_>> {
+        self.tx.as_ref().map(|t| EnvelopeView {
+            sender: &t.sender,
+            params: &t.params,
+            recipients: &t.recipients,
+        })
     }
 
     fn reply(&mut self, reply: Reply) {
@@ -1080,6 +1144,9 @@ impl Session {
                 "5.3.4",
                 "Message size exceeds fixed maximum message size",
             ));
+        }
+        if let Some(f) = body.store_failure {
+            return self.reply(f.reply());
         }
         if body.bare_newline {
             self.security(

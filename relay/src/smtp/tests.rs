@@ -636,7 +636,7 @@ fn garbage_does_not_panic() {
                 Event::AuthStart { .. } | Event::AuthResponse(_) => {
                     s.auth_failure(Reply::new(535, "5.7.8", "x"))
                 }
-                Event::Message(_) => s.message_stored(Err("x".into())),
+                Event::Message(_) => s.message_stored(Err(StoreFailure::Other)),
                 Event::StartTls => s.tls_established(TlsInfo {
                     version: "v".into(),
                     cipher: "c".into(),
@@ -658,4 +658,55 @@ fn timeout_reply() {
         .unwrap()
         .starts_with("421 4.4.2"));
     assert!(s.is_closed());
+}
+
+/// Large messages are handed out in pieces while they arrive; the pieces and the final
+/// transaction together are exactly the message.
+#[test]
+fn body_chunks_are_handed_out_while_data_arrives() {
+    let mut s = session_with(SessionConfig {
+        max_message_size: 10_000_000,
+        ..cfg()
+    });
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n",
+    );
+    assert!(s.body_open());
+    let line = "y".repeat(70);
+    let mut pieces = Vec::new();
+    for _ in 0..2000 {
+        send(&mut s, &format!("{line}\r\n"));
+        if let Some(chunk) = s.take_body_chunk(16 * 1024) {
+            assert!(chunk.len() >= 16 * 1024 && chunk.len() < 17 * 1024);
+            pieces.extend_from_slice(&chunk);
+        }
+    }
+    send(&mut s, ".\r\n");
+    assert!(!s.body_open());
+    let tx = take_message(&mut s);
+    pieces.extend_from_slice(&tx.data);
+    assert_eq!(pieces, format!("{line}\r\n").repeat(2000).into_bytes());
+}
+
+/// Storage failing while the data arrives: the rest is read, and the message is refused with
+/// the storage failure's reply at its end; the session goes on.
+#[test]
+fn body_store_failure_refuses_the_message_at_its_end() {
+    let mut s = session();
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nDATA\r\n",
+    );
+    send(&mut s, "a\r\n");
+    s.body_store_failed(StoreFailure::Full);
+    assert_eq!(s.take_body_chunk(1), None);
+    let out = send(&mut s, "b\r\n.\r\nNOOP\r\n");
+    assert_eq!(
+        out,
+        "452 4.3.1 Insufficient system storage, try again later\r\n250 2.0.0 Ok\r\n"
+    );
+    assert!(events(&mut s)
+        .iter()
+        .all(|e| !matches!(e, Event::Message(_))));
 }

@@ -561,6 +561,7 @@ pub fn spool_messages(dir: &Path) -> Vec<(mailrelay_spool::Envelope, Vec<u8>)> {
 /// runtime.yaml of a test relay: loopback, quick reloads and timeouts, plus `extra` lines.
 pub fn runtime_yaml(metrics_port: u16, extra: &str) -> String {
     format!(
-        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\nspoolDir: spool\nhostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}"
+        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\n{spool}hostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}",
+        spool = if extra.contains("spoolDir:") { "" } else { "spoolDir: spool\n" }
     )
 }
