@@ -93,8 +93,10 @@ fn key_paths(v: &Value, prefix: &str, out: &mut BTreeSet<String>) {
 /// it counts (the README's delivery table names `dns.port` relative to `delivery`).
 fn runtime_paths() -> BTreeSet<String> {
     use mailrelay_relay::settings::RuntimeSettings;
-    let mut s = RuntimeSettings::default();
-    s.hostname = Some("h".into());
+    let mut s = RuntimeSettings {
+        hostname: Some("h".into()),
+        ..RuntimeSettings::default()
+    };
     s.delivery.helo_name = Some("h".into());
     s.delivery.rate_per_destination_per_minute = Some(1);
     s.delivery.tls.extra_ca_file = Some("x".into());
