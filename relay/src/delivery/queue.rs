@@ -452,7 +452,8 @@ impl Queue {
         // Outcomes decided before any connection, each with its own `delivery_attempt` span:
         // (destination, recipients and their status).
         let mut immediate: Vec<(String, Vec<(usize, Status)>)> = Vec::new();
-        if let Some(s) = self.hop_check(id, &env, &snap).await {
+        let pending = !relay_groups.is_empty() || !domain_groups.is_empty();
+        if let Some(s) = self.hop_check(id, &env, &snap).await.filter(|_| pending) {
             let rcpts: Vec<(usize, Status)> = relay_groups
                 .iter()
                 .flat_map(|g| g.2.iter())
@@ -746,7 +747,7 @@ impl Queue {
             let Some(c) = conn.as_mut() else {
                 return JobOutcome::default();
             };
-            record_connection(c);
+            record_connection(job.id, c);
             let file = match self.spool.open_data(job.id).await {
                 Ok(f) => f,
                 Err(e) => return local_error(e.to_string()),
@@ -790,6 +791,8 @@ impl Queue {
     }
 
     /// This relay's own names: its host name, EHLO name and every service's host name.
+    /// `localhost` is left out: it is the fallback name of a machine without one, and what
+    /// local test and filter servers call themselves too.
     fn own_names(&self) -> BTreeSet<String> {
         let snap = self.snapshot.load();
         [self.hostname.as_str(), self.client.helo.as_str()]
@@ -801,7 +804,7 @@ impl Queue {
                     .filter_map(|s| s.hostname.as_deref()),
             )
             .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-            .filter(|n| !n.is_empty())
+            .filter(|n| !n.is_empty() && n != "localhost" && !n.starts_with("localhost."))
             .collect()
     }
 
@@ -1468,7 +1471,7 @@ fn log_result(id: MessageId, rcpt: &str, attempts: u32, s: &Status) {
 
 /// Records on the current `delivery_attempt` span which host took the job and whether the
 /// session was encrypted, and logs a plain-text fallback after a failed STARTTLS.
-fn record_connection(c: &Connection) {
+fn record_connection(id: MessageId, c: &Connection) {
     let span = tracing::Span::current();
     span.record("remote", c.remote.as_str());
     let tls = match (&c.tls_fallback, c.encrypted) {
@@ -1478,7 +1481,7 @@ fn record_connection(c: &Connection) {
     };
     span.record("tls", tls);
     if let Some(why) = &c.tls_fallback {
-        info!(remote = %c.remote, reason = %why, "sending in plain text: opportunistic TLS after a failed STARTTLS handshake");
+        info!(id = %id, remote = %c.remote, reason = %why, "sending in plain text: opportunistic TLS after a failed STARTTLS handshake");
     }
 }
 
