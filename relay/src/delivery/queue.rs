@@ -453,7 +453,12 @@ impl Queue {
         // (destination, recipients and their status).
         let mut immediate: Vec<(String, Vec<(usize, Status)>)> = Vec::new();
         let pending = !relay_groups.is_empty() || !domain_groups.is_empty();
-        if let Some(s) = self.hop_check(id, &env, &snap).await.filter(|_| pending) {
+        let looped = if pending {
+            self.hop_check(id, &env, &snap).await
+        } else {
+            None
+        };
+        if let Some(s) = looped {
             let rcpts: Vec<(usize, Status)> = relay_groups
                 .iter()
                 .flat_map(|g| g.2.iter())
