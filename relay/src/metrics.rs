@@ -225,6 +225,11 @@ pub struct Metrics {
     /// 1 while the shared counter store answers (or none is configured), 0 while degraded.
     pub limit_store_up: Gauge,
     pub ip_usage: std::sync::Arc<IpUsageBoard>,
+    // ---- delivery (relay/src/delivery) additions ----
+    /// Outbound: recipients accepted again after a restart whose earlier transfer was cut off
+    /// by the crash after the final dot (possible duplicates).
+    pub delivery_resent_after_recovery: Counter,
+    // ---- end of delivery additions ----
 }
 
 impl Default for Metrics {
@@ -257,6 +262,9 @@ impl Metrics {
             limit_hits: Family::default(),
             limit_store_up: Gauge::default(),
             ip_usage: std::sync::Arc::new(IpUsageBoard::new(IP_USAGE_SERIES_CAP)),
+            // ---- delivery additions ----
+            delivery_resent_after_recovery: Counter::default(),
+            // ---- end of delivery additions ----
             registry: Registry::default(),
         };
         m.limit_store_up.set(1);
@@ -361,6 +369,13 @@ impl Metrics {
             "Delivery status notifications generated, by kind",
             m.dsn_generated.clone(),
         );
+        // ---- delivery additions ----
+        registry.register(
+            "delivery_resent_after_recovery",
+            "Recipients accepted again after a restart whose transfer before the crash was cut off after the final dot (possible duplicates)",
+            m.delivery_resent_after_recovery.clone(),
+        );
+        // ---- end of delivery additions ----
         Metrics { registry, ..m }
     }
 

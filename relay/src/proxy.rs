@@ -1,6 +1,6 @@
 //! PROXY protocol v1 (text) and v2 (binary) on a listener, so that limits, `allowedFrom` and
 //! `Received:` see the client behind a load balancer. Only peers in the service's
-//! `proxyProtocol.trustedFrom` groups may (and must) send a header, before anything else;
+//! `proxyProtocol.trustedProxies` groups may (and must) send a header, before anything else;
 //! the reader takes exactly the header's bytes off the socket so nothing of the SMTP stream
 //! is lost. A header from anyone else, or after the greeting or TLS, is never interpreted.
 

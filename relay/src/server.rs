@@ -598,7 +598,7 @@ impl Driver {
                             "proxy_header_untrusted",
                             &self.service.name,
                             self.ip,
-                            "PROXY header from a peer outside proxyProtocol.trustedFrom",
+                            "PROXY header from a peer outside proxyProtocol.trustedProxies",
                         );
                         session.close_with(Reply::new(
                             554,

@@ -96,9 +96,42 @@ pub struct LoggingSettings {
     /// Accept `PUT /debug/log` on the metrics listener to change the filter at run time.
     #[serde(default)]
     pub debug_endpoint: bool,
-    /// OTLP/HTTP endpoint (e.g. `http://otel-collector:4318`); spans are exported when set.
+    /// OTLP/HTTP endpoint (e.g. `http://otel-collector:4318` or `https://...`); spans are
+    /// exported when set.
     #[serde(default)]
     pub otlp_endpoint: Option<String>,
+    /// Trust and client certificate for an `https://` OTLP endpoint.
+    #[serde(default)]
+    pub otlp_tls: OtlpTlsSettings,
+}
+
+/// TLS towards an `https://` OTLP endpoint: the platform trust store and the built-in roots,
+/// plus these. Relative paths resolve against the config directory.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OtlpTlsSettings {
+    /// PEM file with additional trust anchors (the collector's private CA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain for collectors that require mutual TLS (with `keyFile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `certFile`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl OtlpTlsSettings {
+    fn resolve(&mut self, dir: &Path) {
+        for p in [&mut self.ca_file, &mut self.cert_file, &mut self.key_file]
+            .into_iter()
+            .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
 }
 
 /// Session timeouts, in seconds.
@@ -382,7 +415,10 @@ impl RuntimeSettings {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
-        serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        let mut s: Self = serde_norway::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        s.logging.otlp_tls.resolve(dir);
+        Ok(s)
     }
 
     /// The spool directory with relative paths resolved against the config directory.

@@ -12,8 +12,8 @@
 //! accepted MAIL to the stored message, and `delivery_attempt` (`message_id` = the same spool
 //! id, `destination`, `recipients`, `outcome`) per delivery attempt at one destination, so that
 //! a message can be followed from receipt to delivery by its id. With `logging.otlpEndpoint`
-//! set, those spans are exported over OTLP/HTTP (see [`otlp`]); unset, no exporter layer is
-//! installed.
+//! set, those spans are exported over OTLP/HTTP or HTTPS (see [`otlp`]); unset, no exporter
+//! layer is installed.
 
 use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock};
@@ -187,7 +187,8 @@ pub fn init(settings: &LoggingSettings) -> TelemetryGuard {
             }
         },
     };
-    let (otlp_layer, otlp_guard, otlp_problem) = otlp::layer(settings.otlp_endpoint.as_deref());
+    let (otlp_layer, otlp_guard, otlp_problem) =
+        otlp::layer(settings.otlp_endpoint.as_deref(), &settings.otlp_tls);
 
     let installed = Registry::default()
         .with(filter)
@@ -267,12 +268,26 @@ pub async fn read_body<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, head: &[
 /// tokio runtime, which posts OTLP/HTTP protobuf to `<logging.otlpEndpoint>/v1/traces`. Only
 /// spans and events of the relay's own crates are exported (so the exporter's HTTP client cannot
 /// trace itself); with no endpoint there is no layer at all.
+///
+/// An `https://` endpoint gets the exporter's hyper client with a rustls connector on the ring
+/// provider the relay uses everywhere (no second TLS stack): trust is the platform store
+/// (`rustls-native-certs`: the system bundle, or `SSL_CERT_FILE`/`SSL_CERT_DIR`), the built-in
+/// Mozilla roots, and `logging.otlpTls.caFile`; `otlpTls.certFile`/`keyFile` add a client
+/// certificate for collectors that require mutual TLS.
 pub mod otlp {
+    use std::sync::Arc;
     use std::time::Duration;
 
+    use hyper_rustls::HttpsConnectorBuilder;
     use opentelemetry::trace::TracerProvider as _;
     use opentelemetry::KeyValue;
-    use opentelemetry_otlp::{Protocol, WithExportConfig};
+    use opentelemetry_http::hyper::HyperClient;
+    use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::{ClientConfig, RootCertStore};
+
+    use crate::settings::OtlpTlsSettings;
     use opentelemetry_sdk::trace::span_processor_with_async_runtime::BatchSpanProcessor;
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use opentelemetry_sdk::Resource;
@@ -285,6 +300,62 @@ pub mod otlp {
     pub const SERVICE_NAME: &str = "mailrelay-relay";
     /// Upper bound for the final flush at shutdown.
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+    /// One export request, connection and TLS handshake included.
+    const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn read_pem(what: &str, path: &std::path::Path) -> Result<Vec<u8>, String> {
+        std::fs::read(path).map_err(|e| format!("otlpTls.{what} {}: {e}", path.display()))
+    }
+
+    fn certificates(
+        what: &str,
+        path: &std::path::Path,
+    ) -> Result<Vec<CertificateDer<'static>>, String> {
+        let pem = read_pem(what, path)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("otlpTls.{what} {}: bad PEM: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "otlpTls.{what} {}: no certificates in it",
+                path.display()
+            ));
+        }
+        Ok(certs)
+    }
+
+    /// The rustls client configuration for an `https://` endpoint.
+    pub fn client_config(tls: &OtlpTlsSettings) -> Result<ClientConfig, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        // The platform store may be absent (a static image); the built-in roots still apply.
+        let native = rustls_native_certs::load_native_certs();
+        let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &tls.ca_file {
+            for cert in certificates("caFile", path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("otlpTls.caFile {}: {e}", path.display()))?;
+            }
+        }
+        let builder = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS client config: {e}"))?
+            .with_root_certificates(roots);
+        match (&tls.cert_file, &tls.key_file) {
+            (None, None) => Ok(builder.with_no_client_auth()),
+            (Some(cert), Some(key)) => {
+                let chain = certificates("certFile", cert)?;
+                let key = PrivateKeyDer::from_pem_slice(&read_pem("keyFile", key)?)
+                    .map_err(|e| format!("otlpTls.keyFile {}: {e}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| format!("otlpTls.certFile/keyFile: {e}"))
+            }
+            _ => Err("otlpTls.certFile and otlpTls.keyFile must be set together".to_string()),
+        }
+    }
 
     /// The tracer provider; [`Guard::shutdown`] flushes what is still buffered.
     pub struct Guard {
@@ -324,6 +395,7 @@ pub mod otlp {
     #[allow(clippy::type_complexity)]
     pub fn layer<S>(
         endpoint: Option<&str>,
+        tls: &OtlpTlsSettings,
     ) -> (
         Option<Box<dyn Layer<S> + Send + Sync>>,
         Option<Guard>,
@@ -335,24 +407,46 @@ pub mod otlp {
         let Some(endpoint) = endpoint.map(str::trim).filter(|e| !e.is_empty()) else {
             return (None, None, None);
         };
-        if !endpoint.to_ascii_lowercase().starts_with("http://") {
-            // The exporter's client speaks plain HTTP only (no second TLS stack in the build).
+        let lower = endpoint.to_ascii_lowercase();
+        let https = lower.starts_with("https://");
+        if !https && !lower.starts_with("http://") {
             return (
                 None,
                 None,
                 Some(format!(
-                    "OTLP endpoint {endpoint}: only http:// endpoints are supported; trace export is off"
+                    "OTLP endpoint {endpoint}: use an http:// or https:// URL; trace export is off"
                 )),
             );
         }
         let url = traces_url(endpoint);
-        let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        let builder = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_protocol(Protocol::HttpBinary)
             .with_endpoint(url.clone())
-            .with_timeout(Duration::from_secs(10))
-            .build()
-        {
+            .with_timeout(EXPORT_TIMEOUT);
+        let builder = if https {
+            let config = match client_config(tls) {
+                Ok(c) => c,
+                Err(e) => {
+                    return (
+                        None,
+                        None,
+                        Some(format!(
+                            "OTLP endpoint {endpoint}: {e}; trace export is off"
+                        )),
+                    )
+                }
+            };
+            let connector = HttpsConnectorBuilder::new()
+                .with_tls_config(config)
+                .https_only()
+                .enable_http1()
+                .build();
+            builder.with_http_client(HyperClient::new(connector, EXPORT_TIMEOUT, None))
+        } else {
+            builder
+        };
+        let exporter = match builder.build() {
             Ok(e) => e,
             Err(e) => {
                 return (
@@ -424,12 +518,32 @@ mod tests {
 
     #[test]
     fn no_endpoint_no_layer() {
-        let (layer, guard, problem) = otlp::layer::<Registry>(None);
+        let none = crate::settings::OtlpTlsSettings::default();
+        let (layer, guard, problem) = otlp::layer::<Registry>(None, &none);
         assert!(layer.is_none() && guard.is_none() && problem.is_none());
-        let (layer, guard, problem) = otlp::layer::<Registry>(Some("  "));
+        let (layer, guard, problem) = otlp::layer::<Registry>(Some("  "), &none);
         assert!(layer.is_none() && guard.is_none() && problem.is_none());
-        let (layer, guard, problem) = otlp::layer::<Registry>(Some("https://collector:4318"));
+        let (layer, guard, problem) = otlp::layer::<Registry>(Some("grpc://collector:4317"), &none);
         assert!(layer.is_none() && guard.is_none());
-        assert!(problem.is_some_and(|p| p.contains("only http://")));
+        assert!(problem.is_some_and(|p| p.contains("http:// or https://")));
+    }
+
+    #[test]
+    fn otlp_tls_problems_are_reported_not_ignored() {
+        let missing = crate::settings::OtlpTlsSettings {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        let e = otlp::client_config(&missing).err().unwrap();
+        assert!(e.contains("otlpTls.caFile /nonexistent/ca.pem"), "{e}");
+        let half = crate::settings::OtlpTlsSettings {
+            cert_file: Some("/nonexistent/c.pem".into()),
+            ..Default::default()
+        };
+        assert!(otlp::client_config(&half)
+            .err()
+            .unwrap()
+            .contains("must be set together"));
+        assert!(otlp::client_config(&Default::default()).is_ok());
     }
 }

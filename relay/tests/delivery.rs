@@ -1,6 +1,8 @@
 //! Outbound delivery against real SMTP servers on loopback: the queue fed from a real spool,
 //! MX lookups against a DNS server on loopback, relay rules with TLS policies and AUTH
-//! (PLAIN, XOAUTH2 with a loopback token endpoint), retries, DSNs, and failure modes.
+//! (PLAIN, XOAUTH2 with a loopback token endpoint), retries, DSNs, and failure modes; a 20 MB
+//! message streamed byte-exact, DSN parameters relayed, the opportunistic TLS fallback, loop
+//! checks, and what the logs and `delivery_attempt` spans say (captured with a `tracing` layer).
 
 #[path = "common/delivery_support.rs"]
 mod support;
@@ -19,7 +21,7 @@ use mailrelay_relay::metrics::Metrics;
 use mailrelay_relay::settings::DeliverySettings;
 use mailrelay_relay::snapshot::Snapshot;
 use mailrelay_spool::{Body, Envelope, RecipientStatus, Spool, SpoolOptions};
-use support::{wait_for, Answer, Behavior, Dns, Sink, TokenEndpoint};
+use support::{trace, wait_for, Answer, Behavior, Dns, Sink, TokenEndpoint};
 
 const LOCAL: &str = "127.0.0.1";
 
@@ -52,6 +54,7 @@ async fn start(
     s: DeliverySettings,
     extra_ca: Option<&std::path::Path>,
 ) -> Env {
+    trace();
     let dir = tempfile::tempdir().unwrap();
     let (spool, _) = Spool::open(dir.path(), SpoolOptions { fsync: false })
         .await
@@ -787,4 +790,605 @@ async fn give_up_and_admin_actions() {
     .unwrap();
     assert_eq!(missing.0, "404 Not Found");
     let _ = sink;
+}
+
+/// Deterministic bytes for test data (an LCG; no dependency needed).
+struct Lcg(u64);
+
+impl Lcg {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+}
+
+/// About `size` bytes of 8-bit message: random lines (some starting with dots, some empty),
+/// and around every multiple of the client's read block a line starting with `.` placed so
+/// that the CRLF before it, the dot or the byte after it falls on the boundary.
+fn big_message(size: usize) -> Vec<u8> {
+    use mailrelay_relay::delivery::data::BLOCK;
+    let mut rng = Lcg(42);
+    let mut d = Vec::with_capacity(size + 1024);
+    d.extend_from_slice(b"From: <alice@sender.test>\r\nSubject: big\r\n\r\n");
+    let alphabet: Vec<u8> = (0x20u8..0x7f).chain(0x80..=0xff).collect();
+    let mut k = 1usize;
+    while d.len() < size {
+        let dot_at = k * BLOCK + (k % 5) - 2;
+        if d.len() + 300 < dot_at - 2 {
+            let len = (rng.next() % 200) as usize;
+            if rng.next() % 7 == 3 {
+                d.push(b'.');
+            }
+            for _ in 0..len {
+                d.push(alphabet[(rng.next() as usize) % alphabet.len()]);
+            }
+            d.extend_from_slice(b"\r\n");
+            continue;
+        }
+        let pad = dot_at - 2 - d.len();
+        d.extend(std::iter::repeat_n(b'x', pad));
+        d.extend_from_slice(b"\r\n");
+        assert_eq!(d.len(), dot_at);
+        d.extend_from_slice(match k % 3 {
+            0 => &b".\r\n"[..],
+            1 => b"..two dots\r\n",
+            _ => b".one dot\r\n",
+        });
+        k += 1;
+    }
+    d.extend_from_slice(b"last line\r\n");
+    d
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_megabytes_arrive_byte_exact_with_dot_lines_across_block_boundaries() {
+    let dns = basic_dns().await;
+    let sink = Sink::start(
+        LOCAL,
+        Behavior {
+            extensions: vec![
+                "PIPELINING".into(),
+                "8BITMIME".into(),
+                "SIZE 100000000".into(),
+            ],
+            ..Behavior::default()
+        },
+    )
+    .await;
+    let env = start(
+        vec![],
+        Credentials::default(),
+        settings(&dns, sink.addr.port()),
+        None,
+    )
+    .await;
+    let data = big_message(20 * 1024 * 1024);
+    let mut e = Envelope::new("alice@sender.test", ["bob@example.test"]);
+    e.body = Body::EightBitMime;
+    e.size = data.len() as u64;
+    let id = env.spool.store(e, data.clone()).await.unwrap();
+    env.queue.notify(id);
+    wait_for("large message delivered", || sink.messages().len() == 1).await;
+    wait_for("spool empty", || env.spool.is_empty()).await;
+    let got = &sink.messages()[0];
+    assert_eq!(got.raw.len(), data.len());
+    assert!(got.raw == data, "the message changed on the way");
+    let cmds = sink.commands.lock().unwrap().clone();
+    let mail = cmds.iter().find(|c| c.starts_with("MAIL FROM")).unwrap();
+    assert!(
+        mail.contains(&format!("SIZE={}", data.len())) && mail.contains("BODY=8BITMIME"),
+        "{mail}"
+    );
+}
+
+/// A DSN-capable next hop gets NOTIFY, ORCPT, RET and ENVID and reports itself; without DSN at
+/// the next hop the relay sends the success notice asked for and nothing for NOTIFY=NEVER.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_parameters_go_to_a_dsn_server_and_are_honoured_without_one() {
+    use mailrelay_spool::{DsnNotify, DsnRet};
+    let dns = basic_dns().await;
+    let reject_never = |a: &str| {
+        a.starts_with("never")
+            .then(|| "550 5.1.1 no such user".to_string())
+    };
+    for with_dsn in [true, false] {
+        let mut extensions = vec!["PIPELINING".to_string(), "8BITMIME".to_string()];
+        if with_dsn {
+            extensions.push("DSN".into());
+        }
+        let sink = Sink::start(
+            LOCAL,
+            Behavior {
+                extensions,
+                rcpt: Arc::new(reject_never),
+                ..Behavior::default()
+            },
+        )
+        .await;
+        let env = start(
+            vec![],
+            Credentials::default(),
+            settings(&dns, sink.addr.port()),
+            None,
+        )
+        .await;
+        let data = "From: <alice@sender.test>\r\nSubject: dsn\r\n\r\nhello\r\n";
+        let mut e = Envelope::new(
+            "alice@sender.test",
+            [
+                "success@example.test",
+                "never@example.test",
+                "plain@example.test",
+            ],
+        );
+        e.dsn_ret = Some(DsnRet::Headers);
+        e.envid = Some("env id+1".into());
+        e.recipients[0].notify = vec![DsnNotify::Success, DsnNotify::Failure];
+        e.recipients[0].orcpt = Some("rfc822;Success@Example.test".into());
+        e.recipients[1].notify = vec![DsnNotify::Never];
+        e.size = data.len() as u64;
+        let id = env.spool.store(e, data.as_bytes().to_vec()).await.unwrap();
+        env.queue.notify(id);
+        wait_for("message done", || !env.spool.contains(id)).await;
+        wait_for("spool empty", || env.spool.is_empty()).await;
+        let cmds = sink.commands.lock().unwrap().clone();
+        let msgs = sink.messages();
+        let original: Vec<_> = msgs.iter().filter(|m| !m.from.is_empty()).collect();
+        assert_eq!(original.len(), 1);
+        assert_eq!(
+            original[0].rcpts,
+            ["success@example.test", "plain@example.test"]
+        );
+        let dsns: Vec<_> = msgs.iter().filter(|m| m.from.is_empty()).collect();
+        if with_dsn {
+            assert!(
+                cmds.contains(
+                    &"MAIL FROM:<alice@sender.test> BODY=8BITMIME RET=HDRS ENVID=env+20id+2B1"
+                        .to_string()
+                ) || cmds.contains(
+                    &"MAIL FROM:<alice@sender.test> RET=HDRS ENVID=env+20id+2B1".to_string()
+                ),
+                "{cmds:?}"
+            );
+            assert!(
+                cmds.contains(
+                    &"RCPT TO:<success@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;Success@Example.test"
+                        .to_string()
+                ),
+                "{cmds:?}"
+            );
+            assert!(
+                cmds.contains(&"RCPT TO:<never@example.test> NOTIFY=NEVER".to_string()),
+                "{cmds:?}"
+            );
+            assert!(
+                cmds.contains(&"RCPT TO:<plain@example.test>".to_string()),
+                "{cmds:?}"
+            );
+            // The next hop reports from here on; the relay sends nothing (and nothing for the
+            // NOTIFY=NEVER rejection).
+            assert!(dsns.is_empty(), "{dsns:?}");
+        } else {
+            assert!(
+                !cmds
+                    .iter()
+                    .any(|c| c.contains("NOTIFY=") || c.contains("RET=")),
+                "{cmds:?}"
+            );
+            assert_eq!(dsns.len(), 1, "one success notice: {dsns:?}");
+            let d = &dsns[0];
+            assert_eq!(d.rcpts, ["alice@sender.test"]);
+            for needle in [
+                "Action: relayed",
+                "Final-Recipient: rfc822; success@example.test",
+                "Original-Recipient: rfc822;Success@Example.test",
+                "Original-Envelope-Id: env id+1",
+                "Status: 2.0.0",
+                "Content-Type: text/rfc822-headers",
+                "Subject: dsn",
+            ] {
+                assert!(d.data.contains(needle), "missing {needle:?} in\n{}", d.data);
+            }
+            assert!(!d.data.contains("never@example.test"), "{}", d.data);
+            assert!(!d.data.contains("plain@example.test"), "{}", d.data);
+            assert!(env
+                .metrics
+                .encode()
+                .contains("mailrelay_dsn_generated_total{kind=\"success\"} 1"));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opportunistic_tls_falls_back_to_plain_text_on_the_same_host_and_required_never_does() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dns = basic_dns().await;
+    let broken = || Behavior {
+        broken_starttls: true,
+        ..Behavior::default()
+    };
+    // MX delivery is opportunistic.
+    let sink = Sink::start(LOCAL, broken()).await;
+    let env = start(
+        vec![],
+        Credentials::default(),
+        settings(&dns, sink.addr.port()),
+        None,
+    )
+    .await;
+    let id = env
+        .submit("alice@sender.test", &["bob@example.test"], "fallback")
+        .await;
+    wait_for("delivered in plain text", || sink.messages().len() == 1).await;
+    wait_for("spool empty", || env.spool.is_empty()).await;
+    assert!(!sink.messages()[0].tls);
+    assert_eq!(
+        sink.connections.load(SeqCst),
+        2,
+        "same host, second connection"
+    );
+    let events = trace().events_with(&id.to_string());
+    assert!(
+        events.iter().any(|e| e.level == tracing::Level::WARN
+            && e.message().contains("STARTTLS handshake failed")
+            && e.fields
+                .get("remote")
+                .is_some_and(|r| r.contains("mx2.example.test[127.0.0.1]:"))),
+        "{events:#?}"
+    );
+    let span = trace().spans("delivery_attempt", &id.to_string());
+    assert!(
+        span.iter().any(
+            |s| s.fields.get("tls").map(String::as_str) == Some("plain_after_starttls_failure")
+        ),
+        "{span:#?}"
+    );
+
+    // Required TLS: no plain-text second try; the message waits.
+    let sink = Sink::start(LOCAL, broken()).await;
+    let target = RelayTarget {
+        hosts: vec![RelayHost {
+            host: LOCAL.into(),
+            port: sink.addr.port(),
+        }],
+        tls: OutboundTls::Required,
+        auth: None,
+    };
+    let env = start(
+        vec![rule("must-encrypt", "", RouteAction::Relay(target))],
+        Credentials::default(),
+        settings(&dns, 1),
+        None,
+    )
+    .await;
+    let id = env
+        .submit("alice@sender.test", &["bob@example.test"], "no fallback")
+        .await;
+    wait_for("deferred", || {
+        env.spool
+            .envelope(id)
+            .is_some_and(|e| e.next_attempt_at.is_some())
+    })
+    .await;
+    let err = env.spool.envelope(id).unwrap().recipients[0]
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(err.contains("4.7.5 TLS handshake failed"), "{err}");
+    assert!(sink.messages().is_empty());
+    assert_eq!(sink.connections.load(SeqCst), 1);
+}
+
+fn headers_with_received(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "Received: from hop{i}.test by hop{}.test; Mon, 1 Jan 2024 00:00:00 +0000\r\n",
+                i + 1
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_mail_loops_bounce_with_5_4_6() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dns = basic_dns().await;
+    let sink = Sink::start(LOCAL, Behavior::default()).await;
+    // The second rule sends to this relay's own host name, the third to a server that greets
+    // with it.
+    let own_greeting = Sink::start(
+        LOCAL,
+        Behavior {
+            greeting: "220 relay.test ESMTP".into(),
+            ..Behavior::default()
+        },
+    )
+    .await;
+    let rules = vec![
+        rule(
+            "to-myself",
+            "*@myself.test",
+            RouteAction::Relay(RelayTarget {
+                hosts: vec![RelayHost {
+                    host: "relay.test".into(),
+                    port: sink.addr.port(),
+                }],
+                tls: OutboundTls::Opportunistic,
+                auth: None,
+            }),
+        ),
+        rule(
+            "to-my-twin",
+            "*@twin.test",
+            RouteAction::Relay(RelayTarget {
+                hosts: vec![RelayHost {
+                    host: LOCAL.into(),
+                    port: own_greeting.addr.port(),
+                }],
+                tls: OutboundTls::Opportunistic,
+                auth: None,
+            }),
+        ),
+    ];
+    let env = start(
+        rules,
+        Credentials::default(),
+        settings(&dns, sink.addr.port()),
+        None,
+    )
+    .await;
+    // 101 Received headers: the limit (100) plus this relay's own; delivered. 102: bounced.
+    let submit_hops = |n: usize, to: &'static str| {
+        let data = format!(
+            "{}From: <alice@sender.test>\r\nSubject: hops {n}\r\n\r\nbody\r\n",
+            headers_with_received(n)
+        );
+        let mut e = Envelope::new("alice@sender.test", [to]);
+        e.size = data.len() as u64;
+        let spool = env.spool.clone();
+        let queue = env.queue.clone();
+        async move {
+            let id = spool.store(e, data.into_bytes()).await.unwrap();
+            queue.notify(id);
+            id
+        }
+    };
+    let ok = submit_hops(101, "ok@example.test").await;
+    let looping = submit_hops(102, "loop@example.test").await;
+    let myself = submit_hops(1, "x@myself.test").await;
+    let twin = submit_hops(1, "x@twin.test").await;
+    for id in [ok, looping, myself, twin] {
+        wait_for("message done", || !env.spool.contains(id)).await;
+    }
+    wait_for("spool empty", || env.spool.is_empty()).await;
+    let msgs = sink.messages();
+    let delivered: Vec<_> = msgs.iter().filter(|m| !m.from.is_empty()).collect();
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].rcpts, ["ok@example.test"]);
+    let dsns: Vec<_> = msgs.iter().filter(|m| m.from.is_empty()).collect();
+    assert_eq!(dsns.len(), 3, "{dsns:?}");
+    for (rcpt, why) in [
+        (
+            "loop@example.test",
+            "Too many Received headers (102, limit 100)",
+        ),
+        ("x@myself.test", "is this relay's own host name"),
+        (
+            "x@twin.test",
+            "greets with this relay's own name relay.test",
+        ),
+    ] {
+        let d = dsns
+            .iter()
+            .find(|d| d.data.contains(&format!("Final-Recipient: rfc822; {rcpt}")))
+            .unwrap_or_else(|| panic!("no DSN for {rcpt}: {dsns:?}"));
+        let unfolded = d.data.replace("\r\n ", " ");
+        assert!(unfolded.contains("Status: 5.4.6"), "{unfolded}");
+        assert!(unfolded.contains(why), "{why:?} not in {unfolded}");
+    }
+    // The twin was connected to (its greeting gave it away) and never got the message.
+    assert!(own_greeting.messages().is_empty());
+    assert_eq!(own_greeting.connections.load(SeqCst), 1);
+}
+
+/// Failover logs every skipped relay host with host[address]:port and why, the success line
+/// names the host that took the message, and a refused connection is not dressed up as an SMTP
+/// reply nobody sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_logs_name_each_skipped_host_and_the_host_that_took_the_message() {
+    let dns = basic_dns().await;
+    let sink = Sink::start(LOCAL, Behavior::default()).await;
+    let port = sink.addr.port();
+    let target = RelayTarget {
+        hosts: vec![
+            RelayHost {
+                host: "127.0.0.3".into(),
+                port,
+            },
+            RelayHost {
+                host: "localhost".into(),
+                port,
+            },
+        ],
+        tls: OutboundTls::Opportunistic,
+        auth: None,
+    };
+    let env = start(
+        vec![rule("smarthost", "", RouteAction::Relay(target))],
+        Credentials::default(),
+        settings(&dns, 1),
+        None,
+    )
+    .await;
+    let id = env
+        .submit("alice@sender.test", &["bob@example.test"], "failover")
+        .await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    wait_for("spool empty", || env.spool.is_empty()).await;
+    let events = trace().events_with(&id.to_string());
+    let skipped = events
+        .iter()
+        .find(|e| e.message().contains("skipped"))
+        .unwrap_or_else(|| panic!("no skip line: {events:#?}"));
+    assert!(skipped.level <= tracing::Level::INFO, "{skipped:?}");
+    let m = skipped.message();
+    assert!(
+        m.contains(&format!("relay host 127.0.0.3[127.0.0.3]:{port} skipped"))
+            && m.contains("Connection refused")
+            && m.contains("trying the next host")
+            && !m.contains("reply 4"),
+        "{m}"
+    );
+    let success = events
+        .iter()
+        .find(|e| e.message().starts_with("Result: delivered"))
+        .unwrap_or_else(|| panic!("no success line: {events:#?}"));
+    assert!(
+        success
+            .message()
+            .contains(&format!("remote localhost[127.0.0.1]:{port}, reply 250")),
+        "{success:?}"
+    );
+
+    // Nobody listening: the failure says what it was, with no SMTP code anyone sent.
+    let env = start(vec![], Credentials::default(), settings(&dns, 1), None).await;
+    let id = env.submit("", &["a@implicit.test"], "x").await;
+    wait_for("deferred", || {
+        env.spool
+            .envelope(id)
+            .is_some_and(|e| e.next_attempt_at.is_some())
+    })
+    .await;
+    let events = trace().events_with(&id.to_string());
+    let result = events
+        .iter()
+        .find(|e| e.message().starts_with("Result: delayed"))
+        .unwrap_or_else(|| panic!("no result line: {events:#?}"));
+    let m = result.message();
+    assert!(
+        m.contains("4.4.1 Cannot connect to host implicit.test[127.0.0.1]:1")
+            && m.contains("no SMTP reply")
+            && !m.contains("421"),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_decided_outcomes_have_a_delivery_attempt_span() {
+    let dns = basic_dns().await;
+    let env = start(vec![], Credentials::default(), settings(&dns, 1), None).await;
+    let id = env
+        .submit(
+            "",
+            &["a@nxdomain.test", "b@nullmx.test", "c@servfail.test"],
+            "dns",
+        )
+        .await;
+    wait_for("attempt recorded", || {
+        env.spool
+            .envelope(id)
+            .is_some_and(|e| e.next_attempt_at.is_some())
+    })
+    .await;
+    wait_for("spans closed", || {
+        trace().spans("delivery_attempt", &id.to_string()).len() == 3
+    })
+    .await;
+    let spans = trace().spans("delivery_attempt", &id.to_string());
+    let outcome = |dest: &str| {
+        spans
+            .iter()
+            .find(|s| s.fields.get("destination").map(String::as_str) == Some(dest))
+            .and_then(|s| s.fields.get("outcome").cloned())
+            .unwrap_or_else(|| panic!("no span for {dest}: {spans:#?}"))
+    };
+    assert_eq!(outcome("dns:nxdomain.test"), "bounced");
+    assert_eq!(outcome("dns:nullmx.test"), "bounced");
+    assert_eq!(outcome("dns:servfail.test"), "delayed");
+    // The metrics count the same three outcomes.
+    let m = env.metrics.encode();
+    assert!(
+        m.contains("mailrelay_delivery_attempts_total{result=\"bounced\"} 2")
+            && m.contains("mailrelay_delivery_attempts_total{result=\"delayed\"} 1"),
+        "{m}"
+    );
+}
+
+/// A smarthost that refuses the OAuth2 token with 535: the message waits (a temporary decision,
+/// the token is refreshed), and the log and the queue show the 535 the server actually sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_keeps_the_remote_reply_beside_the_decision() {
+    let dns = basic_dns().await;
+    let endpoint = TokenEndpoint::start("expired-token").await;
+    let (cert, key) = self_signed();
+    let relay = Sink::start(
+        LOCAL,
+        Behavior {
+            tls: Some(server_config(cert, key)),
+            auth: Some(("XOAUTH2".into(), "not-what-we-send".into())),
+            ..Behavior::default()
+        },
+    )
+    .await;
+    let mut creds = Credentials::default();
+    creds.relay_auth.insert(
+        "o365".into(),
+        RelayAuth::OAuth2 {
+            username: "svc@relayed.test".into(),
+            token_endpoint: endpoint.url.clone(),
+            client_id: "client".into(),
+            client_secret: Some(SecretString::new("secret")),
+            refresh_token: Some(SecretString::new("refresh-1")),
+            scope: None,
+        },
+    );
+    let target = RelayTarget {
+        hosts: vec![RelayHost {
+            host: LOCAL.into(),
+            port: relay.addr.port(),
+        }],
+        tls: OutboundTls::Required,
+        auth: Some(OutboundAuthMechanism::XOAuth2),
+    };
+    let env = start(
+        vec![rule("o365", "", RouteAction::Relay(target))],
+        creds,
+        settings(&dns, 1),
+        None,
+    )
+    .await;
+    let id = env
+        .submit("alice@sender.test", &["x@anywhere.test"], "oauth")
+        .await;
+    wait_for("deferred", || {
+        env.spool
+            .envelope(id)
+            .is_some_and(|e| e.next_attempt_at.is_some())
+    })
+    .await;
+    let err = env.spool.envelope(id).unwrap().recipients[0]
+        .last_error
+        .clone()
+        .unwrap();
+    assert!(
+        err.starts_with("454 4.7.8 authentication failed")
+            && err.contains("(remote reply: 535 5.7.8 Authentication credentials invalid)"),
+        "{err}"
+    );
+    let events = trace().events_with(&id.to_string());
+    let result = events
+        .iter()
+        .find(|e| e.message().starts_with("Result: delayed"))
+        .unwrap_or_else(|| panic!("no result line: {events:#?}"));
+    assert!(
+        result
+            .message()
+            .contains("replied 535 5.7.8 Authentication credentials invalid")
+            && !result.message().contains("reply 454"),
+        "{result:?}"
+    );
 }

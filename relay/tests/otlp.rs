@@ -2,7 +2,10 @@
 //! (POST /v1/traces, protobuf `ExportTraceServiceRequest`), the relay pointed at it through
 //! `logging.otlpEndpoint`, and the `smtp_session` / `smtp_transaction` spans of a real SMTP
 //! transaction checked for the spool id as `message_id`, once through the batch export and
-//! once through the flush on SIGTERM.
+//! once through the flush on SIGTERM. Then the same over HTTPS: the receiver with an rcgen
+//! certificate from a private CA (given to the relay as `otlpTls.caFile`) that requires a client
+//! certificate (`otlpTls.certFile`/`keyFile`), with the `delivery_attempt` span of a message
+//! that DNS bounced.
 
 mod common;
 #[path = "common/extra.rs"]
@@ -10,7 +13,8 @@ mod extra;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,25 +46,60 @@ fn strings(kvs: &[KeyValue]) -> HashMap<String, String> {
         .collect()
 }
 
-/// A minimal OTLP/HTTP receiver: HTTP/1.1 with keep-alive and Content-Length bodies.
+/// A minimal OTLP/HTTP receiver: HTTP/1.1 with keep-alive and Content-Length bodies, over
+/// plain TCP or TLS.
 struct Receiver {
     port: u16,
     spans: Arc<Mutex<Vec<Span>>>,
+    /// TLS sessions in which the client presented a certificate the receiver accepted.
+    client_certs: Arc<AtomicUsize>,
 }
 
 impl Receiver {
     fn start() -> Receiver {
+        Receiver::start_with(None)
+    }
+
+    fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let spans = Arc::new(Mutex::new(Vec::new()));
+        let client_certs = Arc::new(AtomicUsize::new(0));
         let sink = spans.clone();
+        let certs = client_certs.clone();
         std::thread::spawn(move || {
             for conn in listener.incoming().flatten() {
                 let sink = sink.clone();
-                std::thread::spawn(move || serve(conn, &sink));
+                let tls = tls.clone();
+                let certs = certs.clone();
+                std::thread::spawn(move || {
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+                    match tls {
+                        None => serve(conn, &sink),
+                        Some(cfg) => {
+                            let Ok(server) = rustls::ServerConnection::new(cfg) else {
+                                return;
+                            };
+                            let mut s = rustls::StreamOwned::new(server, conn);
+                            while s.conn.is_handshaking() {
+                                if s.conn.complete_io(&mut s.sock).is_err() {
+                                    return;
+                                }
+                            }
+                            if s.conn.peer_certificates().is_some_and(|c| !c.is_empty()) {
+                                certs.fetch_add(1, Ordering::SeqCst);
+                            }
+                            serve(s, &sink)
+                        }
+                    }
+                });
             }
         });
-        Receiver { port, spans }
+        Receiver {
+            port,
+            spans,
+            client_certs,
+        }
     }
 
     fn spans(&self) -> Vec<Span> {
@@ -86,11 +125,7 @@ impl Receiver {
     }
 }
 
-fn serve(conn: TcpStream, sink: &Mutex<Vec<Span>>) {
-    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
-    let Ok(mut out) = conn.try_clone() else {
-        return;
-    };
+fn serve<S: Read + Write>(conn: S, sink: &Mutex<Vec<Span>>) {
     let mut r = BufReader::new(conn);
     loop {
         let mut request_line = String::new();
@@ -148,7 +183,7 @@ fn serve(conn: TcpStream, sink: &Mutex<Vec<Span>>) {
         let reply = format!(
             "HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n"
         );
-        if out.write_all(reply.as_bytes()).is_err() {
+        if r.get_mut().write_all(reply.as_bytes()).is_err() || r.get_mut().flush().is_err() {
             return;
         }
     }
@@ -228,4 +263,113 @@ fn session_and_transaction_spans_reach_the_otlp_receiver() {
         "{}",
         r.log()
     );
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+/// HTTPS export with a private CA and a client certificate, both from files named relative to
+/// the config directory; the receiver refuses clients without a certificate from that CA.
+#[test]
+fn spans_are_exported_over_https_with_a_private_ca_and_a_client_certificate() {
+    use rustls::pki_types::pem::PemObject;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca = common::Ca::new();
+    let (server_crt, server_key, _) = ca.leaf("localhost", "otlp receiver");
+    let (client_crt, client_key, _) = ca.leaf("relay.example.test", "relay client");
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.cert_der.clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .unwrap();
+    let server = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            rustls::pki_types::CertificateDer::pem_slice_iter(server_crt.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap(),
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(server_key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let rx = Receiver::start_with(Some(Arc::new(server)));
+    // example.test does not exist in this DNS: the message bounces at the lookup.
+    let dns = DnsServer::start(HashMap::new());
+    let logging = format!(
+        "logging:\n  otlpEndpoint: https://localhost:{}\n  otlpTls:\n    caFile: otlp/ca.pem\n    certFile: otlp/client.crt\n    keyFile: otlp/client.key\n",
+        rx.port
+    );
+    let r = start_with_files(
+        &format!("{logging}{}", dns.runtime_yaml()),
+        &[
+            ("otlp/ca.pem", pem("CERTIFICATE", &ca.cert_der)),
+            ("otlp/client.crt", client_crt),
+            ("otlp/client.key", client_key),
+        ],
+    );
+    let id = transaction(r.ports.smtp);
+    let tx = rx.wait_span("smtp_transaction", &id);
+    assert_eq!(
+        tx.resource.get("service.name").map(String::as_str),
+        Some("mailrelay-relay")
+    );
+    let attempt = rx.wait_span("delivery_attempt", &id);
+    assert_eq!(
+        attempt.attrs.get("destination").map(String::as_str),
+        Some("dns:example.test"),
+        "{attempt:?}"
+    );
+    assert_eq!(
+        attempt.attrs.get("outcome").map(String::as_str),
+        Some("bounced"),
+        "{attempt:?}"
+    );
+    assert!(rx.client_certs.load(Ordering::SeqCst) >= 1);
+    assert!(!r.log().contains("trace export is off"), "{}", r.log());
+}
+
+/// A relay like `start_custom`'s, with extra files written into its config directory before
+/// it starts.
+fn start_with_files(runtime_extra: &str, files: &[(&str, String)]) -> common::Relay {
+    let ports = common::Ports {
+        smtp: common::free_port(),
+        submission: common::free_port(),
+        smtps: common::free_port(),
+        refused: common::free_port(),
+        metrics: common::free_port(),
+    };
+    let mut r = common::Relay {
+        dir: tempfile::tempdir().unwrap(),
+        ports,
+        ca: common::Ca::new(),
+        child: None,
+        cert_der: vec![],
+    };
+    r.write_cert("first");
+    r.write_policy(&common::relay_config(&r.ports, common::DEFAULT_RECIPIENTS));
+    common::write(
+        &r.path().join("credentials.yaml"),
+        &serde_norway::to_string(&common::credentials()).unwrap(),
+    );
+    for (name, text) in files {
+        let path = r.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    common::write(
+        &r.path().join("runtime.yaml"),
+        &common::runtime_yaml(r.ports.metrics, runtime_extra),
+    );
+    r.spawn();
+    r
 }

@@ -1,9 +1,15 @@
 //! The outbound SMTP client: one connection to one downstream host, from TCP connect through
 //! greeting, EHLO, STARTTLS or implicit TLS, AUTH, and any number of transactions (RSET between
 //! them), with a timeout on every stage (RFC 5321 §4.5.3.2 values, configurable). It uses
-//! PIPELINING when offered, checks SIZE, 8BITMIME and SMTPUTF8 before sending, dot-stuffs the data
-//! and turns every outcome into a [`Status`] per recipient. It never retries; the queue decides.
+//! PIPELINING when offered, checks SIZE, 8BITMIME and SMTPUTF8 before sending, passes the DSN
+//! parameters (RFC 3461) on to a server that offers DSN, streams the data from the spool file
+//! dot-stuffed block by block (see [`super::data`]) and turns every outcome into a [`Status`]
+//! per recipient. With opportunistic TLS, a failed STARTTLS handshake is followed by a second
+//! connection to the same host in plain text (RFC 7435; Postfix's `may` level does the same);
+//! `Required`, `RequiredVerified` and `Implicit` never fall back. It never retries otherwise;
+//! the queue decides.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +19,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use mailrelay_crds::config::{OutboundAuthMechanism, OutboundTls};
-use mailrelay_spool::{Body, Envelope};
+use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Recipient};
 use tokio::io::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
 };
@@ -21,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
+use super::data::{DotStuffer, BLOCK};
 use super::status::{is_enhanced_code, Status};
 use super::tls::{server_name, ClientTls};
 use crate::settings::ClientTimeouts;
@@ -29,8 +36,6 @@ use crate::settings::ClientTimeouts;
 const MAX_LINE: u64 = 4096;
 /// Most lines in one multi-line reply (EHLO lists are the longest).
 const MAX_REPLY_LINES: usize = 100;
-/// Data is written in blocks so that each block has its own timeout.
-const DATA_BLOCK: usize = 64 * 1024;
 
 /// A reply from the downstream server.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,6 +66,13 @@ impl Reply {
             .join(" ")
     }
 
+    /// The reply as the remote sent it, on one line.
+    pub fn line(&self) -> String {
+        format!("{} {}", self.code, self.lines.join(" "))
+            .trim_end()
+            .to_string()
+    }
+
     fn status(&self, remote: &str, default_enhanced: &str) -> Status {
         let enhanced = self.enhanced().unwrap_or_else(|| {
             // Servers without ENHANCEDSTATUSCODES: keep the class of the reply code.
@@ -76,6 +88,7 @@ impl Reply {
             enhanced,
             text: self.text(),
             remote: Some(remote.to_string()),
+            remote_reply: Some(self.line()),
         }
     }
 }
@@ -89,6 +102,8 @@ pub struct Capabilities {
     pub eightbitmime: bool,
     pub smtputf8: bool,
     pub starttls: bool,
+    /// RFC 3461 DSN: the server takes NOTIFY, ORCPT, RET and ENVID.
+    pub dsn: bool,
     pub auth: Vec<String>,
 }
 
@@ -104,6 +119,7 @@ impl Capabilities {
                 "8BITMIME" => caps.eightbitmime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
                 "STARTTLS" => caps.starttls = true,
+                "DSN" => caps.dsn = true,
                 "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 _ => {}
             }
@@ -130,9 +146,9 @@ pub struct HostTarget {
 }
 
 impl HostTarget {
-    /// `host[address]`, the way logs and DSNs name a remote MTA.
+    /// `host[address]:port`, the way logs and DSNs name a remote MTA.
     pub fn label(&self) -> String {
-        format!("{}[{}]", self.name, self.addr.ip())
+        format!("{}[{}]:{}", self.name, self.addr.ip(), self.addr.port())
     }
 }
 
@@ -148,6 +164,8 @@ pub struct ClientOptions {
 pub struct HostFailure {
     pub status: Status,
     pub auth_rejected: bool,
+    /// The server answered STARTTLS with 220 and the handshake then failed.
+    pub starttls_failed: bool,
 }
 
 impl HostFailure {
@@ -155,6 +173,7 @@ impl HostFailure {
         HostFailure {
             status,
             auth_rejected: false,
+            starttls_failed: false,
         }
     }
 }
@@ -207,26 +226,46 @@ enum Io {
     Timeout(&'static str),
     Lost(String),
     Garbage(String),
+    /// Reading the message from the spool failed mid-DATA; the transaction is abandoned
+    /// without the final dot, so the server discards what it got.
+    Source(String),
 }
 
 impl Io {
     fn status(&self, remote: &str) -> Status {
-        let mut s = match self {
-            Io::Timeout(stage) => Status::local(
+        match self {
+            Io::Timeout(stage) => Status::about_host(
                 451,
                 "4.4.2",
                 format!("Timed out waiting for the reply to {stage}"),
+                remote,
             ),
-            Io::Lost(e) => Status::local(451, "4.4.2", format!("Connection lost: {e}")),
-            Io::Garbage(l) => Status::local(
+            Io::Lost(e) => {
+                Status::about_host(451, "4.4.2", format!("Connection lost: {e}"), remote)
+            }
+            Io::Garbage(l) => Status::about_host(
                 451,
                 "4.5.0",
                 format!("Protocol error: malformed reply {l:?}"),
+                remote,
             ),
-        };
-        s.remote = Some(remote.to_string());
-        s
+            Io::Source(e) => Status::local(
+                451,
+                "4.3.0",
+                format!("Local error reading the message from the spool: {e}"),
+            ),
+        }
     }
+}
+
+/// The outcome of one message on a connection.
+#[derive(Debug)]
+pub struct Sent {
+    /// A status per recipient, in the order given.
+    pub statuses: Vec<Status>,
+    /// The DSN parameters went to the server (it offers DSN): it, not this relay, now reports
+    /// on the recipients it accepted.
+    pub dsn_passed_on: bool,
 }
 
 /// An open, greeted (and possibly encrypted and authenticated) connection.
@@ -235,6 +274,12 @@ pub struct Connection {
     pub caps: Capabilities,
     pub remote: String,
     pub encrypted: bool,
+    /// The host name the server gave in its greeting and in its EHLO reply (for loop checks).
+    pub greeting_host: String,
+    pub ehlo_host: String,
+    /// Why this connection is in plain text although the policy is opportunistic TLS: the
+    /// STARTTLS handshake on an earlier connection to the same host failed.
+    pub tls_fallback: Option<String>,
     timeouts: ClientTimeouts,
     /// Transactions started on this connection.
     pub transactions: u32,
@@ -242,18 +287,38 @@ pub struct Connection {
     pub broken: bool,
 }
 
-/// Result of one message on a connection: a status per recipient (in the order given).
-pub type RecipientResults = Vec<Status>;
-
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s.max(1))
 }
 
 impl Connection {
-    /// Connects, reads the greeting, says EHLO, applies the TLS policy and authenticates.
+    /// Connects, reads the greeting, says EHLO, applies the TLS policy and authenticates. With
+    /// opportunistic TLS, a failed STARTTLS handshake leads to a second connection to the same
+    /// address without STARTTLS.
     pub async fn open(
         target: &HostTarget,
         opts: &ClientOptions,
+    ) -> Result<Connection, HostFailure> {
+        match Self::open_once(target, opts, false).await {
+            Err(f) if f.starttls_failed && target.tls == OutboundTls::Opportunistic => {
+                let why = f.status.text.clone();
+                tracing::warn!(
+                    remote = %target.label(),
+                    reason = %why,
+                    "STARTTLS handshake failed; opportunistic TLS: delivering to the same host in plain text"
+                );
+                let mut conn = Self::open_once(target, opts, true).await?;
+                conn.tls_fallback = Some(why);
+                Ok(conn)
+            }
+            other => other,
+        }
+    }
+
+    async fn open_once(
+        target: &HostTarget,
+        opts: &ClientOptions,
+        plain_only: bool,
     ) -> Result<Connection, HostFailure> {
         let label = target.label();
         let t = &opts.timeouts;
@@ -285,6 +350,9 @@ impl Connection {
             caps: Capabilities::default(),
             remote: label.clone(),
             encrypted,
+            greeting_host: String::new(),
+            ehlo_host: String::new(),
+            tls_fallback: None,
             timeouts: t.clone(),
             transactions: 0,
             broken: false,
@@ -296,8 +364,9 @@ impl Connection {
         if greeting.code != 220 {
             return Err(HostFailure::new(greeting_failed(&greeting, &label)));
         }
+        conn.greeting_host = first_word(&greeting);
         conn.ehlo(&opts.helo).await?;
-        if target.tls != OutboundTls::Implicit {
+        if target.tls != OutboundTls::Implicit && !plain_only {
             let must = matches!(
                 target.tls,
                 OutboundTls::Required | OutboundTls::RequiredVerified
@@ -315,13 +384,12 @@ impl Connection {
                     conn.ehlo(&opts.helo).await?;
                 }
             } else if must {
-                let mut s = Status::local(
+                return Err(HostFailure::new(Status::about_host(
                     451,
                     "4.7.4",
                     "TLS is required by the delivery rule but the server does not offer STARTTLS",
-                );
-                s.remote = Some(label.clone());
-                return Err(HostFailure::new(s));
+                    &label,
+                )));
             }
         }
         if let Some((mech, secret)) = &target.auth {
@@ -341,20 +409,32 @@ impl Connection {
             io,
             remote,
             timeouts,
+            greeting_host,
             ..
         } = self;
         let Stream::Plain(tcp) = io.into_inner() else {
-            let mut s = Status::local(451, "4.5.0", "STARTTLS on an encrypted connection");
-            s.remote = Some(remote);
-            return Err(HostFailure::new(s));
+            return Err(HostFailure::new(Status::about_host(
+                451,
+                "4.5.0",
+                "STARTTLS on an encrypted connection",
+                &remote,
+            )));
         };
         let verify = target.tls == OutboundTls::RequiredVerified;
-        let tls = handshake(tcp, target, &opts.tls, verify, &timeouts).await?;
+        let tls = handshake(tcp, target, &opts.tls, verify, &timeouts)
+            .await
+            .map_err(|mut f| {
+                f.starttls_failed = true;
+                f
+            })?;
         Ok(Connection {
             io: BufReader::new(Stream::Tls(Box::new(tls))),
             caps: Capabilities::default(),
             remote,
             encrypted: true,
+            greeting_host,
+            ehlo_host: String::new(),
+            tls_fallback: None,
             timeouts,
             transactions: 0,
             broken: false,
@@ -366,12 +446,14 @@ impl Connection {
         let reply = self.command(&format!("EHLO {helo}"), t, "EHLO").await?;
         if reply.code == 250 {
             self.caps = Capabilities::parse(&reply);
+            self.ehlo_host = first_word(&reply);
             return Ok(());
         }
         // RFC 5321 §3.2: a server that does not know EHLO gets HELO, and no extensions.
         let reply = self.command(&format!("HELO {helo}"), t, "HELO").await?;
         if reply.code == 250 {
             self.caps = Capabilities::default();
+            self.ehlo_host = first_word(&reply);
             Ok(())
         } else {
             Err(HostFailure::new(reply.status(&self.remote, "4.5.0")))
@@ -390,9 +472,9 @@ impl Connection {
             OutboundAuthMechanism::XOAuth2 => "XOAUTH2",
         };
         let deny = |remote: &str, text: String| {
-            let mut s = Status::local(454, "4.7.0", text);
-            s.remote = Some(remote.to_string());
-            Err(HostFailure::new(s))
+            Err(HostFailure::new(Status::about_host(
+                454, "4.7.0", text, remote,
+            )))
         };
         if !self.encrypted {
             // Credentials never go over plain text, whatever the rule says.
@@ -444,7 +526,8 @@ impl Connection {
             return Ok(());
         }
         // A rejected login is a configuration problem on our side or theirs; the mail waits in
-        // the queue rather than bouncing.
+        // the queue rather than bouncing. The remote's own reply stays in `remote_reply`, so
+        // logs and the queue show what it said next to that decision.
         let mut status = reply.status(&self.remote, "4.7.8");
         status.text = format!("authentication failed: {}", status.text);
         if status.code >= 500 {
@@ -454,6 +537,7 @@ impl Connection {
         Err(HostFailure {
             status,
             auth_rejected: true,
+            starttls_failed: false,
         })
     }
 
@@ -495,41 +579,56 @@ impl Connection {
         }
     }
 
-    /// Sends one message to `recipients`. On `Err` the connection is unusable and the status
-    /// applies to every recipient not already answered.
-    pub async fn send(
+    /// Sends one message of `size` bytes, read from `data`, to `recipients`. `before_end` runs
+    /// after the last data byte is read and before the final dot is written: from then on the
+    /// server may accept the message at any moment. A broken connection is marked `broken` and
+    /// its status applies to every recipient not already answered.
+    pub async fn send<R, F, Fut>(
         &mut self,
         env: &Envelope,
-        recipients: &[String],
-        data: &[u8],
-    ) -> RecipientResults {
+        recipients: &[Recipient],
+        data: R,
+        size: u64,
+        before_end: F,
+    ) -> Sent
+    where
+        R: AsyncRead + Unpin,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = ()>,
+    {
         let remote = self.remote.clone();
-        let all = |s: Status| vec![s; recipients.len()];
+        let dsn = self.caps.dsn;
+        let all = |s: Status| Sent {
+            statuses: vec![s; recipients.len()],
+            dsn_passed_on: false,
+        };
         // Checks the server announced, made before anything is sent.
         if let Some(max) = self.caps.size.filter(|m| *m > 0) {
-            if data.len() as u64 > max {
-                let mut s = Status::local(552, "5.3.4", format!("Message size {} exceeds the fixed maximum message size of {max} bytes of the next hop", data.len()));
-                s.remote = Some(remote);
-                return all(s);
+            if size > max {
+                return all(Status::about_host(552, "5.3.4", format!("Message size {size} exceeds the fixed maximum message size of {max} bytes of the next hop"), &remote));
             }
         }
-        let eight_bit = env.body != Body::SevenBit || data.iter().any(|b| *b >= 0x80);
+        // The inbound side marks 8-bit content in the body type, so the data need not be read.
+        let eight_bit = env.body != Body::SevenBit;
         if eight_bit && !self.caps.eightbitmime {
-            let mut s = Status::local(554, "5.6.3", "Conversion required but not supported: 8-bit message and the next hop does not support 8BITMIME");
-            s.remote = Some(remote);
-            return all(s);
+            return all(Status::about_host(554, "5.6.3", "Conversion required but not supported: 8-bit message and the next hop does not support 8BITMIME", &remote));
         }
         if env.smtputf8 && !self.caps.smtputf8 {
-            let mut s = Status::local(
+            return all(Status::about_host(
                 553,
                 "5.6.7",
                 "The next hop does not support SMTPUTF8 and the message needs it",
-            );
-            s.remote = Some(remote);
-            return all(s);
+                &remote,
+            ));
         }
-        match self.transaction(env, recipients, data, eight_bit).await {
-            Ok(r) => r,
+        match self
+            .transaction(env, recipients, data, size, eight_bit, before_end)
+            .await
+        {
+            Ok(statuses) => Sent {
+                dsn_passed_on: dsn && statuses.iter().any(Status::is_success),
+                statuses,
+            },
             Err(e) => {
                 self.broken = true;
                 all(e.status(&remote))
@@ -537,26 +636,33 @@ impl Connection {
         }
     }
 
-    async fn transaction(
+    async fn transaction<R, F, Fut>(
         &mut self,
         env: &Envelope,
-        recipients: &[String],
-        data: &[u8],
+        recipients: &[Recipient],
+        mut data: R,
+        size: u64,
         eight_bit: bool,
-    ) -> Result<RecipientResults, Io> {
+        before_end: F,
+    ) -> Result<Vec<Status>, Io>
+    where
+        R: AsyncRead + Unpin,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = ()>,
+    {
         let t = self.timeouts.clone();
         let remote = self.remote.clone();
         if self.transactions > 0 {
             self.write(b"RSET\r\n", t.command_seconds, "RSET").await?;
             let r = self.read(t.command_seconds, "RSET").await?;
             if r.code != 250 {
-                return Err(Io::Lost(format!("RSET answered {} {}", r.code, r.text())));
+                return Err(Io::Lost(format!("RSET answered {}", r.line())));
             }
         }
         self.transactions += 1;
         let mut mail = format!("MAIL FROM:<{}>", env.sender);
         if self.caps.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", data.len()));
+            mail.push_str(&format!(" SIZE={size}"));
         }
         if eight_bit && self.caps.eightbitmime {
             mail.push_str(" BODY=8BITMIME");
@@ -564,10 +670,20 @@ impl Connection {
         if env.smtputf8 && self.caps.smtputf8 {
             mail.push_str(" SMTPUTF8");
         }
+        if self.caps.dsn {
+            mail.push_str(&mail_dsn_params(env));
+        }
         mail.push_str("\r\n");
         let rcpt_lines: Vec<String> = recipients
             .iter()
-            .map(|r| format!("RCPT TO:<{r}>\r\n"))
+            .map(|r| {
+                let params = if self.caps.dsn {
+                    rcpt_dsn_params(r)
+                } else {
+                    String::new()
+                };
+                format!("RCPT TO:<{}>{params}\r\n", r.address)
+            })
             .collect();
 
         let (mail_reply, rcpt_replies, data_reply) = if self.caps.pipelining {
@@ -643,11 +759,35 @@ impl Connection {
             self.read(t.data_term_seconds, "end of data").await?;
             return Ok(results.into_iter().flatten().collect());
         }
-        let stuffed = dot_stuff(data);
-        for block in stuffed.chunks(DATA_BLOCK) {
-            self.write(block, t.data_block_seconds, "message data")
-                .await?;
+        // Memory for the data is two buffers of about one block each, whatever the size.
+        let mut block = vec![0u8; BLOCK];
+        let mut out = Vec::with_capacity(2 * BLOCK + 8);
+        let mut stuffer = DotStuffer::default();
+        let mut remaining = size;
+        while remaining > 0 {
+            let want = remaining.min(BLOCK as u64) as usize;
+            let n = data
+                .read(&mut block[..want])
+                .await
+                .map_err(|e| Io::Source(e.to_string()))?;
+            if n == 0 {
+                return Err(Io::Source(format!(
+                    "the data ends after {} of {size} bytes",
+                    size - remaining
+                )));
+            }
+            remaining -= n as u64;
+            stuffer.push(&block[..n], &mut out);
+            if out.len() >= BLOCK {
+                self.write(&out, t.data_block_seconds, "message data")
+                    .await?;
+                out.clear();
+            }
         }
+        before_end().await;
+        stuffer.finish(&mut out);
+        self.write(&out, t.data_block_seconds, "message data")
+            .await?;
         let end = self.read(t.data_term_seconds, "end of data").await?;
         let s = end.status(&remote, "2.0.0");
         Ok(results
@@ -666,22 +806,84 @@ impl Connection {
     }
 }
 
+/// No SMTP reply was involved: the code is the relay's own temporary decision.
 fn connect_failed(label: &str, why: &str) -> Status {
-    Status {
-        code: 421,
-        enhanced: "4.4.1".into(),
-        text: format!("Cannot connect to host {label}: {why}"),
-        remote: Some(label.to_string()),
+    Status::about_host(
+        451,
+        "4.4.1",
+        format!("Cannot connect to host {label}: {why}"),
+        label,
+    )
+}
+
+/// The host name a greeting or EHLO reply starts with.
+fn first_word(reply: &Reply) -> String {
+    reply
+        .lines
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
+}
+
+/// RFC 3461 xtext: `+XX` for `+`, `=` and anything outside `!`..`~`.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
     }
+    out
+}
+
+/// ` RET=.. ENVID=..` for MAIL FROM to a server that offers DSN.
+fn mail_dsn_params(env: &Envelope) -> String {
+    let mut p = String::new();
+    match env.dsn_ret {
+        Some(DsnRet::Full) => p.push_str(" RET=FULL"),
+        Some(DsnRet::Headers) => p.push_str(" RET=HDRS"),
+        None => {}
+    }
+    if let Some(id) = &env.envid {
+        p.push_str(&format!(" ENVID={}", xtext(id)));
+    }
+    p
+}
+
+/// ` NOTIFY=.. ORCPT=..` for RCPT TO to a server that offers DSN.
+fn rcpt_dsn_params(r: &Recipient) -> String {
+    let mut p = String::new();
+    if !r.notify.is_empty() {
+        let words: Vec<&str> = r
+            .notify
+            .iter()
+            .map(|n| match n {
+                DsnNotify::Never => "NEVER",
+                DsnNotify::Success => "SUCCESS",
+                DsnNotify::Failure => "FAILURE",
+                DsnNotify::Delay => "DELAY",
+            })
+            .collect();
+        p.push_str(&format!(" NOTIFY={}", words.join(",")));
+    }
+    if let Some(o) = &r.orcpt {
+        p.push_str(&format!(" ORCPT={}", xtext(o)));
+    }
+    p
 }
 
 fn greeting_failed(reply: &Reply, label: &str) -> Status {
     // A refusing greeting (554) still only concerns this host: the next MX may accept, and the
     // message is retried later otherwise (RFC 5321 §3.1).
+    // The remote's reply stays in `remote_reply`; the code is the relay's decision.
     let mut s = reply.status(label, "4.4.1");
     if s.code >= 500 {
         s.text = format!("host refused the session: {}", s.text);
-        s.code = 421;
+        s.code = 451;
         s.enhanced.replace_range(0..1, "4");
     }
     s
@@ -705,11 +907,12 @@ async fn handshake(
     let fut = TlsConnector::from(config).connect(name, tcp);
     match tokio::time::timeout(secs(t.command_seconds), fut).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => {
-            let mut s = Status::local(454, "4.7.5", format!("TLS handshake failed: {e}"));
-            s.remote = Some(label);
-            Err(HostFailure::new(s))
-        }
+        Ok(Err(e)) => Err(HostFailure::new(Status::about_host(
+            454,
+            "4.7.5",
+            format!("TLS handshake failed: {e}"),
+            &label,
+        ))),
         Err(_) => Err(HostFailure::new(
             Io::Timeout("the TLS handshake").status(&label),
         )),
@@ -760,41 +963,24 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Re
     }
 }
 
-/// RFC 5321 §4.5.2 transparency, the terminating dot, and a final CRLF if the data lacks one.
-pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + data.len() / 64 + 8);
-    let mut at_line_start = true;
-    for &b in data {
-        if at_line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        at_line_start = b == b'\n';
-    }
-    if !data.is_empty() && !data.ends_with(b"\r\n") {
-        if data.ends_with(b"\n") {
-            out.pop();
-            out.extend_from_slice(b"\r\n");
-        } else {
-            out.extend_from_slice(b"\r\n");
-        }
-    }
-    out.extend_from_slice(b".\r\n");
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn dot_stuffing() {
+    fn dsn_parameters_are_xtext() {
+        assert_eq!(xtext("a+b=c d\u{e9}"), "a+2Bb+3Dc+20d+C3+A9");
+        let mut env = Envelope::new("a@b", ["c@d"]);
+        env.dsn_ret = Some(DsnRet::Headers);
+        env.envid = Some("id=1".into());
+        assert_eq!(mail_dsn_params(&env), " RET=HDRS ENVID=id+3D1");
+        let mut r = Recipient::new("c@d");
+        r.notify = vec![DsnNotify::Success, DsnNotify::Failure];
+        r.orcpt = Some("rfc822;c+x@d".into());
         assert_eq!(
-            dot_stuff(b".a\r\nb\r\n..c\r\n"),
-            b"..a\r\nb\r\n...c\r\n.\r\n"
+            rcpt_dsn_params(&r),
+            " NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;c+2Bx@d"
         );
-        assert_eq!(dot_stuff(b"x"), b"x\r\n.\r\n");
-        assert_eq!(dot_stuff(b""), b".\r\n");
     }
 
     #[tokio::test]

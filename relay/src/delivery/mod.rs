@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod data;
 pub mod dsn;
 pub mod mx;
 pub mod oauth2;
@@ -30,12 +31,14 @@ pub fn for_relay(relay: &Relay, config_dir: &Path) -> anyhow::Result<Arc<Queue>>
             config_dir.join(p)
         }
     });
-    Queue::new(
+    let queue = Queue::new(
         relay.spool.clone(),
         relay.current.clone(),
         settings,
         relay.settings.effective_hostname(),
         relay.metrics.clone(),
         extra_ca.as_deref(),
-    )
+    )?;
+    queue.set_listen_address(relay.settings.listen_address);
+    Ok(queue)
 }

@@ -5,26 +5,41 @@
 //! optional message rate per destination.
 //!
 //! Per-recipient results go into the envelope via [`Spool::update_envelope`] before anything else
-//! happens, so a restart never sends to a recipient twice once its `250` was recorded; a message
+//! happens, so a restart never sends to a recipient again once its `250` was recorded; a message
 //! leaves the spool only when every recipient is delivered or finally failed (and its failure DSN
 //! is itself spooled). Temporary failures are retried on the configured schedule; warn-after
 //! produces one delay DSN, give-up-after turns what is still pending into failures.
+//!
+//! Delivery is at-least-once: a crash after the remote's `250` and before the envelope records
+//! it sends the message again after the restart. To count those re-sends, a small marker file
+//! (`<spool>/inflight/<id>.<n>`, the recipient indices of the transaction) is written right
+//! before the final dot and removed once the outcome is recorded. Markers found at start name
+//! the recipients that may already have the message; each of them accepted again counts in
+//! `mailrelay_delivery_resent_after_recovery_total`. Markers are not fsynced (they must not put
+//! a disk flush on the delivery path): they survive a killed process, not a power loss.
+//!
+//! Mail loops on the way out are bounced with `5.4.6` instead of being sent: a message with more
+//! `Received:` headers than the accepting service allows (plus the one this relay added; 100
+//! when the service sets no limit), a next hop that is one of this relay's own SMTP listeners
+//! or carries one of its host names, and a server that greets with one of those names.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use mailrelay_crds::config::{
     OutboundAuthMechanism, OutboundTls, RelayAuth, RelayTarget, RetryOverride, RouteAction,
 };
-use mailrelay_spool::{Envelope, MessageId, RecipientStatus, Spool};
+use mailrelay_spool::{DsnRet, Envelope, MessageId, Recipient, RecipientStatus, Spool};
 use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::client::{AuthSecret, ClientOptions, Connection, HostTarget};
+use super::data;
 use super::dsn;
 use super::mx::{Dns, MxHost};
 use super::oauth2::TokenCache;
@@ -47,6 +62,31 @@ struct Job {
     rcpts: Vec<usize>,
 }
 
+/// What one job's attempt produced.
+#[derive(Default)]
+struct JobOutcome {
+    results: Vec<(usize, Status)>,
+    /// The next hop took the DSN parameters and reports on these recipients itself.
+    dsn_passed_on: bool,
+    /// The in-flight marker written before the final dot; removed once the results are recorded.
+    marker: Option<PathBuf>,
+}
+
+impl JobOutcome {
+    fn results(results: Vec<(usize, Status)>) -> JobOutcome {
+        JobOutcome {
+            results,
+            ..JobOutcome::default()
+        }
+    }
+}
+
+/// `Received:` headers a message may carry on its way out when the accepting service sets no
+/// `maxReceivedHeaders` (RFC 5321 §6.3 suggests 100 as the loop threshold).
+pub const DEFAULT_MAX_HOPS: usize = 100;
+/// Directory of in-flight markers inside the spool directory.
+const INFLIGHT_DIR: &str = "inflight";
+
 struct Dest {
     target: Target,
     jobs: VecDeque<Job>,
@@ -64,9 +104,16 @@ struct Msg {
     outstanding: usize,
     /// Recipients that failed permanently in this attempt, for the failure DSN.
     failed: Vec<(usize, Status)>,
+    /// Recipients accepted by a next hop without DSN that asked for success notices.
+    relayed: Vec<(usize, Status)>,
     retry: Option<RetryOverride>,
     /// Serializes envelope writes of one message so the newest state is written last.
     write: Arc<tokio::sync::Mutex<()>>,
+    /// Recipients whose transfer was interrupted by a crash after the final dot: they may have
+    /// the message already.
+    suspects: BTreeSet<usize>,
+    /// The markers that named `suspects`, removed when none is left.
+    recovered_markers: Vec<PathBuf>,
 }
 
 impl Msg {
@@ -76,8 +123,11 @@ impl Msg {
             env: None,
             outstanding: 0,
             failed: Vec::new(),
+            relayed: Vec::new(),
             retry: None,
             write: Arc::new(tokio::sync::Mutex::new(())),
+            suspects: BTreeSet::new(),
+            recovered_markers: Vec::new(),
         }
     }
 }
@@ -114,6 +164,10 @@ pub struct Queue {
     /// Workers and attempts in progress, for graceful shutdown.
     active: AtomicUsize,
     quiet: Notify,
+    /// Address the SMTP listeners bind to, for the loop check (unknown: any local address).
+    listen_address: OnceLock<IpAddr>,
+    /// `<spool>/inflight`, when it could be created.
+    inflight: Option<PathBuf>,
 }
 
 struct ActiveGuard<'a>(&'a Queue);
@@ -138,6 +192,14 @@ impl Queue {
     ) -> anyhow::Result<Arc<Queue>> {
         let dns = Dns::new(&settings.dns)?;
         let tls = ClientTls::new(extra_ca)?;
+        let inflight = spool.dir().join(INFLIGHT_DIR);
+        let inflight = match std::fs::create_dir_all(&inflight) {
+            Ok(()) => Some(inflight),
+            Err(e) => {
+                warn!(dir = %inflight.display(), error = %e, "cannot create the in-flight marker directory; re-sends after a crash will not be counted");
+                None
+            }
+        };
         let client = ClientOptions {
             helo: settings
                 .helo_name
@@ -161,13 +223,22 @@ impl Queue {
             stopping: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             quiet: Notify::new(),
+            listen_address: OnceLock::new(),
+            inflight,
         }))
+    }
+
+    /// The address the relay's SMTP listeners bind to; a next hop at one of their ports on this
+    /// address (any local address when unspecified) is this relay itself.
+    pub fn set_listen_address(&self, ip: IpAddr) {
+        let _ = self.listen_address.set(ip);
     }
 
     /// Schedules everything already in the spool (recovery at start) and starts the scheduler.
     pub fn start(self: &Arc<Self>) {
         let now = Instant::now();
         let wall = SystemTime::now();
+        let mut recovered = self.recover_markers();
         {
             let mut st = self.lock();
             for id in self.spool.list() {
@@ -178,13 +249,101 @@ impl Queue {
                     .and_then(|t| t.duration_since(wall).ok())
                     .map(|d| now + d)
                     .unwrap_or(now);
-                st.msgs.insert(id, Msg::new(due));
+                let mut m = Msg::new(due);
+                if let Some((suspects, markers)) = recovered.remove(&id) {
+                    m.suspects = suspects;
+                    m.recovered_markers = markers;
+                }
+                st.msgs.insert(id, m);
                 st.timers.insert((due, id));
             }
             info!(messages = st.msgs.len(), "delivery queue started");
         }
         let q = self.clone();
         tokio::spawn(async move { q.scheduler().await });
+    }
+
+    /// Reads the in-flight markers a previous run left: the recipients (still pending) whose
+    /// transfer may have completed unrecorded. Markers of messages that are gone, or whose
+    /// recipients are all recorded, are deleted; the others are renamed `<id>.r<n>` so that new
+    /// markers of the same message never overwrite them.
+    fn recover_markers(&self) -> HashMap<MessageId, (BTreeSet<usize>, Vec<PathBuf>)> {
+        let mut out: HashMap<MessageId, (BTreeSet<usize>, Vec<PathBuf>)> = HashMap::new();
+        let Some(dir) = &self.inflight else {
+            return out;
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((id, n)) = name.split_once('.') else {
+                remove_marker(&path);
+                continue;
+            };
+            let (Ok(id), Some(env)) = (
+                id.parse::<MessageId>(),
+                id.parse::<MessageId>()
+                    .ok()
+                    .and_then(|id| self.spool.envelope(id)),
+            ) else {
+                remove_marker(&path);
+                continue;
+            };
+            let listed = std::fs::read_to_string(&path).unwrap_or_default();
+            let pending: BTreeSet<usize> = listed
+                .split(',')
+                .filter_map(|i| i.trim().parse::<usize>().ok())
+                .filter(|i| env.recipients.get(*i).is_some_and(|r| !r.status.is_final()))
+                .collect();
+            if pending.is_empty() {
+                remove_marker(&path);
+                continue;
+            }
+            let kept = if n.starts_with('r') {
+                path
+            } else {
+                let to = dir.join(format!("{id}.r{n}"));
+                match std::fs::rename(&path, &to) {
+                    Ok(()) => to,
+                    Err(_) => path,
+                }
+            };
+            let e = out.entry(id).or_default();
+            e.0.extend(pending);
+            e.1.push(kept);
+        }
+        if !out.is_empty() {
+            let recipients: usize = out.values().map(|(s, _)| s.len()).sum();
+            warn!(
+                messages = out.len(),
+                recipients,
+                "recovery: transfers were interrupted after the final dot; these recipients are sent again and may receive the message twice"
+            );
+        }
+        out
+    }
+
+    /// Writes the in-flight marker of a job: from the final dot on, the next hop may accept
+    /// the message before this relay can record it.
+    async fn write_marker(&self, path: Option<&Path>, rcpts: &[usize]) {
+        let Some(path) = path else {
+            return;
+        };
+        let list = rcpts
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
+        if let Err(e) = tokio::fs::write(path, list).await {
+            debug!(path = %path.display(), error = %e, "cannot write in-flight marker");
+        }
+    }
+
+    fn marker_path(&self, job: &Job) -> Option<PathBuf> {
+        let first = job.rcpts.first()?;
+        Some(self.inflight.as_ref()?.join(format!("{}.{first}", job.id)))
     }
 
     /// A new message is in the spool (called by the inbound side after the `250`).
@@ -290,7 +449,26 @@ impl Queue {
             }
         }
         let mut jobs: Vec<(String, Target, Job)> = Vec::new();
-        let mut immediate: Vec<(usize, Status)> = Vec::new();
+        // Outcomes decided before any connection, each with its own `delivery_attempt` span:
+        // (destination, recipients and their status).
+        let mut immediate: Vec<(String, Vec<(usize, Status)>)> = Vec::new();
+        let pending = !relay_groups.is_empty() || !domain_groups.is_empty();
+        let looped = if pending {
+            self.hop_check(id, &env, &snap).await
+        } else {
+            None
+        };
+        if let Some(s) = looped {
+            let rcpts: Vec<(usize, Status)> = relay_groups
+                .iter()
+                .flat_map(|g| g.2.iter())
+                .chain(domain_groups.iter().flat_map(|g| g.1.iter()))
+                .map(|i| (*i, s.clone()))
+                .collect();
+            relay_groups.clear();
+            domain_groups.clear();
+            immediate.push(("loop".to_string(), rcpts));
+        }
         for (rule, target, rcpts) in relay_groups {
             jobs.push((
                 format!("relay:{rule}"),
@@ -320,9 +498,13 @@ impl Queue {
                     );
                     jobs.push((key, Target::Mx(hosts), Job { id, rcpts }));
                 }
-                Err(s) => immediate.extend(rcpts.into_iter().map(|i| (i, s.clone()))),
+                Err(s) => immediate.push((
+                    format!("dns:{domain}"),
+                    rcpts.into_iter().map(|i| (i, s.clone())).collect(),
+                )),
             }
         }
+        let nothing = jobs.is_empty() && immediate.is_empty();
         {
             let mut st = self.lock();
             let Some(m) = st.msgs.get_mut(&id) else {
@@ -331,14 +513,59 @@ impl Queue {
             m.env = Some(env);
             m.retry = retry;
             m.failed.clear();
-            m.outstanding = jobs.len() + usize::from(!immediate.is_empty() || jobs.is_empty());
+            m.relayed.clear();
+            m.outstanding = jobs.len() + immediate.len() + usize::from(nothing);
         }
-        if !immediate.is_empty() || jobs.is_empty() {
-            self.clone().job_done(id, immediate).await;
+        if nothing {
+            self.clone().job_done(id, JobOutcome::default()).await;
+        }
+        for (destination, results) in immediate {
+            // The same span as a delivery attempt over SMTP, so that every outcome (here one
+            // decided by DNS or the loop check) appears in traces as in the metrics.
+            let span = tracing::info_span!(
+                "delivery_attempt",
+                message_id = %id,
+                destination = %destination,
+                recipients = results.len(),
+                outcome = attempt_outcome(&results),
+                remote = tracing::field::Empty,
+                tls = tracing::field::Empty,
+            );
+            self.clone()
+                .job_done(id, JobOutcome::results(results))
+                .instrument(span)
+                .await;
         }
         for (key, target, job) in jobs {
             self.enqueue(key, target, job);
         }
+    }
+
+    /// Outbound loop check by hop count: more `Received:` headers than the accepting service
+    /// allows inbound, plus the one this relay added.
+    async fn hop_check(&self, id: MessageId, env: &Envelope, snap: &Snapshot) -> Option<Status> {
+        let limit = snap
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == env.service)
+            .and_then(|s| s.limits.max_received_headers)
+            .map(|m| m as usize)
+            .unwrap_or(DEFAULT_MAX_HOPS);
+        let len = self.spool.data_len(id)?;
+        let mut file = self.spool.open_data(id).await.ok()?;
+        let (headers, _) = data::read_headers(&mut file, len, dsn::HEADERS_MAX)
+            .await
+            .ok()?;
+        let hops = data::count_received(&headers);
+        (hops > limit + 1).then(|| {
+            warn!(id = %id, hops, limit, "mail loop: too many Received headers; bouncing");
+            Status::local(
+                554,
+                "5.4.6",
+                format!("Too many Received headers ({hops}, limit {limit}): mail loop detected"),
+            )
+        })
     }
 
     fn enqueue(self: &Arc<Self>, key: String, target: Target, job: Job) {
@@ -411,15 +638,18 @@ impl Queue {
                 destination = %key,
                 recipients = job.rcpts.len(),
                 outcome = tracing::field::Empty,
+                remote = tracing::field::Empty,
+                tls = tracing::field::Empty,
             );
-            let results = tracing::Instrument::instrument(
-                self.run_job(&mut conn, &target, &job),
-                span.clone(),
-            )
-            .await;
-            span.record("outcome", attempt_outcome(&results));
-            drop(span);
-            self.clone().job_done(job.id, results).await;
+            let outcome = self
+                .run_job(&mut conn, &target, &job)
+                .instrument(span.clone())
+                .await;
+            span.record("outcome", attempt_outcome(&outcome.results));
+            self.clone()
+                .job_done(job.id, outcome)
+                .instrument(span)
+                .await;
         }
         if let Some(c) = conn.take() {
             c.quit().await;
@@ -479,26 +709,26 @@ impl Queue {
         conn: &mut Option<Connection>,
         target: &Target,
         job: &Job,
-    ) -> Vec<(usize, Status)> {
+    ) -> JobOutcome {
         let Some(env) = self.lock().msgs.get(&job.id).and_then(|m| m.env.clone()) else {
-            return Vec::new();
+            return JobOutcome::default();
         };
-        let data = match self.spool.read_data(job.id).await {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(id = %job.id, error = %e, "cannot read message data; will retry");
-                let s = Status::local(
-                    451,
-                    "4.3.0",
-                    format!("Local error reading the message: {e}"),
-                );
-                return job.rcpts.iter().map(|i| (*i, s.clone())).collect();
-            }
+        let local_error = |e: String| {
+            warn!(id = %job.id, error = %e, "cannot read message data; will retry");
+            let s = Status::local(
+                451,
+                "4.3.0",
+                format!("Local error reading the message: {e}"),
+            );
+            JobOutcome::results(job.rcpts.iter().map(|i| (*i, s.clone())).collect())
         };
-        let addrs: Vec<String> = job
+        let Some(size) = self.spool.data_len(job.id) else {
+            return local_error("the message is no longer in the spool".into());
+        };
+        let rcpts: Vec<Recipient> = job
             .rcpts
             .iter()
-            .filter_map(|i| env.recipients.get(*i).map(|r| r.address.clone()))
+            .filter_map(|i| env.recipients.get(*i).cloned())
             .collect();
         let reusable = conn.as_ref().is_some_and(|c| {
             !c.broken && c.transactions < self.settings.max_messages_per_connection.max(1)
@@ -508,41 +738,101 @@ impl Queue {
             if let Some(c) = conn.take() {
                 c.quit().await;
             }
-            match self.connect(target).await {
+            match self.connect(target, job.id).await {
                 Ok(c) => *conn = Some(c),
-                Err(s) => return job.rcpts.iter().map(|i| (*i, s.clone())).collect(),
+                Err(s) => {
+                    return JobOutcome::results(job.rcpts.iter().map(|i| (*i, s.clone())).collect())
+                }
             }
         }
-        let Some(c) = conn.as_mut() else {
-            return Vec::new();
-        };
-        debug!(id = %job.id, remote = %c.remote, recipients = addrs.len(), "sending");
-        let mut statuses = c.send(&env, &addrs, &data).await;
-        // A cached connection that the server dropped while it sat idle fails with a temporary
-        // error that says nothing about this message: send it again at once on a fresh
-        // connection instead of delaying it by a whole retry interval.
-        if reused
-            && c.broken
-            && statuses
-                .iter()
-                .all(|s| !s.is_success() && !s.is_permanent())
-        {
+        let marker = self.marker_path(job);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some(c) = conn.as_mut() else {
+                return JobOutcome::default();
+            };
+            record_connection(job.id, c);
+            let file = match self.spool.open_data(job.id).await {
+                Ok(f) => f,
+                Err(e) => return local_error(e.to_string()),
+            };
+            debug!(id = %job.id, remote = %c.remote, recipients = rcpts.len(), size, "sending");
+            let sent = c
+                .send(&env, &rcpts, file, size, || {
+                    self.write_marker(marker.as_deref(), &job.rcpts)
+                })
+                .await;
+            // A cached connection that the server dropped while it sat idle fails with a
+            // temporary error that says nothing about this message: send it again at once on a
+            // fresh connection instead of delaying it by a whole retry interval.
+            let dead_cache = reused
+                && attempt == 1
+                && c.broken
+                && sent
+                    .statuses
+                    .iter()
+                    .all(|s| !s.is_success() && !s.is_permanent() && s.remote.is_some());
+            if !dead_cache {
+                return JobOutcome {
+                    results: job.rcpts.iter().copied().zip(sent.statuses).collect(),
+                    dsn_passed_on: sent.dsn_passed_on,
+                    marker,
+                };
+            }
             debug!(id = %job.id, remote = %c.remote, "cached connection was dead; reconnecting");
             *conn = None;
-            match self.connect(target).await {
-                Ok(fresh) => {
-                    let c = conn.insert(fresh);
-                    statuses = c.send(&env, &addrs, &data).await;
+            match self.connect(target, job.id).await {
+                Ok(fresh) => *conn = Some(fresh),
+                Err(s) => {
+                    return JobOutcome {
+                        results: job.rcpts.iter().map(|i| (*i, s.clone())).collect(),
+                        marker,
+                        ..JobOutcome::default()
+                    }
                 }
-                Err(s) => return job.rcpts.iter().map(|i| (*i, s.clone())).collect(),
             }
         }
-        job.rcpts.iter().copied().zip(statuses).collect()
     }
 
-    /// Opens a connection to the first host of the target that works.
-    async fn connect(&self, target: &Target) -> Result<Connection, Status> {
+    /// This relay's own names: its host name, EHLO name and every service's host name.
+    /// `localhost` is left out: it is the fallback name of a machine without one, and what
+    /// local test and filter servers call themselves too.
+    fn own_names(&self) -> BTreeSet<String> {
+        let snap = self.snapshot.load();
+        [self.hostname.as_str(), self.client.helo.as_str()]
+            .into_iter()
+            .chain(
+                snap.config
+                    .services
+                    .iter()
+                    .filter_map(|s| s.hostname.as_deref()),
+            )
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .filter(|n| !n.is_empty() && n != "localhost" && !n.starts_with("localhost."))
+            .collect()
+    }
+
+    /// `addr` is one of this relay's own SMTP listeners.
+    fn is_own_listener(&self, addr: SocketAddr) -> bool {
+        let snap = self.snapshot.load();
+        if !snap.config.services.iter().any(|s| s.port == addr.port()) {
+            return false;
+        }
+        match self.listen_address.get() {
+            Some(l) if !l.is_unspecified() => *l == addr.ip(),
+            _ => is_local_address(addr.ip()),
+        }
+    }
+
+    /// Opens a connection to the first host of the target that works. Every host that fails is
+    /// logged with its `host[address]:port` and the reason; a host that is this relay itself
+    /// is skipped as a mail loop, and when nothing else worked the loop is the (permanent)
+    /// result.
+    async fn connect(&self, target: &Target, id: MessageId) -> Result<Connection, Status> {
         let mut last = Status::local(451, "4.4.1", "Cannot connect to host: no hosts to try");
+        let mut looped: Option<Status> = None;
+        let mut other_failure = false;
         let hosts: Vec<(String, u16)> = match target {
             Target::Mx(hosts) => hosts
                 .iter()
@@ -567,11 +857,36 @@ impl Queue {
                 (target.tls, auth)
             }
         };
-        for (name, port) in hosts {
+        let kind = match target {
+            Target::Mx(_) => "MX host",
+            Target::Relay { .. } => "relay host",
+        };
+        let own = self.own_names();
+        let total = hosts.len();
+        for (n, (name, port)) in hosts.into_iter().enumerate() {
+            let more = n + 1 < total;
+            let skip = |label: &str, reason: &str| {
+                warn!(
+                    id = %id,
+                    remote = %label,
+                    reason = %reason,
+                    "{kind} {label} skipped: {reason}{}",
+                    if more { "; trying the next host" } else { "; no more hosts" }
+                );
+            };
+            let plain = name.trim_end_matches('.').to_ascii_lowercase();
+            if own.contains(&plain) {
+                let s = loop_status(&format!("{name}:{port}"), "is this relay's own host name");
+                skip(&format!("{name}:{port}"), &s.text);
+                looped = Some(s);
+                continue;
+            }
             let addrs = match self.dns.addresses(&name).await {
                 Ok(a) => a,
                 Err(s) => {
+                    skip(&format!("{name}:{port}"), &s.text);
                     last = s;
+                    other_failure = true;
                     continue;
                 }
             };
@@ -582,21 +897,48 @@ impl Queue {
                     tls,
                     auth: auth.clone(),
                 };
+                let label = ht.label();
+                if self.is_own_listener(ht.addr) {
+                    let s = loop_status(&label, "is one of this relay's own listeners");
+                    skip(&label, &s.text);
+                    looped = Some(s);
+                    continue;
+                }
                 match Connection::open(&ht, &self.client).await {
-                    Ok(c) => return Ok(c),
+                    Ok(c) => {
+                        let greeted = [&c.greeting_host, &c.ehlo_host]
+                            .into_iter()
+                            .find(|h| own.contains(h.as_str()));
+                        if let Some(h) = greeted {
+                            let s = loop_status(
+                                &label,
+                                &format!("greets with this relay's own name {h}"),
+                            );
+                            skip(&label, &s.text);
+                            looped = Some(s);
+                            c.quit().await;
+                            continue;
+                        }
+                        return Ok(c);
+                    }
                     Err(f) => {
-                        debug!(remote = %ht.label(), status = %f.status, "host failed, trying the next one");
+                        skip(&label, &f.status.to_string());
                         if f.auth_rejected {
                             if let Target::Relay { rule, .. } = target {
                                 self.tokens.invalidate(rule);
                             }
                         }
                         last = f.status;
+                        other_failure = true;
                     }
                 }
             }
         }
-        Err(last)
+        // A loop is final only when no other host could take the message later.
+        match looped {
+            Some(s) if !other_failure => Err(s),
+            _ => Err(last),
+        }
     }
 
     async fn secret(&self, rule: &str, mech: OutboundAuthMechanism) -> Result<AuthSecret, Status> {
@@ -638,13 +980,19 @@ impl Queue {
         }
     }
 
-    /// Records the results of one job; the last job of an attempt finishes the attempt.
-    async fn job_done(self: Arc<Self>, id: MessageId, results: Vec<(usize, Status)>) {
+    /// Records the results of one job; the last job of an attempt finishes the attempt. The
+    /// job's in-flight marker goes once its results are durably recorded.
+    async fn job_done(self: Arc<Self>, id: MessageId, outcome: JobOutcome) {
+        let JobOutcome {
+            results,
+            dsn_passed_on,
+            marker,
+        } = outcome;
         let Some(write) = self.lock().msgs.get(&id).map(|m| m.write.clone()) else {
             return;
         };
         let _w = write.lock().await;
-        let (env, last) = {
+        let (env, last, done_markers) = {
             let mut st = self.lock();
             let Some(m) = st.msgs.get_mut(&id) else {
                 return;
@@ -653,6 +1001,11 @@ impl Queue {
                 return;
             };
             for (i, s) in &results {
+                let wants_success_dsn = !dsn_passed_on
+                    && env
+                        .recipients
+                        .get(*i)
+                        .is_some_and(|r| dsn::wanted(env, r, dsn::Kind::Relayed));
                 let Some(r) = env.recipients.get_mut(*i) else {
                     continue;
                 };
@@ -665,12 +1018,20 @@ impl Queue {
                     })
                     .inc();
                 if s.is_success() {
+                    if m.suspects.remove(i) {
+                        self.metrics.delivery_resent_after_recovery.inc();
+                        warn!(id = %id, to = %r.address, "sent again after recovery: the transfer before the crash may have completed, so this recipient may receive the message twice");
+                    }
                     r.status = RecipientStatus::Delivered {
                         code: s.code,
                         enhanced: Some(s.enhanced.clone()),
                         text: s.text.clone(),
                     };
+                    if wants_success_dsn {
+                        m.relayed.push((*i, s.clone()));
+                    }
                 } else if s.is_permanent() {
+                    m.suspects.remove(i);
                     r.status = RecipientStatus::Failed {
                         code: s.code,
                         enhanced: Some(s.enhanced.clone()),
@@ -682,33 +1043,59 @@ impl Queue {
                 }
             }
             m.outstanding = m.outstanding.saturating_sub(1);
-            (env.clone(), m.outstanding == 0)
+            let mut done_markers: Vec<PathBuf> = marker.into_iter().collect();
+            if m.suspects.is_empty() {
+                done_markers.append(&mut m.recovered_markers);
+            }
+            (env.clone(), m.outstanding == 0, done_markers)
         };
-        if !last {
+        let recorded = if !last {
             // Other destinations of this message are still in progress: persist the final
             // states reached so far, so a crash now cannot lead to a second delivery.
             if results
                 .iter()
                 .any(|(_, s)| s.is_success() || s.is_permanent())
             {
-                if let Err(e) = self.spool.update_envelope(id, env).await {
-                    warn!(id = %id, error = %e, "cannot record delivery state");
+                match self.spool.update_envelope(id, env).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(id = %id, error = %e, "cannot record delivery state");
+                        false
+                    }
                 }
+            } else {
+                true
             }
-            return;
+        } else {
+            let _active = self.enter();
+            self.finish(id, env).await
+        };
+        if recorded {
+            for m in done_markers {
+                remove_marker(&m);
+            }
+        } else {
+            // The markers stay: after a crash these recipients count as possible re-sends.
+            let mut st = self.lock();
+            if let Some(m) = st.msgs.get_mut(&id) {
+                m.recovered_markers.extend(done_markers);
+            }
         }
-        let _active = self.enter();
-        self.finish(id, env).await;
     }
 
-    /// End of an attempt: give-up, warnings, DSNs, and removal or rescheduling.
-    async fn finish(&self, id: MessageId, mut env: Envelope) {
+    /// End of an attempt: give-up, warnings, DSNs, and removal or rescheduling. Returns
+    /// whether the new state is durably recorded.
+    async fn finish(&self, id: MessageId, mut env: Envelope) -> bool {
         let now = SystemTime::now();
-        let (retry, mut failed) = {
+        let (retry, mut failed, relayed) = {
             let mut st = self.lock();
             match st.msgs.get_mut(&id) {
-                Some(m) => (m.retry.clone(), std::mem::take(&mut m.failed)),
-                None => return,
+                Some(m) => (
+                    m.retry.clone(),
+                    std::mem::take(&mut m.failed),
+                    std::mem::take(&mut m.relayed),
+                ),
+                None => return true,
             }
         };
         let schedule = retry
@@ -763,6 +1150,9 @@ impl Queue {
         if !failed.is_empty() {
             dsns.push((dsn::Kind::Failure, failed));
         }
+        if !relayed.is_empty() {
+            dsns.push((dsn::Kind::Relayed, relayed));
+        }
         if !pending.is_empty() && !env.warned && age >= Duration::from_secs(warn_after) {
             env.warned = true;
             let delayed = pending
@@ -784,20 +1174,26 @@ impl Queue {
             if let Err(e) = self.send_dsn(kind, id, &env, &entries, give_up_at).await {
                 warn!(id = %id, error = %e, "cannot spool DSN; the message stays queued");
                 self.reschedule(id, Duration::from_secs(60));
-                return;
+                return false;
             }
         }
 
         if env.is_complete() {
-            match self.spool.remove(id).await {
+            let removed = match self.spool.remove(id).await {
                 Ok(()) => {
                     debug!(id = %id, "message complete, removed from the spool");
+                    true
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => warn!(id = %id, error = %e, "cannot remove delivered message"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                Err(e) => {
+                    warn!(id = %id, error = %e, "cannot remove delivered message");
+                    false
+                }
+            };
+            if let Some(m) = self.lock().msgs.remove(&id) {
+                m.recovered_markers.iter().for_each(|p| remove_marker(p));
             }
-            self.lock().msgs.remove(&id);
-            return;
+            return removed;
         }
         let attempts = pending
             .iter()
@@ -813,10 +1209,15 @@ impl Queue {
                 .unwrap_or(300),
         );
         env.next_attempt_at = Some(now + delay);
-        if let Err(e) = self.spool.update_envelope(id, env).await {
-            warn!(id = %id, error = %e, "cannot record delivery state");
-        }
+        let recorded = match self.spool.update_envelope(id, env).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(id = %id, error = %e, "cannot record delivery state");
+                false
+            }
+        };
         self.reschedule(id, delay);
+        recorded
     }
 
     fn reschedule(&self, id: MessageId, delay: Duration) {
@@ -854,14 +1255,23 @@ impl Queue {
         if list.is_empty() {
             return Ok(());
         }
-        let original = self.spool.read_data(id).await.unwrap_or_default();
+        let returned = match self.returned_part(kind, id, env).await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(id = %id, error = %e, "cannot read the original message for the DSN; it carries no headers");
+                dsn::Returned::Headers {
+                    headers: Vec::new(),
+                    too_large: false,
+                }
+            }
+        };
         let data = dsn::build(
             kind,
             &self.settings.dsn_language,
             &self.hostname,
             env,
             &list,
-            &original,
+            &returned,
             give_up_at,
         );
         let mut dsn_env = Envelope::new("", [env.sender.clone()]);
@@ -869,10 +1279,7 @@ impl Queue {
         dsn_env.body = mailrelay_spool::Body::EightBitMime;
         dsn_env.service = "dsn".into();
         let new_id = self.spool.store(dsn_env, data).await?;
-        let label = match kind {
-            dsn::Kind::Failure => "failure",
-            dsn::Kind::Delay => "delay",
-        };
+        let label = kind.label();
         info!(id = %id, dsn = %new_id, kind = label, to = %env.sender, "DSN queued");
         self.metrics
             .dsn_generated
@@ -882,6 +1289,29 @@ impl Queue {
             .inc();
         self.notify(new_id);
         Ok(())
+    }
+
+    /// What of the original a DSN returns, read from the spool file: the whole message only for
+    /// a `RET=FULL` failure of at most [`dsn::FULL_RETURN_MAX`] bytes, otherwise at most
+    /// [`dsn::HEADERS_MAX`] bytes of headers. Never more than that is read into memory.
+    async fn returned_part(
+        &self,
+        kind: dsn::Kind,
+        id: MessageId,
+        env: &Envelope,
+    ) -> std::io::Result<dsn::Returned> {
+        let len = self.spool.data_len(id).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "message not in the spool")
+        })?;
+        let mut file = self.spool.open_data(id).await?;
+        if dsn::returns_full(kind, env, len) {
+            return Ok(dsn::Returned::Full(data::read_all(&mut file, len).await?));
+        }
+        let (headers, _) = data::read_headers(&mut file, len, dsn::HEADERS_MAX).await?;
+        Ok(dsn::Returned::Headers {
+            headers,
+            too_large: kind == dsn::Kind::Failure && env.dsn_ret == Some(DsnRet::Full),
+        })
     }
 
     // ---- administration ----
@@ -925,7 +1355,9 @@ impl Queue {
             other => return other,
         }
         let r = self.spool.remove(id).await;
-        self.lock().msgs.remove(&id);
+        if let Some(m) = self.lock().msgs.remove(&id) {
+            m.recovered_markers.iter().for_each(|p| remove_marker(p));
+        }
         match r {
             Ok(()) => {
                 info!(id = %id, "message deleted by the administrator");
@@ -1034,9 +1466,43 @@ fn attempt_outcome(results: &[(usize, Status)]) -> &'static str {
 
 fn log_result(id: MessageId, rcpt: &str, attempts: u32, s: &Status) {
     let word = s.result_word();
+    let remote = s.remote.as_deref().unwrap_or("");
     if s.is_success() {
-        info!(id = %id, to = %rcpt, attempts, "Result: {word}, {s}");
+        info!(id = %id, to = %rcpt, attempts, remote, "Result: {word}, {s}");
     } else {
-        warn!(id = %id, to = %rcpt, attempts, "Result: {word}, {s}");
+        warn!(id = %id, to = %rcpt, attempts, remote, "Result: {word}, {s}");
+    }
+}
+
+/// Records on the current `delivery_attempt` span which host took the job and whether the
+/// session was encrypted, and logs a plain-text fallback after a failed STARTTLS.
+fn record_connection(id: MessageId, c: &Connection) {
+    let span = tracing::Span::current();
+    span.record("remote", c.remote.as_str());
+    let tls = match (&c.tls_fallback, c.encrypted) {
+        (_, true) => "encrypted",
+        (Some(_), false) => "plain_after_starttls_failure",
+        (None, false) => "plain",
+    };
+    span.record("tls", tls);
+    if let Some(why) = &c.tls_fallback {
+        info!(id = %id, remote = %c.remote, reason = %why, "sending in plain text: opportunistic TLS after a failed STARTTLS handshake");
+    }
+}
+
+fn loop_status(label: &str, why: &str) -> Status {
+    Status::local(554, "5.4.6", format!("Mail loop: next hop {label} {why}"))
+}
+
+/// An address assigned to this machine (binding to it succeeds).
+fn is_local_address(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
+fn remove_marker(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            debug!(path = %path.display(), error = %e, "cannot remove in-flight marker");
+        }
     }
 }

@@ -1,7 +1,9 @@
-//! Test doubles for the delivery tests: a scriptable SMTP sink (records what it receives and can
-//! refuse, defer, reject, drop the connection mid-DATA, stay silent, or send garbage), a DNS
-//! server on loopback answering from an in-memory zone (hickory-proto wire format), and a tiny
-//! OAuth2 token endpoint.
+//! Test doubles for the delivery tests: a scriptable SMTP sink (records what it receives, byte
+//! for byte, and can refuse, defer, reject, drop the connection mid-DATA, stay silent, send
+//! garbage, break the TLS handshake after STARTTLS, or take a message and never answer), a DNS
+//! server on loopback answering from an in-memory zone (hickory-proto wire format), a tiny
+//! OAuth2 token endpoint, and a `tracing` layer that captures events and spans for assertions
+//! on logs and traces.
 
 #![allow(dead_code)]
 
@@ -25,7 +27,13 @@ use tokio::net::{TcpListener, UdpSocket};
 pub struct Received {
     pub from: String,
     pub rcpts: Vec<String>,
+    /// The data, dot-unstuffed, as text (lossy for 8-bit data)...
     pub data: String,
+    /// ...and exactly as received (empty when longer than `Behavior::keep_at_most`).
+    pub raw: Vec<u8>,
+    /// Length and SHA-256 of the data, always.
+    pub len: usize,
+    pub sha256: [u8; 32],
     pub tls: bool,
     pub auth: Option<String>,
 }
@@ -49,8 +57,15 @@ pub struct Behavior {
     pub silent_after_greeting: bool,
     pub garbage_greeting: bool,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Offer STARTTLS, answer it with 220, then send bytes that are not TLS and hang up.
+    pub broken_starttls: bool,
     /// Accepted AUTH: (mechanism, expected base64 initial response).
     pub auth: Option<(String, String)>,
+    /// After the final dot of the n-th message (0-based): record the message and never answer.
+    pub hang_after_data: Arc<dyn Fn(usize) -> bool + Send + Sync>,
+    /// Keep the data of messages up to this size; larger ones only by length and digest (so a
+    /// memory test is not measuring the sink).
+    pub keep_at_most: usize,
 }
 
 impl Default for Behavior {
@@ -70,7 +85,10 @@ impl Default for Behavior {
             silent_after_greeting: false,
             garbage_greeting: false,
             tls: None,
+            broken_starttls: false,
             auth: None,
+            hang_after_data: Arc::new(|_| false),
+            keep_at_most: usize::MAX,
         }
     }
 }
@@ -160,7 +178,7 @@ async fn session(
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") {
             let mut ext = b.extensions.clone();
-            if b.tls.is_some() && !tls {
+            if (b.tls.is_some() || b.broken_starttls) && !tls {
                 ext.push("STARTTLS".into());
             }
             if let Some((mech, _)) = &b.auth {
@@ -174,6 +192,11 @@ async fn session(
             r
         } else if upper.starts_with("HELO") {
             "250 sink.test".into()
+        } else if upper == "STARTTLS" && b.broken_starttls {
+            io.get_mut()
+                .write_all(b"220 2.0.0 go ahead\r\nthis is not a TLS server hello\r\n")
+                .await?;
+            return Ok(());
         } else if upper == "STARTTLS" {
             let Some(cfg) = b.tls.clone() else {
                 pending.push_str("502 5.5.1 no\r\n");
@@ -243,31 +266,50 @@ async fn session(
                 pending.push_str("354 End data with <CR><LF>.<CR><LF>\r\n");
                 io.get_mut().write_all(pending.as_bytes()).await?;
                 pending.clear();
-                let mut data = String::new();
+                let mut raw = Vec::new();
+                let mut len = 0usize;
+                let mut digest = <sha2::Sha256 as sha2::Digest>::new();
+                let mut l = Vec::new();
                 loop {
-                    let mut l = String::new();
-                    if io.read_line(&mut l).await? == 0 {
+                    l.clear();
+                    if io.read_until(b'\n', &mut l).await? == 0 {
                         return Ok(());
                     }
                     if b.drop_mid_data {
                         return Ok(());
                     }
-                    if l == ".\r\n" {
+                    if l == b".\r\n" {
                         break;
                     }
-                    data.push_str(l.strip_prefix('.').unwrap_or(&l));
+                    let line = l.strip_prefix(b".").unwrap_or(&l);
+                    len += line.len();
+                    sha2::Digest::update(&mut digest, line);
+                    if len <= b.keep_at_most {
+                        raw.extend_from_slice(line);
+                    } else {
+                        raw = Vec::new();
+                    }
                 }
                 let n = datas.fetch_add(1, Ordering::SeqCst);
+                let received = Received {
+                    from: from.clone(),
+                    rcpts: rcpts.clone(),
+                    data: String::from_utf8_lossy(&raw).into_owned(),
+                    raw,
+                    len,
+                    sha256: sha2::Digest::finalize(digest).into(),
+                    tls,
+                    auth: auth.clone(),
+                };
+                if (b.hang_after_data)(n) {
+                    store.lock().unwrap().push(received);
+                    tokio::time::sleep(Duration::from_secs(120)).await;
+                    return Ok(());
+                }
                 let r = (b.final_reply)(n);
                 close_now = b.close_after_message;
                 if r.starts_with('2') {
-                    store.lock().unwrap().push(Received {
-                        from: from.clone(),
-                        rcpts: rcpts.clone(),
-                        data,
-                        tls,
-                        auth: auth.clone(),
-                    });
+                    store.lock().unwrap().push(received);
                 }
                 r
             }
@@ -441,4 +483,151 @@ pub async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One captured `tracing` event: its level, and its fields merged with those of the spans it
+/// happened in (`message` is the formatted message).
+#[derive(Clone, Debug)]
+pub struct TraceEvent {
+    pub level: tracing::Level,
+    pub target: String,
+    pub fields: HashMap<String, String>,
+}
+
+impl TraceEvent {
+    pub fn message(&self) -> &str {
+        self.fields.get("message").map(String::as_str).unwrap_or("")
+    }
+}
+
+/// One closed span with its final field values.
+#[derive(Clone, Debug)]
+pub struct TraceSpan {
+    pub name: String,
+    pub fields: HashMap<String, String>,
+}
+
+/// What the relay's code logged and traced in this test process.
+#[derive(Default)]
+pub struct Trace {
+    events: Mutex<Vec<TraceEvent>>,
+    spans: Mutex<Vec<TraceSpan>>,
+}
+
+impl Trace {
+    /// Events any of whose fields (or their spans' fields) contains `needle`.
+    pub fn events_with(&self, needle: &str) -> Vec<TraceEvent> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.fields.values().any(|v| v.contains(needle)))
+            .cloned()
+            .collect()
+    }
+
+    /// Closed spans named `name` with a field equal to `value`.
+    pub fn spans(&self, name: &str, value: &str) -> Vec<TraceSpan> {
+        self.spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.name == name && s.fields.values().any(|v| v == value))
+            .cloned()
+            .collect()
+    }
+}
+
+#[derive(Default)]
+struct FieldMap(HashMap<String, String>);
+
+impl tracing::field::Visit for FieldMap {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_string(), value.to_string());
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_string(), format!("{value:?}"));
+    }
+}
+
+struct Capture(&'static Trace);
+
+impl<S> tracing_subscriber::Layer<S> for Capture
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let mut f = FieldMap::default();
+        attrs.record(&mut f);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(f);
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id) {
+            if let Some(f) = span.extensions_mut().get_mut::<FieldMap>() {
+                values.record(f);
+            }
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = HashMap::new();
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(f) = span.extensions().get::<FieldMap>() {
+                    fields.extend(f.0.clone());
+                }
+            }
+        }
+        let mut f = FieldMap::default();
+        event.record(&mut f);
+        fields.extend(f.0);
+        self.0.events.lock().unwrap().push(TraceEvent {
+            level: *event.metadata().level(),
+            target: event.metadata().target().to_string(),
+            fields,
+        });
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(span) = ctx.span(&id) {
+            let fields = span
+                .extensions()
+                .get::<FieldMap>()
+                .map(|f| f.0.clone())
+                .unwrap_or_default();
+            self.0.spans.lock().unwrap().push(TraceSpan {
+                name: span.name().to_string(),
+                fields,
+            });
+        }
+    }
+}
+
+/// The process-wide capture of the relay's own events and spans (installed on first use).
+pub fn trace() -> &'static Trace {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+    static TRACE: std::sync::OnceLock<&'static Trace> = std::sync::OnceLock::new();
+    TRACE.get_or_init(|| {
+        let t: &'static Trace = Box::leak(Box::default());
+        let own = tracing_subscriber::filter::Targets::new()
+            .with_target("mailrelay_relay", tracing::Level::TRACE);
+        let subscriber = tracing_subscriber::registry().with(Capture(t).with_filter(own));
+        let _ = tracing::subscriber::set_global_default(subscriber);
+        t
+    })
 }

@@ -1,0 +1,142 @@
+//! Delivery through the real `relay` binary: a relay rule that points back at the relay's own
+//! SMTP listener is bounced with `5.4.6` before any connection is made, and a relay killed with
+//! SIGKILL after the final dot (the next hop took the data and had not answered yet) sends the
+//! message again after the restart and counts it in
+//! `mailrelay_delivery_resent_after_recovery_total`. The next hop is the scriptable sink of
+//! the delivery tests, on a tokio runtime of the test.
+
+mod common;
+#[path = "common/extra.rs"]
+mod extra;
+#[path = "common/delivery_support.rs"]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use mailrelay_crds::address::AddressPattern;
+use mailrelay_crds::config::{
+    OutboundTls, RelayControl, RelayHost, RelayTarget, RouteAction, RoutePolicy,
+};
+use support::{Behavior, Sink};
+
+fn relay_rule(name: &str, priority: i32, rcpt: &str, port: u16) -> RoutePolicy {
+    RoutePolicy {
+        name: name.into(),
+        priority,
+        senders: vec![],
+        recipients: vec![AddressPattern::new(rcpt.to_string())],
+        action: RouteAction::Relay(RelayTarget {
+            hosts: vec![RelayHost {
+                host: "127.0.0.1".into(),
+                port,
+            }],
+            tls: OutboundTls::Opportunistic,
+            auth: None,
+        }),
+        retry: None,
+    }
+}
+
+/// A relay whose loopback clients may relay, with `*@loop.test` routed to its own SMTP port
+/// and everything else to the sink.
+fn relay(sink_port: u16) -> common::Relay {
+    extra::start_custom("", move |cfg, ports| {
+        extra::service(cfg, "smtp").relay_control = RelayControl::Restricted {
+            ip_group: Some("loopback".into()),
+            authenticated: false,
+        };
+        cfg.delivery_rules = vec![
+            relay_rule("back-to-me", 1, "*@loop.test", ports.smtp),
+            relay_rule("everything-else", 2, "*@*", sink_port),
+        ];
+    })
+}
+
+fn wait(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn send(port: u16, to: &str) {
+    let mut c = extra::session(port);
+    let (code, text) = c.mail("sender@example.org", &[to]);
+    assert_eq!(code, 250, "{text}");
+    c.expect("QUIT", 221);
+}
+
+#[test]
+fn a_rule_pointing_at_this_relay_bounces_with_5_4_6_without_connecting() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt.block_on(Sink::start("127.0.0.1", Behavior::default()));
+    let r = relay(sink.addr.port());
+    send(r.ports.smtp, "someone@loop.test");
+    wait("the DSN at the sink", || {
+        sink.messages().iter().any(|m| m.from.is_empty())
+    });
+    let dsn = sink
+        .messages()
+        .into_iter()
+        .find(|m| m.from.is_empty())
+        .unwrap();
+    assert_eq!(dsn.rcpts, ["sender@example.org"]);
+    let text = dsn.data.replace("\r\n ", " ");
+    assert!(text.contains("Status: 5.4.6"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "next hop 127.0.0.1[127.0.0.1]:{} is one of this relay's own listeners",
+            r.ports.smtp
+        )),
+        "{text}"
+    );
+    // Only the test's own connection reached the SMTP listener: the relay never connected to
+    // itself.
+    r.wait_metric("mailrelay_connections_total{service=\"smtp\"} 1");
+    assert!(r.log().contains("Mail loop: next hop"), "{}", r.log());
+}
+
+#[test]
+fn a_crash_after_the_final_dot_resends_once_and_is_counted() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The first message is taken and never answered: the relay is killed while it waits.
+    let sink = rt.block_on(Sink::start(
+        "127.0.0.1",
+        Behavior {
+            hang_after_data: std::sync::Arc::new(|n| n == 0),
+            ..Behavior::default()
+        },
+    ));
+    let mut r = relay(sink.addr.port());
+    send(r.ports.smtp, "bob@dest.test");
+    wait("the data at the sink", || sink.messages().len() == 1);
+    let inflight = r.path().join("spool/inflight");
+    let markers = || std::fs::read_dir(&inflight).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(markers(), 1, "a marker is written before the final dot");
+    r.kill9();
+
+    r.spawn();
+    wait("the message sent again", || sink.messages().len() == 2);
+    let m = sink.messages();
+    assert_eq!(m[0].raw, m[1].raw, "the same message, twice");
+    assert_eq!(m[1].rcpts, ["bob@dest.test"]);
+    r.wait_metric("mailrelay_delivery_resent_after_recovery_total 1");
+    r.wait_metric("mailrelay_spool_depth 0");
+    wait("markers removed", || markers() == 0);
+    let log = r.log();
+    assert!(
+        log.contains("transfers were interrupted after the final dot"),
+        "{log}"
+    );
+    assert!(log.contains("may receive the message twice"), "{log}");
+
+    // An ordinary delivery afterwards is not a re-send.
+    send(r.ports.smtp, "carol@dest.test");
+    r.wait_metric("mailrelay_delivery_attempts_total{result=\"delivered\"} 2");
+    let metrics = r.http("/metrics");
+    assert!(
+        metrics.contains("mailrelay_delivery_resent_after_recovery_total 1"),
+        "{metrics}"
+    );
+}
