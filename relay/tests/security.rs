@@ -423,3 +423,36 @@ fn full_spool_answers_452_4_3_1() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Hiding a group's clients hides both their address and their HELO name (usually an internal
+/// host name) in `Received:`.
+#[test]
+fn hidden_clients_leave_no_address_or_helo_name_in_received() {
+    let mut relay = Relay::start_with(
+        |cfg| {
+            for s in &mut cfg.services {
+                s.hide_client_ip_for = Some("loopback".into());
+            }
+        },
+        NO_DELIVERY,
+    );
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO build-server-07.corp.internal", 250);
+    let (code, text) = c.send_mail(
+        "s@far.example",
+        &["alice@example.test"],
+        "Subject: x\r\n\r\nx",
+    );
+    assert_eq!(code, 250, "{text}");
+    relay.kill9();
+    let msgs = spool_messages(&relay.path().join("spool"));
+    let data = String::from_utf8_lossy(&msgs[0].1);
+    let received = &data[..data.find("Subject:").unwrap()];
+    assert!(
+        received.starts_with("Received: from hidden.invalid"),
+        "{received}"
+    );
+    assert!(!received.contains("corp.internal"), "{received}");
+    assert!(!received.contains("127.0.0.1"), "{received}");
+}
