@@ -211,6 +211,8 @@ pub struct Metrics {
     pub security_events: Family<KindLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub spool_depth: Gauge,
+    /// Spool files moved to `corrupt/` (damaged, or of a format this relay does not read).
+    pub spool_quarantined: Counter,
     /// Outbound: messages waiting for delivery (spool depth as the queue sees it).
     pub queue_depth: Gauge,
     pub queue_oldest_age_seconds: Gauge,
@@ -252,6 +254,7 @@ impl Metrics {
             security_events: Family::default(),
             config_reloads: Family::default(),
             spool_depth: Gauge::default(),
+            spool_quarantined: Counter::default(),
             queue_depth: Gauge::default(),
             queue_oldest_age_seconds: Gauge::default(),
             delivery_attempts: Family::default(),
@@ -348,6 +351,11 @@ impl Metrics {
             "spool_depth",
             "Messages in the spool",
             m.spool_depth.clone(),
+        );
+        registry.register(
+            "spool_quarantined",
+            "Spool files moved to corrupt/ by recovery (damaged, or of a format this relay does not read); each needs an operator",
+            m.spool_quarantined.clone(),
         );
         registry.register(
             "queue_depth",
