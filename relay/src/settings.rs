@@ -147,6 +147,14 @@ pub struct Timeouts {
     /// TLS handshake (SMTPS and after STARTTLS).
     #[serde(default = "default_handshake_timeout")]
     pub tls_handshake_seconds: u64,
+    /// A command (or SASL) line must arrive complete within this many seconds of its first byte,
+    /// however often bytes trickle in (against clients that keep sessions open a byte at a time).
+    #[serde(default = "default_line_timeout")]
+    pub line_seconds: u64,
+    /// Message data must arrive at this average rate at least, measured once the message has
+    /// taken longer than `lineSeconds`; 0 turns the check off.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate_bytes_per_second: u64,
 }
 
 impl Default for Timeouts {
@@ -155,8 +163,18 @@ impl Default for Timeouts {
             command_seconds: default_command_timeout(),
             session_seconds: default_session_timeout(),
             tls_handshake_seconds: default_handshake_timeout(),
+            line_seconds: default_line_timeout(),
+            min_data_rate_bytes_per_second: default_min_data_rate(),
         }
     }
+}
+
+fn default_line_timeout() -> u64 {
+    120
+}
+
+fn default_min_data_rate() -> u64 {
+    512
 }
 
 /// Queue and delivery tuning for the outbound side (`crate::delivery`).
