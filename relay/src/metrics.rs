@@ -223,6 +223,15 @@ pub struct Metrics {
     /// 1 while the shared counter store answers (or none is configured), 0 while degraded.
     pub limit_store_up: Gauge,
     pub ip_usage: std::sync::Arc<IpUsageBoard>,
+    /// 1 per TLS Secret the policy names whose certificate is missing (set at scrape time).
+    pub tls_certificate_missing: Family<SecretLabels, Gauge>,
+    /// 1 once a policy (`relay.yaml`) is loaded, 0 while the relay waits for it.
+    pub policy_loaded: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub secret: String,
 }
 
 impl Default for Metrics {
@@ -254,6 +263,8 @@ impl Metrics {
             limit_hits: Family::default(),
             limit_store_up: Gauge::default(),
             ip_usage: std::sync::Arc::new(IpUsageBoard::new(IP_USAGE_SERIES_CAP)),
+            tls_certificate_missing: Family::default(),
+            policy_loaded: Gauge::default(),
             registry: Registry::default(),
         };
         m.limit_store_up.set(1);
@@ -353,7 +364,30 @@ impl Metrics {
             "Delivery status notifications generated, by kind",
             m.dsn_generated.clone(),
         );
+        registry.register(
+            "tls_certificate_missing",
+            "1 for each TLS Secret the policy names whose certificate is not mounted: no STARTTLS on its services, and an SMTPS service does not listen",
+            m.tls_certificate_missing.clone(),
+        );
+        registry.register(
+            "policy_loaded",
+            "1 once a policy (relay.yaml) is loaded; 0 while the relay waits for it and serves no SMTP",
+            m.policy_loaded.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Mirrors the certificate and policy state of the live snapshot (called at scrape time).
+    pub fn set_tls_state(&self, snap: &crate::snapshot::Snapshot) {
+        self.policy_loaded.set(i64::from(snap.policy_loaded));
+        self.tls_certificate_missing.clear();
+        for secret in snap.missing_certs.keys() {
+            self.tls_certificate_missing
+                .get_or_create(&SecretLabels {
+                    secret: secret.clone(),
+                })
+                .set(1);
+        }
     }
 
     /// Prometheus text exposition.

@@ -217,6 +217,12 @@ impl Queue {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
+            if !self.snapshot.load().policy_loaded {
+                // Started before the policy was mounted: routing recovered mail now would send
+                // everything direct by MX, bypassing the relay rules it may need.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             let now = Instant::now();
             let mut due = Vec::new();
             let next = {
