@@ -23,7 +23,8 @@ fn committed_crd_yaml_is_up_to_date() {
                 std::fs::write(&path, &want).expect("write CRD yaml");
                 continue;
             }
-            let is_link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+            let is_link =
+                std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
             let have = std::fs::read_to_string(&path).unwrap_or_default();
             if have != want || is_link {
                 stale.push(path.display().to_string());
@@ -111,7 +112,9 @@ fn reason_column_follows_ready_on_every_kind() {
             .iter()
             .position(|c| c.name == "Ready")
             .unwrap_or_else(|| panic!("{file}: Ready column"));
-        let next = cols.get(i + 1).map(|c| (c.name.as_str(), c.json_path.as_str()));
+        let next = cols
+            .get(i + 1)
+            .map(|c| (c.name.as_str(), c.json_path.as_str()));
         assert_eq!(
             next,
             Some(("Reason", ".status.conditions[?(@.type==\"Ready\")].reason")),

@@ -148,18 +148,28 @@ pub fn desired_objects(
     Ok((cm, secret))
 }
 
-fn find<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: &str, name: &str) -> Option<K> {
+fn find<K: Resource<DynamicType = ()> + Clone>(
+    store: &Store<K>,
+    ns: &str,
+    name: &str,
+) -> Option<K> {
     store
         .state()
         .into_iter()
-        .find(|o| o.meta().namespace.as_deref() == Some(ns) && o.meta().name.as_deref() == Some(name))
+        .find(|o| {
+            o.meta().namespace.as_deref() == Some(ns) && o.meta().name.as_deref() == Some(name)
+        })
         .map(|o| (*o).clone())
 }
 
 /// Reconciles namespace `ns`.
 pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
     let inputs = inputs(&ctx.stores, ns);
-    let live_cm = find(&ctx.stores.config_maps, ns, &manifests::policy_name(&ctx.instance));
+    let live_cm = find(
+        &ctx.stores.config_maps,
+        ns,
+        &manifests::policy_name(&ctx.instance),
+    );
     let live_secret = find(
         &ctx.stores.secrets,
         ns,
@@ -252,16 +262,61 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
     let hash = compiled.hash.as_str();
     let extra = &findings;
     let mut n = 0;
-    n += statuses(ctx, ns, Kind::IpAddressGroup, &inputs.ip_groups, &compiled, extra, hash, &now)
-        .await?;
-    n += statuses(ctx, ns, Kind::MailDomain, &inputs.mail_domains, &compiled, extra, hash, &now)
-        .await?;
-    n += statuses(ctx, ns, Kind::SmtpService, &inputs.smtp_services, &compiled, extra, hash, &now)
-        .await?;
-    n += statuses(ctx, ns, Kind::DeliveryRule, &inputs.delivery_rules, &compiled, extra, hash, &now)
-        .await?;
-    n += statuses(ctx, ns, Kind::AccessPolicy, &inputs.access_policies, &compiled, extra, hash, &now)
-        .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::IpAddressGroup,
+        &inputs.ip_groups,
+        &compiled,
+        extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::MailDomain,
+        &inputs.mail_domains,
+        &compiled,
+        extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::SmtpService,
+        &inputs.smtp_services,
+        &compiled,
+        extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::DeliveryRule,
+        &inputs.delivery_rules,
+        &compiled,
+        extra,
+        hash,
+        &now,
+    )
+    .await?;
+    n += statuses(
+        ctx,
+        ns,
+        Kind::AccessPolicy,
+        &inputs.access_policies,
+        &compiled,
+        extra,
+        hash,
+        &now,
+    )
+    .await?;
     outcome.statuses_patched = n;
     Ok(outcome)
 }
@@ -290,7 +345,9 @@ async fn service(
         return Ok(());
     };
     let body = serde_json::to_value(&want)?;
-    let live_rv = live.as_ref().and_then(|s| s.metadata.resource_version.clone());
+    let live_rv = live
+        .as_ref()
+        .and_then(|s| s.metadata.resource_version.clone());
     let unchanged = ctx.applied_services.lock().ok().is_some_and(|m| {
         m.get(ns)
             .is_some_and(|(b, rv)| b == &body && rv.is_some() && *rv == live_rv)

@@ -146,9 +146,18 @@ pub fn desired(
     }
     let selector = if cfg.selector.is_empty() {
         BTreeMap::from([
-            ("app.kubernetes.io/name".to_string(), "mailrelay".to_string()),
-            ("app.kubernetes.io/instance".to_string(), instance.to_string()),
-            ("app.kubernetes.io/component".to_string(), "relay".to_string()),
+            (
+                "app.kubernetes.io/name".to_string(),
+                "mailrelay".to_string(),
+            ),
+            (
+                "app.kubernetes.io/instance".to_string(),
+                instance.to_string(),
+            ),
+            (
+                "app.kubernetes.io/component".to_string(),
+                "relay".to_string(),
+            ),
         ])
     } else {
         cfg.selector.clone()

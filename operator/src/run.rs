@@ -144,7 +144,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         }
         tracing::info!(identity = %identity, "became the leader");
         // Not ready again until the caches of the new leader are synced.
-        metrics.ready.store(false, std::sync::atomic::Ordering::Relaxed);
+        metrics
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         metrics.leader.set(1);
     }
 
@@ -178,7 +180,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         recheck,
     });
     tracing::info!("caches synced; reconciling");
-    metrics.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let lost = async {
         match &lock {
             Some(l) => l.hold(renew).await,

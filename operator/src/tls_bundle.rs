@@ -210,7 +210,11 @@ mod tests {
             panic!("blocking expected")
         };
         assert_eq!(p.reason, "MissingTlsSecret");
-        assert!(p.message.contains("does not listen on port 2525"), "{}", p.message);
+        assert!(
+            p.message.contains("does not listen on port 2525"),
+            "{}",
+            p.message
+        );
         assert!(up_to_date(Some(&b.secret), &b.secret));
     }
 }

@@ -43,7 +43,11 @@ where
 }
 
 /// Deletes the relay Service (the policy has no listener left); gone already is fine.
-pub async fn delete_service(client: &Client, namespace: &str, name: &str) -> Result<(), kube::Error> {
+pub async fn delete_service(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
     match Api::<Service>::namespaced(client.clone(), namespace)
         .delete(name, &Default::default())
         .await

@@ -59,8 +59,8 @@ pub fn load_pem_files(crt: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey
     if certs.is_empty() {
         anyhow::bail!("{}: no certificate found", crt.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
     certified_key(certs, key)
 }
 

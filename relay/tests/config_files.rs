@@ -91,7 +91,10 @@ fn starts_without_a_policy_and_serves_once_it_appears() {
     assert!(r.http("/readyz").starts_with("HTTP/1.1 503"), "{}", r.log());
     assert!(r.http("/metrics").contains("mailrelay_policy_loaded 0"));
     for port in [r.ports.smtp, r.ports.submission, r.ports.smtps] {
-        assert!(refused(port), "port {port} must not listen without a policy");
+        assert!(
+            refused(port),
+            "port {port} must not listen without a policy"
+        );
     }
     // The kubelet mounts the operator's files later: listeners come up without a restart.
     write_credentials(r.path());
@@ -127,7 +130,10 @@ fn listeners_bind_the_policy_port_plus_the_offset() {
     let mut r = empty_relay(&format!("listenPortOffset: {offset}\n"));
     // Bound ports that are free now; the policy names them minus the offset.
     let bound = [free_port(), free_port(), free_port(), free_port()];
-    assert!(bound.iter().all(|p| *p > offset), "ephemeral ports are above 10000");
+    assert!(
+        bound.iter().all(|p| *p > offset),
+        "ephemeral ports are above 10000"
+    );
     r.ports.smtp = bound[0] - offset;
     r.ports.submission = bound[1] - offset;
     r.ports.smtps = bound[2] - offset;
@@ -170,7 +176,10 @@ fn a_missing_certificate_means_no_starttls_and_no_smtps_listener_then_the_bundle
     let ehlo = c.expect("EHLO client.example", 250);
     assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
     c.expect("STARTTLS", 502);
-    assert!(refused(r.ports.smtps), "SMTPS must not accept without a certificate");
+    assert!(
+        refused(r.ports.smtps),
+        "SMTPS must not accept without a certificate"
+    );
     assert!(!r.path().join("tls").exists(), "nothing generated");
 
     // The operator's bundle: one flat Secret, `<secret>.crt` / `<secret>.key`.
@@ -236,7 +245,10 @@ fn standalone_self_signed_certificate_is_kept_on_disk_for_a_year_and_renewed() {
     let d = r.path().join("tls/relay-tls");
     let first = std::fs::read_to_string(d.join("tls.crt")).expect("certificate written");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(d.join("tls.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(d.join("tls.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o077, 0, "the key is private: {mode:o}");
     let m = meta(r.path());
     let days = (m["notAfter"].as_i64().unwrap() - now()) / 86_400;
