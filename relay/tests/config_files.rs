@@ -298,3 +298,72 @@ fn standalone_self_signed_certificate_is_kept_on_disk_for_a_year_and_renewed() {
         "the real certificate stays"
     );
 }
+
+#[path = "common/delivery_support.rs"]
+#[allow(dead_code)]
+mod delivery_support;
+
+/// A reloaded policy that moves a relay rule to another host: the next message goes there, even
+/// while the connection to the old host is still cached (kept busy, it would never go idle).
+#[test]
+fn a_changed_relay_rule_does_not_reuse_the_connection_to_the_old_host() {
+    use delivery_support::{Behavior, Sink};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink1 = rt.block_on(Sink::start("127.0.0.1", Behavior::default()));
+    let sink2 = rt.block_on(Sink::start("127.0.0.1", Behavior::default()));
+    let mut r = empty_relay("delivery:\n  connectionIdleMillis: 60000\n");
+    write_credentials(r.path());
+    r.write_cert("first");
+    let base = relay_config(&r.ports, DEFAULT_RECIPIENTS);
+    let policy = |port: u16| {
+        let mut cfg = base.clone();
+        cfg.delivery_rules = vec![mailrelay_crds::config::RoutePolicy {
+            name: "smarthost".into(),
+            priority: 1,
+            senders: vec![],
+            recipients: vec![],
+            action: mailrelay_crds::config::RouteAction::Relay(
+                mailrelay_crds::config::RelayTarget {
+                    hosts: vec![mailrelay_crds::config::RelayHost {
+                        host: "127.0.0.1".into(),
+                        port,
+                    }],
+                    tls: mailrelay_crds::config::OutboundTls::Opportunistic,
+                    auth: None,
+                },
+            ),
+            retry: None,
+        }];
+        cfg
+    };
+    r.write_policy(&policy(sink1.addr.port()));
+    spawn_live(&mut r);
+    wait(&mut r, "ready", |r| {
+        r.http("/readyz").starts_with("HTTP/1.1 200").then_some(())
+    });
+    let send = |r: &Relay, body: &str| {
+        let mut c = r.connect(r.ports.smtp);
+        assert_eq!(c.reply().0, 220);
+        c.expect("EHLO client.example", 250);
+        let (code, text) = c.send_mail("sender@[127.0.0.1]", &["alice@example.test"], body);
+        assert_eq!(code, 250, "{text}");
+    };
+    send(&r, "first");
+    wait(&mut r, "first message at sink 1", |_| {
+        (sink1.messages().len() == 1).then_some(())
+    });
+    r.write_policy(&policy(sink2.addr.port()));
+    wait(&mut r, "reloaded", |r| {
+        r.log().contains("configuration reloaded").then_some(())
+    });
+    send(&r, "second");
+    wait(&mut r, "second message at sink 2", |_| {
+        sink2
+            .messages()
+            .iter()
+            .any(|m| m.data.contains("second"))
+            .then_some(())
+    });
+    assert_eq!(sink1.messages().len(), 1, "nothing more to the old host");
+    drop(rt);
+}

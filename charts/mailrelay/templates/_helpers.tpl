@@ -27,8 +27,11 @@ app.kubernetes.io/component: operator
 {{- end -}}
 {{- end -}}
 
-{{- /* Where the relay reads the operator's TLS bundle Secret. */ -}}
-{{- define "mailrelay.tlsDir" -}}/etc/mailrelay-tls{{- end -}}
+{{- /* The relay's volumes: its config directory and, beside it (a sibling, not nested in the
+read-only config volume), the operator's TLS bundle. runtime.yaml names the bundle relative to
+the config directory, so the same files work wherever the volumes are mounted. */ -}}
+{{- define "mailrelay.configDir" -}}/etc/mailrelay/config{{- end -}}
+{{- define "mailrelay.tlsMount" -}}/etc/mailrelay/tls{{- end -}}
 
 {{- /* The relay Service settings handed to the operator (operator-config.yaml). */ -}}
 {{- define "mailrelay.relayServiceConfig" -}}

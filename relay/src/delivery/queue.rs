@@ -409,8 +409,21 @@ impl Queue {
         let _active = self.enter();
         let permit = self.global.clone().acquire_owned().await;
         let mut conn: Option<Connection> = None;
+        // The relay target the cached connection was opened for: a reloaded policy may have
+        // changed the rule's hosts, TLS or auth, and mail must not keep flowing to the old host
+        // over a connection that traffic never lets go idle.
+        let mut opened_for: Option<RelayTarget> = None;
         while let Some((job, target)) = self.next_job(&key).await {
             self.pace(&key).await;
+            let relay_target = match &target {
+                Target::Relay { target, .. } => Some(target.clone()),
+                Target::Mx(_) => None,
+            };
+            if conn.is_some() && opened_for != relay_target {
+                if let Some(c) = conn.take() {
+                    c.quit().await;
+                }
+            }
             let span = tracing::info_span!(
                 "delivery_attempt",
                 message_id = %job.id,
@@ -425,6 +438,7 @@ impl Queue {
             .await;
             span.record("outcome", attempt_outcome(&results));
             drop(span);
+            opened_for = conn.as_ref().and(relay_target);
             self.clone().job_done(job.id, results).await;
         }
         if let Some(c) = conn.take() {
