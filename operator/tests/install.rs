@@ -67,10 +67,15 @@ fn offset() -> u16 {
     panic!("no free port range for the relay");
 }
 
+/// (recipients, data) of each message a sink received.
+type Received = Arc<Mutex<Vec<(Vec<String>, String)>>>;
+/// A Service's ports: (name, port, targetPort).
+type Ports = Vec<(String, i64, i64)>;
+
 /// A minimal SMTP sink: accepts everything, records each message's recipients and data.
 struct Sink {
     port: u16,
-    got: Arc<Mutex<Vec<(Vec<String>, String)>>>,
+    got: Received,
     stop: Arc<AtomicBool>,
 }
 
@@ -79,7 +84,7 @@ impl Sink {
         let l = TcpListener::bind("127.0.0.1:0").expect("sink");
         let port = l.local_addr().expect("addr").port();
         l.set_nonblocking(true).expect("nonblocking");
-        let got: Arc<Mutex<Vec<(Vec<String>, String)>>> = Arc::default();
+        let got: Received = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (g, s) = (got.clone(), stop.clone());
         std::thread::spawn(move || {
@@ -634,7 +639,7 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
 
     // 5. Written by SSA: policy, credentials, TLS bundle, and the Service with the policy's ports.
     // (kubectl applies the files one by one: the Service grows as the SmtpServices arrive.)
-    let service_ports = || -> Option<(Value, Vec<(String, i64, i64)>)> {
+    let service_ports = || -> Option<(Value, Ports)> {
         let svc = get("service", &ns, &format!("{RELEASE}-relay"))?;
         let ports = svc["spec"]["ports"]
             .as_array()?

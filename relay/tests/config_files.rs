@@ -300,7 +300,6 @@ fn standalone_self_signed_certificate_is_kept_on_disk_for_a_year_and_renewed() {
 }
 
 #[path = "common/delivery_support.rs"]
-#[allow(dead_code)]
 mod delivery_support;
 
 /// A reloaded policy that moves a relay rule to another host: the next message goes there, even
