@@ -232,6 +232,15 @@ pub struct Metrics {
     /// by the crash after the final dot (possible duplicates).
     pub delivery_resent_after_recovery: Counter,
     // ---- end of delivery additions ----
+    /// 1 per TLS Secret the policy names whose certificate is missing (set at scrape time).
+    pub tls_certificate_missing: Family<SecretLabels, Gauge>,
+    /// 1 once a policy (`relay.yaml`) is loaded, 0 while the relay waits for it.
+    pub policy_loaded: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub secret: String,
 }
 
 impl Default for Metrics {
@@ -268,6 +277,8 @@ impl Metrics {
             // ---- delivery additions ----
             delivery_resent_after_recovery: Counter::default(),
             // ---- end of delivery additions ----
+            tls_certificate_missing: Family::default(),
+            policy_loaded: Gauge::default(),
             registry: Registry::default(),
         };
         m.limit_store_up.set(1);
@@ -384,7 +395,30 @@ impl Metrics {
             m.delivery_resent_after_recovery.clone(),
         );
         // ---- end of delivery additions ----
+        registry.register(
+            "tls_certificate_missing",
+            "1 for each TLS Secret the policy names whose certificate is not mounted: no STARTTLS on its services, and an SMTPS service does not listen",
+            m.tls_certificate_missing.clone(),
+        );
+        registry.register(
+            "policy_loaded",
+            "1 once a policy (relay.yaml) is loaded; 0 while the relay waits for it and serves no SMTP",
+            m.policy_loaded.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Mirrors the certificate and policy state of the live snapshot (called at scrape time).
+    pub fn set_tls_state(&self, snap: &crate::snapshot::Snapshot) {
+        self.policy_loaded.set(i64::from(snap.policy_loaded));
+        self.tls_certificate_missing.clear();
+        for secret in snap.missing_certs.keys() {
+            self.tls_certificate_missing
+                .get_or_create(&SecretLabels {
+                    secret: secret.clone(),
+                })
+                .set(1);
+        }
     }
 
     /// Prometheus text exposition.

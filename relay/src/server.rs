@@ -119,12 +119,7 @@ impl Relay {
     /// moved. Open connections are not affected.
     pub async fn sync_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
         let snap = self.current.load_full();
-        let wanted: HashMap<String, u16> = snap
-            .config
-            .services
-            .iter()
-            .map(|s| (s.name.clone(), s.port))
-            .collect();
+        let wanted: HashMap<String, u16> = snap.listeners().into_iter().collect();
         let mut to_bind = Vec::new();
         {
             let mut map = self
@@ -147,7 +142,14 @@ impl Relay {
         }
         let mut first_error = None;
         for (name, port) in to_bind {
-            let addr = SocketAddr::new(self.settings.listen_address, port);
+            let addr = match self.settings.listen_addr(port) {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(service = %name, error = %e, "cannot bind listener");
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
             match TcpListener::bind(addr).await {
                 Ok(l) => {
                     info!(service = %name, %addr, "listening");

@@ -26,6 +26,11 @@ use super::common::{name_list_schema, name_schema, PolicyStatus};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
         name = "Warning",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Warning\")].reason"
