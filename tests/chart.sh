@@ -22,3 +22,7 @@ for d in deploy/rbac deploy/operator; do
 done
 kubernetes-validate --quiet -k 1.32.0 --strict "${files[@]}"
 echo "chart and manifests valid"
+
+# Opt-in monitoring (monitoring.enabled=true): monitors, PrometheusRule (promtool check and unit
+# tests), dashboard ConfigMap.
+tests/monitoring.sh
