@@ -55,7 +55,7 @@ python3 -c 'import aiosmtpd' 2>/dev/null || python3 -m pip install -q aiosmtpd |
 
 # runc, not crun: crun refuses hosts with hybrid cgroups. Limits are set explicitly (and low)
 # because podman's defaults can exceed what a nested or restricted host allows.
-podman_run=(podman --runtime runc run --ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
+podman_run=(podman --runtime runc run --quiet --ulimit nofile=4096:4096 --ulimit nproc=4096:4096)
 # What a restricted Kubernetes pod gets (runAsNonRoot, readOnlyRootFilesystem, drop ALL).
 hardened=(--user 65532:65532 --read-only --read-only-tmpfs=false --cap-drop ALL
   --security-opt no-new-privileges)
@@ -64,9 +64,11 @@ tmp=$(mktemp -d)
 ns="mailrelay-smoke-$$"
 name="mailrelay-smoke-relay-$$"
 sink_pid=""
+dns_pid=""
 cleanup() {
   podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
   [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null || true
+  [ -n "$dns_pid" ] && kill "$dns_pid" 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
   rm -rf "$tmp"
 }
@@ -86,7 +88,7 @@ echo "== relay image"
 cfg="$tmp/config"
 spool="$tmp/spool"
 maildir="$tmp/sink"
-mkdir -p "$cfg" "$spool" "$maildir"
+mkdir -p "$cfg" "$spool"   # aiosmtpd creates the maildir itself
 cp deploy/standalone/relay.yaml deploy/standalone/credentials.yaml "$cfg/"
 sed 's|^spoolDir: .*|spoolDir: /var/spool/mailrelay|' deploy/standalone/runtime.yaml > "$cfg/runtime.yaml"
 grep -q '^spoolDir: /var/spool/mailrelay$' "$cfg/runtime.yaml"
@@ -101,8 +103,28 @@ inns() { ip netns exec "$ns" "$@"; }
 inns python3 -m aiosmtpd -n -l 127.0.0.1:2526 -c aiosmtpd.handlers.Mailbox "$maildir" \
   > "$tmp/sink.log" 2>&1 &
 sink_pid=$!
+# A DNS server for the container (answers every A query with 127.0.0.1), to check that the
+# static binary resolves names through DNS, as it must for `redis://shared-limits:6379`.
+inns python3 - <<'PY' > "$tmp/dns.log" 2>&1 &
+import socket, struct
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+while True:
+    q, peer = s.recvfrom(512)
+    end = 12
+    while q[end] != 0:
+        end += q[end] + 1
+    qtype = struct.unpack(">H", q[end + 1:end + 3])[0]
+    answer = b""
+    if qtype == 1:
+        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton("127.0.0.1")
+    print(q[13:end].decode("ascii", "replace"), qtype, flush=True)
+    s.sendto(struct.pack(">HHHHHH", struct.unpack(">H", q[:2])[0], 0x8180, 1, 1 if answer else 0, 0, 0)
+             + q[12:end + 5] + answer, peer)
+PY
+dns_pid=$!
 
-"${podman_run[@]}" -d --name "$name" --network "ns:/run/netns/$ns" "${hardened[@]}" \
+"${podman_run[@]}" -d --name "$name" --network "ns:/run/netns/$ns" --dns 127.0.0.1 "${hardened[@]}" \
   -v "$cfg:/etc/mailrelay:ro" -v "$spool:/var/spool/mailrelay" \
   "oci-archive:$relay_archive" >/dev/null
 ready=0
@@ -151,10 +173,14 @@ metrics=$(inns curl -sf http://127.0.0.1:9090/metrics)
 grep -q 'mailrelay_messages_accepted_total{service="submission"} 1' <<<"$metrics"
 grep -q 'mailrelay_tls_sessions_total{service="smtps",version="1.3"} 1' <<<"$metrics"
 grep -q 'mailrelay_delivery_attempts_by_destination_total{destination="relay:catch-all",result="delivered"} 2' <<<"$metrics"
-# getaddrinfo inside the static binary, in an image without NSS libraries: "localhost" comes
-# from the /etc/hosts the runtime provides.
-podman exec "$name" /usr/local/bin/relay queue --admin http://localhost:9090 list >/dev/null ||
-  { echo "relay queue --admin http://localhost:9090 failed inside the image (name resolution)" >&2; exit 1; }
+# getaddrinfo inside the static binary, in an image without NSS libraries: "localhost" from the
+# /etc/hosts the runtime provides, a Service-like name from the DNS server in resolv.conf.
+for host in localhost relay-admin.smoke.test; do
+  podman exec "$name" /usr/local/bin/relay queue --admin "http://$host:9090" list >/dev/null ||
+    { echo "relay queue --admin http://$host:9090 failed inside the image (name resolution)" >&2
+      cat "$tmp/dns.log" >&2; exit 1; }
+done
+grep -q 'smoke' "$tmp/dns.log" || { echo "the name was not resolved through DNS" >&2; exit 1; }
 echo "metrics and in-image name resolution ok"
 
 podman stop -t 30 "$name" >/dev/null
