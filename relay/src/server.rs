@@ -474,7 +474,15 @@ impl Driver {
                 return None;
             }
         };
-        match tokio::time::timeout(hs, acceptor.accept(tcp)).await {
+        let result = tokio::time::timeout(hs, acceptor.accept(tcp)).await;
+        let version = match &result {
+            Ok(Ok(s)) => s.get_ref().1.protocol_version(),
+            _ => None,
+        };
+        self.relay
+            .metrics
+            .tls_handshake(&self.service.name, version);
+        match result {
             Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
             Ok(Err(e)) => {
                 debug!(service = %self.service.name, client = %self.ip, error = %e, "TLS handshake failed");

@@ -334,6 +334,9 @@ impl Queue {
             m.outstanding = jobs.len() + usize::from(!immediate.is_empty() || jobs.is_empty());
         }
         if !immediate.is_empty() || jobs.is_empty() {
+            for (_, s) in &immediate {
+                self.metrics.delivery_destination("mx", s.result_word());
+            }
             self.clone().job_done(id, immediate).await;
         }
         for (key, target, job) in jobs {
@@ -419,6 +422,14 @@ impl Queue {
             .await;
             span.record("outcome", attempt_outcome(&results));
             drop(span);
+            let destination = match &target {
+                Target::Relay { rule, .. } => format!("relay:{rule}"),
+                Target::Mx(_) => "mx".to_string(),
+            };
+            for (_, s) in &results {
+                self.metrics
+                    .delivery_destination(&destination, s.result_word());
+            }
             self.clone().job_done(job.id, results).await;
         }
         if let Some(c) = conn.take() {
