@@ -97,7 +97,8 @@ for target in relay operator; do
   tag="localhost/mailrelay/$target:$version-$arch"
   archive="$out/$target-$arch.oci.tar"
   echo "== podman build --target $target ($tag)"
-  podman build --quiet --target "$target" --platform "linux/$arch" \
+  # --no-cache: buildah reuses cached layers even when a build argument (revision) changed.
+  podman build --quiet --no-cache --target "$target" --platform "linux/$arch" \
     --timestamp "$epoch" \
     --build-arg "VERSION=$version" --build-arg "REVISION=$revision" \
     --build-arg "SOURCE=$source_url" --build-arg "CREATED=$created" \
