@@ -10,7 +10,8 @@
 # SMTPS; both must arrive at the sink. Also checked: the process's UID and capabilities, the
 # metrics endpoint, name resolution inside the image (`relay queue --admin http://localhost:...`),
 # and a clean exit on SIGTERM.
-# Operator: `operator --help` and `operator render -f deploy/examples/` inside the container.
+# Operator: `operator --help` and `operator render -f deploy/examples/` inside the container, and
+# `operator run` serving /healthz and /metrics (against an API server that is not there).
 #
 #   tests/image-smoke.sh          # after deploy/image/build.sh
 #
@@ -66,7 +67,7 @@ name="mailrelay-smoke-relay-$$"
 sink_pid=""
 dns_pid=""
 cleanup() {
-  podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
+  podman rm -f -t 0 "$name" "$name-operator" >/dev/null 2>&1 || true
   [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null || true
   [ -n "$dns_pid" ] && kill "$dns_pid" 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
@@ -189,4 +190,31 @@ code=$(podman inspect -f '{{.State.ExitCode}}' "$name")
 after=$(cd "$cfg" && find . | sort)
 [ "$before" = "$after" ] || { echo "the relay changed its read-only config directory" >&2; exit 1; }
 echo "relay stopped cleanly on SIGTERM; config directory untouched"
+
+# The operator's long-running mode in its image: serves /healthz and /metrics while it retries
+# an API server that is not there (a kubeconfig pointing at a closed port).
+cat > "$tmp/kubeconfig" <<'KC'
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: none, user: {token: none}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+KC
+chmod 0644 "$tmp/kubeconfig"
+opname="$name-operator"
+"${podman_run[@]}" -d --name "$opname" --network "ns:/run/netns/$ns" "${hardened[@]}" \
+  -v "$tmp/kubeconfig:/etc/kubeconfig:ro" -e KUBECONFIG=/etc/kubeconfig \
+  "oci-archive:$operator_archive" run --namespace mail --metrics-addr 127.0.0.1:8080 >/dev/null
+op_ok=0
+for _ in $(seq 1 100); do
+  if inns curl -sf http://127.0.0.1:8080/healthz >/dev/null 2>&1 &&
+     inns curl -sf http://127.0.0.1:8080/metrics | grep -q '^mailrelay_operator_leader 0'; then
+    op_ok=1; break
+  fi
+  sleep 0.2
+done
+podman rm -f -t 5 "$opname" >/dev/null 2>&1 || true
+[ "$op_ok" = 1 ] || { echo "operator run in its image served no /healthz and /metrics" >&2; exit 1; }
+echo "operator run: /healthz and /metrics served as 65532 with a read-only root filesystem"
 echo "image smoke test passed in $(( $(date +%s) - started )) s"
