@@ -71,3 +71,7 @@ done
 # an API server with the CRDs.
 kubernetes-validate --quiet -k 1.32.0 --strict "${files[@]}"
 echo "chart and manifests valid"
+
+# Opt-in monitoring (monitoring.enabled=true): monitors, PrometheusRule (promtool check and unit
+# tests), dashboard ConfigMap.
+tests/monitoring.sh

@@ -61,3 +61,22 @@ cargo test --workspace --locked --no-fail-fast
 
 echo "== Helm chart and manifests"
 tests/chart.sh
+
+# ---- Images (deploy/image) -------------------------------------------------------------------
+# One static release build of relay and operator (target/<triple>/release/), both images as OCI
+# archives (target/images/), then the container smoke test with podman + runc. The release
+# workflow (.github/workflows/release.yml) runs the same two scripts; its YAML is checked here.
+images_started=$(date +%s)
+echo "== images: deploy/image/build.sh"
+deploy/image/build.sh
+echo "== images: tests/image-smoke.sh"
+tests/image-smoke.sh
+python3 - <<'PY'
+import yaml
+w = yaml.safe_load(open(".github/workflows/release.yml"))
+runs = "\n".join(s.get("run", "") for j in w["jobs"].values() for s in j["steps"])
+for needed in ("deploy/image/build.sh", "tests/image-smoke.sh", "cosign sign", "helm push"):
+    assert needed in runs, f"release.yml does not run {needed}"
+print("release workflow: YAML parses, uses the same build and smoke-test scripts")
+PY
+echo "images: $(( $(date +%s) - images_started )) s"

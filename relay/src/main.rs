@@ -99,6 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     metrics
         .spool_quarantined
         .inc_by(spool.recovery_report().quarantined.len() as u64);
+    reload::publish(&metrics, &snap);
     let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_address)
         .await
         .map_err(|e| {

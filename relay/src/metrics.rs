@@ -62,6 +62,35 @@ struct IpLimitLabels {
     limit: &'static str,
 }
 
+// ---- Labels of the operations metrics (alerts and dashboards shipped with the chart) ----
+
+/// `config_hash`: at most one series per process at a time (the old one is removed on change).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfigLabels {
+    pub config_hash: String,
+}
+
+/// `secret`: one series per TLS Secret the live policy references (bounded by the policy).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub secret: String,
+}
+
+/// `version`: `1.2`, `1.3` (the versions rustls negotiates) or `other`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub service: String,
+    pub version: String,
+}
+
+/// `destination`: `relay:<delivery rule>` (bounded by the policy) or `mx` for every direct
+/// delivery (recipient domains would be unbounded).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
+    pub result: String,
+}
+
 /// Most client IPs that `mailrelay_ip_limit_usage` / `_max` show at once.
 pub const IP_USAGE_SERIES_CAP: usize = 1000;
 
@@ -236,11 +265,21 @@ pub struct Metrics {
     pub tls_certificate_missing: Family<SecretLabels, Gauge>,
     /// 1 once a policy (`relay.yaml`) is loaded, 0 while the relay waits for it.
     pub policy_loaded: Gauge,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct SecretLabels {
-    pub secret: String,
+    // ---- Operations metrics for the alerts and dashboards shipped with the chart ----
+    /// 1 for the content hash of the live policy (the operator's `status.configHash`).
+    pub config_info: Family<ConfigLabels, Gauge>,
+    /// 1 when the last load of the config directory was applied, 0 when it was rejected.
+    pub config_last_reload_successful: Gauge,
+    /// Unix time the live config was loaded.
+    pub config_last_reload_success_timestamp_seconds: Gauge,
+    /// `notAfter` of the first certificate of each TLS Secret of the live policy.
+    pub tls_certificate_expiry: Family<SecretLabels, Gauge>,
+    /// Inbound TLS sessions (SMTPS and STARTTLS) by service and negotiated version.
+    pub tls_sessions: Family<TlsLabels, Counter>,
+    /// Inbound TLS handshakes that failed or timed out, by service.
+    pub tls_handshake_failures: Family<ServiceLabels, Counter>,
+    /// Per-recipient delivery attempt outcomes by destination (see [`DestinationLabels`]).
+    pub delivery_by_destination: Family<DestinationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -279,6 +318,13 @@ impl Metrics {
             // ---- end of delivery additions ----
             tls_certificate_missing: Family::default(),
             policy_loaded: Gauge::default(),
+            config_info: Family::default(),
+            config_last_reload_successful: Gauge::default(),
+            config_last_reload_success_timestamp_seconds: Gauge::default(),
+            tls_certificate_expiry: Family::default(),
+            tls_sessions: Family::default(),
+            tls_handshake_failures: Family::default(),
+            delivery_by_destination: Family::default(),
             registry: Registry::default(),
         };
         m.limit_store_up.set(1);
@@ -405,6 +451,7 @@ impl Metrics {
             "1 once a policy (relay.yaml) is loaded; 0 while the relay waits for it and serves no SMTP",
             m.policy_loaded.clone(),
         );
+        m.register_operations(&mut registry);
         Metrics { registry, ..m }
     }
 
@@ -419,6 +466,113 @@ impl Metrics {
                 })
                 .set(1);
         }
+    }
+
+    // ---- Operations metrics for the alerts and dashboards shipped with the chart ----
+
+    fn register_operations(&self, registry: &mut Registry) {
+        // A process only runs after its first config load succeeded.
+        self.config_last_reload_successful.set(1);
+        registry.register(
+            "config_info",
+            "1 for the content hash of the live policy (the operator's status.configHash)",
+            self.config_info.clone(),
+        );
+        registry.register(
+            "config_last_reload_successful",
+            "1 when the last load of the config directory was applied, 0 when it was rejected and an older config is live",
+            self.config_last_reload_successful.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "Unix time the live config was loaded",
+            self.config_last_reload_success_timestamp_seconds.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "Unix time the certificate of a TLS Secret of the live policy expires, by Secret",
+            self.tls_certificate_expiry.clone(),
+        );
+        registry.register(
+            "tls_sessions",
+            "Inbound TLS sessions established (SMTPS, STARTTLS), by service and TLS version",
+            self.tls_sessions.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Inbound TLS handshakes that failed or timed out, by service",
+            self.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "delivery_attempts_by_destination",
+            "Outbound delivery attempts per recipient, by destination (relay:<rule> or mx) and result",
+            self.delivery_by_destination.clone(),
+        );
+    }
+
+    /// Publishes what the live config is: its content hash and certificate expiry times.
+    /// `certs` are (TLS Secret name, notAfter as Unix time).
+    pub fn config_applied<'a>(
+        &self,
+        config_hash: &str,
+        certs: impl IntoIterator<Item = (&'a str, i64)>,
+        now_unix: i64,
+    ) {
+        self.config_info.clear();
+        self.config_info
+            .get_or_create(&ConfigLabels {
+                config_hash: config_hash.to_string(),
+            })
+            .set(1);
+        self.tls_certificate_expiry.clear();
+        for (secret, not_after) in certs {
+            self.tls_certificate_expiry
+                .get_or_create(&SecretLabels {
+                    secret: secret.to_string(),
+                })
+                .set(not_after);
+        }
+        self.config_last_reload_successful.set(1);
+        self.config_last_reload_success_timestamp_seconds
+            .set(now_unix);
+    }
+
+    /// A changed config directory was rejected; the previous config stays live.
+    pub fn config_rejected(&self) {
+        self.config_last_reload_successful.set(0);
+    }
+
+    /// A TLS handshake ended: `version` is the negotiated one, `None` when it failed.
+    pub fn tls_handshake(&self, service: &str, version: Option<rustls::ProtocolVersion>) {
+        let Some(v) = version else {
+            self.tls_handshake_failures
+                .get_or_create(&ServiceLabels {
+                    service: service.to_string(),
+                })
+                .inc();
+            return;
+        };
+        let version = match v {
+            rustls::ProtocolVersion::TLSv1_3 => "1.3",
+            rustls::ProtocolVersion::TLSv1_2 => "1.2",
+            _ => "other",
+        };
+        self.tls_sessions
+            .get_or_create(&TlsLabels {
+                service: service.to_string(),
+                version: version.to_string(),
+            })
+            .inc();
+    }
+
+    /// One recipient's attempt at `destination` (`relay:<rule>` or `mx`) ended with `result`.
+    pub fn delivery_destination(&self, destination: &str, result: &str) {
+        self.delivery_by_destination
+            .get_or_create(&DestinationLabels {
+                destination: destination.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
     }
 
     /// Prometheus text exposition.

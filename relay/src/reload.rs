@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use tracing::{error, info, warn};
 
+use crate::metrics::Metrics;
 use crate::server::Relay;
-use crate::snapshot::{fingerprint, load};
+use crate::snapshot::{fingerprint, load, Snapshot};
 use crate::tls::SelfSignedCache;
 
 /// Runs forever.
@@ -55,6 +56,7 @@ pub async fn reload_now(relay: &Arc<Relay>, self_signed: &Arc<SelfSignedCache>) 
                 info!("policy arrived; starting the listeners");
             }
             let services = snap.config.services.len();
+            publish(&relay.metrics, &snap);
             relay.current.store(Arc::new(snap));
             relay.metrics.reload(true);
             info!(services, "configuration reloaded");
@@ -65,13 +67,32 @@ pub async fn reload_now(relay: &Arc<Relay>, self_signed: &Arc<SelfSignedCache>) 
         }
         Ok(Err(e)) => {
             relay.metrics.reload(false);
+            relay.metrics.config_rejected();
             error!(error = %format!("{e:#}"), "configuration rejected; keeping the last good one");
             false
         }
         Err(e) => {
             relay.metrics.reload(false);
+            relay.metrics.config_rejected();
             error!(error = %e, "configuration reload task failed");
             false
         }
     }
+}
+
+/// Publishes what a snapshot about to go live is: the policy's content hash (computed as the
+/// operator computes `status.configHash`, so the two can be compared) and when each served
+/// certificate expires.
+pub fn publish(metrics: &Metrics, snap: &Snapshot) {
+    let hash = mailrelay_crds::compile::content_hash(&snap.config, &snap.credentials);
+    let certs: Vec<(&str, i64)> = snap
+        .certs
+        .iter()
+        .filter_map(|(secret, c)| Some((secret.as_str(), crate::tls::not_after(&c.key)?)))
+        .collect();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    metrics.config_applied(&hash, certs, now);
 }

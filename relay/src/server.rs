@@ -430,7 +430,13 @@ async fn tls_accept(
             return None;
         }
     };
-    match tokio::time::timeout(hs, acceptor.accept(tcp)).await {
+    let result = tokio::time::timeout(hs, acceptor.accept(tcp)).await;
+    let version = match &result {
+        Ok(Ok(s)) => s.get_ref().1.protocol_version(),
+        _ => None,
+    };
+    relay.metrics.tls_handshake(&service.name, version);
+    match result {
         Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
         Ok(Err(e)) => {
             debug!(service = %service.name, client = %ip, error = %e, "TLS handshake failed");

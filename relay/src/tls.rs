@@ -76,6 +76,14 @@ fn certified_key(
     Ok(Arc::new(ck))
 }
 
+/// `notAfter` of the leaf certificate as Unix time, for the expiry metric; `None` when the DER
+/// does not parse (rustls accepted it, so that would be an exotic encoding, not worth failing for).
+pub fn not_after(key: &CertifiedKey) -> Option<i64> {
+    let leaf = key.cert.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// Lifetime of a generated self-signed certificate.
 pub const SELF_SIGNED_DAYS: i64 = 365;
 /// A generated certificate with less than this left is replaced.
@@ -323,6 +331,19 @@ impl TlsAcceptors {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_after_of_a_generated_certificate() {
+        let mut params =
+            rcgen::CertificateParams::new(vec!["mx.example.test".to_string()]).expect("params");
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("cert");
+        let pk = PrivateKeyDer::try_from(key.serialize_der()).expect("pk");
+        let ck = certified_key(vec![cert.der().clone()], pk).expect("certified key");
+        // 2031-05-17T00:00:00Z
+        assert_eq!(not_after(&ck), Some(1_936_742_400));
+    }
 
     #[test]
     fn wildcard_names() {

@@ -526,6 +526,9 @@ impl Queue {
             self.clone().job_done(id, JobOutcome::default()).await;
         }
         for (destination, results) in immediate {
+            for (_, s) in &results {
+                self.metrics.delivery_destination("mx", s.result_word());
+            }
             // The same span as a delivery attempt over SMTP, so that every outcome (here one
             // decided by DNS or the loop check) appears in traces as in the metrics.
             let span = tracing::info_span!(
@@ -666,6 +669,14 @@ impl Queue {
                 .await;
             span.record("outcome", attempt_outcome(&outcome.results));
             opened_for = conn.as_ref().and(relay_target);
+            let destination = match &target {
+                Target::Relay { rule, .. } => format!("relay:{rule}"),
+                Target::Mx(_) => "mx".to_string(),
+            };
+            for (_, s) in &outcome.results {
+                self.metrics
+                    .delivery_destination(&destination, s.result_word());
+            }
             self.clone()
                 .job_done(job.id, outcome)
                 .instrument(span)
