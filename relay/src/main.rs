@@ -130,17 +130,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     shutdown_signal().await;
     relay.ready.store(false, Ordering::Relaxed);
     info!("shutting down");
-    // Stop accepting, let sessions finish, then give deliveries what is left of the grace
-    // period; whatever is unfinished stays in the spool for the next start.
+    // Stop accepting; sessions finish the message they are receiving and get `421 4.3.2`, idle
+    // ones at once; deliveries in flight run in parallel with that, for the whole grace period.
+    // The process exits as soon as both are done; whatever is unfinished stays in the spool.
     relay.stop_listening();
+    relay.begin_shutdown();
     let grace = std::time::Duration::from_secs(relay.settings.delivery.shutdown_grace_seconds);
     let deadline = tokio::time::Instant::now() + grace;
-    while relay.metrics.sessions_active.get() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    queue
-        .shutdown(deadline.saturating_duration_since(tokio::time::Instant::now()))
-        .await;
+    let sessions = async {
+        while relay.metrics.sessions_active.get() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let open = relay.metrics.sessions_active.get();
+        if open > 0 {
+            tracing::warn!(
+                sessions = open,
+                "shutdown grace over; closing the remaining sessions"
+            );
+        }
+    };
+    tokio::join!(sessions, queue.shutdown(grace));
     Ok(())
 }
 

@@ -140,3 +140,61 @@ fn a_crash_after_the_final_dot_resends_once_and_is_counted() {
         "{metrics}"
     );
 }
+
+/// SIGTERM with an idle client connected and a delivery waiting for the next hop's answer to
+/// the final dot: the client gets `421 4.3.2` at once, the delivery gets the grace period it
+/// needs, the message leaves the spool, and the process exits right after.
+#[test]
+fn sigterm_gives_deliveries_in_flight_the_grace_period() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let behavior = Behavior {
+        final_reply: std::sync::Arc::new(|_| {
+            std::thread::sleep(Duration::from_millis(1500));
+            "250 2.0.0 taken".to_string()
+        }),
+        ..Behavior::default()
+    };
+    let sink = rt.block_on(Sink::start("127.0.0.1", behavior));
+    let mut r = extra::start_custom("delivery:\n  shutdownGraceSeconds: 30\n", {
+        let port = sink.addr.port();
+        move |cfg, _| {
+            extra::service(cfg, "smtp").relay_control = RelayControl::Restricted {
+                ip_group: Some("loopback".into()),
+                authenticated: false,
+            };
+            cfg.delivery_rules = vec![relay_rule("everything", 1, "*@*", port)];
+        }
+    });
+    let mut idle = extra::session(r.ports.smtp);
+    send(r.ports.smtp, "someone@far.example");
+    wait("the delivery to connect", || {
+        sink.connections.load(std::sync::atomic::Ordering::SeqCst) > 0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(r.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let (code, text) = idle.reply();
+    assert_eq!(code, 421, "{text}");
+    assert!(text.starts_with("421 4.3.2"), "{text}");
+    let child = r.child.as_mut().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "relay did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    assert_eq!(sink.messages().len(), 1, "the delivery in flight finished");
+    r.child = None;
+    let left = common::spool_messages(&r.path().join("spool"));
+    assert!(left.is_empty(), "delivered message still in the spool");
+}
