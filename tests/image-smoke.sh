@@ -177,8 +177,8 @@ grep -q 'mailrelay_delivery_attempts_by_destination_total{destination="relay:cat
 # getaddrinfo inside the static binary, in an image without NSS libraries: "localhost" from the
 # /etc/hosts the runtime provides, a Service-like name from the DNS server in resolv.conf.
 for host in localhost relay-admin.smoke.test; do
-  podman exec "$name" /usr/local/bin/relay queue --admin "http://$host:9090" list >/dev/null ||
-    { echo "relay queue --admin http://$host:9090 failed inside the image (name resolution)" >&2
+  podman exec "$name" /usr/local/bin/relay queue --admin "http://$host:9091" list >/dev/null ||
+    { echo "relay queue --admin http://$host:9091 failed inside the image (name resolution)" >&2
       cat "$tmp/dns.log" >&2; exit 1; }
 done
 grep -q 'smoke' "$tmp/dns.log" || { echo "the name was not resolved through DNS" >&2; exit 1; }

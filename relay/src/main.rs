@@ -26,18 +26,59 @@ struct Args {
 
 #[derive(clap::Subcommand, Debug)]
 enum Command {
-    /// Inspect and manage the delivery queue of a running relay (via its metrics port).
+    /// Inspect and manage the delivery queue of a running relay (via its administration
+    /// listener). With `--config` (or MAILRELAY_CONFIG_DIR) the address and the token come from
+    /// that directory's runtime.yaml: `kubectl exec <pod> -- relay queue --config <dir> list`.
     Queue {
-        /// Base URL of the relay's metrics/admin listener.
-        #[arg(
-            long,
-            env = "MAILRELAY_ADMIN_URL",
-            default_value = "http://127.0.0.1:9090"
-        )]
-        admin: String,
+        /// Base URL of the administration listener; default: `adminAddress` of the config
+        /// directory's runtime.yaml, else http://127.0.0.1:9091.
+        #[arg(long, env = "MAILRELAY_ADMIN_URL")]
+        admin: Option<String>,
+        /// File with the bearer token; default: `adminTokenFile` of runtime.yaml.
+        #[arg(long, env = "MAILRELAY_ADMIN_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         #[command(subcommand)]
         action: mailrelay_relay::delivery::admin::QueueAction,
     },
+}
+
+/// Where `relay queue` finds the administration listener and its token.
+fn queue_target(
+    config: Option<&std::path::Path>,
+    admin: Option<&str>,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<(String, Option<String>)> {
+    let settings = match config {
+        Some(dir) => RuntimeSettings::load(dir)?,
+        None => RuntimeSettings::default(),
+    };
+    let base = match admin {
+        Some(a) => a.to_string(),
+        None => {
+            let a = settings.admin_address;
+            // A listener on every address is reached on loopback from inside the pod.
+            let host = if a.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                a.ip().to_string()
+            };
+            let host = if host.contains(':') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            format!("http://{host}:{}", a.port())
+        }
+    };
+    let token = match token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?;
+            Some(t.trim().to_string())
+        }
+        None => settings.admin_token()?,
+    };
+    Ok((base, token))
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,8 +99,25 @@ fn main() -> std::process::ExitCode {
 
 async fn async_main() -> std::process::ExitCode {
     let args = Args::parse();
-    if let Some(Command::Queue { admin, action }) = &args.command {
-        return mailrelay_relay::delivery::admin::cli(admin, action);
+    if let Some(Command::Queue {
+        admin,
+        token_file,
+        action,
+    }) = &args.command
+    {
+        return match queue_target(
+            args.config.as_deref(),
+            admin.as_deref(),
+            token_file.as_deref(),
+        ) {
+            Ok((base, token)) => {
+                mailrelay_relay::delivery::admin::cli(&base, token.as_deref(), action).await
+            }
+            Err(e) => {
+                eprintln!("relay queue: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        };
     }
     // Logging needs runtime.yaml's `logging` section; a broken file is reported by `run`.
     let logging = args
@@ -113,16 +171,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     queue.start();
     relay.sync_listeners().await?;
-    let admin_queue = relay
-        .settings
-        .delivery
-        .admin_endpoint
-        .then(|| queue.clone());
-    tokio::spawn(http::serve_with_admin(
+    tokio::spawn(http::serve_metrics(
         metrics_listener,
         relay.clone(),
-        admin_queue,
+        Some(queue.clone()),
     ));
+    if relay.settings.admin_enabled() {
+        let addr = relay.settings.admin_address;
+        let token = relay.settings.admin_token()?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding adminAddress {addr}: {e}"))?;
+        let admin_queue = relay
+            .settings
+            .delivery
+            .admin_endpoint
+            .then(|| queue.clone());
+        info!(%addr, token = token.is_some(), "administration listener");
+        tokio::spawn(http::serve_admin(listener, admin_queue, token));
+    }
     tokio::spawn(reload::watch(relay.clone(), self_signed));
     mailrelay_relay::memory::spawn_trimmer();
     relay.ready.store(true, Ordering::Relaxed);

@@ -22,9 +22,20 @@ pub struct RuntimeSettings {
     /// maps the policy's port onto `port + offset`. 0 (the default) binds the policy's ports.
     #[serde(default)]
     pub listen_port_offset: u16,
-    /// `/metrics`, `/healthz` and `/readyz`.
+    /// `/metrics`, `/healthz` and `/readyz` (nothing else: whoever can scrape can reach it).
     #[serde(default = "default_metrics")]
     pub metrics_address: SocketAddr,
+    /// The administration listener: the queue endpoints (`delivery.adminEndpoint`) and the
+    /// run-time log filter (`logging.debugEndpoint`), only when one of them is on. Loopback by
+    /// default, so in a pod only `kubectl exec ... relay queue` reaches it. Any other address
+    /// needs `adminTokenFile`.
+    #[serde(default = "default_admin")]
+    pub admin_address: SocketAddr,
+    /// A file holding the bearer token every administration request must carry
+    /// (`Authorization: Bearer <token>`); relative paths resolve against the config directory.
+    /// In Kubernetes: a key of a Secret mounted next to the config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// Spool directory; relative paths resolve against the config directory.
     #[serde(default = "default_spool")]
     pub spool_dir: PathBuf,
@@ -91,6 +102,10 @@ impl Default for LimitSettings {
             auth_verification_queue_seconds: default_auth_queue(),
         }
     }
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9091)
 }
 
 fn default_auth_queue() -> u64 {
@@ -426,6 +441,8 @@ impl Default for RuntimeSettings {
             listen_address: default_listen(),
             listen_port_offset: 0,
             metrics_address: default_metrics(),
+            admin_address: default_admin(),
+            admin_token_file: None,
             spool_dir: default_spool(),
             hostname: None,
             tls_dir: default_tls_dir(),
@@ -455,7 +472,38 @@ impl RuntimeSettings {
         let mut s: Self = serde_norway::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         s.logging.otlp_tls.resolve(dir);
+        if let Some(f) = &s.admin_token_file {
+            s.admin_token_file = Some(dir.join(f));
+        }
+        if s.admin_enabled() && !s.admin_address.ip().is_loopback() && s.admin_token_file.is_none()
+        {
+            anyhow::bail!(
+                "{}: adminAddress {} is not a loopback address: set adminTokenFile so that the queue and log endpoints need a token",
+                path.display(),
+                s.admin_address
+            );
+        }
         Ok(s)
+    }
+
+    /// Whether the administration listener runs at all.
+    pub fn admin_enabled(&self) -> bool {
+        self.delivery.admin_endpoint || self.logging.debug_endpoint
+    }
+
+    /// The administration bearer token, read from `adminTokenFile` (trimmed; empty is an error).
+    pub fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading adminTokenFile {}: {e}", path.display()))?
+            .trim()
+            .to_string();
+        if token.is_empty() {
+            anyhow::bail!("adminTokenFile {} is empty", path.display());
+        }
+        Ok(Some(token))
     }
 
     /// The spool directory with relative paths resolved against the config directory.

@@ -235,35 +235,6 @@ pub fn debug_log_endpoint(method: &str, body: &[u8]) -> (&'static str, String) {
     }
 }
 
-/// The request body after the headers in `head`, reading more from `stream` up to
-/// Content-Length (at most 4 KiB).
-pub async fn read_body<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, head: &[u8]) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let Some(split) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-        return Vec::new();
-    };
-    let headers = String::from_utf8_lossy(&head[..split]).to_ascii_lowercase();
-    let len = headers
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0)
-        .min(4096);
-    let mut body = head[split + 4..].to_vec();
-    let read = async {
-        let mut chunk = [0u8; 1024];
-        while body.len() < len {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => body.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), read).await;
-    body.truncate(len);
-    body
-}
-
 /// OTLP trace export: the `tracing-opentelemetry` layer feeding a batch span processor on the
 /// tokio runtime, which posts OTLP/HTTP protobuf to `<logging.otlpEndpoint>/v1/traces`. Only
 /// spans and events of the relay's own crates are exported (so the exporter's HTTP client cannot

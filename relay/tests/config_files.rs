@@ -22,10 +22,11 @@ fn empty_relay(runtime_extra: &str) -> Relay {
         smtps: free_port(),
         refused: free_port(),
         metrics: free_port(),
+        admin: free_port(),
     };
     write(
         &dir.path().join("runtime.yaml"),
-        &runtime_yaml(ports.metrics, runtime_extra),
+        &runtime_yaml(&ports, runtime_extra),
     );
     Relay {
         dir,

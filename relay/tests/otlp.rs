@@ -347,6 +347,7 @@ fn start_with_files(runtime_extra: &str, files: &[(&str, String)]) -> common::Re
         smtps: common::free_port(),
         refused: common::free_port(),
         metrics: common::free_port(),
+        admin: common::free_port(),
     };
     let mut r = common::Relay {
         dir: tempfile::tempdir().unwrap(),
@@ -368,7 +369,7 @@ fn start_with_files(runtime_extra: &str, files: &[(&str, String)]) -> common::Re
     }
     common::write(
         &r.path().join("runtime.yaml"),
-        &common::runtime_yaml(r.ports.metrics, runtime_extra),
+        &common::runtime_yaml(&r.ports, runtime_extra),
     );
     r.spawn();
     r

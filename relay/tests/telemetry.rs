@@ -52,9 +52,9 @@ fn security_stream_and_runtime_log_filter() {
     session(r.ports.smtp).expect("QUIT", 221);
     wait_log(&r, "session start");
     let before = r.log().matches("session start").count();
-    let resp = http(r.ports.metrics, "PUT", "/debug/log", "warn");
+    let resp = http(r.ports.admin, "PUT", "/debug/log", "warn");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(http(r.ports.metrics, "GET", "/debug/log", "").contains("\nwarn\n"));
+    assert!(http(r.ports.admin, "GET", "/debug/log", "").contains("\nwarn\n"));
     session(r.ports.smtp).expect("QUIT", 221);
     // Security events survive a quieter filter; use one as a marker that the session ran.
     let mut c = Raw::connect(r.ports.refused);
@@ -67,12 +67,7 @@ fn security_stream_and_runtime_log_filter() {
     assert_eq!(r.log().matches("session start").count(), before);
 
     // Component names switch one part back to debug.
-    let resp = http(
-        r.ports.metrics,
-        "PUT",
-        "/debug/log",
-        "warn,smtp_server=debug",
-    );
+    let resp = http(r.ports.admin, "PUT", "/debug/log", "warn,smtp_server=debug");
     assert!(resp.contains("mailrelay_relay::server=debug"), "{resp}");
     session(r.ports.smtp).expect("QUIT", 221);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -83,13 +78,17 @@ fn security_stream_and_runtime_log_filter() {
     let log = r.log();
     assert!(log.contains("log_filter_changed"), "{log}");
 
-    let resp = http(r.ports.metrics, "PUT", "/debug/log", "smtp_server=[bogus");
+    let resp = http(r.ports.admin, "PUT", "/debug/log", "smtp_server=[bogus");
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 }
 
 #[test]
 fn debug_endpoint_is_off_by_default() {
     let r = start_custom("", |_, _| {});
+    // No administration listener at all, and the metrics port serves nothing but metrics.
+    assert!(TcpStream::connect(("127.0.0.1", r.ports.admin)).is_err());
     let resp = http(r.ports.metrics, "PUT", "/debug/log", "trace");
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    let resp = http(r.ports.metrics, "GET", "/debug/log", "");
     assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
 }

@@ -1,4 +1,4 @@
-//! Queue administration over HTTP on the metrics port: `GET /queue`, `GET /queue/<id>`,
+//! Queue administration over HTTP on the administration listener (see [`crate::http`]): `GET /queue`, `GET /queue/<id>`,
 //! `POST /queue/<id>/retry`, `DELETE /queue/<id>`, `POST /queue/<id>/bounce`. Answers are JSON.
 //! The `relay queue ...` subcommand is a thin client of these endpoints.
 
@@ -121,19 +121,24 @@ pub enum QueueAction {
     Bounce { id: String },
 }
 
-/// Runs a `relay queue` action against `base` (e.g. `http://127.0.0.1:9090`) and prints the
-/// JSON answer.
-pub fn cli(base: &str, action: &QueueAction) -> std::process::ExitCode {
+/// Runs a `relay queue` action against the administration listener at `base` (e.g.
+/// `http://127.0.0.1:9091`), with the bearer token if one is configured, and prints the JSON
+/// answer.
+pub async fn cli(base: &str, token: Option<&str>, action: &QueueAction) -> std::process::ExitCode {
+    use http::Method;
     let (method, path) = match action {
-        QueueAction::List => ("GET", "/queue".to_string()),
-        QueueAction::Show { id } => ("GET", format!("/queue/{id}")),
-        QueueAction::Retry { id } => ("POST", format!("/queue/{id}/retry")),
-        QueueAction::Delete { id } => ("DELETE", format!("/queue/{id}")),
-        QueueAction::Bounce { id } => ("POST", format!("/queue/{id}/bounce")),
+        QueueAction::List => (Method::GET, "/queue".to_string()),
+        QueueAction::Show { id } => (Method::GET, format!("/queue/{id}")),
+        QueueAction::Retry { id } => (Method::POST, format!("/queue/{id}/retry")),
+        QueueAction::Delete { id } => (Method::DELETE, format!("/queue/{id}")),
+        QueueAction::Bounce { id } => (Method::POST, format!("/queue/{id}/bounce")),
     };
-    match request(base, method, &path) {
+    match crate::http::admin_call(base, method, &path, token).await {
         Ok((code, body)) => {
             print!("{body}");
+            if code == 401 {
+                eprintln!("relay queue: the administration listener wants a token (adminTokenFile; pass --config or --token-file)");
+            }
             if (200..300).contains(&code) {
                 std::process::ExitCode::SUCCESS
             } else {
@@ -145,30 +150,4 @@ pub fn cli(base: &str, action: &QueueAction) -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-/// A blocking HTTP/1.1 request to the admin listener (plain HTTP on the pod's metrics port).
-pub fn request(base: &str, method: &str, path: &str) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let authority = base
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("admin URL must start with http:// (got {base})"))?
-        .trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(authority)
-        .map_err(|e| format!("connecting to {authority}: {e}"))?;
-    let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(30)));
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-        .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or("malformed HTTP response")?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or("malformed HTTP status line")?;
-    Ok((code, body.to_string()))
 }

@@ -46,6 +46,7 @@ fn start_once(runtime_extra: &str, edit: &impl Fn(&mut RelayConfig, &Ports)) -> 
         smtps: free_port(),
         refused: free_port(),
         metrics: free_port(),
+        admin: free_port(),
     };
     let mut r = Relay {
         dir,
@@ -64,7 +65,7 @@ fn start_once(runtime_extra: &str, edit: &impl Fn(&mut RelayConfig, &Ports)) -> 
     );
     write(
         &r.dir.path().join("runtime.yaml"),
-        &super::common::runtime_yaml(r.ports.metrics, runtime_extra),
+        &super::common::runtime_yaml(&r.ports, runtime_extra),
     );
     r.spawn();
     r

@@ -120,6 +120,8 @@ pub struct Ports {
     pub smtps: u16,
     pub refused: u16,
     pub metrics: u16,
+    /// The administration listener (queue endpoints, run-time log filter).
+    pub admin: u16,
 }
 
 pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
@@ -237,6 +239,7 @@ impl Relay {
             smtps: free_port(),
             refused: free_port(),
             metrics: free_port(),
+            admin: free_port(),
         };
         let ca = Ca::new();
         let mut r = Relay {
@@ -256,7 +259,7 @@ impl Relay {
         );
         write(
             &r.dir.path().join("runtime.yaml"),
-            &runtime_yaml(r.ports.metrics, runtime_extra),
+            &runtime_yaml(&r.ports, runtime_extra),
         );
         r.spawn();
         r
@@ -559,9 +562,10 @@ pub fn spool_messages(dir: &Path) -> Vec<(mailrelay_spool::Envelope, Vec<u8>)> {
 }
 
 /// runtime.yaml of a test relay: loopback, quick reloads and timeouts, plus `extra` lines.
-pub fn runtime_yaml(metrics_port: u16, extra: &str) -> String {
+pub fn runtime_yaml(ports: &Ports, extra: &str) -> String {
+    let (metrics_port, admin_port) = (ports.metrics, ports.admin);
     format!(
-        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\n{spool}hostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}{nl}",
+        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\nadminAddress: 127.0.0.1:{admin_port}\n{spool}hostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}{nl}",
         nl = if extra.is_empty() || extra.ends_with('\n') { "" } else { "\n" },
         spool = if extra.contains("spoolDir:") { "" } else { "spoolDir: spool\n" }
     ) + if extra.contains("delivery:") {
