@@ -642,6 +642,16 @@ impl Metrics {
             })
             .inc();
     }
+
+    /// The config directory could not be read this time (an I/O error, not an invalid
+    /// configuration).
+    pub fn reload_unreadable(&self) {
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: "unreadable".to_string(),
+            })
+            .inc();
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! `runtime.yaml`: deployment settings that are about where and how this relay process runs, not
 //! about mail policy (that is the compiled `relay.yaml`). Read once at start; changing it needs a
-//! restart. Every field has a default so that an empty file is valid.
+//! restart, except `logging.filter`, which the reloader applies when the file changes. Every
+//! field has a default so that an empty file is valid.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};

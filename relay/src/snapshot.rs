@@ -66,13 +66,37 @@ impl Snapshot {
 /// Hash of every file that makes up a snapshot (contents, not mtimes: Kubernetes swaps whole
 /// directories through symlinks and mtimes of the targets are not reliable). `tls_dir` is hashed
 /// in both layouts: top-level files (`<secret>.crt`/`.key`) and `<secret>/tls.{crt,key}`.
-pub fn fingerprint(dir: &Path, tls_dir: &Path) -> u64 {
+///
+/// A file that does not exist hashes as absent; any other I/O error (out of file descriptors, a
+/// volume being remounted) is returned, so that an unreadable directory is never mistaken for a
+/// changed one.
+pub fn fingerprint(dir: &Path, tls_dir: &Path) -> Result<u64, Unreadable> {
+    fn read(path: &Path) -> Result<Option<Vec<u8>>, Unreadable> {
+        match std::fs::read(path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Unreadable {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
     let mut h = DefaultHasher::new();
     for name in [CONFIG_FILE, CREDENTIALS_FILE, RUNTIME_FILE] {
         name.hash(&mut h);
-        std::fs::read(dir.join(name)).ok().hash(&mut h);
+        read(&dir.join(name))?.hash(&mut h);
     }
-    if let Ok(entries) = std::fs::read_dir(tls_dir) {
+    let entries = match std::fs::read_dir(tls_dir) {
+        Ok(entries) => Some(entries),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(Unreadable {
+                path: tls_dir.to_path_buf(),
+                source,
+            })
+        }
+    };
+    if let Some(entries) = entries {
         let mut names: Vec<_> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name())
@@ -85,19 +109,46 @@ pub fn fingerprint(dir: &Path, tls_dir: &Path) -> u64 {
             let p = tls_dir.join(&n);
             if p.is_dir() {
                 for f in ["tls.crt", "tls.key"] {
-                    std::fs::read(p.join(f)).ok().hash(&mut h);
+                    read(&p.join(f))?.hash(&mut h);
                 }
             } else {
-                std::fs::read(&p).ok().hash(&mut h);
+                read(&p)?.hash(&mut h);
             }
         }
     }
-    h.finish()
+    Ok(h.finish())
+}
+
+/// A file of the config directory could not be read (an I/O error such as running out of file
+/// descriptors), as opposed to a configuration that was read and found invalid: the reloader
+/// keeps the live configuration and tries again, without calling anything rejected.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {}: {source}", path.display())]
+pub struct Unreadable {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Whether `e` is (or was caused by) an [`Unreadable`] file.
+pub fn is_unreadable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<Unreadable>())
+}
+
+/// Reads a file of the config directory; I/O errors become [`Unreadable`].
+pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| {
+        anyhow::Error::new(Unreadable {
+            path: path.to_path_buf(),
+            source,
+        })
+    })
 }
 
 fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let bytes = read_file(path)?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{}: not UTF-8", path.display()))?;
     serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
@@ -109,7 +160,7 @@ pub fn load(
     self_signed: &SelfSignedCache,
 ) -> anyhow::Result<Snapshot> {
     let tls_dir = settings.tls_path(dir);
-    let fp = fingerprint(dir, &tls_dir);
+    let fp = fingerprint(dir, &tls_dir)?;
     let default_hostname = settings.effective_hostname();
     let config_path = dir.join(CONFIG_FILE);
     match std::fs::metadata(&config_path) {
@@ -124,13 +175,25 @@ pub fn load(
                 default_hostname,
             });
         }
-        Err(e) => anyhow::bail!("reading {}: {e}", config_path.display()),
+        Err(source) => {
+            return Err(anyhow::Error::new(Unreadable {
+                path: config_path,
+                source,
+            }))
+        }
         Ok(_) => {}
     }
     let config: RelayConfig = read_yaml(&config_path)?;
-    let credentials: Credentials = match std::fs::metadata(dir.join(CREDENTIALS_FILE)) {
-        Ok(_) => read_yaml(&dir.join(CREDENTIALS_FILE))?,
-        Err(_) => Credentials::default(),
+    let credentials_path = dir.join(CREDENTIALS_FILE);
+    let credentials: Credentials = match std::fs::metadata(&credentials_path) {
+        Ok(_) => read_yaml(&credentials_path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Credentials::default(),
+        Err(source) => {
+            return Err(anyhow::Error::new(Unreadable {
+                path: credentials_path,
+                source,
+            }))
+        }
     };
     validate(&config, &credentials)?;
     let mut certs = BTreeMap::new();

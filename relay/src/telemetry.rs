@@ -51,7 +51,7 @@ pub const COMPONENTS: &[(&str, &[&str])] = &[
     ("proxy", &["mailrelay_relay::proxy"]),
 ];
 
-const DEFAULT_FILTER: &str = "info";
+pub const DEFAULT_FILTER: &str = "info";
 
 /// The live filter, for `PUT /debug/log`.
 pub struct LogControl {

@@ -52,15 +52,17 @@ pub fn load_pem_dir(dir: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
 
 /// Loads a PEM certificate chain and its private key.
 pub fn load_pem_files(crt: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(crt)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", crt.display()))?
+    // Read first, parse second: an I/O error is "unreadable", not an invalid certificate.
+    let crt_pem = crate::snapshot::read_file(crt)?;
+    let key_pem = crate::snapshot::read_file(key)?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&crt_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{}: {e}", crt.display()))?;
     if certs.is_empty() {
         anyhow::bail!("{}: no certificate found", crt.display());
     }
-    let key =
-        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
     certified_key(certs, key)
 }
 

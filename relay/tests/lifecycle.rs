@@ -143,3 +143,144 @@ fn slow_relay() -> Relay {
     relay.spawn();
     relay
 }
+
+/// Restarts `relay` without `RUST_LOG`, so that runtime.yaml's `logging.filter` decides.
+fn respawn_without_rust_log(relay: &mut Relay) {
+    relay.kill9();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(relay.log_path())
+        .unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_relay"))
+        .arg("--config")
+        .arg(relay.path())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    relay.child = Some(child);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !relay.http("/readyz").starts_with("HTTP/1.1 200") {
+        assert!(
+            Instant::now() < deadline,
+            "relay not ready: {}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn set_log_filter(relay: &Relay, filter: &str) {
+    let runtime = relay.path().join("runtime.yaml");
+    let text = std::fs::read_to_string(&runtime).unwrap();
+    let mut kept: Vec<&str> = Vec::new();
+    let mut skip = false;
+    for line in text.lines() {
+        if line == "logging:" {
+            skip = true;
+            continue;
+        }
+        if skip && line.starts_with("  ") {
+            continue;
+        }
+        skip = false;
+        kept.push(line);
+    }
+    write(
+        &runtime,
+        &format!("{}\nlogging:\n  filter: \"{filter}\"\n", kept.join("\n")),
+    );
+}
+
+fn wait_log(relay: &Relay, needle: &str, from: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !relay.log()[from..].contains(needle) {
+        if Instant::now() > deadline {
+            let log = relay.log();
+            panic!(
+                "{needle:?} never logged; log since:\n{}",
+                &log[from.min(log.len())..]
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `logging.filter` in runtime.yaml applies when the file changes, without a restart.
+#[test]
+fn log_filter_from_runtime_yaml_applies_on_reload() {
+    let mut relay = Relay::start();
+    set_log_filter(&relay, "warn");
+    respawn_without_rust_log(&mut relay);
+    let before = relay.log().len();
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("QUIT", 221);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!relay.log()[before..].contains("session start"));
+
+    set_log_filter(&relay, "info,smtp_server=debug");
+    wait_log(&relay, "log filter from runtime.yaml applied", before);
+    let before = relay.log().len();
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("QUIT", 221);
+    wait_log(&relay, "session start", before);
+}
+
+/// Running out of file descriptors is not a rejected configuration: the live one stays, nothing
+/// is counted as an error, and the change applies once files can be read again.
+#[test]
+fn an_unreadable_config_directory_is_not_a_rejected_configuration() {
+    let relay = Relay::start();
+    let pid = relay.pid() as libc::pid_t;
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads a resource limit of our own child process.
+    assert_eq!(
+        unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) },
+        0
+    );
+    let set_limit = |n: u64| {
+        let lim = libc::rlimit {
+            rlim_cur: n.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: changes a resource limit of our own child process.
+        let rc = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+        assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    // Below every descriptor the process has open: any new one fails with EMFILE.
+    set_limit(3);
+    let before = relay.log().len();
+    let mut cfg = relay_config(&relay.ports, DEFAULT_RECIPIENTS);
+    cfg.domains[0].recipients =
+        mailrelay_crds::config::RecipientPolicy::Listed(vec!["newcomer".into()]);
+    relay.write_policy(&cfg);
+    wait_log(&relay, "cannot read the configuration directory", before);
+    std::thread::sleep(Duration::from_millis(600));
+    let log = relay.log()[before..].to_string();
+    assert!(!log.contains("configuration rejected"), "{log}");
+    set_limit(old.rlim_cur);
+    wait_log(&relay, "configuration reloaded", before);
+    let metrics = relay.http("/metrics");
+    assert!(
+        !metrics.contains("mailrelay_config_reload_total{result=\"error\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("mailrelay_config_reload_total{result=\"unreadable\"}"),
+        "{metrics}"
+    );
+    // The new policy is live.
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    c.expect("MAIL FROM:<s@far.example>", 250);
+    c.expect("RCPT TO:<newcomer@example.test>", 250);
+}
