@@ -423,3 +423,48 @@ fn full_spool_answers_452_4_3_1() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A BDAT transaction abandoned with RSET after part of its body was already streamed to the
+/// spool, with the next transaction pipelined behind the RSET in one write: the next message
+/// is stored with its own envelope and only its own data. (The `session` fuzz target found
+/// this: the driver kept the abandoned message's spool file because a body was open again
+/// after that read, and stored the next message into it, under the first one's envelope.)
+#[test]
+fn abandoned_streamed_body_is_not_stored_with_the_next_message() {
+    let mut relay = Relay::start_with(big_messages_allowed, NO_DELIVERY);
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    c.expect("MAIL FROM:<first@far.example>", 250);
+    c.expect("RCPT TO:<alice@example.test>", 250);
+    // Several streaming pieces (64 KiB each), so the spool already holds part of it.
+    let first = "FIRST-MESSAGE-LINE\r\n".repeat(10_000);
+    c.send_raw(format!("BDAT {}\r\n", first.len()).as_bytes());
+    c.send_raw(first.as_bytes());
+    let (code, text) = c.reply();
+    assert_eq!(code, 250, "{text}");
+    c.send_raw(
+        b"RSET\r\nMAIL FROM:<second@far.example>\r\nRCPT TO:<relay-user@example.test>\r\n\
+          BDAT 17 LAST\r\nSubject: second\r\n",
+    );
+    for expected in [250, 250, 250, 250] {
+        let (code, text) = c.reply();
+        assert_eq!(code, expected, "{text}");
+    }
+    relay.kill9();
+    let msgs = spool_messages(&relay.path().join("spool"));
+    assert_eq!(msgs.len(), 1, "stored {} messages", msgs.len());
+    let (env, data) = &msgs[0];
+    assert_eq!(env.sender, "second@far.example");
+    let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(rcpts, ["relay-user@example.test"]);
+    let text = String::from_utf8_lossy(data);
+    assert!(text.starts_with("Received: "), "{:.200}", text);
+    assert!(
+        text.ends_with("\r\nSubject: second\r\n") && !text.contains("FIRST-MESSAGE-LINE"),
+        "stored data of {} bytes holds the abandoned message: {:.200}",
+        data.len(),
+        text
+    );
+    assert_eq!(env.size, data.len() as u64);
+}

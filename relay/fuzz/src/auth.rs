@@ -372,3 +372,24 @@ fn assert_finished(ex: &mut Exchange) {
         "a finished exchange went on"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn success_needs_the_secret() {
+        let client = Client::default();
+        let plain = |m: &[u8]| legitimate(Mechanism::Plain, &[m.to_vec()], &client, USER);
+        assert!(plain(b"\0user@example.test\0secret"));
+        assert!(plain(b"\0USER@example.test\0secret"));
+        assert!(!plain(b"\0user@example.test\0wrong"));
+        assert!(!plain(b"\0other@example.test\0secret"));
+        assert!(!plain(b"\0user@example.test\0secret\0"));
+        // Two-factor accounts: the app password only.
+        let mfa = |m: &[u8]| legitimate(Mechanism::Plain, &[m.to_vec()], &client, MFA_USER);
+        assert!(mfa(b"\0mfa@example.test\0app-password"));
+        assert!(!mfa(b"\0mfa@example.test\0primary-password"));
+        assert!(!legitimate(Mechanism::ScramSha256, &[], &client, USER));
+    }
+}

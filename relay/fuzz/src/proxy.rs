@@ -53,7 +53,11 @@ pub fn fuzz_one(data: &[u8]) {
         Ok((peer, n)) => {
             assert!(*n <= data.len());
             assert_eq!(read.as_ref(), Ok(peer), "reader and parser disagree");
-            assert_eq!(rest, &data[*n..], "the reader took other bytes than the header");
+            assert_eq!(
+                rest,
+                &data[*n..],
+                "the reader took other bytes than the header"
+            );
             assert!(looks_like_header(data), "a valid header is not recognised");
             assert_eq!(
                 parse_header(&data[..*n]).as_ref(),

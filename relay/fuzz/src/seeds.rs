@@ -210,11 +210,7 @@ fn auth_seeds() -> Vec<Seed> {
         seed(
             "auth",
             "login",
-            encode(
-                Mechanism::Login,
-                false,
-                &[b"user@example.test", b"secret"],
-            ),
+            encode(Mechanism::Login, false, &[b"user@example.test", b"secret"]),
         ),
         seed(
             "auth",

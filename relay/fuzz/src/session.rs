@@ -142,7 +142,11 @@ fn setup(flags: u8, mode: Mode) -> Setup {
         _ => AuthMode::Optional,
     };
     let smtps = flags & SMTPS != 0;
-    let protocol = if smtps { Protocol::Smtps } else { Protocol::Smtp };
+    let protocol = if smtps {
+        Protocol::Smtps
+    } else {
+        Protocol::Smtp
+    };
     Setup {
         cfg: config(
             protocol,
@@ -288,7 +292,10 @@ impl Driver<'_> {
     fn event(&mut self, s: &mut Session, ev: Event) -> bool {
         self.obs.events.push(match &ev {
             Event::Security { kind, .. } => format!("Security({kind})"),
-            other => format!("{other:?}").chars().take_while(|c| c.is_alphanumeric()).collect(),
+            other => format!("{other:?}")
+                .chars()
+                .take_while(|c| c.is_alphanumeric())
+                .collect(),
         });
         match ev {
             Event::Close => return true,
@@ -309,7 +316,10 @@ impl Driver<'_> {
                     self.cfg.mechanisms.contains(&mechanism),
                     "AUTH with a mechanism not offered"
                 );
-                assert!(self.cfg.auth_mode != AuthMode::Disabled, "AUTH while disabled");
+                assert!(
+                    self.cfg.auth_mode != AuthMode::Disabled,
+                    "AUTH while disabled"
+                );
                 assert!(
                     self.tls || self.cfg.allow_plaintext_without_tls,
                     "AUTH started without TLS"
@@ -435,7 +445,10 @@ impl Driver<'_> {
                 }
             }
         }
-        assert!(received <= MAX_RECEIVED, "{received} Received headers stored");
+        assert!(
+            received <= MAX_RECEIVED,
+            "{received} Received headers stored"
+        );
         if data.iter().any(|b| *b >= 0x80) {
             assert_eq!(
                 tx.body,
@@ -450,8 +463,14 @@ impl Driver<'_> {
 fn check_crlf_only(data: &[u8]) {
     for (i, b) in data.iter().enumerate() {
         match b {
-            b'\n' => assert!(i > 0 && data[i - 1] == b'\r', "bare LF at {i} in stored data"),
-            b'\r' => assert!(data.get(i + 1) == Some(&b'\n'), "bare CR at {i} in stored data"),
+            b'\n' => assert!(
+                i > 0 && data[i - 1] == b'\r',
+                "bare LF at {i} in stored data"
+            ),
+            b'\r' => assert!(
+                data.get(i + 1) == Some(&b'\n'),
+                "bare CR at {i} in stored data"
+            ),
             _ => {}
         }
     }
@@ -518,7 +537,10 @@ fn check_output(out: &[u8], codes: &[u16]) {
         }
     }
     assert!(open.is_none(), "multi-line reply not finished");
-    assert_eq!(finals, codes, "reply codes reported differ from replies sent");
+    assert_eq!(
+        finals, codes,
+        "reply codes reported differ from replies sent"
+    );
 }
 
 /// `text` starts with `class.subject.detail ` (RFC 3463), class matching the reply's.
@@ -831,5 +853,64 @@ fn check_body(obs: &Observed, expect: Expect, data: bool, inject: bool) {
         Expect::Refused | Expect::Incomplete => {
             assert!(first.is_none(), "{expect:?} body was stored")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GREETING: &[u8] = b"220 mx.fuzz.test ESMTP mailrelay ready\r\n";
+
+    fn out(rest: &[u8]) -> Vec<u8> {
+        let mut v = GREETING.to_vec();
+        v.extend_from_slice(rest);
+        v
+    }
+
+    #[test]
+    fn replies_are_checked() {
+        check_output(
+            &out(b"250-mx.fuzz.test Hello c [192.0.2.1]\r\n250 HELP\r\n334 \r\n250 2.1.0 Ok\r\n"),
+            &[220, 250, 334, 250],
+        );
+        for (bad, codes) in [
+            (out(b"250 Ok\r\n"), vec![220, 250]),
+            (out(b"550 4.1.1 wrong class\r\n"), vec![220, 550]),
+            (out(b"250-2.0.0 a\r\n251 2.0.0 b\r\n"), vec![220, 251]),
+            (out(b"250 2.0.0 Ok\r\n"), vec![220]),
+            (out(b"334 not base64!\r\n"), vec![220, 334]),
+            (out(b"250 2.0.0 Ok\n"), vec![220, 250]),
+            (b"250 2.0.0 Ok\r\n".to_vec(), vec![250]),
+        ] {
+            let r = std::panic::catch_unwind(|| check_output(&bad, &codes));
+            assert!(r.is_err(), "accepted {:?}", String::from_utf8_lossy(&bad));
+        }
+    }
+
+    #[test]
+    fn stored_data_is_checked() {
+        check_crlf_only(b"a\r\nb\r\n");
+        for bad in [&b"a\nb\r\n"[..], b"a\rb\r\n", b"a\r\nb"] {
+            assert!(std::panic::catch_unwind(|| check_crlf_only(bad)).is_err());
+        }
+    }
+
+    #[test]
+    fn reference_decoders() {
+        assert_eq!(
+            reference_data(b"..x\r\n.y\r\n\r\n.\r\nQUIT\r\n"),
+            Expect::Message(b".x\r\ny\r\n\r\n".to_vec())
+        );
+        assert_eq!(reference_data(b"a\n.\r\n"), Expect::Bare);
+        assert_eq!(reference_data(b"a\r.\r\n"), Expect::Bare);
+        assert_eq!(reference_data(b"a\r\n"), Expect::Incomplete);
+        let long = format!("{}\r\n.\r\n", "x".repeat(999));
+        assert_eq!(reference_data(long.as_bytes()), Expect::Refused);
+        assert_eq!(
+            reference_bdat(b".a\r\nlast"),
+            Expect::Message(b".a\r\nlast\r\n".to_vec())
+        );
+        assert_eq!(reference_bdat(b"a\r\nlast\r"), Expect::Bare);
     }
 }

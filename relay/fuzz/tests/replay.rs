@@ -36,7 +36,10 @@ fn replay(name: &str, target: fn(&[u8])) -> usize {
 
 #[test]
 fn session_corpus_replays() {
-    assert!(replay("session", session::fuzz_one) > 0, "no session corpus");
+    assert!(
+        replay("session", session::fuzz_one) > 0,
+        "no session corpus"
+    );
 }
 
 #[test]

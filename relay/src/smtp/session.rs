@@ -84,8 +84,12 @@ pub struct Transaction {
     pub sender: String,
     pub params: MailParams,
     pub recipients: Vec<(String, RcptParams)>,
-    /// The message as received: dot-unstuffed, CRLF line endings.
+    /// The message as received: dot-unstuffed, CRLF line endings; without what was handed out
+    /// with [`Session::take_body_chunk`] before.
     pub data: Vec<u8>,
+    /// The body this message is ([`Session::body_serial`]): pieces handed out under another
+    /// serial belong to another message.
+    pub body_serial: u64,
     pub smtputf8: bool,
     pub body: BodyType,
 }
@@ -150,7 +154,12 @@ enum State {
     AuthClient,
     MailWaiting,
     Data,
-    Bdat { remaining: u64, last: bool },
+    /// `size`: the chunk's announced size, for the reply once all of it arrived.
+    Bdat {
+        size: u64,
+        remaining: u64,
+        last: bool,
+    },
     MessageWaiting,
     Closed,
 }
@@ -158,6 +167,8 @@ enum State {
 /// Incremental checks over message content shared by DATA and BDAT.
 #[derive(Debug, Default)]
 struct Body {
+    /// Unique within the session ([`Session::body_serial`]).
+    serial: u64,
     data: Vec<u8>,
     size: u64,
     too_big: bool,
@@ -173,8 +184,9 @@ struct Body {
 }
 
 impl Body {
-    fn new() -> Self {
+    fn new(serial: u64) -> Self {
         Body {
+            serial,
             in_headers: true,
             ..Body::default()
         }
@@ -230,9 +242,24 @@ impl Body {
         }
         self.partial.extend_from_slice(bytes);
         if self.partial.len() > MAX_TEXT_LINE {
+            // An over-long line is dropped as it arrives, and judged as it would be whole: a CR
+            // in the dropped part is a bare CR (a final CR stays: an LF may follow).
+            let keep_cr = self.partial.last() == Some(&b'\r');
+            let dropped = self.partial.len() - usize::from(keep_cr);
+            if self.partial[..dropped].contains(&b'\r') {
+                self.bare_newline = true;
+            }
             self.long_line = true;
-            self.size += self.partial.len() as u64;
-            self.partial.clear();
+            self.count(dropped as u64, max_size);
+            self.partial.drain(..dropped);
+        }
+    }
+
+    /// Size of content that is not kept (an over-long line's dropped part).
+    fn count(&mut self, bytes: u64, max_size: u64) {
+        self.size += bytes;
+        if self.size > max_size {
+            self.too_big = true;
         }
     }
 
@@ -277,6 +304,8 @@ pub struct Session {
     mail_check: bool,
     /// The transaction MAIL is opening while [`Event::MailCheck`] is outstanding.
     pending_tx: Option<Tx>,
+    /// Message bodies begun so far (the serial of the latest).
+    bodies: u64,
 }
 
 fn r(code: u16, enh: &'static str, text: &str) -> Reply {
@@ -305,6 +334,7 @@ impl Session {
             auth_mechanism: None,
             mail_check: false,
             pending_tx: None,
+            bodies: 0,
         }
     }
 
@@ -485,6 +515,22 @@ impl Session {
     /// handed out with [`Session::take_body_chunk`] belongs to a message still in progress.
     pub fn body_open(&self) -> bool {
         self.tx.as_ref().is_some_and(|t| t.body.is_some())
+    }
+
+    /// Identifies the open body (`None`: none is open). Pieces from
+    /// [`Session::take_body_chunk`] belong to the body open when they were taken; when the
+    /// serial changes, that body was refused or reset, even if another one opened in the same
+    /// read (a pipelined next transaction), and its pieces must not be stored.
+    pub fn body_serial(&self) -> Option<u64> {
+        self.tx
+            .as_ref()
+            .and_then(|t| t.body.as_ref())
+            .map(|b| b.serial)
+    }
+
+    fn new_body(&mut self) -> Body {
+        self.bodies += 1;
+        Body::new(self.bodies)
     }
 
     /// Storing the data received so far failed: the rest is read and dropped, and the message
@@ -957,7 +1003,10 @@ impl Session {
         if tx.recipients.is_empty() {
             return self.failed(r(554, "5.5.1", "No valid recipients"));
         }
-        tx.body = Some(Body::new());
+        let body = self.new_body();
+        if let Some(tx) = &mut self.tx {
+            tx.body = Some(body);
+        }
         self.state = State::Data;
         self.reply(Reply::plain(
             354,
@@ -970,6 +1019,7 @@ impl Session {
     fn start_discarding_bdat(&mut self, size: u64, last: bool) {
         self.tx = None;
         self.state = State::Bdat {
+            size,
             remaining: size,
             last,
         };
@@ -985,12 +1035,14 @@ impl Session {
             self.start_discarding_bdat(size, last);
             return self.failed(reply);
         }
-        if let Some(tx) = &mut self.tx {
-            if tx.body.is_none() {
-                tx.body = Some(Body::new());
+        if self.tx.as_ref().is_some_and(|t| t.body.is_none()) {
+            let body = self.new_body();
+            if let Some(tx) = &mut self.tx {
+                tx.body = Some(body);
             }
         }
         self.state = State::Bdat {
+            size,
             remaining: size,
             last,
         };
@@ -1010,13 +1062,23 @@ impl Session {
         let Some((end, next, crlf)) = self.next_line() else {
             let pending = self.input.len() - self.pos;
             if pending > MAX_TEXT_LINE || (self.skipping_line && pending > 0) {
+                let from = self.pos;
+                self.discard_pending();
+                // The dropped part of an over-long line is judged as the whole line would be:
+                // a CR in it is a bare CR (a final CR stays: an LF may follow), and its size
+                // counts without the dot-stuffing dot.
+                if self.input[from..self.pos].contains(&b'\r') {
+                    self.reject_bare_newline();
+                    return true;
+                }
+                let stuffing = !self.skipping_line && self.input.get(from) == Some(&b'.');
+                let dropped = (self.pos - from - usize::from(stuffing)) as u64;
                 if let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) {
                     body.long_line = true;
-                    body.size += pending as u64;
+                    body.count(dropped, max);
                     body.data = Vec::new();
                 }
                 self.skipping_line = true;
-                self.discard_pending();
             }
             return false;
         };
@@ -1027,7 +1089,11 @@ impl Session {
             return true;
         }
         if self.skipping_line {
+            // The end of an over-long line, counted like the rest of it.
             self.skipping_line = false;
+            if let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) {
+                body.count((end - start) as u64 + 2, max);
+            }
             return true;
         }
         let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) else {
@@ -1073,7 +1139,12 @@ impl Session {
     }
 
     fn step_bdat(&mut self) -> bool {
-        let State::Bdat { remaining, last } = self.state else {
+        let State::Bdat {
+            size,
+            remaining,
+            last,
+        } = self.state
+        else {
             return false;
         };
         let max = self.cfg.max_message_size;
@@ -1090,7 +1161,11 @@ impl Session {
             }
         }
         if remaining > 0 {
-            self.state = State::Bdat { remaining, last };
+            self.state = State::Bdat {
+                size,
+                remaining,
+                last,
+            };
             return false;
         }
         self.state = State::Command;
@@ -1121,7 +1196,7 @@ impl Session {
             self.reply(r(
                 250,
                 "2.0.0",
-                &format!("Ok: chunk of {take} octets received"),
+                &format!("Ok: chunk of {size} octets received"),
             ));
         }
         true
@@ -1187,6 +1262,7 @@ impl Session {
             params: tx.params,
             recipients: tx.recipients,
             data: body.data,
+            body_serial: body.serial,
             smtputf8,
             body: if eight_bit {
                 BodyType::EightBitMime
