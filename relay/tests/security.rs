@@ -426,8 +426,8 @@ fn full_spool_answers_452_4_3_1() {
 
 /// A BDAT transaction abandoned with RSET after part of its body was already streamed to the
 /// spool, with the next transaction pipelined behind the RSET in one write: the next message
-/// is stored with its own envelope and only its own data. (The `session` fuzz target found
-/// this: the driver kept the abandoned message's spool file because a body was open again
+/// is stored with its own envelope and only its own data. (Found while writing the `session`
+/// fuzz target: the driver kept the abandoned message's spool file because a body was open
 /// after that read, and stored the next message into it, under the first one's envelope.)
 #[test]
 fn abandoned_streamed_body_is_not_stored_with_the_next_message() {

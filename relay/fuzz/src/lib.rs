@@ -40,7 +40,7 @@ impl Rng {
         Rng(seed ^ 0x9e37_79b9_7f4a_7c15 | 1)
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -51,7 +51,7 @@ impl Rng {
 
     /// A value in `1..=max`.
     pub fn upto(&mut self, max: usize) -> usize {
-        1 + (self.next() % max.max(1) as u64) as usize
+        1 + (self.next_u64() % max.max(1) as u64) as usize
     }
 }
 

@@ -270,9 +270,9 @@ impl Driver<'_> {
     }
 
     fn stream(&mut self, s: &mut Session, piece: Vec<u8>) {
-        if self.inject && self.rng.next() % 4 == 0 {
+        if self.inject && self.rng.next_u64().is_multiple_of(4) {
             self.incoming = None;
-            s.body_store_failed(if self.rng.next() % 2 == 0 {
+            s.body_store_failed(if self.rng.next_u64().is_multiple_of(2) {
                 StoreFailure::Full
             } else {
                 StoreFailure::Other
@@ -436,7 +436,7 @@ impl Driver<'_> {
         let mut received = 0;
         let mut in_headers = true;
         for line in data.split(|b| *b == b'\n') {
-            assert!(line.len() <= MAX_TEXT_LINE - 1, "stored line too long");
+            assert!(line.len() < MAX_TEXT_LINE, "stored line too long");
             if in_headers {
                 if line == b"\r" {
                     in_headers = false;

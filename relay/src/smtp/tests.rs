@@ -732,9 +732,9 @@ fn send_split(s: &mut Session, payload: &str, at: usize) -> String {
 }
 
 /// A bare CR inside an over-long DATA line ends the session like any bare CR, wherever the
-/// reads split the line (found by the `session` fuzz target: when the part holding the CR was
-/// dropped as over-long before the line ended, the CR went unseen, the message was refused as
-/// too long and the session went on).
+/// reads split the line (found while writing the `session` fuzz target: when the part holding
+/// the CR was dropped as over-long before the line ended, the CR went unseen, the message was
+/// refused as too long and the session went on).
 #[test]
 fn bare_cr_in_an_overlong_data_line_closes_the_session_at_every_split() {
     let payload = format!("a\rb{}\r\n.\r\nNOOP\r\n", "x".repeat(1100));
