@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it, on a fresh Debian machine with only Rust and Python:
-# installs the real peers the tests talk to (Debian packages, the CRD API server), starts what
-# must run, then runs formatting, lint and every workspace test.
+# installs the real peers the tests talk to (Debian packages, kubectl and helm, the kube-lite API
+# server), starts what must run, then runs formatting, lint and every workspace test.
 #
 #   tests/run-all.sh            # everything
 #   SKIP_LINT=1 tests/run-all.sh
@@ -25,17 +25,23 @@ fi
 PATH="$(tests/tools/install-k8s-tools.sh):$PATH"
 export PATH
 
+# A real Kubernetes API server with the core API (kube-lite + etcd) for the operator, chart and
+# install tests. Built once into $KUBE_LITE_DIR (cold: a few minutes; then instant).
+export KUBE_LITE_DIR=${KUBE_LITE_DIR:-$HOME/.cache/kube-lite}
 cleanup() {
-  if [ -x tests/apiserver/teardown.sh ]; then tests/apiserver/teardown.sh || true; fi
+  tests/kube-lite/down.sh >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
-
-# A real Kubernetes API server (CRD API server + etcd) for the operator tests.
-if [ -x tests/apiserver/setup.sh ] && [ -z "${KUBECONFIG:-}" ]; then
-  echo "== starting the test API server"
-  # setup.sh prints `export KUBECONFIG=...` lines for the caller.
-  eval "$(tests/apiserver/setup.sh)"
+if [ -z "${KUBECONFIG:-}" ]; then
+  echo "== building and starting the test API server (kube-lite)"
+  start=$SECONDS
+  tests/kube-lite/install.sh >&2
+  echo "   kube-lite build: $((SECONDS - start)) s"
+  # up.sh prints `export KUBECONFIG=...`.
+  eval "$(tests/kube-lite/up.sh)"
 fi
+# The peers above exist here: tests that would skip without one must fail instead.
+export MAILRELAY_REQUIRE_PEERS=${MAILRELAY_REQUIRE_PEERS:-1}
 
 if [ -z "${SKIP_LINT:-}" ] && ! { cargo fmt --version && cargo clippy --version; } >/dev/null 2>&1; then
   rustup component add rustfmt clippy >/dev/null 2>&1 || {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher, Event};
@@ -23,7 +23,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use crate::manifests::FIELD_MANAGER;
-use crate::reconcile::{self, Ctx, SecretSource, Stores};
+use crate::reconcile::{self, Ctx, Stores};
 
 /// Why a namespace needs reconciling.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,10 +107,6 @@ where
 #[derive(Clone, Debug)]
 pub struct Options {
     pub scope: Scope,
-    /// Read Secrets from files instead of the API (API servers without the core API).
-    pub secrets_dir: Option<std::path::PathBuf>,
-    /// Watch the owned ConfigMaps (only when they are written to the API server).
-    pub watch_owned: bool,
     /// Reconcile every namespace this often even without events.
     pub resync: Duration,
 }
@@ -143,26 +139,14 @@ impl Controller {
         let (smtp_services, s3) = watch(api(client, scope), cfg(), true);
         let (delivery_rules, s4) = watch(api(client, scope), cfg(), true);
         let (access_policies, s5) = watch(api(client, scope), cfg(), true);
-        let mut streams = vec![s1, s2, s3, s4, s5];
-        let secrets = match &opts.secrets_dir {
-            Some(dir) => {
-                streams.push(dir_poll(dir.clone()));
-                SecretSource::Dir(dir.clone())
-            }
-            None => {
-                let (s, st) = watch::<Secret>(api(client, scope), cfg(), false);
-                streams.push(st);
-                SecretSource::Kube(s)
-            }
-        };
-        let config_maps = if opts.watch_owned {
-            let owned = cfg().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
-            let (s, st) = watch::<ConfigMap>(api(client, scope), owned, false);
-            streams.push(st);
-            Some(s)
-        } else {
-            None
-        };
+        // Every Secret of the scope: referenced ones (accounts, relay auth, TLS) are compiled
+        // or bundled, and a renewed certificate must reach the bundle.
+        let (secrets, s6) = watch::<Secret>(api(client, scope), cfg(), false);
+        // The objects we own, so a hand edit or deletion is put back.
+        let owned = || cfg().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+        let (config_maps, s7) = watch::<ConfigMap>(api(client, scope), owned(), false);
+        let (services, s8) = watch::<Service>(api(client, scope), owned(), false);
+        let streams = vec![s1, s2, s3, s4, s5, s6, s7, s8];
         let stores = Stores {
             ip_groups,
             mail_domains,
@@ -171,6 +155,7 @@ impl Controller {
             access_policies,
             secrets,
             config_maps,
+            services,
         };
         let (sender, triggers) = mpsc::unbounded_channel();
         let tx = sender.clone();
@@ -287,44 +272,10 @@ async fn wait_ready(s: &Stores) -> anyhow::Result<()> {
     s.smtp_services.wait_until_ready().await?;
     s.delivery_rules.wait_until_ready().await?;
     s.access_policies.wait_until_ready().await?;
-    if let SecretSource::Kube(secrets) = &s.secrets {
-        secrets.wait_until_ready().await?;
-    }
-    if let Some(cms) = &s.config_maps {
-        cms.wait_until_ready().await?;
-    }
+    s.secrets.wait_until_ready().await?;
+    s.config_maps.wait_until_ready().await?;
+    s.services.wait_until_ready().await?;
     Ok(())
-}
-
-/// Polls a secrets directory (files have no watch API here) and triggers every namespace when
-/// any file's size or modification time changes.
-fn dir_poll(dir: std::path::PathBuf) -> BoxStream<'static, Trigger> {
-    let fingerprint = move || -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
-        let files = crate::load::expand(std::slice::from_ref(&dir)).unwrap_or_default();
-        files
-            .into_iter()
-            .map(|f| {
-                let m = std::fs::metadata(&f).ok();
-                let len = m.as_ref().map(|m| m.len()).unwrap_or(0);
-                let mtime = m.and_then(|m| m.modified().ok());
-                (f, len, mtime)
-            })
-            .collect()
-    };
-    let state = fingerprint();
-    futures::stream::unfold(state, move |last| {
-        let fingerprint = fingerprint.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                let now = fingerprint();
-                if now != last {
-                    return Some((Trigger::All, now));
-                }
-            }
-        }
-    })
-    .boxed()
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! - [`controller`]: watches, the per-namespace trigger and work queue.
 //! - [`reconcile`]: one namespace: compile, write the owned objects, statuses and events.
 //! - [`status`]: the pure status/conditions computation.
-//! - [`write`]: the only code that writes the policy ConfigMap and credentials Secret.
+//! - [`write`]: the only code that writes the core objects (ConfigMap, Secrets, Service).
+//! - [`tls_bundle`]: the `<instance>-tls` Secret with every certificate the policy names.
+//! - [`relay_service`]: the relay Service, one port per SmtpService.
 //! - [`certs`]: cert-manager Certificates for SmtpServices with `tls.issuerRef`.
 //! - [`leader`]: Lease-based leader election.
 //! - [`metrics`]: the operator's `/metrics` and `/healthz`.
@@ -18,7 +20,9 @@ pub mod load;
 pub mod manifests;
 pub mod metrics;
 pub mod reconcile;
+pub mod relay_service;
 pub mod render;
 pub mod run;
 pub mod status;
+pub mod tls_bundle;
 pub mod write;

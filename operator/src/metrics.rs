@@ -1,4 +1,5 @@
-//! The operator's own Prometheus metrics and the tiny HTTP endpoint serving them with `/healthz`.
+//! The operator's own Prometheus metrics and the tiny HTTP endpoint serving them with `/healthz`
+//! and `/readyz`.
 //! A hand-written HTTP/1.1 responder is enough for two GET paths and keeps a server framework out
 //! of the dependency tree.
 
@@ -35,6 +36,9 @@ pub struct Metrics {
     pub writes: Family<WriteLabel, Counter>,
     pub leader: Gauge,
     pub healthy: AtomicBool,
+    /// `/readyz`: true while following (waiting for the lease) and, as the leader, once the
+    /// watch caches are synced.
+    pub ready: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -87,6 +91,7 @@ impl Metrics {
             writes,
             leader,
             healthy: AtomicBool::new(true),
+            ready: AtomicBool::new(true),
         }
     }
 
@@ -143,7 +148,18 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     metrics.encode(),
                 ),
-                "/healthz" | "/livez" | "/readyz" => {
+                "/readyz" => {
+                    if metrics.ready.load(Ordering::Relaxed) {
+                        ("200 OK", "text/plain", "ready\n".to_string())
+                    } else {
+                        (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            "not ready\n".to_string(),
+                        )
+                    }
+                }
+                "/healthz" | "/livez" => {
                     if metrics.healthy.load(Ordering::Relaxed) {
                         ("200 OK", "text/plain", "ok\n".to_string())
                     } else {

@@ -1,15 +1,14 @@
 //! Reconciling one namespace: read its objects from the watch caches, compile them with the
 //! previously applied credentials, write the owned ConfigMap/Secret when (and only when) they
-//! differ, manage Certificates, then patch each object's status where it changed and publish
-//! Events for new problems.
+//! differ, manage Certificates, the TLS bundle Secret and the relay Service, then patch each
+//! object's status where it changed and publish Events for new problems.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams};
@@ -20,28 +19,20 @@ use mailrelay_crds::api::{
     AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, PolicyStatus, SmtpService,
     CONDITION_INVALID, CONDITION_WARNING,
 };
-use mailrelay_crds::compile::{compile, Compiled, Inputs, Kind, Problem, Severity};
+use mailrelay_crds::compile::{compile, Compiled, Inputs, Kind, Severity};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::certs::CertManager;
 use crate::manifests::{self, FIELD_MANAGER};
 use crate::metrics::Metrics;
-use crate::status;
-use crate::write::{self, Sink};
+use crate::relay_service::{self, RelayServiceConfig};
+use crate::status::{self, Finding};
+use crate::tls_bundle;
+use crate::write;
 
-/// Where referenced Secrets come from.
-#[derive(Clone)]
-pub enum SecretSource {
-    /// The watch cache of Secrets (production).
-    Kube(Store<Secret>),
-    /// Secret YAML files under a directory, for API servers without the core API: the compiler
-    /// still sees real account and relay-auth Secrets, and a file that disappears is a missing
-    /// Secret exactly as a deleted one would be.
-    Dir(PathBuf),
-}
-
-/// The watch caches of the five kinds.
+/// The watch caches: the five kinds, the namespace's Secrets (referenced ones and our own) and
+/// the ConfigMaps and Services the operator owns.
 #[derive(Clone)]
 pub struct Stores {
     pub ip_groups: Store<IpAddressGroup>,
@@ -49,18 +40,24 @@ pub struct Stores {
     pub smtp_services: Store<SmtpService>,
     pub delivery_rules: Store<DeliveryRule>,
     pub access_policies: Store<AccessPolicy>,
-    pub secrets: SecretSource,
-    /// Owned ConfigMaps (Kube sink only).
-    pub config_maps: Option<Store<ConfigMap>>,
+    pub secrets: Store<Secret>,
+    pub config_maps: Store<ConfigMap>,
+    pub services: Store<Service>,
 }
 
 /// Everything a reconcile needs.
 pub struct Ctx {
     pub client: Client,
     pub stores: Stores,
-    pub sink: Sink,
-    /// Relay instance name: the owned objects are `<instance>-policy` / `<instance>-credentials`.
+    /// Relay instance name: the owned objects are `<instance>-policy`, `<instance>-credentials`,
+    /// `<instance>-tls` and (by default) the Service `<instance>-relay`.
     pub instance: String,
+    /// The relay Service settings; `None`: the operator manages no Service.
+    pub relay_service: Option<RelayServiceConfig>,
+    /// Per namespace: the Service body last applied and the resourceVersion the API server
+    /// returned, so an unchanged Service is not re-applied on every reconcile while a hand edit
+    /// (a new resourceVersion) is put back.
+    pub applied_services: Mutex<HashMap<String, (serde_json::Value, Option<String>)>>,
     pub recorder: Recorder,
     pub certs: CertManager,
     pub metrics: Arc<Metrics>,
@@ -92,10 +89,7 @@ fn in_ns<K: Resource<DynamicType = ()> + Clone>(store: &Store<K>, ns: &str) -> V
 
 /// The compiler inputs of namespace `ns`.
 pub fn inputs(stores: &Stores, ns: &str) -> Inputs {
-    let secrets = match &stores.secrets {
-        SecretSource::Kube(s) => in_ns(s, ns),
-        SecretSource::Dir(dir) => secrets_from_dir(dir, ns),
-    };
+    let secrets = in_ns(&stores.secrets, ns);
     Inputs {
         ip_groups: in_ns(&stores.ip_groups, ns),
         mail_domains: in_ns(&stores.mail_domains, ns),
@@ -104,26 +98,6 @@ pub fn inputs(stores: &Stores, ns: &str) -> Inputs {
         access_policies: in_ns(&stores.access_policies, ns),
         secrets,
     }
-}
-
-/// Secrets of namespace `ns` from YAML files under `dir` (other kinds in the files are ignored).
-pub fn secrets_from_dir(dir: &std::path::Path, ns: &str) -> Vec<Secret> {
-    let files = match crate::load::expand(&[dir.to_path_buf()]) {
-        Ok(f) => f,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the secrets directory");
-            return Vec::new();
-        }
-    };
-    let (loaded, errors) = crate::load::load(&files);
-    for e in errors {
-        tracing::debug!(error = %e, "skipping a document of the secrets directory");
-    }
-    loaded
-        .secrets
-        .into_iter()
-        .filter(|s| s.metadata.namespace.as_deref().unwrap_or("default") == ns)
-        .collect()
 }
 
 /// Namespaces that have at least one mailrelay object.
@@ -174,32 +148,33 @@ pub fn desired_objects(
     Ok((cm, secret))
 }
 
-fn live_objects(ctx: &Ctx, ns: &str) -> (Option<ConfigMap>, Option<Secret>) {
-    let cm_name = manifests::policy_name(&ctx.instance);
-    let secret_name = manifests::credentials_name(&ctx.instance);
-    match (&ctx.sink, &ctx.stores.config_maps, &ctx.stores.secrets) {
-        (Sink::Dir(dir), _, _) => Sink::read_dir_objects(dir, ns, &cm_name, &secret_name),
-        (Sink::Kube(_), Some(cms), SecretSource::Kube(secrets)) => {
-            let find_cm = cms
-                .state()
-                .into_iter()
-                .find(|c| c.metadata.namespace.as_deref() == Some(ns) && c.name_any() == cm_name);
-            let find_secret = secrets.state().into_iter().find(|c| {
-                c.metadata.namespace.as_deref() == Some(ns) && c.name_any() == secret_name
-            });
-            (
-                find_cm.map(|c| (*c).clone()),
-                find_secret.map(|s| (*s).clone()),
-            )
-        }
-        _ => (None, None),
-    }
+fn find<K: Resource<DynamicType = ()> + Clone>(
+    store: &Store<K>,
+    ns: &str,
+    name: &str,
+) -> Option<K> {
+    store
+        .state()
+        .into_iter()
+        .find(|o| {
+            o.meta().namespace.as_deref() == Some(ns) && o.meta().name.as_deref() == Some(name)
+        })
+        .map(|o| (*o).clone())
 }
 
 /// Reconciles namespace `ns`.
 pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
     let inputs = inputs(&ctx.stores, ns);
-    let (live_cm, live_secret) = live_objects(ctx, ns);
+    let live_cm = find(
+        &ctx.stores.config_maps,
+        ns,
+        &manifests::policy_name(&ctx.instance),
+    );
+    let live_secret = find(
+        &ctx.stores.secrets,
+        ns,
+        &manifests::credentials_name(&ctx.instance),
+    );
     let previous = live_secret.as_ref().and_then(write::previous_credentials);
     let compiled = compile(&inputs, previous.as_ref());
     let (cm, secret) = desired_objects(&compiled, ns, &ctx.instance, &inputs.smtp_services)?;
@@ -208,7 +183,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         ..Outcome::default()
     };
     if !write::up_to_date((live_cm.as_ref(), live_secret.as_ref()), (&cm, &secret)) {
-        ctx.sink.apply(ns, &cm, &secret).await?;
+        write::apply_policy_objects(&ctx.client, ns, &cm, &secret).await?;
         ctx.metrics.wrote("policy");
         outcome.applied = true;
         tracing::info!(namespace = ns, hash = %compiled.hash, "applied the compiled policy");
@@ -225,22 +200,67 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         .certs
         .reconcile(ns, &inputs.smtp_services, &valid_services, &ctx.instance)
         .await;
-    let extra = match certs {
+    let mut findings: BTreeMap<String, Vec<Finding>> = BTreeMap::new();
+    let cert_manager = match certs {
         Ok(c) => {
             if c.missing {
                 outcome.requeue = Some(ctx.recheck);
             }
-            c.problems
+            for (svc, problems) in c.problems {
+                findings
+                    .entry(svc)
+                    .or_default()
+                    .extend(problems.into_iter().map(Finding::Warning));
+            }
+            !c.missing
         }
         Err(e) => {
             tracing::warn!(namespace = ns, error = %e, "cannot manage Certificates");
             outcome.requeue = Some(ctx.recheck);
-            BTreeMap::new()
+            true
         }
     };
 
+    // The certificates of the live services, in one Secret the relay pods mount.
+    let owner_refs = owners(&inputs.smtp_services);
+    let bundle = tls_bundle::desired(
+        &compiled.config,
+        &inputs.smtp_services,
+        &inputs.secrets,
+        ns,
+        &ctx.instance,
+        owner_refs.clone(),
+        cert_manager,
+    );
+    let live_bundle = find(
+        &ctx.stores.secrets,
+        ns,
+        &tls_bundle::bundle_name(&ctx.instance),
+    );
+    if !tls_bundle::up_to_date(live_bundle.as_ref(), &bundle.secret) {
+        write::apply(&ctx.client, ns, &bundle.secret).await?;
+        ctx.metrics.wrote("tls");
+        tracing::info!(
+            namespace = ns,
+            certificates = bundle.secret.data.as_ref().map_or(0, |d| d.len() / 2),
+            "applied the TLS bundle"
+        );
+    }
+    for (svc, f) in bundle.findings {
+        findings.entry(svc).or_default().extend(f);
+    }
+
+    if let Some(cfg) = &ctx.relay_service {
+        service(ctx, cfg, ns, &compiled.config, owner_refs).await?;
+        for (svc, f) in relay_service::proxy_findings(cfg, &inputs.smtp_services, &compiled.config)
+        {
+            findings.entry(svc).or_default().extend(f);
+        }
+    }
+
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let hash = compiled.hash.as_str();
+    let extra = &findings;
     let mut n = 0;
     n += statuses(
         ctx,
@@ -248,7 +268,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         Kind::IpAddressGroup,
         &inputs.ip_groups,
         &compiled,
-        &extra,
+        extra,
         hash,
         &now,
     )
@@ -259,7 +279,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         Kind::MailDomain,
         &inputs.mail_domains,
         &compiled,
-        &extra,
+        extra,
         hash,
         &now,
     )
@@ -270,7 +290,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         Kind::SmtpService,
         &inputs.smtp_services,
         &compiled,
-        &extra,
+        extra,
         hash,
         &now,
     )
@@ -281,7 +301,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         Kind::DeliveryRule,
         &inputs.delivery_rules,
         &compiled,
-        &extra,
+        extra,
         hash,
         &now,
     )
@@ -292,13 +312,61 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         Kind::AccessPolicy,
         &inputs.access_policies,
         &compiled,
-        &extra,
+        extra,
         hash,
         &now,
     )
     .await?;
     outcome.statuses_patched = n;
     Ok(outcome)
+}
+
+/// Applies (or deletes) the relay Service of namespace `ns`.
+async fn service(
+    ctx: &Ctx,
+    cfg: &RelayServiceConfig,
+    ns: &str,
+    policy: &mailrelay_crds::config::RelayConfig,
+    owner_refs: Vec<OwnerReference>,
+) -> anyhow::Result<()> {
+    let name = cfg.service_name(&ctx.instance);
+    let live = find(&ctx.stores.services, ns, &name);
+    let Some(want) = relay_service::desired(cfg, policy, ns, &ctx.instance, owner_refs)? else {
+        // No listener left: a Service without ports is invalid, so it goes (ours only: the
+        // watch selects the managed-by label).
+        if live.is_some() {
+            write::delete_service(&ctx.client, ns, &name).await?;
+            ctx.metrics.wrote("service");
+            tracing::info!(namespace = ns, service = %name, "deleted the relay Service (no SmtpService left)");
+        }
+        if let Ok(mut m) = ctx.applied_services.lock() {
+            m.remove(ns);
+        }
+        return Ok(());
+    };
+    let body = serde_json::to_value(&want)?;
+    let live_rv = live
+        .as_ref()
+        .and_then(|s| s.metadata.resource_version.clone());
+    let unchanged = ctx.applied_services.lock().ok().is_some_and(|m| {
+        m.get(ns)
+            .is_some_and(|(b, rv)| b == &body && rv.is_some() && *rv == live_rv)
+    });
+    if unchanged {
+        return Ok(());
+    }
+    let applied = write::apply(&ctx.client, ns, &want).await?;
+    ctx.metrics.wrote("service");
+    tracing::info!(
+        namespace = ns,
+        service = %name,
+        ports = want.spec.as_ref().and_then(|s| s.ports.as_ref()).map_or(0, |p| p.len()),
+        "applied the relay Service"
+    );
+    if let Ok(mut m) = ctx.applied_services.lock() {
+        m.insert(ns.to_string(), (body, applied.metadata.resource_version));
+    }
+    Ok(())
 }
 
 /// Read access to the status of the five kinds, whose status types differ slightly.
@@ -336,7 +404,7 @@ async fn statuses<K>(
     kind: Kind,
     objects: &[K],
     compiled: &Compiled,
-    extra: &BTreeMap<String, Vec<Problem>>,
+    extra: &BTreeMap<String, Vec<Finding>>,
     hash: &str,
     now: &Time,
 ) -> anyhow::Result<usize>

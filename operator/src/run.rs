@@ -16,7 +16,7 @@ use crate::leader::LeaseLock;
 use crate::manifests::FIELD_MANAGER;
 use crate::metrics::{self, Metrics};
 use crate::reconcile::Ctx;
-use crate::write::Sink;
+use crate::relay_service::RelayServiceConfig;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -53,14 +53,12 @@ pub struct RunArgs {
     /// Seconds before checking again for something outside the watched objects (cert-manager).
     #[arg(long, default_value_t = 30.0)]
     pub recheck_seconds: f64,
-    /// For API servers without the core API (tests, local runs): read referenced Secrets from
-    /// YAML files under this directory instead of the API.
-    #[arg(long, requires = "output_dir")]
-    pub secrets_dir: Option<PathBuf>,
-    /// For API servers without the core API: write the policy ConfigMap and credentials Secret
-    /// as YAML to `<dir>/<namespace>/<name>.yaml` instead of applying them.
-    #[arg(long, requires = "secrets_dir")]
-    pub output_dir: Option<PathBuf>,
+    /// The relay Service settings file (YAML: type, externalTrafficPolicy, annotations, labels,
+    /// loadBalancerSourceRanges, loadBalancerClass, selector, listenPortOffset, proxyProtocol;
+    /// see `relay_service::RelayServiceConfig`). With it the operator owns the relay Service
+    /// (`<instance>-relay`, one port per SmtpService); without it no Service is managed.
+    #[arg(long, env = "MAILRELAY_RELAY_SERVICE_CONFIG")]
+    pub relay_service_config: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -108,6 +106,11 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    // A broken settings file is a start-up error, not something to find at the first reconcile.
+    let relay_service = match &args.relay_service_config {
+        Some(p) => Some(RelayServiceConfig::load(p)?),
+        None => None,
+    };
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
     let listener = metrics::bind(args.metrics_addr).await?;
@@ -140,20 +143,18 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             _ = &mut shutdown => return Ok(0),
         }
         tracing::info!(identity = %identity, "became the leader");
+        // Not ready again until the caches of the new leader are synced.
+        metrics
+            .ready
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         metrics.leader.set(1);
     }
 
-    let sink = match &args.output_dir {
-        Some(d) => Sink::Dir(d.clone()),
-        None => Sink::Kube(client.clone()),
-    };
     let opts = Options {
         scope: match &args.namespace {
             Some(ns) => Scope::Namespace(ns.clone()),
             None => Scope::All,
         },
-        secrets_dir: args.secrets_dir.clone(),
-        watch_owned: args.output_dir.is_none(),
         resync: secs(args.resync_seconds),
     };
     let controller = tokio::select! {
@@ -164,8 +165,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let ctx = Arc::new(Ctx {
         client: client.clone(),
         stores: controller.stores.clone(),
-        sink,
         instance: args.instance.clone(),
+        relay_service,
+        applied_services: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {
@@ -178,6 +180,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         recheck,
     });
     tracing::info!("caches synced; reconciling");
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     let lost = async {
         match &lock {
             Some(l) => l.hold(renew).await,

@@ -1,14 +1,48 @@
 //! The status the operator writes on each mailrelay object, computed purely from the compiler's
-//! [`ObjectReport`] and the object's current status. Owns the condition vocabulary on the wire:
-//! `Ready` (always present), `Invalid` and `Warning` (present only while true), and the rule that
+//! [`ObjectReport`], what the operator found outside the compiler ([`Finding`]) and the object's
+//! current status. Owns the condition vocabulary on the wire:
+//!
+//! - `Ready` (always present): True when the object is live and fully in effect.
+//! - `Invalid` (only while true): the object is left out of the compiled policy.
+//! - `Warning` (only while true): compiled, but something deserves attention.
+//! - `Stalled` and `Reconciling` (only while true) follow the kstatus convention that Flux,
+//!   Argo CD health checks and `kubectl wait` read without custom rules: `Stalled` = it cannot
+//!   get into effect without a change by someone (invalid, a named Secret that does not exist),
+//!   `Reconciling` = it is on its way (waiting for cert-manager to issue a certificate).
+//!   Together with `observedGeneration` this makes kstatus report Current, InProgress or Failed.
+//!
 //! `lastTransitionTime` only moves when a condition's status flips.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use mailrelay_crds::api::{PolicyStatus, CONDITION_INVALID, CONDITION_READY, CONDITION_WARNING};
+use mailrelay_crds::api::{
+    PolicyStatus, CONDITION_INVALID, CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED,
+    CONDITION_WARNING,
+};
 use mailrelay_crds::compile::{ObjectReport, Problem, Severity};
 
 /// Longest condition message; the API server limits it to 32 KiB, and a wall of text helps nobody.
 const MAX_MESSAGE: usize = 4000;
+
+/// A problem the operator found outside the compiler, and what it means for the object.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Finding {
+    /// Worth knowing; the object is fully in effect (e.g. cert-manager is not installed).
+    Warning(Problem),
+    /// The object is live but not fully in effect, and stays so until someone changes
+    /// something (a `tls.secretName` Secret that does not exist): `Ready` False, `Stalled`.
+    Blocking(Problem),
+    /// Not fully in effect yet, expected to resolve by itself (cert-manager issuing the
+    /// certificate): `Ready` False, `Reconciling`.
+    Pending(Problem),
+}
+
+impl Finding {
+    pub fn problem(&self) -> &Problem {
+        match self {
+            Finding::Warning(p) | Finding::Blocking(p) | Finding::Pending(p) => p,
+        }
+    }
+}
 
 /// What the operator wants an object's status to be.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,29 +52,38 @@ pub struct Desired {
     pub resolved_prefixes: Option<i64>,
 }
 
-/// Computes the status for one object. `extra` are problems found outside the compiler (e.g.
-/// cert-manager missing); `hash` is the config hash currently applied, reported only on objects
-/// that are part of it.
+/// Computes the status for one object. `findings` come from outside the compiler; `hash` is the
+/// config hash currently applied, reported only on objects that are part of it.
 pub fn desired(
     report: &ObjectReport,
-    extra: &[Problem],
+    findings: &[Finding],
     existing: Option<&PolicyStatus>,
     hash: Option<&str>,
     now: &Time,
 ) -> Desired {
-    let problems: Vec<&Problem> = report.problems.iter().chain(extra).collect();
-    let invalid: Vec<&&Problem> = problems
-        .iter()
-        .filter(|p| p.severity == Severity::Invalid)
-        .collect();
-    let degraded: Vec<&&Problem> = problems
-        .iter()
-        .filter(|p| p.severity == Severity::Degraded)
-        .collect();
-    let warnings: Vec<&&Problem> = problems
-        .iter()
-        .filter(|p| p.severity == Severity::Warning)
-        .collect();
+    let of = |sev: Severity| -> Vec<&Problem> {
+        report
+            .problems
+            .iter()
+            .filter(|p| p.severity == sev)
+            .collect()
+    };
+    let invalid = of(Severity::Invalid);
+    let degraded = of(Severity::Degraded);
+    let mut blocking = Vec::new();
+    let mut pending = Vec::new();
+    let mut other_warnings = Vec::new();
+    for f in findings {
+        match f {
+            Finding::Warning(p) => other_warnings.push(p),
+            Finding::Blocking(p) => blocking.push(p),
+            Finding::Pending(p) => pending.push(p),
+        }
+    }
+    // What blocks the object leads the Warning condition (its reason is the Event's reason).
+    let mut warnings: Vec<&Problem> = blocking.clone();
+    warnings.extend(of(Severity::Warning));
+    warnings.extend(other_warnings);
     let generation = report.generation;
     let mut conds = Vec::new();
 
@@ -50,6 +93,26 @@ pub fn desired(
             false,
             first.reason,
             "the object is invalid and left out of the compiled policy; see the Invalid condition",
+        )
+    } else if let Some(first) = blocking.first() {
+        cond(
+            CONDITION_READY,
+            false,
+            first.reason,
+            &format!(
+                "part of the applied relay policy, but not fully in effect: {}",
+                join(&blocking)
+            ),
+        )
+    } else if let Some(first) = pending.first() {
+        cond(
+            CONDITION_READY,
+            false,
+            first.reason,
+            &format!(
+                "part of the applied relay policy, not fully in effect yet: {}",
+                join(&pending)
+            ),
         )
     } else if let Some(first) = degraded.first() {
         cond(
@@ -76,6 +139,17 @@ pub fn desired(
             true,
             first.reason,
             &join(&warnings),
+        ));
+    }
+    let stalled: Vec<&Problem> = invalid.iter().chain(&blocking).copied().collect();
+    if let Some(first) = stalled.first() {
+        conds.push(cond(CONDITION_STALLED, true, first.reason, &join(&stalled)));
+    } else if let Some(first) = pending.first() {
+        conds.push(cond(
+            CONDITION_RECONCILING,
+            true,
+            first.reason,
+            &join(&pending),
         ));
     }
     for c in &mut conds {
@@ -116,7 +190,7 @@ fn cond(type_: &str, status: bool, reason: &str, message: &str) -> Condition {
     }
 }
 
-fn join(problems: &[&&Problem]) -> String {
+fn join(problems: &[&Problem]) -> String {
     problems
         .iter()
         .map(|p| format!("{}: {} ({})", p.field, p.message, p.reason))
@@ -197,7 +271,10 @@ mod tests {
             .iter()
             .map(|c| (&*c.type_, &*c.status))
             .collect();
-        assert_eq!(types, [("Ready", "False"), ("Invalid", "True")]);
+        assert_eq!(
+            types,
+            [("Ready", "False"), ("Invalid", "True"), ("Stalled", "True")]
+        );
         assert_eq!(d.status.conditions[1].reason, "MissingReference");
         assert!(d.status.conditions[1].message.contains("spec.relay.auth"));
         assert_eq!(d.status.config_hash, None);
@@ -226,6 +303,54 @@ mod tests {
         assert!(differs(Some(&second.status), None, &third));
         let fourth = desired(&report(vec![]), &[], Some(&third.status), Some("b"), &t(40));
         assert!(!differs(Some(&third.status), None, &fourth));
+    }
+
+    fn types(d: &Desired) -> Vec<(String, String, String)> {
+        d.status
+            .conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn kstatus_conditions_for_blocking_and_pending_findings() {
+        let missing = Problem::warning("spec.tls.secretName", "MissingTlsSecret", "no such Secret");
+        let d = desired(
+            &report(vec![]),
+            &[Finding::Blocking(missing.clone())],
+            None,
+            Some("h"),
+            &t(1),
+        );
+        let s = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+        assert_eq!(
+            types(&d),
+            [
+                s("Ready", "False", "MissingTlsSecret"),
+                s("Warning", "True", "MissingTlsSecret"),
+                s("Stalled", "True", "MissingTlsSecret"),
+            ]
+        );
+        // Still part of the applied policy.
+        assert_eq!(d.status.config_hash.as_deref(), Some("h"));
+        let d = desired(
+            &report(vec![]),
+            &[Finding::Pending(missing)],
+            None,
+            Some("h"),
+            &t(1),
+        );
+        assert_eq!(
+            types(&d),
+            [
+                s("Ready", "False", "MissingTlsSecret"),
+                s("Reconciling", "True", "MissingTlsSecret"),
+            ]
+        );
+        // Healthy: neither Stalled nor Reconciling.
+        let d = desired(&report(vec![]), &[], None, Some("h"), &t(1));
+        assert_eq!(types(&d), [s("Ready", "True", "Compiled")]);
     }
 
     #[test]

@@ -1,12 +1,8 @@
-//! The write path for the two core objects the operator owns: the policy ConfigMap and the
-//! credentials Secret. [`apply_policy_objects`] is the only code that writes them to the API
-//! server (server-side apply, one field manager, forced so a hand edit of a field we own is put
-//! back); [`Sink::Dir`] is the stand-in for API servers that do not serve the core API (the
-//! test API server) and for local runs.
+//! The write path for the core objects the operator owns: the policy ConfigMap, the credentials
+//! Secret, the TLS bundle Secret and the relay Service. Everything is server-side applied with
+//! one field manager, forced, so a hand edit of a field we own is put back.
 
-use std::path::{Path, PathBuf};
-
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use mailrelay_crds::config::{Credentials, CREDENTIALS_FILE};
@@ -31,56 +27,35 @@ pub async fn apply_policy_objects(
     Ok(())
 }
 
-/// Where the owned objects go.
-#[derive(Clone)]
-pub enum Sink {
-    /// The API server (production).
-    Kube(Client),
-    /// `<dir>/<namespace>/<name>.yaml`, for API servers without the core API.
-    Dir(PathBuf),
+/// Server-side applies one object of kind `K`.
+pub async fn apply<K>(client: &Client, namespace: &str, obj: &K) -> Result<K, kube::Error>
+where
+    K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<K>::namespaced(client.clone(), namespace)
+        .patch(&obj.name_any(), &pp, &Patch::Apply(obj))
+        .await
 }
 
-impl Sink {
-    pub async fn apply(
-        &self,
-        namespace: &str,
-        cm: &ConfigMap,
-        secret: &Secret,
-    ) -> anyhow::Result<()> {
-        match self {
-            Sink::Kube(client) => Ok(apply_policy_objects(client, namespace, cm, secret).await?),
-            Sink::Dir(dir) => {
-                let d = dir.join(namespace);
-                std::fs::create_dir_all(&d)?;
-                write_atomic(&d, &secret.name_any(), &serde_norway::to_string(secret)?)?;
-                write_atomic(&d, &cm.name_any(), &serde_norway::to_string(cm)?)?;
-                Ok(())
-            }
-        }
+/// Deletes the relay Service (the policy has no listener left); gone already is fine.
+pub async fn delete_service(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(), kube::Error> {
+    match Api::<Service>::namespaced(client.clone(), namespace)
+        .delete(name, &Default::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
     }
-
-    /// The objects currently written, for [`Sink::Dir`] (the Kube sink reads them from the
-    /// watch caches instead).
-    pub fn read_dir_objects(
-        dir: &Path,
-        namespace: &str,
-        cm_name: &str,
-        secret_name: &str,
-    ) -> (Option<ConfigMap>, Option<Secret>) {
-        let read = |name: &str| {
-            std::fs::read_to_string(dir.join(namespace).join(format!("{name}.yaml"))).ok()
-        };
-        (
-            read(cm_name).and_then(|t| serde_norway::from_str(&t).ok()),
-            read(secret_name).and_then(|t| serde_norway::from_str(&t).ok()),
-        )
-    }
-}
-
-fn write_atomic(dir: &Path, name: &str, text: &str) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.yaml.tmp"));
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(tmp, dir.join(format!("{name}.yaml")))
 }
 
 /// The credentials of the currently applied Secret, passed to the compiler as `previous` so

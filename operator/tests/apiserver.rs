@@ -1,9 +1,7 @@
-//! The operator against a real Kubernetes API server (`KUBECONFIG`; see operator/README.md):
-//! CRDs and example policy applied with kubectl, the operator binary running as a process,
-//! assertions on status, conditions, Events and the written policy. The test server does not
-//! serve the core API, so the operator runs with `--secrets-dir`/`--output-dir` (Secrets from
-//! files, ConfigMap/Secret written as files); everything on the mailrelay CRs, the Lease and the
-//! Events goes through the API server. Core-object writes are covered in `mock_core_api.rs`.
+//! The operator against a real Kubernetes API server with the core API (kube-lite from
+//! `tests/kube-lite/`, or any cluster in `KUBECONFIG`; see operator/README.md): CRDs, example
+//! policy and Secrets applied with kubectl, the operator binary running as a process, assertions
+//! on status, conditions, Events, and the ConfigMap, Secrets and Service it server-side applies.
 
 mod common;
 
@@ -11,14 +9,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn start(ns: &str, d: &Dirs, identity: &str) -> Operator {
+fn start(ns: &str, d: &tempfile::TempDir, identity: &str) -> Operator {
     Operator::start(OperatorOpts {
         ns,
-        secrets: &d.secrets,
-        out: &d.out,
         identity,
-        log: &d.root.join(format!("{identity}.log")),
+        log: &d.path().join(format!("{identity}.log")),
         lease_seconds: 4,
+        relay_service: None,
     })
 }
 
@@ -27,17 +24,10 @@ fn policy_lifecycle_statuses_events_and_config() {
     let Some(_) = server() else { return };
     install_crds();
     let ns = namespace("life");
-    let d = dirs();
+    let d = scratch();
     let (crs, secrets) = example(&ns);
-    let files = write_secrets(&d.secrets, &secrets);
     // The smarthost credentials are missing at first and appear later.
-    let smarthost = files
-        .iter()
-        .find(|f| f.to_string_lossy().contains("partner-smarthost-auth"))
-        .expect("smarthost secret")
-        .clone();
-    let smarthost_yaml = std::fs::read_to_string(&smarthost).expect("read");
-    std::fs::remove_file(&smarthost).expect("rm");
+    apply_secrets(&secrets, &["partner-smarthost-auth"]);
     let (ok, out) = apply_yaml(&crs);
     assert!(ok, "{out}");
     let op = start(&ns, &d, "life");
@@ -53,6 +43,10 @@ fn policy_lifecycle_statuses_events_and_config() {
     );
     let msg = condition(&rule, "Invalid").expect("invalid")["message"].to_string();
     assert!(msg.contains("partner-smarthost-auth"), "{msg}");
+    // kstatus: an invalid object is Stalled (Flux and Argo CD report it as failed).
+    let stalled = condition(&rule, "Stalled").expect("Stalled condition");
+    assert_eq!(stalled["status"], "True");
+    assert_eq!(condition(&rule, "Ready").expect("ready")["status"], "False");
     wait_condition(
         "deliveryrule",
         &ns,
@@ -70,27 +64,74 @@ fn policy_lifecycle_statuses_events_and_config() {
         None,
     );
     assert_eq!(g["status"]["resolvedPrefixes"], 8, "{g}");
+    // No cert-manager here: the certificate cannot be issued. That blocks TLS on the service
+    // (it leads the Warning), and cert-manager's absence is named too.
     let svc = wait_condition(
         "smtpservice",
         &ns,
         "submission",
         "Warning",
         "True",
-        Some("CertManagerMissing"),
+        Some("MissingTlsSecret"),
     );
+    let warning = condition(&svc, "Warning").expect("warning")["message"].to_string();
+    assert!(warning.contains("CertManagerMissing"), "{warning}");
     let hash = wait_for("policy written", Duration::from_secs(30), || op.hash(&ns));
     assert_eq!(svc["status"]["configHash"], hash.as_str());
     assert!(!op.relay_yaml(&ns).contains("partner-smarthost"));
     assert!(op.relay_yaml(&ns).contains("direct-mx"));
+    // Written by server-side apply with one field manager, owned by the SmtpServices.
+    let cm: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+        "get",
+        "configmap",
+        "mailrelay-policy",
+        "-n",
+        &ns,
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ]))
+    .expect("policy ConfigMap");
+    let managers: Vec<_> = cm["metadata"]["managedFields"]
+        .as_array()
+        .expect("managedFields")
+        .iter()
+        .map(|m| (m["manager"].clone(), m["operation"].clone()))
+        .collect();
+    assert_eq!(
+        managers,
+        [(
+            serde_json::json!("mailrelay-operator"),
+            serde_json::json!("Apply")
+        )]
+    );
+    let owners: Vec<_> = cm["metadata"]["ownerReferences"]
+        .as_array()
+        .expect("owners")
+        .iter()
+        .map(|o| (o["name"].clone(), o["controller"].clone()))
+        .collect();
+    assert_eq!(
+        owners,
+        [
+            (serde_json::json!("smtp"), serde_json::json!(true)),
+            (serde_json::json!("submission"), serde_json::json!(false))
+        ]
+    );
+    let creds = get("secret", &ns, "mailrelay-credentials").expect("credentials Secret");
+    assert_eq!(
+        creds["metadata"]["annotations"]["mailrelay.dev/config-hash"],
+        hash.as_str()
+    );
     wait_for("Warning events", Duration::from_secs(30), || {
         let ev = events(&ns);
-        (ev.contains(&("CertManagerMissing".into(), "submission".into()))
+        (ev.contains(&("MissingTlsSecret".into(), "submission".into()))
             && ev.iter().any(|(_, o)| o == "partner-smarthost"))
         .then_some(())
     });
 
     // The Secret appears: the rule becomes Ready and enters the config.
-    std::fs::write(&smarthost, smarthost_yaml).expect("write");
+    apply_secrets(&secrets, &[]);
     wait_condition(
         "deliveryrule",
         &ns,
@@ -106,6 +147,7 @@ fn policy_lifecycle_statuses_events_and_config() {
     });
     let dr = wait_no_condition("deliveryrule", &ns, "partner-smarthost", "Invalid");
     assert!(dr["status"]["configHash"].is_string());
+    assert!(condition(&dr, "Stalled").is_none(), "{dr}");
 
     // Break: an include cycle. Both groups are Invalid; the rest of the policy stays applied.
     let cycle = format!(
@@ -184,16 +226,16 @@ fn policy_lifecycle_statuses_events_and_config() {
     });
 
     // Bad input in a Secret the schema cannot see: a malformed password hash.
-    let accounts = files
-        .iter()
-        .find(|f| f.to_string_lossy().contains("example-com-accounts"))
+    let (_, accounts) = split_secrets(&secrets)
+        .into_iter()
+        .find(|(n, _)| n == "example-com-accounts")
         .expect("accounts");
-    let text = std::fs::read_to_string(accounts).expect("read");
-    let bad = text.replace(
+    let bad = accounts.replace(
         "password: example-only-jane-password",
         "passwordHash: \"$argon2id$not-a-hash\"",
     );
-    std::fs::write(accounts, bad).expect("write");
+    let (ok, out) = apply_yaml(&bad);
+    assert!(ok, "{out}");
     let md = wait_for(
         "MailDomain reports the bad account",
         Duration::from_secs(30),
@@ -259,18 +301,20 @@ fn leader_election_two_operators_only_one_writes() {
     install_crds();
     let ns = namespace("lead");
     let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
     assert!(apply_yaml(&crs).0);
-    let a_dirs = dirs();
-    let b_dirs = dirs();
-    write_secrets(&a_dirs.secrets, &secrets);
-    write_secrets(&b_dirs.secrets, &secrets);
-    let mut a = start(&ns, &a_dirs, "replica-a");
+    let d = scratch();
+    let mut a = start(&ns, &d, "replica-a");
     wait_for("A writes", Duration::from_secs(30), || a.hash(&ns));
-    let b = start(&ns, &b_dirs, "replica-b");
-    // B follows: it sees A's valid lease and writes nothing. Bounded observation window.
+    let b = start(&ns, &d, "replica-b");
+    // B follows: it sees A's valid lease and does nothing. Bounded observation window.
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
-        assert!(b.policy(&ns).is_none(), "the follower wrote the policy");
+        let log = b.log_text();
+        assert!(
+            !log.contains("became the leader") && !log.contains("reconciled"),
+            "the follower acted: {log}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let lease = get("lease.coordination.k8s.io", &ns, "mailrelay-operator").expect("lease");
@@ -283,17 +327,21 @@ fn leader_election_two_operators_only_one_writes() {
         "{}",
         a.log_text()
     );
-    wait_for("B writes", Duration::from_secs(30), || b.hash(&ns));
+    wait_for("B leads", Duration::from_secs(30), || {
+        b.log_text().contains("became the leader").then_some(())
+    });
     let lease = get("lease.coordination.k8s.io", &ns, "mailrelay-operator").expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
     assert!(lease["spec"]["leaseTransitions"].as_i64().unwrap_or(0) >= 1);
     eprintln!("failover after SIGTERM took {:?}", stopped.elapsed());
-    // Separate output dirs, so B had no previous credentials (new salts): compare the config.
-    assert_eq!(
-        a.relay_yaml(&ns),
-        b.relay_yaml(&ns),
-        "both compiled the same policy"
+    // B writes: a change now reaches the config.
+    let yaml = format!(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: direct-mx, namespace: {ns}}}\nspec: {{priority: 3131, action: Direct}}\n"
     );
+    assert!(apply_yaml(&yaml).0);
+    wait_for("B applies a change", Duration::from_secs(30), || {
+        b.relay_yaml(&ns).contains("priority: 3131").then_some(())
+    });
 }
 
 #[test]
@@ -302,9 +350,9 @@ fn restart_changes_nothing() {
     install_crds();
     let ns = namespace("restart");
     let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
     assert!(apply_yaml(&crs).0);
-    let d = dirs();
-    write_secrets(&d.secrets, &secrets);
+    let d = scratch();
     let mut op = start(&ns, &d, "first");
     wait_for("written", Duration::from_secs(30), || op.hash(&ns));
     let all = "ipaddressgroups,maildomains,smtpservices,deliveryrules,accesspolicies";
@@ -312,9 +360,17 @@ fn restart_changes_nothing() {
         wait_for("every object has a status", Duration::from_secs(30), || {
             let v: serde_json::Value =
                 serde_json::from_str(&kubectl_ok(&["get", all, "-n", &ns, "-o", "json"])).ok()?;
-            let items = v["items"].as_array()?.clone();
+            let mut items = v["items"].as_array()?.clone();
+            for (kind, name) in [
+                ("configmap", "mailrelay-policy"),
+                ("secret", "mailrelay-credentials"),
+                ("secret", "mailrelay-tls"),
+            ] {
+                items.push(get(kind, &ns, name)?);
+            }
             items
                 .iter()
+                .filter(|i| i["apiVersion"] != "v1")
                 .all(|i| i["status"]["observedGeneration"].is_i64())
                 .then(|| {
                     items
@@ -339,12 +395,9 @@ fn restart_changes_nothing() {
         }
         before = again;
     }
-    let file = std::fs::read_to_string(op.policy_path(&ns)).expect("policy");
-    let creds_path = d.out.join(&ns).join("mailrelay-credentials.yaml");
-    let creds = std::fs::read_to_string(&creds_path).expect("creds");
-    let mtime = std::fs::metadata(op.policy_path(&ns))
-        .and_then(|m| m.modified())
-        .expect("mtime");
+    assert!(before
+        .iter()
+        .any(|(n, _)| n.contains("mailrelay-credentials")));
     assert_eq!(op.terminate(), Some(0));
 
     let op2 = start(&ns, &d, "second");
@@ -352,28 +405,14 @@ fn restart_changes_nothing() {
         op2.log_text().contains("reconciled").then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(versions(), before, "a restart must not rewrite any status");
     assert_eq!(
-        std::fs::read_to_string(op2.policy_path(&ns)).expect("policy"),
-        file
+        versions(),
+        before,
+        "a restart must not rewrite any status, the policy, the credentials (verifiers reused) or the TLS bundle"
     );
-    assert_eq!(
-        std::fs::read_to_string(&creds_path).expect("creds"),
-        creds,
-        "verifiers were reused"
-    );
-    assert_eq!(
-        std::fs::metadata(op2.policy_path(&ns))
-            .and_then(|m| m.modified())
-            .expect("mtime"),
-        mtime,
-        "the policy was not rewritten"
-    );
-    assert!(
-        !op2.log_text().contains("applied the compiled policy"),
-        "{}",
-        op2.log_text()
-    );
+    let log = op2.log_text();
+    assert!(!log.contains("applied the compiled policy"), "{log}");
+    assert!(!log.contains("applied the TLS bundle"), "{log}");
 }
 
 #[test]
@@ -382,10 +421,20 @@ fn apply_to_status_latency_median_of_20_changes() {
     install_crds();
     let ns = namespace("latency");
     let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
     assert!(apply_yaml(&crs).0);
-    let d = dirs();
-    write_secrets(&d.secrets, &secrets);
+    let d = scratch();
     let op = start(&ns, &d, "latency");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(rt.block_on(client()), &ns);
+    let relay_yaml = || {
+        rt.block_on(cms.get_opt("mailrelay-policy"))
+            .ok()
+            .flatten()
+            .and_then(|c| c.data?.get("relay.yaml").cloned())
+            .unwrap_or_default()
+    };
     wait_condition("deliveryrule", &ns, "direct-mx", "Ready", "True", None);
     let mut status_ms = Vec::new();
     let mut config_ms = Vec::new();
@@ -408,7 +457,7 @@ fn apply_to_status_latency_median_of_20_changes() {
                 start.elapsed() < Duration::from_secs(30),
                 "change {i} not applied in 30 s"
             );
-            if config_at.is_none() && op.relay_yaml(&ns).contains(&want) {
+            if config_at.is_none() && relay_yaml().contains(&want) {
                 config_at = Some(start.elapsed());
             }
             if status_at.is_none() {
@@ -420,6 +469,7 @@ fn apply_to_status_latency_median_of_20_changes() {
             std::thread::sleep(Duration::from_millis(5));
         }
         config_ms.push(config_at.unwrap_or_default().as_secs_f64() * 1000.0);
+        let _ = &op;
         status_ms.push(status_at.unwrap_or_default().as_secs_f64() * 1000.0);
     }
     let median = |v: &mut Vec<f64>| {
@@ -438,4 +488,231 @@ fn apply_to_status_latency_median_of_20_changes() {
         median(&mut kubectl_ms),
         median(&mut after_apply.clone())
     );
+}
+
+fn service_ports(ns: &str) -> Option<Vec<(String, i64, i64)>> {
+    let svc = get("service", ns, "mailrelay-relay")?;
+    Some(
+        svc["spec"]["ports"]
+            .as_array()?
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or("").to_string(),
+                    p["port"].as_i64().unwrap_or(0),
+                    p["targetPort"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect(),
+    )
+}
+
+fn bundle_keys(ns: &str) -> Vec<String> {
+    get("secret", ns, "mailrelay-tls")
+        .and_then(|s| {
+            s["data"]
+                .as_object()
+                .map(|d| d.keys().cloned().collect::<Vec<_>>())
+        })
+        .unwrap_or_default()
+}
+
+fn relay_service_settings(dir: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let p = dir.join(format!("relay-service-{}.yaml", extra.len()));
+    std::fs::write(
+        &p,
+        format!("type: LoadBalancer\nexternalTrafficPolicy: Local\nannotations: {{example.com/lb: internal}}\nloadBalancerSourceRanges: [192.0.2.0/24]\nlistenPortOffset: 10000\n{extra}"),
+    )
+    .expect("write settings");
+    p
+}
+
+/// The objects derived from the policy instead of typed into Helm values: the relay Service
+/// (a port per SmtpService, targetPort = port + offset) and the TLS bundle, a missing TLS Secret
+/// as a condition and an Event, a rotated certificate propagating, hand edits put back, the
+/// PROXY protocol cross-check, and the Service going away with the last SmtpService.
+#[test]
+fn relay_service_tls_bundle_and_missing_secrets() {
+    let Some(_) = server() else { return };
+    install_crds();
+    let ns = namespace("derived");
+    let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
+    assert!(apply_yaml(&crs).0);
+    let d = scratch();
+    let settings = relay_service_settings(d.path(), "");
+    let mut op = Operator::start(OperatorOpts {
+        ns: &ns,
+        identity: "derived",
+        log: &d.path().join("derived.log"),
+        lease_seconds: 4,
+        relay_service: Some(&settings),
+    });
+
+    // One port per SmtpService, shifted onto the relay's unprivileged ports.
+    let ports = wait_for("relay Service", Duration::from_secs(30), || {
+        service_ports(&ns)
+    });
+    assert_eq!(
+        ports,
+        [
+            ("smtp".to_string(), 25, 10025),
+            ("submission".to_string(), 587, 10587)
+        ]
+    );
+    let svc = get("service", &ns, "mailrelay-relay").expect("service");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["externalTrafficPolicy"], "Local");
+    assert_eq!(svc["spec"]["loadBalancerSourceRanges"][0], "192.0.2.0/24");
+    assert_eq!(svc["metadata"]["annotations"]["example.com/lb"], "internal");
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "relay"
+    );
+    assert_eq!(svc["metadata"]["ownerReferences"][0]["kind"], "SmtpService");
+
+    // Neither certificate exists: conditions and an Event, an empty bundle.
+    let smtp = wait_condition(
+        "smtpservice",
+        &ns,
+        "smtp",
+        "Stalled",
+        "True",
+        Some("MissingTlsSecret"),
+    );
+    let ready = condition(&smtp, "Ready").expect("ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "MissingTlsSecret");
+    assert!(
+        ready["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("mail-example-com-tls") && m.contains("STARTTLS")),
+        "{ready}"
+    );
+    assert!(
+        smtp["status"]["configHash"].is_string(),
+        "still part of the policy"
+    );
+    // cert-manager is not installed here, so the issuer's Secret cannot come either.
+    wait_condition(
+        "smtpservice",
+        &ns,
+        "submission",
+        "Stalled",
+        "True",
+        Some("MissingTlsSecret"),
+    );
+    wait_for("MissingTlsSecret event", Duration::from_secs(30), || {
+        events(&ns)
+            .contains(&("MissingTlsSecret".into(), "smtp".into()))
+            .then_some(())
+    });
+    assert!(get("secret", &ns, "mailrelay-tls").is_some());
+    assert!(bundle_keys(&ns).is_empty());
+
+    // The Secret appears: bundled under flat keys, the service is Ready.
+    let (yaml, first) = tls_secret_yaml(&ns, "mail-example-com-tls", &["mail.example.com"]);
+    assert!(apply_yaml(&yaml).0);
+    wait_for("bundled", Duration::from_secs(30), || {
+        (bundle_keys(&ns) == ["mail-example-com-tls.crt", "mail-example-com-tls.key"]).then_some(())
+    });
+    let smtp = wait_condition("smtpservice", &ns, "smtp", "Ready", "True", None);
+    assert!(condition(&smtp, "Stalled").is_none(), "{smtp}");
+    let bundled = || {
+        get("secret", &ns, "mailrelay-tls")
+            .and_then(|s| {
+                s["data"]["mail-example-com-tls.crt"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .unwrap_or_default()
+    };
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    assert_eq!(bundled(), b64(&first));
+    // Rotation (what cert-manager does at renewal) reaches the bundle.
+    let (yaml, second) = tls_secret_yaml(&ns, "mail-example-com-tls", &["mail.example.com"]);
+    assert!(apply_yaml(&yaml).0);
+    wait_for(
+        "rotated certificate bundled",
+        Duration::from_secs(30),
+        || (bundled() == b64(&second)).then_some(()),
+    );
+
+    // A new SmtpService is reachable without touching Helm: a new Service port.
+    let smtps = format!(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {{name: smtps, namespace: {ns}}}\nspec: {{port: 465, protocol: Smtps, tls: {{secretName: mail-example-com-tls}}}}\n"
+    );
+    assert!(apply_yaml(&smtps).0);
+    wait_for("port 465", Duration::from_secs(30), || {
+        service_ports(&ns)
+            .filter(|p| p.contains(&("smtps".to_string(), 465, 10465)))
+            .map(|_| ())
+    });
+
+    // Hand edits of what the operator owns are put back.
+    kubectl_ok(&[
+        "patch",
+        "service",
+        "mailrelay-relay",
+        "-n",
+        &ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/ports/0/targetPort","value":25}]"#,
+    ]);
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "mailrelay-policy",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"relay.yaml":"hacked: true\n"}}"#,
+    ]);
+    wait_for("hand edits reverted", Duration::from_secs(30), || {
+        let ports = service_ports(&ns)?;
+        (ports.iter().all(|(_, p, t)| *t == p + 10000) && op.relay_yaml(&ns).contains("direct-mx"))
+            .then_some(())
+    });
+
+    // The load balancer sends PROXY: services that do not accept it are Stalled.
+    assert_eq!(op.terminate(), Some(0));
+    let settings = relay_service_settings(
+        d.path(),
+        "proxyProtocol: {enabled: true, trustedProxiesGroup: internal-senders}\n",
+    );
+    let op = Operator::start(OperatorOpts {
+        ns: &ns,
+        identity: "derived-proxy",
+        log: &d.path().join("derived-proxy.log"),
+        lease_seconds: 4,
+        relay_service: Some(&settings),
+    });
+    let s = wait_condition(
+        "smtpservice",
+        &ns,
+        "smtps",
+        "Stalled",
+        "True",
+        Some("ProxyProtocolMismatch"),
+    );
+    let msg = condition(&s, "Stalled").expect("stalled")["message"].to_string();
+    assert!(msg.contains("trustedProxies: [internal-senders]"), "{msg}");
+    let fixed = smtps.replace(
+        "tls: {secretName: mail-example-com-tls}",
+        "tls: {secretName: mail-example-com-tls}, proxyProtocol: {trustedProxies: [internal-senders]}",
+    );
+    assert!(apply_yaml(&fixed).0);
+    let s = wait_condition("smtpservice", &ns, "smtps", "Ready", "True", None);
+    assert!(condition(&s, "Stalled").is_none(), "{s}");
+
+    // No SmtpService left: no Service (one without ports is invalid).
+    kubectl_ok(&["delete", "smtpservices", "--all", "-n", &ns]);
+    wait_for("Service deleted", Duration::from_secs(30), || {
+        get("service", &ns, "mailrelay-relay")
+            .is_none()
+            .then_some(())
+    });
+    drop(op);
 }

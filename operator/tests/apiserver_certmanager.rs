@@ -1,7 +1,8 @@
 //! cert-manager integration against a real API server: with the `certificates.cert-manager.io`
-//! API present (registered here as a bare CRD; no cert-manager controller runs), an SmtpService
-//! with `tls.issuerRef` gets a Certificate it owns, and loses it when it switches to
-//! `tls.secretName`. Its own test binary because registering the API changes what the tests in
+//! API present (registered here as a bare CRD; no cert-manager controller runs, the test writes
+//! the Secret it would issue), an SmtpService with `tls.issuerRef` gets a Certificate it owns, is
+//! `Reconciling` until the Secret exists, then `Ready` with the certificate in the TLS bundle, and
+//! loses the Certificate when it switches to `tls.secretName`. Its own test binary because registering the API changes what the tests in
 //! apiserver.rs see (they expect `CertManagerMissing`); the CRD is removed again at the end.
 
 mod common;
@@ -67,16 +68,15 @@ fn issuer_ref_creates_an_owned_certificate() {
 
     let ns = namespace("certs");
     let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
     assert!(apply_yaml(&crs).0);
-    let d = dirs();
-    write_secrets(&d.secrets, &secrets);
+    let d = scratch();
     let _op = Operator::start(OperatorOpts {
         ns: &ns,
-        secrets: &d.secrets,
-        out: &d.out,
         identity: "certs",
-        log: &d.root.join("certs.log"),
+        log: &d.path().join("certs.log"),
         lease_seconds: 4,
+        relay_service: None,
     });
     let cert = wait_for(
         "Certificate submission-tls",
@@ -98,7 +98,27 @@ fn issuer_ref_creates_an_owned_certificate() {
         get("certificates.cert-manager.io", &ns, "smtp-tls").is_none(),
         "secretName services get no Certificate"
     );
+    // Until cert-manager issues the Secret, the service is on its way (kstatus Reconciling),
+    // not Stalled: no Warning, nothing for anybody to fix.
+    let s = wait_condition(
+        "smtpservice",
+        &ns,
+        "submission",
+        "Reconciling",
+        "True",
+        Some("MissingTlsSecret"),
+    );
+    assert!(condition(&s, "Stalled").is_none(), "{s}");
+    assert!(condition(&s, "Warning").is_none(), "{s}");
+    assert_eq!(condition(&s, "Ready").expect("ready")["status"], "False");
+    // cert-manager writes the Secret: bundled, Ready.
+    let (yaml, _) = tls_secret_yaml(&ns, "submission-tls", &["mail.example.com"]);
+    assert!(apply_yaml(&yaml).0);
+    let s = wait_condition("smtpservice", &ns, "submission", "Ready", "True", None);
+    assert!(condition(&s, "Reconciling").is_none(), "{s}");
     wait_no_condition("smtpservice", &ns, "submission", "Warning");
+    let bundle = get("secret", &ns, "mailrelay-tls").expect("bundle");
+    assert!(bundle["data"]["submission-tls.crt"].is_string(), "{bundle}");
 
     // Switching to an existing Secret removes the Certificate.
     let yaml = crs.replace(

@@ -741,6 +741,8 @@ mod tests {
                     ..Credentials::default()
                 },
                 certs: BTreeMap::new(),
+                missing_certs: BTreeMap::new(),
+                policy_loaded: true,
                 fingerprint: 0,
                 default_hostname: "relay.example.test".into(),
             }),

@@ -86,6 +86,7 @@ async fn handle(
         match path.split('?').next().unwrap_or("") {
             "/metrics" => {
                 relay.metrics.spool_depth.set(relay.spool.len() as i64);
+                relay.metrics.set_tls_state(&relay.current.load());
                 if let Some(q) = queue {
                     q.update_gauges();
                 }
@@ -96,7 +97,11 @@ async fn handle(
                 )
             }
             "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-            "/readyz" if relay.ready.load(Ordering::Relaxed) => {
+            // Not ready until a policy is loaded: a pod that started before the operator's
+            // first reconcile has no listeners yet and must not get traffic.
+            "/readyz"
+                if relay.ready.load(Ordering::Relaxed) && relay.current.load().policy_loaded =>
+            {
                 ("200 OK", "text/plain", "ready\n".to_string())
             }
             "/readyz" => (

@@ -96,6 +96,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     info!(spool = %spool_dir.display(), recovered = recovered.len(), "spool open");
     let metrics = Arc::new(Metrics::new());
     metrics.spool_depth.set(spool.len() as i64);
+    metrics
+        .spool_quarantined
+        .inc_by(spool.recovery_report().quarantined.len() as u64);
     let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_address)
         .await
         .map_err(|e| {

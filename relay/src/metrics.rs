@@ -211,6 +211,8 @@ pub struct Metrics {
     pub security_events: Family<KindLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub spool_depth: Gauge,
+    /// Spool files moved to `corrupt/` (damaged, or of a format this relay does not read).
+    pub spool_quarantined: Counter,
     /// Outbound: messages waiting for delivery (spool depth as the queue sees it).
     pub queue_depth: Gauge,
     pub queue_oldest_age_seconds: Gauge,
@@ -230,6 +232,15 @@ pub struct Metrics {
     /// by the crash after the final dot (possible duplicates).
     pub delivery_resent_after_recovery: Counter,
     // ---- end of delivery additions ----
+    /// 1 per TLS Secret the policy names whose certificate is missing (set at scrape time).
+    pub tls_certificate_missing: Family<SecretLabels, Gauge>,
+    /// 1 once a policy (`relay.yaml`) is loaded, 0 while the relay waits for it.
+    pub policy_loaded: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    pub secret: String,
 }
 
 impl Default for Metrics {
@@ -252,6 +263,7 @@ impl Metrics {
             security_events: Family::default(),
             config_reloads: Family::default(),
             spool_depth: Gauge::default(),
+            spool_quarantined: Counter::default(),
             queue_depth: Gauge::default(),
             queue_oldest_age_seconds: Gauge::default(),
             delivery_attempts: Family::default(),
@@ -265,6 +277,8 @@ impl Metrics {
             // ---- delivery additions ----
             delivery_resent_after_recovery: Counter::default(),
             // ---- end of delivery additions ----
+            tls_certificate_missing: Family::default(),
+            policy_loaded: Gauge::default(),
             registry: Registry::default(),
         };
         m.limit_store_up.set(1);
@@ -350,6 +364,11 @@ impl Metrics {
             m.spool_depth.clone(),
         );
         registry.register(
+            "spool_quarantined",
+            "Spool files moved to corrupt/ by recovery (damaged, or of a format this relay does not read); each needs an operator",
+            m.spool_quarantined.clone(),
+        );
+        registry.register(
             "queue_depth",
             "Messages in the delivery queue",
             m.queue_depth.clone(),
@@ -376,7 +395,30 @@ impl Metrics {
             m.delivery_resent_after_recovery.clone(),
         );
         // ---- end of delivery additions ----
+        registry.register(
+            "tls_certificate_missing",
+            "1 for each TLS Secret the policy names whose certificate is not mounted: no STARTTLS on its services, and an SMTPS service does not listen",
+            m.tls_certificate_missing.clone(),
+        );
+        registry.register(
+            "policy_loaded",
+            "1 once a policy (relay.yaml) is loaded; 0 while the relay waits for it and serves no SMTP",
+            m.policy_loaded.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Mirrors the certificate and policy state of the live snapshot (called at scrape time).
+    pub fn set_tls_state(&self, snap: &crate::snapshot::Snapshot) {
+        self.policy_loaded.set(i64::from(snap.policy_loaded));
+        self.tls_certificate_missing.clear();
+        for secret in snap.missing_certs.keys() {
+            self.tls_certificate_missing
+                .get_or_create(&SecretLabels {
+                    secret: secret.clone(),
+                })
+                .set(1);
+        }
     }
 
     /// Prometheus text exposition.

@@ -114,8 +114,10 @@ impl Policy for PolicyEngine {
         }
         match self.relay_allowed(facts) {
             Ok(()) => Ok(()),
+            // 550 5.7.1, as Kerio and most MTAs answer (RFC 5321: mailbox unavailable / not
+            // allowed); 554 would read as a failure of the whole transaction.
             Err(reason) => Err(reject(
-                554,
+                550,
                 "5.7.1",
                 "Relaying denied",
                 format!("relay to {recipient:?} denied: {reason}"),

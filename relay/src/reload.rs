@@ -2,6 +2,8 @@
 //! new snapshot and swaps it in atomically. Polling (rather than inotify) is deliberate: it is
 //! robust against Kubernetes' symlink-swapped ConfigMap/Secret volumes and costs a few small
 //! reads per interval. An invalid directory is logged and counted; the last good snapshot stays.
+//! A relay that started without a policy (`relay.yaml` not mounted yet) gets its listeners here,
+//! when the file appears, without a restart.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +21,8 @@ pub async fn watch(relay: Arc<Relay>, self_signed: Arc<SelfSignedCache>) {
     loop {
         tokio::time::sleep(interval).await;
         let dir = relay.config_dir.clone();
-        let Ok(fp) = tokio::task::spawn_blocking(move || fingerprint(&dir)).await else {
+        let tls_dir = relay.settings.tls_path(&dir);
+        let Ok(fp) = tokio::task::spawn_blocking(move || fingerprint(&dir, &tls_dir)).await else {
             continue;
         };
         if fp == last {
@@ -37,7 +40,20 @@ pub async fn reload_now(relay: &Arc<Relay>, self_signed: &Arc<SelfSignedCache>) 
     let cache = self_signed.clone();
     let loaded = tokio::task::spawn_blocking(move || load(&dir, &settings, &cache)).await;
     match loaded {
+        Ok(Ok(snap)) if !snap.policy_loaded && relay.current.load().policy_loaded => {
+            // The policy file went away (ConfigMap deleted, volume re-synced): serving nothing
+            // would be an outage, so the last good policy stays until a new one arrives.
+            relay.metrics.reload(false);
+            error!(
+                file = %relay.config_dir.join(mailrelay_crds::config::CONFIG_FILE).display(),
+                "the policy file disappeared; keeping the last good policy"
+            );
+            false
+        }
         Ok(Ok(snap)) => {
+            if snap.policy_loaded && !relay.current.load().policy_loaded {
+                info!("policy arrived; starting the listeners");
+            }
             let services = snap.config.services.len();
             relay.current.store(Arc::new(snap));
             relay.metrics.reload(true);

@@ -51,6 +51,9 @@ pub struct Relay {
     pub on_queued: std::sync::OnceLock<QueuedHook>,
     /// Bounds the password verifications running at once (memory and CPU of an AUTH flood).
     pub auth_slots: VerificationSlots,
+    /// Set once on SIGTERM: sessions finish their current message and end (see
+    /// [`Relay::begin_shutdown`]).
+    shutdown: tokio::sync::watch::Sender<bool>,
     listeners: Mutex<HashMap<String, (u16, JoinHandle<()>)>>,
 }
 
@@ -90,8 +93,16 @@ impl Relay {
             dns_checks,
             on_queued: std::sync::OnceLock::new(),
             auth_slots,
+            shutdown: tokio::sync::watch::channel(false).0,
             listeners: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Graceful shutdown of the sessions: each one without a transaction in progress gets
+    /// `421 4.3.2` now; one with a transaction finishes its message and gets `421 4.3.2` at its
+    /// next command. Call after [`Relay::stop_listening`]; wait for `sessions_active` to reach 0.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
     }
 
     /// Stops every accept loop (graceful shutdown); open connections are not affected.
@@ -108,12 +119,7 @@ impl Relay {
     /// moved. Open connections are not affected.
     pub async fn sync_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
         let snap = self.current.load_full();
-        let wanted: HashMap<String, u16> = snap
-            .config
-            .services
-            .iter()
-            .map(|s| (s.name.clone(), s.port))
-            .collect();
+        let wanted: HashMap<String, u16> = snap.listeners().into_iter().collect();
         let mut to_bind = Vec::new();
         {
             let mut map = self
@@ -136,7 +142,14 @@ impl Relay {
         }
         let mut first_error = None;
         for (name, port) in to_bind {
-            let addr = SocketAddr::new(self.settings.listen_address, port);
+            let addr = match self.settings.listen_addr(port) {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(service = %name, error = %e, "cannot bind listener");
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
             match TcpListener::bind(addr).await {
                 Ok(l) => {
                     info!(service = %name, %addr, "listening");
@@ -554,6 +567,14 @@ impl Driver {
         // Sized for memory, not speed: every idle session holds one, and a whole pipelined
         // transaction of a typical message fits; large DATA just takes more reads.
         let mut buf = vec![0u8; 4 * 1024];
+        let mut shutdown = self.relay.shutdown.subscribe();
+        let mut draining = false;
+        let line_limit = Duration::from_secs(self.relay.settings.timeouts.line_seconds.max(1));
+        let min_rate = self.relay.settings.timeouts.min_data_rate_bytes_per_second;
+        // When the unfinished command line began, and when the message data began with how many
+        // bytes since: the deadlines that end byte-at-a-time clients.
+        let mut line_started: Option<Instant> = None;
+        let mut data_started: Option<(Instant, u64)> = None;
         loop {
             while let Some(ev) = session.poll_event() {
                 if let Flow::Close = self.event(session, ev, &mut conn).await {
@@ -581,14 +602,45 @@ impl Driver {
                 let _ = conn.shutdown().await;
                 return;
             }
+            if !draining && *shutdown.borrow() {
+                draining = true;
+                session.drain();
+                continue;
+            }
             let now = Instant::now();
-            if now >= deadline {
+            line_started = match (session.partial_line(), line_started) {
+                (0, _) => None,
+                (_, Some(t)) => Some(t),
+                (_, None) => Some(now),
+            };
+            data_started = match (session.in_message(), data_started) {
+                (false, _) => None,
+                (true, Some(d)) => Some(d),
+                (true, None) => Some((now, 0)),
+            };
+            let mut until = deadline.min(now + idle);
+            if let Some(t) = line_started {
+                until = until.min(t + line_limit);
+            }
+            if let (Some((t, bytes)), true) = (data_started, min_rate > 0) {
+                // Allowed time for what has arrived so far at the minimum rate, after a grace of
+                // one line limit.
+                until = until.min(t + line_limit + Duration::from_secs(bytes / min_rate));
+            }
+            if now >= until {
+                self.slow_client(line_started.is_some(), data_started.is_some());
                 session.timeout();
                 continue;
             }
-            let wait = idle.min(deadline - now);
-            match tokio::time::timeout(wait, conn.read(&mut buf)).await {
-                Err(_) => session.timeout(),
+            let read = tokio::select! {
+                r = tokio::time::timeout(until - now, conn.read(&mut buf)) => r,
+                _ = shutdown.wait_for(|v| *v), if !draining => continue,
+            };
+            if let (Ok(Ok(n)), Some((_, bytes))) = (&read, data_started.as_mut()) {
+                *bytes += *n as u64;
+            }
+            match read {
+                Err(_) => continue,
                 Ok(Ok(0)) | Ok(Err(_)) => {
                     if session.in_message() {
                         info!(service = %self.service.name, client = %self.ip, "client disconnected during message data; nothing stored");
@@ -617,6 +669,24 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// A deadline ended the session: log which (the read timeout itself is not an event).
+    fn slow_client(&self, in_line: bool, in_data: bool) {
+        let detail = if in_data {
+            "message data slower than timeouts.minDataRateBytesPerSecond"
+        } else if in_line {
+            "command line not complete within timeouts.lineSeconds"
+        } else {
+            return;
+        };
+        security(
+            &self.relay.metrics,
+            "slow_client",
+            &self.service.name,
+            self.ip,
+            detail,
+        );
     }
 
     /// Writes pending replies; false when the client is gone.

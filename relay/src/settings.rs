@@ -16,6 +16,12 @@ pub struct RuntimeSettings {
     /// Address the SMTP listeners bind to (each service's port comes from the policy).
     #[serde(default = "default_listen")]
     pub listen_address: IpAddr,
+    /// Added to every service port of the policy to get the port the relay binds. In a container
+    /// the relay runs without privileges and listens on unprivileged ports (e.g. 10025 for a
+    /// service on port 25, with an offset of 10000); the Kubernetes Service the operator writes
+    /// maps the policy's port onto `port + offset`. 0 (the default) binds the policy's ports.
+    #[serde(default)]
+    pub listen_port_offset: u16,
     /// `/metrics`, `/healthz` and `/readyz`.
     #[serde(default = "default_metrics")]
     pub metrics_address: SocketAddr,
@@ -26,8 +32,16 @@ pub struct RuntimeSettings {
     /// host name otherwise.
     #[serde(default)]
     pub hostname: Option<String>,
-    /// Generate a self-signed certificate (in memory) for a service whose TLS Secret is not
-    /// mounted, instead of refusing the config. For local and standalone use.
+    /// Where TLS certificates are read from; relative paths resolve against the config
+    /// directory. Two layouts are read: `<tlsDir>/<secret>.crt` + `<secret>.key` (the bundled
+    /// `<instance>-tls` Secret the operator writes, mounted as one volume) and
+    /// `<tlsDir>/<secret>/tls.crt` + `tls.key` (one `kubernetes.io/tls` Secret per folder).
+    #[serde(default = "default_tls_dir")]
+    pub tls_dir: PathBuf,
+    /// For a service whose certificate is missing, generate a self-signed one and keep it in
+    /// `<tlsDir>/<secret>/` (valid one year, renewed when less than 30 days are left). For the
+    /// standalone relay only: without it, a missing certificate means no STARTTLS on that
+    /// service and no SMTPS listener.
     #[serde(default)]
     pub self_signed_if_missing: bool,
     /// Hard cap on message size when a service sets no limit, so memory use stays bounded.
@@ -147,6 +161,14 @@ pub struct Timeouts {
     /// TLS handshake (SMTPS and after STARTTLS).
     #[serde(default = "default_handshake_timeout")]
     pub tls_handshake_seconds: u64,
+    /// A command (or SASL) line must arrive complete within this many seconds of its first byte,
+    /// however often bytes trickle in (against clients that keep sessions open a byte at a time).
+    #[serde(default = "default_line_timeout")]
+    pub line_seconds: u64,
+    /// Message data must arrive at this average rate at least, measured once the message has
+    /// taken longer than `lineSeconds`; 0 turns the check off.
+    #[serde(default = "default_min_data_rate")]
+    pub min_data_rate_bytes_per_second: u64,
 }
 
 impl Default for Timeouts {
@@ -155,8 +177,18 @@ impl Default for Timeouts {
             command_seconds: default_command_timeout(),
             session_seconds: default_session_timeout(),
             tls_handshake_seconds: default_handshake_timeout(),
+            line_seconds: default_line_timeout(),
+            min_data_rate_bytes_per_second: default_min_data_rate(),
         }
     }
+}
+
+fn default_line_timeout() -> u64 {
+    120
+}
+
+fn default_min_data_rate() -> u64 {
+    512
 }
 
 /// Queue and delivery tuning for the outbound side (`crate::delivery`).
@@ -350,6 +382,9 @@ fn default_metrics() -> SocketAddr {
 fn default_spool() -> PathBuf {
     PathBuf::from("spool")
 }
+fn default_tls_dir() -> PathBuf {
+    PathBuf::from(mailrelay_crds::config::TLS_DIR)
+}
 fn default_max_message() -> u64 {
     50 * 1024 * 1024
 }
@@ -389,9 +424,11 @@ impl Default for RuntimeSettings {
         // An empty document yields every field's default.
         RuntimeSettings {
             listen_address: default_listen(),
+            listen_port_offset: 0,
             metrics_address: default_metrics(),
             spool_dir: default_spool(),
             hostname: None,
+            tls_dir: default_tls_dir(),
             self_signed_if_missing: false,
             max_message_size_bytes: default_max_message(),
             reload_interval_ms: default_reload_ms(),
@@ -430,6 +467,27 @@ impl RuntimeSettings {
         }
     }
 
+    /// The TLS directory with relative paths resolved against the config directory.
+    pub fn tls_path(&self, config_dir: &Path) -> PathBuf {
+        if self.tls_dir.is_absolute() {
+            self.tls_dir.clone()
+        } else {
+            config_dir.join(&self.tls_dir)
+        }
+    }
+
+    /// The socket address the listener of a service with policy port `port` binds:
+    /// `listenAddress` and `port + listenPortOffset`.
+    pub fn listen_addr(&self, port: u16) -> anyhow::Result<SocketAddr> {
+        let bound = port.checked_add(self.listen_port_offset).ok_or_else(|| {
+            anyhow::anyhow!(
+                "port {port} + listenPortOffset {} is beyond 65535",
+                self.listen_port_offset
+            )
+        })?;
+        Ok(SocketAddr::new(self.listen_address, bound))
+    }
+
     /// The configured host name or the machine's.
     pub fn effective_hostname(&self) -> String {
         self.hostname.clone().unwrap_or_else(|| {
@@ -456,6 +514,17 @@ mod tests {
         assert_eq!(s.timeouts.command_seconds, 5);
         assert_eq!(s.timeouts.session_seconds, 3600);
         assert!(serde_norway::from_str::<RuntimeSettings>("bogus: 1").is_err());
+    }
+
+    #[test]
+    fn listen_port_offset_is_added_and_checked() {
+        let mut s = RuntimeSettings::default();
+        assert_eq!(s.listen_addr(25).unwrap().port(), 25);
+        s.listen_port_offset = 10000;
+        assert_eq!(s.listen_addr(587).unwrap().port(), 10587);
+        assert!(s.listen_addr(60000).is_err());
+        let s: RuntimeSettings = serde_norway::from_str("listenPortOffset: 10000\n").unwrap();
+        assert_eq!(s.listen_addr(465).unwrap().port(), 10465);
     }
 
     #[test]

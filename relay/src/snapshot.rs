@@ -8,11 +8,12 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 use mailrelay_crds::config::{
-    Credentials, RelayConfig, RelayControl, ServicePolicy, CONFIG_FILE, CREDENTIALS_FILE, TLS_DIR,
+    Credentials, Protocol, RelayConfig, RelayControl, ServicePolicy, CONFIG_FILE, CREDENTIALS_FILE,
 };
+use tracing::warn;
 
 use crate::settings::{RuntimeSettings, RUNTIME_FILE};
-use crate::tls::{load_pem_dir, LoadedCert, SelfSignedCache};
+use crate::tls::{cert_files, load_pem_files, LoadedCert, SelfSignedCache, SelfSignedOutcome};
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -20,6 +21,12 @@ pub struct Snapshot {
     pub credentials: Credentials,
     /// Certificates by TLS Secret name.
     pub certs: BTreeMap<String, LoadedCert>,
+    /// TLS Secrets the policy names whose certificate is not there, with the services that use
+    /// them: those services offer no STARTTLS, and an SMTPS service does not listen.
+    pub missing_certs: BTreeMap<String, Vec<String>>,
+    /// False while `relay.yaml` does not exist yet (a pod that started before the operator's
+    /// first reconcile): nothing is served and `/readyz` says not ready.
+    pub policy_loaded: bool,
     /// Content hash of the files this snapshot was built from.
     pub fingerprint: u64,
     /// Name used when a service sets no host name.
@@ -37,28 +44,51 @@ impl Snapshot {
             .clone()
             .unwrap_or_else(|| self.default_hostname.clone())
     }
+
+    /// The listeners to run: (service name, policy port) of every service, except SMTPS
+    /// services without a certificate (implicit TLS cannot be served without one, so the port
+    /// refuses connections instead of failing every handshake).
+    pub fn listeners(&self) -> Vec<(String, u16)> {
+        self.config
+            .services
+            .iter()
+            .filter(|s| {
+                s.protocol != Protocol::Smtps
+                    || s.tls
+                        .as_ref()
+                        .is_some_and(|t| self.certs.contains_key(&t.secret_name))
+            })
+            .map(|s| (s.name.clone(), s.port))
+            .collect()
+    }
 }
 
 /// Hash of every file that makes up a snapshot (contents, not mtimes: Kubernetes swaps whole
-/// directories through symlinks and mtimes of the targets are not reliable).
-pub fn fingerprint(dir: &Path) -> u64 {
+/// directories through symlinks and mtimes of the targets are not reliable). `tls_dir` is hashed
+/// in both layouts: top-level files (`<secret>.crt`/`.key`) and `<secret>/tls.{crt,key}`.
+pub fn fingerprint(dir: &Path, tls_dir: &Path) -> u64 {
     let mut h = DefaultHasher::new();
     for name in [CONFIG_FILE, CREDENTIALS_FILE, RUNTIME_FILE] {
         name.hash(&mut h);
         std::fs::read(dir.join(name)).ok().hash(&mut h);
     }
-    let tls = dir.join(TLS_DIR);
-    if let Ok(entries) = std::fs::read_dir(&tls) {
+    if let Ok(entries) = std::fs::read_dir(tls_dir) {
         let mut names: Vec<_> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.file_name())
+            // Kubernetes' `..data` and timestamped directories: the visible names link into them.
             .filter(|n| !n.to_string_lossy().starts_with('.'))
             .collect();
         names.sort();
         for n in names {
             n.hash(&mut h);
-            for f in ["tls.crt", "tls.key"] {
-                std::fs::read(tls.join(&n).join(f)).ok().hash(&mut h);
+            let p = tls_dir.join(&n);
+            if p.is_dir() {
+                for f in ["tls.crt", "tls.key"] {
+                    std::fs::read(p.join(f)).ok().hash(&mut h);
+                }
+            } else {
+                std::fs::read(&p).ok().hash(&mut h);
             }
         }
     }
@@ -71,27 +101,50 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// Reads and validates the config directory.
+/// Reads and validates the config directory. Without `relay.yaml` the result is a snapshot with
+/// no services and `policy_loaded: false` (the relay waits for its policy).
 pub fn load(
     dir: &Path,
     settings: &RuntimeSettings,
     self_signed: &SelfSignedCache,
 ) -> anyhow::Result<Snapshot> {
-    let fp = fingerprint(dir);
-    let config: RelayConfig = read_yaml(&dir.join(CONFIG_FILE))?;
+    let tls_dir = settings.tls_path(dir);
+    let fp = fingerprint(dir, &tls_dir);
+    let default_hostname = settings.effective_hostname();
+    let config_path = dir.join(CONFIG_FILE);
+    match std::fs::metadata(&config_path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Snapshot {
+                config: RelayConfig::default(),
+                credentials: Credentials::default(),
+                certs: BTreeMap::new(),
+                missing_certs: BTreeMap::new(),
+                policy_loaded: false,
+                fingerprint: fp,
+                default_hostname,
+            });
+        }
+        Err(e) => anyhow::bail!("reading {}: {e}", config_path.display()),
+        Ok(_) => {}
+    }
+    let config: RelayConfig = read_yaml(&config_path)?;
     let credentials: Credentials = match std::fs::metadata(dir.join(CREDENTIALS_FILE)) {
         Ok(_) => read_yaml(&dir.join(CREDENTIALS_FILE))?,
         Err(_) => Credentials::default(),
     };
     validate(&config, &credentials)?;
-    let default_hostname = settings.effective_hostname();
     let mut certs = BTreeMap::new();
+    let mut missing_certs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for svc in &config.services {
         let Some(tls) = &svc.tls else { continue };
-        if certs.contains_key(&tls.secret_name) {
+        let secret = &tls.secret_name;
+        if certs.contains_key(secret) {
             continue;
         }
-        let path = dir.join(TLS_DIR).join(&tls.secret_name);
+        if let Some(users) = missing_certs.get_mut(secret) {
+            users.push(svc.name.clone());
+            continue;
+        }
         let mut names = tls.dns_names.clone();
         if names.is_empty() {
             names.push(
@@ -100,29 +153,55 @@ pub fn load(
                     .unwrap_or_else(|| default_hostname.clone()),
             );
         }
-        let key = if path.join("tls.crt").exists() || !settings.self_signed_if_missing {
-            load_pem_dir(&path).map_err(|e| {
-                anyhow::anyhow!(
-                    "service {:?}: TLS Secret {:?}: {e}",
-                    svc.name,
-                    tls.secret_name
-                )
-            })?
-        } else {
-            self_signed.get(&tls.secret_name, &names)?
+        let found = cert_files(&tls_dir, secret);
+        let generated = SelfSignedCache::is_generated(&tls_dir.join(secret));
+        let key = match found {
+            // A certificate somebody put there is used as it is.
+            Some((crt, key)) if !(settings.self_signed_if_missing && generated) => {
+                load_pem_files(&crt, &key).map_err(|e| {
+                    anyhow::anyhow!("service {:?}: TLS Secret {secret:?}: {e}", svc.name)
+                })?
+            }
+            _ if settings.self_signed_if_missing => {
+                let (key, outcome) = self_signed.ensure(&tls_dir, secret, &names)?;
+                if outcome != SelfSignedOutcome::Kept {
+                    warn!(service = %svc.name, secret = %secret, dir = %tls_dir.join(secret).display(), ?outcome, "no certificate for this TLS Secret: generated a self-signed one (selfSignedIfMissing)");
+                }
+                key
+            }
+            _ => {
+                missing_certs.insert(secret.clone(), vec![svc.name.clone()]);
+                continue;
+            }
         };
         certs.insert(
-            tls.secret_name.clone(),
+            secret.clone(),
             LoadedCert {
                 key,
                 dns_names: names,
             },
         );
     }
+    for (secret, services) in &missing_certs {
+        for name in services {
+            let smtps = config
+                .services
+                .iter()
+                .any(|s| &s.name == name && s.protocol == Protocol::Smtps);
+            let effect = if smtps {
+                "implicit TLS cannot be served: this SMTPS service does not listen"
+            } else {
+                "STARTTLS is not offered on this service"
+            };
+            warn!(service = %name, secret = %secret, tls_dir = %tls_dir.display(), "TLS certificate missing ({secret}.crt/.key or {secret}/tls.crt/tls.key): {effect} until it appears");
+        }
+    }
     Ok(Snapshot {
         config,
         credentials,
         certs,
+        missing_certs,
+        policy_loaded: true,
         fingerprint: fp,
         default_hostname,
     })

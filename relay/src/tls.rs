@@ -4,7 +4,7 @@
 //! else the service's own).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -29,19 +29,38 @@ pub struct LoadedCert {
     pub dns_names: Vec<String>,
 }
 
+/// Where the certificate of TLS Secret `secret` is found under `tls_dir`: the flat layout of the
+/// operator's bundled Secret (`<secret>.crt`, `<secret>.key`) first, then one folder per
+/// `kubernetes.io/tls` Secret (`<secret>/tls.crt`, `<secret>/tls.key`). `None`: neither exists.
+pub fn cert_files(tls_dir: &Path, secret: &str) -> Option<(PathBuf, PathBuf)> {
+    let flat = (
+        tls_dir.join(format!("{secret}.crt")),
+        tls_dir.join(format!("{secret}.key")),
+    );
+    if flat.0.exists() {
+        return Some(flat);
+    }
+    let dir = tls_dir.join(secret);
+    let nested = (dir.join("tls.crt"), dir.join("tls.key"));
+    nested.0.exists().then_some(nested)
+}
+
 /// Loads `<dir>/tls.crt` and `<dir>/tls.key` (PEM, as in a `kubernetes.io/tls` Secret).
 pub fn load_pem_dir(dir: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
-    let crt = dir.join("tls.crt");
-    let key = dir.join("tls.key");
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&crt)
+    load_pem_files(&dir.join("tls.crt"), &dir.join("tls.key"))
+}
+
+/// Loads a PEM certificate chain and its private key.
+pub fn load_pem_files(crt: &Path, key: &Path) -> anyhow::Result<Arc<CertifiedKey>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(crt)
         .map_err(|e| anyhow::anyhow!("{}: {e}", crt.display()))?
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("{}: {e}", crt.display()))?;
     if certs.is_empty() {
         anyhow::bail!("{}: no certificate found", crt.display());
     }
-    let key = PrivateKeyDer::from_pem_file(&key)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
     certified_key(certs, key)
 }
 
@@ -57,8 +76,53 @@ fn certified_key(
     Ok(Arc::new(ck))
 }
 
-/// Self-signed certificates generated for missing Secrets, kept so that reloads do not change
-/// them every second.
+/// Lifetime of a generated self-signed certificate.
+pub const SELF_SIGNED_DAYS: i64 = 365;
+/// A generated certificate with less than this left is replaced.
+pub const SELF_SIGNED_RENEW_DAYS: i64 = 30;
+/// Written next to a generated certificate: it marks the certificate as ours (by its hash, so a
+/// real certificate put in its place is never overwritten) and records when it expires.
+pub const SELF_SIGNED_META: &str = "self-signed.json";
+
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SelfSignedMeta {
+    /// SHA-256 (hex) of the `tls.crt` this record is about.
+    cert_sha256: String,
+    /// Unix seconds.
+    not_after: i64,
+    dns_names: Vec<String>,
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// What [`SelfSignedCache::ensure`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SelfSignedOutcome {
+    /// A generated certificate on disk is still good and was loaded.
+    Kept,
+    /// A new certificate was generated and written.
+    Generated,
+    /// A new certificate was generated but could not be written; it lives in memory only.
+    InMemory,
+}
+
+/// Generated self-signed certificates (`selfSignedIfMissing`, standalone use). They are kept on
+/// disk under `<tlsDir>/<secret>/` so that clients that pinned one keep working across restarts;
+/// the in-memory cache only serves when the directory is not writable.
 #[derive(Default)]
 pub struct SelfSignedCache {
     certs: Mutex<HashMap<SelfSignedKey, Arc<CertifiedKey>>>,
@@ -68,23 +132,117 @@ pub struct SelfSignedCache {
 type SelfSignedKey = (String, Vec<String>);
 
 impl SelfSignedCache {
-    pub fn get(&self, secret: &str, names: &[String]) -> anyhow::Result<Arc<CertifiedKey>> {
+    /// Whether the certificate in `dir` (`tls.crt`) is one this relay generated.
+    pub fn is_generated(dir: &Path) -> bool {
+        Self::meta(dir).is_some()
+    }
+
+    fn meta(dir: &Path) -> Option<SelfSignedMeta> {
+        let text = std::fs::read_to_string(dir.join(SELF_SIGNED_META)).ok()?;
+        let meta: SelfSignedMeta = serde_json::from_str(&text).ok()?;
+        let crt = std::fs::read(dir.join("tls.crt")).ok()?;
+        (meta.cert_sha256 == sha256_hex(&crt)).then_some(meta)
+    }
+
+    /// The self-signed certificate for `secret` in `<tls_dir>/<secret>/`: the one on disk while
+    /// it is ours, for the same names and has more than 30 days left; otherwise a new one valid
+    /// for a year, written there (key file mode 0600).
+    pub fn ensure(
+        &self,
+        tls_dir: &Path,
+        secret: &str,
+        names: &[String],
+    ) -> anyhow::Result<(Arc<CertifiedKey>, SelfSignedOutcome)> {
+        let dir = tls_dir.join(secret);
+        let now = unix_now();
+        if let Some(meta) = Self::meta(&dir) {
+            let fresh = meta.not_after - now > SELF_SIGNED_RENEW_DAYS * 86_400;
+            if fresh && meta.dns_names == names {
+                if let Ok(k) = load_pem_dir(&dir) {
+                    return Ok((k, SelfSignedOutcome::Kept));
+                }
+            }
+        }
         let key = (secret.to_string(), names.to_vec());
         let mut map = self
             .certs
             .lock()
             .map_err(|_| anyhow::anyhow!("self-signed cache poisoned"))?;
-        if let Some(k) = map.get(&key) {
-            return Ok(k.clone());
+        let not_after = now + SELF_SIGNED_DAYS * 86_400;
+        let (cert_pem, key_pem) = generate(names, now, not_after)?;
+        let ck = certified_key(
+            vec![CertificateDer::from_pem_slice(cert_pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("generated certificate: {e}"))?],
+            PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|e| anyhow::anyhow!("generated key: {e}"))?,
+        )?;
+        let meta = SelfSignedMeta {
+            cert_sha256: sha256_hex(cert_pem.as_bytes()),
+            not_after,
+            dns_names: names.to_vec(),
+        };
+        match persist(&dir, &cert_pem, &key_pem, &meta) {
+            Ok(()) => {
+                map.remove(&key);
+                Ok((ck, SelfSignedOutcome::Generated))
+            }
+            Err(e) => {
+                tracing::warn!(secret, dir = %dir.display(), error = %e, "cannot store the self-signed certificate; serving it from memory");
+                let ck = map.entry(key).or_insert(ck).clone();
+                Ok((ck, SelfSignedOutcome::InMemory))
+            }
         }
-        let generated = rcgen::generate_simple_self_signed(names.to_vec())?;
-        let cert = CertificateDer::from(generated.cert.der().to_vec());
-        let pk = PrivateKeyDer::try_from(generated.signing_key.serialize_der())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let ck = certified_key(vec![cert], pk)?;
-        map.insert(key, ck.clone());
-        Ok(ck)
     }
+}
+
+/// A self-signed certificate for `names` valid from `not_before` to `not_after` (Unix seconds),
+/// as PEM (certificate, private key).
+fn generate(names: &[String], not_before: i64, not_after: i64) -> anyhow::Result<(String, String)> {
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_else(|| "localhost".into()),
+    );
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "mailrelay self-signed");
+    // A little slack for clocks that are slightly behind.
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(not_before - 3600)?;
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(not_after)?;
+    let key = rcgen::KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn persist(
+    dir: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+    meta: &SelfSignedMeta,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, bytes: &[u8], mode: u32| -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))
+    };
+    // Key first and the marker last: a crash in between leaves a certificate that is not marked
+    // as ours, so the next start generates a fresh pair instead of trusting a half-written one.
+    let _ = std::fs::remove_file(dir.join(SELF_SIGNED_META));
+    write("tls.key", key_pem.as_bytes(), 0o600)?;
+    write("tls.crt", cert_pem.as_bytes(), 0o644)?;
+    let json = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other)?;
+    write(SELF_SIGNED_META, &json, 0o644)
 }
 
 /// Chooses the certificate for each handshake from the current snapshot.

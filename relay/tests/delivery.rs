@@ -68,6 +68,8 @@ async fn start(
         config,
         credentials: creds,
         certs: BTreeMap::new(),
+        missing_certs: BTreeMap::new(),
+        policy_loaded: true,
         fingerprint: 0,
         default_hostname: "relay.test".into(),
     };

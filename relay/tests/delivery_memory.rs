@@ -144,6 +144,8 @@ async fn delivering_and_bouncing_large_messages_needs_a_constant_amount_of_memor
         config: RelayConfig::default(),
         credentials: Credentials::default(),
         certs: BTreeMap::new(),
+        missing_certs: BTreeMap::new(),
+        policy_loaded: true,
         fingerprint: 0,
         default_hostname: "relay.test".into(),
     };

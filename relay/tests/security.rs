@@ -468,3 +468,72 @@ fn abandoned_streamed_body_is_not_stored_with_the_next_message() {
     );
     assert_eq!(env.size, data.len() as u64);
 }
+
+/// Hiding a group's clients hides both their address and their HELO name (usually an internal
+/// host name) in `Received:`.
+#[test]
+fn hidden_clients_leave_no_address_or_helo_name_in_received() {
+    let mut relay = Relay::start_with(
+        |cfg| {
+            for s in &mut cfg.services {
+                s.hide_client_ip_for = Some("loopback".into());
+            }
+        },
+        NO_DELIVERY,
+    );
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO build-server-07.corp.internal", 250);
+    let (code, text) = c.send_mail(
+        "s@far.example",
+        &["alice@example.test"],
+        "Subject: x\r\n\r\nx",
+    );
+    assert_eq!(code, 250, "{text}");
+    relay.kill9();
+    let msgs = spool_messages(&relay.path().join("spool"));
+    let data = String::from_utf8_lossy(&msgs[0].1);
+    let received = &data[..data.find("Subject:").unwrap()];
+    assert!(
+        received.starts_with("Received: from hidden.invalid"),
+        "{received}"
+    );
+    assert!(!received.contains("corp.internal"), "{received}");
+    assert!(!received.contains("127.0.0.1"), "{received}");
+}
+
+/// A spool file whose format version is damaged to 0 is quarantined at start (not left unseen in
+/// `msg/`) and counted in `mailrelay_spool_quarantined_total`, so an alert can fire.
+#[test]
+fn damaged_spool_file_is_quarantined_and_counted() {
+    let mut relay = Relay::start_with(|_| {}, NO_DELIVERY);
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    assert_eq!(
+        c.send_mail(
+            "s@far.example",
+            &["alice@example.test"],
+            "Subject: x\r\n\r\nx"
+        )
+        .0,
+        250
+    );
+    relay.kill9();
+    let msg_dir = relay.path().join("spool/msg");
+    let file = std::fs::read_dir(&msg_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "msg"))
+        .expect("a message file");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
+    std::fs::write(&file, bytes).unwrap();
+    relay.spawn();
+    relay.wait_metric("mailrelay_spool_quarantined_total 1");
+    relay.wait_metric("mailrelay_spool_depth 0");
+    assert!(!file.exists());
+    let name = file.file_name().unwrap();
+    assert!(relay.path().join("spool/corrupt").join(name).exists());
+}

@@ -13,6 +13,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_INVALID: &str = "Invalid";
 /// Condition type: the object compiled, but something about it deserves attention.
 pub const CONDITION_WARNING: &str = "Warning";
+/// Condition type (kstatus): the object cannot get into effect without a change by someone.
+pub const CONDITION_STALLED: &str = "Stalled";
+/// Condition type (kstatus): the object is on its way into effect (e.g. a certificate is being
+/// issued).
+pub const CONDITION_RECONCILING: &str = "Reconciling";
 
 /// Status written by the operator on every mailrelay resource.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]
@@ -21,7 +26,8 @@ pub struct PolicyStatus {
     /// The `.metadata.generation` the operator last compiled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Invalid` and `Warning` conditions with a reason and a message that says what to fix.
+    /// `Ready` (always), `Invalid`, `Warning`, and the kstatus conditions `Stalled` and
+    /// `Reconciling` (each only while true), with a reason and a message that says what to fix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -37,6 +37,61 @@ pub fn crd_manifests() -> Vec<(
         ("deliveryrules.yaml", DeliveryRule::crd()),
         ("accesspolicies.yaml", AccessPolicy::crd()),
     ]
+    .into_iter()
+    .map(|(f, crd)| (f, without_unknown_formats(crd)))
+    .collect()
+}
+
+/// `format` values the API server knows (k8s.io/kube-openapi strfmt plus the OpenAPI numeric
+/// ones). schemars also emits Rust-specific ones (`uint32`, `uint64`, `uint8`, ...), which make
+/// every `kubectl apply` of the CRD print `unrecognized format` warnings; the type and the
+/// `minimum: 0` schemars adds already say everything those did.
+pub const KNOWN_FORMATS: &[&str] = &[
+    "int32",
+    "int64",
+    "float",
+    "double",
+    "byte",
+    "binary",
+    "date",
+    "date-time",
+    "datetime",
+    "duration",
+    "password",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+];
+
+fn without_unknown_formats(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let unknown = m
+                    .get("format")
+                    .and_then(|f| f.as_str())
+                    .is_some_and(|f| !KNOWN_FORMATS.contains(&f));
+                if unknown {
+                    m.remove("format");
+                }
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let Ok(mut v) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    strip(&mut v);
+    serde_json::from_value(v).unwrap_or(crd)
 }
 
 /// YAML text of one generated CRD, exactly as committed.

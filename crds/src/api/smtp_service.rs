@@ -26,6 +26,11 @@ use super::common::{name_list_schema, name_schema, PolicyStatus};
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
     printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
+    printcolumn(
         name = "Warning",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Warning\")].reason"
@@ -69,8 +74,9 @@ pub struct SmtpServiceSpec {
     /// Security Options: per-IP and per-session limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<LimitsSpec>,
-    /// IpAddressGroup whose client addresses are hidden in the `Received:` header (for hosts on a
-    /// private network behind the relay).
+    /// IpAddressGroup whose clients are hidden in the `Received:` header: neither their address
+    /// nor their HELO name appears (`from hidden.invalid`), for hosts on a private network behind
+    /// the relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "name_schema")]
     pub hide_client_ip_for: Option<String>,

@@ -1,5 +1,6 @@
-//! Shared harness of the real-API-server tests: finding the server, kubectl, running operator
-//! processes, bounded polling.
+//! Shared harness of the real-API-server tests (kube-lite, `tests/kube-lite/`, or any cluster in
+//! `KUBECONFIG`): finding the server, kubectl, running operator processes, reading what they
+//! wrote through the API, bounded polling.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -13,16 +14,24 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The API server's kubeconfig, or `None` after a loud message (the test then passes vacuously;
-/// CI always sets KUBECONFIG, see operator/README.md).
+/// The API server's kubeconfig, or `None` after a loud message (the test then passes vacuously,
+/// unless `MAILRELAY_REQUIRE_PEERS=1`, as in CI, which makes a missing server a failure).
 pub fn server() -> Option<PathBuf> {
     match std::env::var_os("KUBECONFIG") {
         Some(k) if !k.is_empty() => Some(PathBuf::from(k)),
         _ => {
-            eprintln!("\n\n!!!!! SKIPPED: KUBECONFIG is not set; this test needs a real API server. !!!!!\n!!!!! Run tests/apiserver/setup.sh and export the KUBECONFIG it prints.       !!!!!\n");
+            require_peer("KUBECONFIG is not set; this test needs a real API server: eval \"$(tests/kube-lite/up.sh)\"");
             None
         }
     }
+}
+
+/// A missing peer: a failure under `MAILRELAY_REQUIRE_PEERS=1`, a loud SKIPPED line otherwise.
+pub fn require_peer(what: &str) {
+    if std::env::var("MAILRELAY_REQUIRE_PEERS").is_ok_and(|v| v == "1") {
+        panic!("MAILRELAY_REQUIRE_PEERS=1: {what}");
+    }
+    eprintln!("\n\n!!!!! SKIPPED: {what} !!!!!\n");
 }
 
 pub fn kubectl_bin() -> String {
@@ -63,8 +72,8 @@ pub fn apply_yaml(yaml: &str) -> (bool, String) {
     )
 }
 
-/// Installs the mailrelay CRDs and, where the server lacks them, the built-in kinds the operator
-/// uses (Lease, events.k8s.io Event) as CRDs. Idempotent.
+/// Installs the mailrelay CRDs (idempotent) and checks that the API server accepts them without
+/// warnings (an `unrecognized format` in a schema would print one on every apply).
 pub fn install_crds() {
     // Tests of one binary run in parallel; on a fresh server their concurrent `kubectl apply`
     // calls race to create the same CRDs (AlreadyExists), so one installs and the others wait.
@@ -73,8 +82,20 @@ pub fn install_crds() {
     if *installed {
         return;
     }
-    kubectl_ok(&["apply", "-f", repo().join("crds").to_str().expect("utf8")]);
-    let mut wait = vec![
+    let o = kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        repo().join("crds").to_str().expect("utf8"),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "kubectl apply crds: {stderr}");
+    assert!(
+        !stderr.contains("Warning"),
+        "the API server warns about the CRDs: {stderr}"
+    );
+    kubectl_ok(&[
         "wait",
         "--for=condition=Established",
         "--timeout=60s",
@@ -83,20 +104,7 @@ pub fn install_crds() {
         "crd/maildomains.mailrelay.dev",
         "crd/smtpservices.mailrelay.dev",
         "crd/accesspolicies.mailrelay.dev",
-    ];
-    // A real cluster serves these itself; the CRD API server only once registered as CRDs.
-    let served = kubectl(&["get", "--raw", "/apis/coordination.k8s.io/v1"])
-        .status
-        .success();
-    let as_crd = kubectl(&["get", "crd", "leases.coordination.k8s.io"])
-        .status
-        .success();
-    if !served || as_crd {
-        let f = repo().join("tests/apiserver/builtin-crds.yaml");
-        kubectl_ok(&["apply", "-f", f.to_str().expect("utf8")]);
-        wait.extend(["crd/leases.coordination.k8s.io", "crd/events.events.k8s.io"]);
-    }
-    kubectl_ok(&wait);
+    ]);
     *installed = true;
 }
 
@@ -191,20 +199,20 @@ pub fn wait_no_condition(kind: &str, ns: &str, name: &str, type_: &str) -> Value
     )
 }
 
-/// One operator process in the core-API-less mode the test server needs.
+/// One operator process watching one namespace.
 pub struct Operator {
     pub child: Child,
-    pub out: PathBuf,
     pub log: PathBuf,
+    pub ns: String,
 }
 
 pub struct OperatorOpts<'a> {
     pub ns: &'a str,
-    pub secrets: &'a Path,
-    pub out: &'a Path,
     pub identity: &'a str,
     pub log: &'a Path,
     pub lease_seconds: u64,
+    /// `--relay-service-config` (the operator then owns the relay Service).
+    pub relay_service: Option<&'a Path>,
 }
 
 impl Operator {
@@ -214,28 +222,28 @@ impl Operator {
         let bin = std::env::var("MAILRELAY_OPERATOR_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_operator").to_string());
         let lease = o.lease_seconds.to_string();
-        let child = Command::new(bin)
-            .args([
-                "run",
-                "--namespace",
-                o.ns,
-                "--lease-namespace",
-                o.ns,
-                "--identity",
-                o.identity,
-                "--metrics-addr",
-                "127.0.0.1:0",
-                "--lease-duration-seconds",
-                &lease,
-                "--lease-renew-seconds",
-                "0.5",
-                "--recheck-seconds",
-                "2",
-                "--secrets-dir",
-                o.secrets.to_str().expect("utf8"),
-                "--output-dir",
-                o.out.to_str().expect("utf8"),
-            ])
+        let mut cmd = Command::new(bin);
+        cmd.args([
+            "run",
+            "--namespace",
+            o.ns,
+            "--lease-namespace",
+            o.ns,
+            "--identity",
+            o.identity,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--lease-duration-seconds",
+            &lease,
+            "--lease-renew-seconds",
+            "0.5",
+            "--recheck-seconds",
+            "2",
+        ]);
+        if let Some(p) = o.relay_service {
+            cmd.arg("--relay-service-config").arg(p);
+        }
+        let child = cmd
             .env("RUST_LOG", "info,mailrelay_operator=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -244,19 +252,14 @@ impl Operator {
             .expect("start operator");
         Operator {
             child,
-            out: o.out.to_path_buf(),
             log: o.log.to_path_buf(),
+            ns: o.ns.to_string(),
         }
-    }
-
-    pub fn policy_path(&self, ns: &str) -> PathBuf {
-        self.out.join(ns).join("mailrelay-policy.yaml")
     }
 
     /// The applied policy ConfigMap, if written.
     pub fn policy(&self, ns: &str) -> Option<Value> {
-        let t = std::fs::read_to_string(self.policy_path(ns)).ok()?;
-        serde_norway::from_str(&t).ok()
+        get("configmap", ns, "mailrelay-policy")
     }
 
     pub fn hash(&self, ns: &str) -> Option<String> {
@@ -289,6 +292,10 @@ impl Operator {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    pub fn child_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
 }
 
 impl Drop for Operator {
@@ -304,7 +311,7 @@ pub async fn client() -> Client {
     Client::try_default().await.expect("kube client")
 }
 
-/// Every Event (events.k8s.io, registered as a CRD on the test server) in `ns`: (reason, object).
+/// Every Event (events.k8s.io, what kube's Recorder writes) in `ns`: (reason, object).
 pub fn events(ns: &str) -> Vec<(String, String)> {
     let o = kubectl(&["get", "events.v1.events.k8s.io", "-n", ns, "-o", "json"]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
@@ -333,45 +340,51 @@ pub fn namespace(prefix: &str) -> String {
     format!("{prefix}-{n}")
 }
 
-/// A namespace directory with the example Secrets (and a scratch output dir).
-pub struct Dirs {
-    pub _tmp: tempfile::TempDir,
-    pub secrets: PathBuf,
-    pub out: PathBuf,
-    pub root: PathBuf,
+/// A scratch directory (operator logs, settings files).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
 }
 
-pub fn dirs() -> Dirs {
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let root = tmp.path().to_path_buf();
-    let secrets = root.join("secrets");
-    let out = root.join("out");
-    std::fs::create_dir_all(&secrets).expect("mkdir");
-    std::fs::create_dir_all(&out).expect("mkdir");
-    Dirs {
-        _tmp: tmp,
-        secrets,
-        out,
-        root,
-    }
-}
-
-/// Splits the example Secrets into one file per Secret in `dir` (so a test can remove one).
-pub fn write_secrets(dir: &Path, secrets_yaml: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for (i, doc) in secrets_yaml
+/// The example Secrets, one YAML document each: (name, document).
+pub fn split_secrets(secrets_yaml: &str) -> Vec<(String, String)> {
+    secrets_yaml
         .split("---\n")
         .filter(|d| d.contains("kind: Secret"))
-        .enumerate()
-    {
-        let name = doc
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("name: "))
-            .unwrap_or("secret")
-            .to_string();
-        let p = dir.join(format!("{i:02}-{name}.yaml"));
-        std::fs::write(&p, doc).expect("write secret");
-        out.push(p);
+        .map(|doc| {
+            let name = doc
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("name: "))
+                .unwrap_or("secret")
+                .to_string();
+            (name, doc.to_string())
+        })
+        .collect()
+}
+
+/// Applies the example Secrets except those named in `except`.
+pub fn apply_secrets(secrets_yaml: &str, except: &[&str]) {
+    for (name, doc) in split_secrets(secrets_yaml) {
+        if !except.contains(&name.as_str()) {
+            let (ok, out) = apply_yaml(&doc);
+            assert!(ok, "{out}");
+        }
     }
-    out
+}
+
+/// A kubernetes.io/tls Secret with a throwaway self-signed certificate for `names`.
+pub fn tls_secret_yaml(ns: &str, name: &str, names: &[&str]) -> (String, String) {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("certificate");
+    let crt = c.cert.pem();
+    let key = c.signing_key.serialize_pem();
+    let b64 = |s: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, s);
+    (
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\ntype: kubernetes.io/tls\ndata:\n  tls.crt: {}\n  tls.key: {}\n",
+            b64(&crt),
+            b64(&key)
+        ),
+        crt,
+    )
 }

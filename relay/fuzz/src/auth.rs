@@ -125,6 +125,8 @@ fn fixture() -> &'static Fixture {
                 ..Credentials::default()
             },
             certs: BTreeMap::new(),
+            missing_certs: BTreeMap::new(),
+            policy_loaded: true,
             fingerprint: 0,
             default_hostname: "relay.fuzz.test".into(),
         };

@@ -596,6 +596,11 @@ fn run(
     assert!(s.poll_event().is_none(), "event before the greeting");
     s.greeting();
     d.run(&mut s, pieces);
+    if !d.obs.closed && d.answers.byte() % 2 == 1 {
+        // SIGTERM: the transaction in progress may finish, the session ends at the next command.
+        s.drain();
+        d.run(&mut s, &mut std::iter::once(&b"QUIT\r\n"[..]));
+    }
     if !d.obs.closed {
         // The driver's idle or session timeout.
         s.timeout();

@@ -221,8 +221,8 @@ pub enum EnvelopeError {
     #[error("envelope has no format version")]
     MissingVersion,
     #[error(
-        "envelope format version {found} is newer than the newest this relay reads ({supported}); \
-         it was written by a newer relay and is left untouched"
+        "envelope format version {found} is not one this relay reads (1 to {supported}): damaged, \
+         or written by a newer relay (then move it back into msg/ after upgrading)"
     )]
     UnsupportedVersion { found: u32, supported: u32 },
     #[error("malformed envelope: {0}")]
@@ -395,6 +395,7 @@ mod tests {
             }
         ));
         assert!(err.to_string().contains("newer relay"), "{err}");
+        assert!(err.to_string().contains("damaged"), "{err}");
         assert!(matches!(
             EnvelopeRecord::decode(br#"{"dataLen":3}"#),
             Err(EnvelopeError::MissingVersion)

@@ -35,7 +35,7 @@ pub(crate) struct Header {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum HeaderError {
     BadMagic,
-    /// Written by a newer relay; leave the file alone.
+    /// A version this relay does not read: damaged (0) or written by a newer relay.
     Unsupported(u32),
     /// The envelope does not fit the 32-bit length field (never written by this crate).
     EnvelopeTooLarge(usize),
@@ -47,8 +47,8 @@ impl fmt::Display for HeaderError {
             HeaderError::BadMagic => f.write_str("not a spool message file (bad magic)"),
             HeaderError::Unsupported(v) => write!(
                 f,
-                "message file format version {v} is not one this relay reads (newest {FORMAT_VERSION}); \
-                 it was written by a newer relay and is left untouched"
+                "message file format version {v} is not one this relay reads (1 to {FORMAT_VERSION}): \
+                 damaged, or written by a newer relay (then move it back into msg/ after upgrading)"
             ),
             HeaderError::EnvelopeTooLarge(n) => write!(f, "envelope of {n} bytes is too large"),
         }

@@ -38,7 +38,6 @@ pub fn encode_message_header(
 pub fn check_message_record(bytes: &[u8], data_len: u64) -> Result<Envelope, String> {
     match crate::decode_record("fuzz.msg", bytes, data_len) {
         Ok(r) => Ok(r.envelope),
-        Err(crate::Skip::Unsupported(_, why)) => Err(format!("unsupported: {why}")),
-        Err(crate::Skip::Corrupt(_, why)) => Err(format!("corrupt: {why}")),
+        Err(crate::Skip::Corrupt(_, why)) => Err(why),
     }
 }

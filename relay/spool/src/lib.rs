@@ -67,12 +67,17 @@
 //!
 //! Recovery ([`Spool::open`]) therefore deletes `*.tmp` files, `.upd` files without a `.msg`
 //! and `.eml` files without an `.env` (leftovers of interrupted stores and removals); moves a
-//! message whose file has a damaged header, a length that disagrees with it, or an envelope
-//! record that does not parse or disagrees with the data length (in `.msg` or `.upd`; for the
-//! old layout: an `.env` that does not parse, lacks its data file, or disagrees with its length)
-//! to `corrupt/` with all its files, and reports it ([`RecoveryReport`]); leaves messages whose
-//! file or envelope has a newer format version where they are (a newer relay will read them) and
-//! reports them; and loads everything else.
+//! message whose file has a damaged header, a format version this relay does not read (0 is
+//! damage; a newer one is a newer relay's after a downgrade — move it back after upgrading), a
+//! length that disagrees with it, or an envelope record that does not parse or disagrees with
+//! the data length (in `.msg` or `.upd`; for the old layout: an `.env` that does not parse, lacks
+//! its data file, or disagrees with its length) to `corrupt/` with all its files, and reports it
+//! ([`RecoveryReport::quarantined`], which the relay exports as `spool_quarantined_total`);
+//! nothing unreadable is left in `msg/`, where it would sit unseen by the queue. Everything else
+//! is loaded.
+//!
+//! `<dir>/inflight/` belongs to the delivery queue (markers of deliveries in progress, to count
+//! re-sends after a crash); the spool neither reads nor cleans it.
 //!
 //! The lock keeps two processes from sharing one spool: the recovery of one would delete the
 //! in-flight files of the other. Each relay instance needs its own spool directory.
@@ -99,7 +104,7 @@ pub use envelope::{
 pub use id::{MessageId, ParseMessageIdError};
 
 use envelope::EnvelopeRecord;
-use format::{Header, HeaderError, HEADER_LEN};
+use format::{Header, HEADER_LEN};
 
 const MSG_DIR: &str = "msg";
 const CORRUPT_DIR: &str = "corrupt";
@@ -151,10 +156,9 @@ pub struct RecoveryReport {
     /// Leftovers of writes that never committed (temporary files, data without envelope),
     /// deleted. Expected after a crash; a client that got no `250` sends these again.
     pub removed_uncommitted: Vec<String>,
-    /// Files moved to `<dir>/corrupt/` and why. Never expected; needs an operator.
+    /// Files moved to `<dir>/corrupt/` and why: damaged, or of a format version this relay does
+    /// not read (a newer relay's, after a downgrade). Never expected; needs an operator.
     pub quarantined: Vec<SkippedFile>,
-    /// Envelopes of a newer format version, left in place untouched (and not loaded).
-    pub unsupported: Vec<SkippedFile>,
     /// Files in the message directory the spool did not write; left alone.
     pub unknown: Vec<String>,
 }
@@ -977,10 +981,6 @@ impl Shared {
                 Err(skip) => skip,
             };
             match skip {
-                Skip::Unsupported(file, reason) => {
-                    tracing::warn!(file = %self.msg_dir.join(&file).display(), error = %reason, "skipping message");
-                    report.unsupported.push(SkippedFile { file, reason });
-                }
                 Skip::Corrupt(file, problem) => {
                     tracing::error!(file = %self.msg_dir.join(&file).display(), problem = %problem, "quarantining spooled message");
                     self.quarantine(&msg_name)?;
@@ -1012,14 +1012,6 @@ impl Shared {
                 match fs::read(&path) {
                     Err(e) => format!("unreadable: {e}"),
                     Ok(bytes) => match EnvelopeRecord::decode(&bytes) {
-                        Err(e @ EnvelopeError::UnsupportedVersion { .. }) => {
-                            tracing::warn!(file = %path.display(), error = %e, "skipping envelope");
-                            report.unsupported.push(SkippedFile {
-                                file: name,
-                                reason: e.to_string(),
-                            });
-                            continue;
-                        }
                         Err(e) => e.to_string(),
                         Ok(_) if !has_data => "data file is missing".to_owned(),
                         Ok(record) => match fs::metadata(self.file(id, DATA_EXT)) {
@@ -1070,7 +1062,6 @@ impl Shared {
         report.removed_uncommitted.sort();
         report.unknown.sort();
         report.quarantined.sort_by(|a, b| a.file.cmp(&b.file));
-        report.unsupported.sort_by(|a, b| a.file.cmp(&b.file));
         for name in &report.unknown {
             tracing::warn!(file = %self.msg_dir.join(name).display(), "unknown file in spool, left alone");
         }
@@ -1098,10 +1089,7 @@ impl Shared {
         let mut raw = [0u8; HEADER_LEN];
         file.read_exact(&mut raw)
             .map_err(|e| corrupt(format!("header unreadable ({file_len} bytes): {e}")))?;
-        let header = Header::decode(&raw).map_err(|e| match e {
-            HeaderError::Unsupported(_) => Skip::Unsupported(name.clone(), e.to_string()),
-            _ => corrupt(e.to_string()),
-        })?;
+        let header = Header::decode(&raw).map_err(|e| corrupt(e.to_string()))?;
         if header.file_len() != Some(file_len) {
             return Err(corrupt(format!(
                 "file has {file_len} bytes, header records {} of envelope and {} of data",
@@ -1146,11 +1134,9 @@ impl Shared {
     }
 }
 
-/// Why recovery did not load a message file, naming the file at fault.
+/// Why recovery did not load a message file, naming the file at fault: damaged or of a version
+/// this relay does not read; the message's files are quarantined.
 enum Skip {
-    /// Newer format: leave everything in place.
-    Unsupported(String, String),
-    /// Damaged: quarantine the message's files.
     Corrupt(String, String),
 }
 
@@ -1165,9 +1151,6 @@ fn decode_record(file: &str, bytes: &[u8], data_len: u64) -> Result<EnvelopeReco
                 record.data_len
             ),
         )),
-        Err(e @ EnvelopeError::UnsupportedVersion { .. }) => {
-            Err(Skip::Unsupported(file.to_owned(), e.to_string()))
-        }
         Err(e) => Err(Skip::Corrupt(file.to_owned(), e.to_string())),
     }
 }

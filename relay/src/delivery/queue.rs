@@ -376,6 +376,12 @@ impl Queue {
             if self.stopping.load(Ordering::Acquire) {
                 return;
             }
+            if !self.snapshot.load().policy_loaded {
+                // Started before the policy was mounted: routing recovered mail now would send
+                // everything direct by MX, bypassing the relay rules it may need.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             let now = Instant::now();
             let mut due = Vec::new();
             let next = {
@@ -630,8 +636,21 @@ impl Queue {
         let _active = self.enter();
         let permit = self.global.clone().acquire_owned().await;
         let mut conn: Option<Connection> = None;
+        // The relay target the cached connection was opened for: a reloaded policy may have
+        // changed the rule's hosts, TLS or auth, and mail must not keep flowing to the old host
+        // over a connection that traffic never lets go idle.
+        let mut opened_for: Option<RelayTarget> = None;
         while let Some((job, target)) = self.next_job(&key).await {
             self.pace(&key).await;
+            let relay_target = match &target {
+                Target::Relay { target, .. } => Some(target.clone()),
+                Target::Mx(_) => None,
+            };
+            if conn.is_some() && opened_for != relay_target {
+                if let Some(c) = conn.take() {
+                    c.quit().await;
+                }
+            }
             let span = tracing::info_span!(
                 "delivery_attempt",
                 message_id = %job.id,
@@ -646,6 +665,7 @@ impl Queue {
                 .instrument(span.clone())
                 .await;
             span.record("outcome", attempt_outcome(&outcome.results));
+            opened_for = conn.as_ref().and(relay_target);
             self.clone()
                 .job_done(job.id, outcome)
                 .instrument(span)

@@ -58,12 +58,17 @@ fn ip_literal(ip: IpAddr) -> String {
     }
 }
 
+/// What a hidden client is called in `Received:`.
+pub const HIDDEN_CLIENT: &str = "hidden.invalid";
+
 /// The complete header, folded, ending in CRLF.
 pub fn received_header(info: &ReceivedInfo<'_>) -> String {
     let f = info.facts;
     let helo = clean(f.helo.as_deref().unwrap_or("unknown"));
     let from = if info.hide_client_ip {
-        format!("from {helo}")
+        // The HELO name is as private as the address (usually an internal host name); RFC 5321
+        // still wants a FROM clause, so it names a host under the reserved `.invalid` TLD.
+        format!("from {HIDDEN_CLIENT}")
     } else {
         format!("from {helo} ({})", ip_literal(f.client_ip))
     };
@@ -175,6 +180,15 @@ mod tests {
         assert!(h.contains("version=TLSv1.3"));
         assert!(h.contains("for <r@x.test>; Thu, 1 Jan 1970"));
         info.hide_client_ip = true;
-        assert!(!received_header(&info).contains("192.0.2.7"));
+        let hidden = received_header(&info);
+        assert!(!hidden.contains("192.0.2.7"), "{hidden}");
+        assert!(
+            !hidden.contains("client.example"),
+            "the HELO name is hidden too: {hidden}"
+        );
+        assert!(
+            hidden.starts_with("Received: from hidden.invalid\r\n\tby mx.example.test"),
+            "{hidden}"
+        );
     }
 }

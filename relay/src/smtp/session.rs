@@ -302,6 +302,8 @@ pub struct Session {
     failed_commands: u32,
     auth_mechanism: Option<Mechanism>,
     mail_check: bool,
+    /// The relay is shutting down: the current transaction may finish, nothing new starts.
+    draining: bool,
     /// The transaction MAIL is opening while [`Event::MailCheck`] is outstanding.
     pending_tx: Option<Tx>,
     /// Message bodies begun so far (the serial of the latest).
@@ -333,6 +335,7 @@ impl Session {
             failed_commands: 0,
             auth_mechanism: None,
             mail_check: false,
+            draining: false,
             pending_tx: None,
             bodies: 0,
         }
@@ -418,6 +421,14 @@ impl Session {
         self.state == State::Closed
     }
 
+    /// Bytes received but not yet making up a complete command or SASL line (0 in DATA/BDAT).
+    pub fn partial_line(&self) -> usize {
+        match self.state {
+            State::Command | State::AuthClient => self.input.len() - self.pos,
+            _ => 0,
+        }
+    }
+
     /// True while a DATA or BDAT body is being received (a disconnect now loses a partial message).
     pub fn in_message(&self) -> bool {
         matches!(self.state, State::Data | State::Bdat { .. })
@@ -435,8 +446,31 @@ impl Session {
 
     /// The relay is shutting down.
     pub fn shutdown(&mut self) {
+        if self.state == State::Closed {
+            return;
+        }
         self.reply(r(421, "4.3.2", "Service shutting down, try again later"));
         self.close();
+    }
+
+    /// Graceful shutdown: a session with a transaction in progress may finish its message (the
+    /// client gets its `250`), and any command after it gets `421 4.3.2` and the session ends;
+    /// a session without one ends now.
+    pub fn drain(&mut self) {
+        self.draining = true;
+        if !self.in_transaction() {
+            self.shutdown();
+        }
+    }
+
+    /// MAIL was accepted (or is being checked) and the message is not stored yet.
+    pub fn in_transaction(&self) -> bool {
+        self.tx.is_some()
+            || self.pending_tx.is_some()
+            || matches!(
+                self.state,
+                State::MailWaiting | State::Data | State::Bdat { .. } | State::MessageWaiting
+            )
     }
 
     /// TLS is up (after STARTTLS, or from the first byte on SMTPS). RFC 3207 §4.2: everything
@@ -740,6 +774,9 @@ impl Session {
                 return;
             }
         };
+        if self.draining && self.tx.is_none() && cmd != Command::Quit {
+            return self.shutdown();
+        }
         let auth_required =
             self.cfg.auth_mode == AuthMode::Required && self.facts.authenticated_as.is_none();
         match cmd {

@@ -23,7 +23,7 @@ impl Policy for TestPolicy {
             Ok(())
         } else {
             Err(Rejection {
-                reply: Reply::new(554, "5.7.1", "Relaying denied"),
+                reply: Reply::new(550, "5.7.1", "Relaying denied"),
                 reason: "relay denied".into(),
             })
         }
@@ -125,8 +125,8 @@ fn full_pipelined_transaction() {
         &mut s,
         "EHLO c\r\nMAIL FROM:<a@other.test>\r\nRCPT TO:<b@example.test>\r\nRCPT TO:<c@far.test>\r\nDATA\r\n",
     );
-    assert_eq!(codes(&out), vec![250, 250, 250, 554, 354]);
-    assert!(out.contains("554 5.7.1 Relaying denied"));
+    assert_eq!(codes(&out), vec![250, 250, 250, 550, 354]);
+    assert!(out.contains("550 5.7.1 Relaying denied"));
     let out = send(&mut s, "Subject: x\r\n\r\n..dot\r\nbody\r\n.\r\nQUIT\r\n");
     assert_eq!(out, "");
     let tx = take_message(&mut s);

@@ -561,7 +561,15 @@ pub fn spool_messages(dir: &Path) -> Vec<(mailrelay_spool::Envelope, Vec<u8>)> {
 /// runtime.yaml of a test relay: loopback, quick reloads and timeouts, plus `extra` lines.
 pub fn runtime_yaml(metrics_port: u16, extra: &str) -> String {
     format!(
-        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\n{spool}hostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}",
+        "listenAddress: 127.0.0.1\nmetricsAddress: 127.0.0.1:{metrics_port}\n{spool}hostname: relay.example.test\nreloadIntervalMs: 200\ntimeouts:\n  commandSeconds: 30\n  sessionSeconds: 120\n  tlsHandshakeSeconds: 2\n{extra}{nl}",
+        nl = if extra.is_empty() || extra.ends_with('\n') { "" } else { "\n" },
         spool = if extra.contains("spoolDir:") { "" } else { "spoolDir: spool\n" }
-    )
+    ) + if extra.contains("delivery:") {
+        ""
+    } else {
+        // Keep accepted mail in the spool for the test to read: the delivery resolver gets no
+        // answers, so every delivery is deferred (the system resolver would bounce test domains
+        // at a time that depends on the machine's load).
+        "delivery:\n  dns:\n    nameservers: [127.0.0.1]\n    port: 9\n    timeoutSeconds: 1\n    attempts: 1\n"
+    }
 }
