@@ -767,8 +767,7 @@ impl Driver {
                 self.auth_delayed = false;
                 if let Err(r) = self.auth.check_ip().await {
                     refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
-                    session.auth_failure(r.reply.clone());
-                    session.close_with(r.reply);
+                    session.auth_failure_close(r.reply.clone(), r.reply);
                     return Flow::Continue;
                 }
                 let ctx = AuthContext {
@@ -911,14 +910,14 @@ impl Driver {
         } else {
             None
         };
-        session.auth_failure(Reply::new(
-            535,
-            "5.7.8",
-            "Authentication credentials invalid",
-        ));
-        if let Some(r) = blocked {
-            refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
-            session.close_with(r.reply);
+        let failure = Reply::new(535, "5.7.8", "Authentication credentials invalid");
+        match blocked {
+            // Nothing pipelined behind the AUTH may run once the address is blocked.
+            Some(r) => {
+                refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+                session.auth_failure_close(failure, r.reply);
+            }
+            None => session.auth_failure(failure),
         }
     }
 

@@ -537,3 +537,34 @@ fn damaged_spool_file_is_quarantined_and_counted() {
     let name = file.file_name().unwrap();
     assert!(relay.path().join("spool/corrupt").join(name).exists());
 }
+
+/// The failed login that blocks the address ends the session at once: commands the client
+/// pipelined behind the AUTH are not executed before the `421` (found by the `session` fuzz
+/// target: they were, so a blocked client could still get a transaction through).
+#[test]
+fn blocking_login_runs_nothing_pipelined_behind_it() {
+    let relay = Relay::start_with(
+        with_brute_force(|b| {
+            b.max_failures_per_ip = 1;
+            b.failure_delay_millis = 10;
+        }),
+        "",
+    );
+    let mut c = relay.connect(relay.ports.smtp);
+    assert_eq!(c.reply().0, 220);
+    c.expect("EHLO client.test", 250);
+    c.starttls();
+    c.expect("EHLO client.test", 250);
+    let plain = base64_encode(format!("\0{USER}\0wrong").as_bytes());
+    c.send_raw(
+        format!(
+            "AUTH PLAIN {plain}\r\nMAIL FROM:<s@far.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        )
+        .as_bytes(),
+    );
+    let (code, text) = c.reply();
+    assert_eq!(code, 535, "{text}");
+    let (code, text) = c.reply();
+    assert_eq!(code, 421, "{text}");
+    assert_eq!(c.reply().0, 0, "connection must be closed");
+}

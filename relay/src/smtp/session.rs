@@ -520,6 +520,22 @@ impl Session {
         self.process();
     }
 
+    /// Authentication failed and the client is now blocked: `failure`, then `close` and the end
+    /// of the session. Nothing pipelined behind the AUTH is executed (with [`auth_failure`]
+    /// followed by [`close_with`] it would be, before the close).
+    ///
+    /// [`auth_failure`]: Session::auth_failure
+    /// [`close_with`]: Session::close_with
+    pub fn auth_failure_close(&mut self, failure: Reply, close: Reply) {
+        if self.state != State::AuthWaiting {
+            return;
+        }
+        self.auth_mechanism = None;
+        self.reply(failure);
+        self.reply(close);
+        self.close();
+    }
+
     /// The driver stored (or failed to store) the message handed out with [`Event::Message`].
     pub fn message_stored(&mut self, result: Result<String, StoreFailure>) {
         if self.state != State::MessageWaiting {
@@ -600,6 +616,11 @@ impl Session {
     fn close(&mut self) {
         if self.state != State::Closed {
             self.state = State::Closed;
+            // What the driver has not acted on yet ends with the session: a message from a
+            // pipelined transaction must not be stored, nor a TLS or SASL step run, once the
+            // driver closed it (a harvest or login block); reports stay.
+            self.events
+                .retain(|e| matches!(e, Event::Security { .. } | Event::AuthCancelled));
             self.events.push_back(Event::Close);
         }
     }
@@ -701,11 +722,12 @@ impl Session {
             return true;
         }
         if !crlf {
-            self.failed(r(500, "5.5.2", "Syntax error: line must end with CRLF"));
-            self.security("bare_lf_command", "command line terminated by bare LF");
+            // Failing may end the session (too many failed commands), so everything else first.
             if self.state == State::AuthClient {
                 self.abort_auth();
             }
+            self.security("bare_lf_command", "command line terminated by bare LF");
+            self.failed(r(500, "5.5.2", "Syntax error: line must end with CRLF"));
             return true;
         }
         let line = self.input[start..end].to_vec();
@@ -731,7 +753,9 @@ impl Session {
     }
 
     fn abort_auth(&mut self) {
-        self.state = State::Command;
+        if self.state != State::Closed {
+            self.state = State::Command;
+        }
         self.auth_mechanism = None;
         self.events.push_back(Event::AuthCancelled);
     }

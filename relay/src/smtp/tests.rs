@@ -812,3 +812,81 @@ fn body_serials_tell_bodies_apart() {
     assert_eq!(s.body_serial(), None);
     assert_eq!(take_message(&mut s).body_serial, second);
 }
+
+/// A SASL line ending in a bare LF that reaches the failed-command limit ends the session for
+/// good (found by the `session` fuzz target: cancelling the exchange after the `421` set the
+/// state back to commands, and what was pipelined behind it was answered after the `421`).
+#[test]
+fn bare_lf_sasl_line_at_the_failure_limit_closes_for_good() {
+    let mut s = session_with(SessionConfig {
+        allow_plaintext_without_tls: true,
+        max_failed_commands: Some(1),
+        ..cfg()
+    });
+    send(&mut s, "EHLO c\r\nAUTH PLAIN\r\n");
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::AuthStart { .. }]
+    ));
+    s.auth_challenge(b"");
+    let out = send(&mut s, "abc\nNOOP\r\nMAIL FROM:<a@b.test>\r\n");
+    assert_eq!(
+        out,
+        "334 \r\n500 5.5.2 Syntax error: line must end with CRLF\r\n\
+         421 4.7.0 Too many failed commands, closing connection\r\n"
+    );
+    assert!(s.is_closed());
+    let evs = events(&mut s);
+    assert!(matches!(evs.last(), Some(Event::Close)), "{evs:?}");
+}
+
+/// When the driver closes the session (a harvest block on a security event), a message the
+/// client pipelined behind it and the session already completed is not handed out for storage
+/// any more (found by the `session` fuzz target: the driver stored it after the `421`).
+#[test]
+fn driver_close_drops_a_pipelined_message() {
+    let mut s = session();
+    s.feed(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nRCPT TO:<r@example.test>\r\n\
+          DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n",
+    );
+    let Some(Event::Security { kind, .. }) = s.poll_event() else {
+        panic!("no security event");
+    };
+    assert_eq!(kind, "recipient_rejected");
+    s.close_with(Reply::new(421, "4.7.1", "Blocked"));
+    let rest = events(&mut s);
+    assert!(matches!(rest.as_slice(), [Event::Close]), "{rest:?}");
+    s.message_stored(Ok("ID".into()));
+    assert!(String::from_utf8(s.take_output())
+        .unwrap()
+        .ends_with("421 4.7.1 Blocked\r\n"));
+}
+
+/// A failed AUTH that blocks the client: the failure, the close, and nothing of what was
+/// pipelined behind the AUTH.
+#[test]
+fn auth_failure_close_runs_nothing_pipelined() {
+    let mut s = session_with(SessionConfig {
+        allow_plaintext_without_tls: true,
+        ..cfg()
+    });
+    send(
+        &mut s,
+        "EHLO c\r\nAUTH PLAIN AGEAYg==\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\n",
+    );
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::AuthStart { .. }]
+    ));
+    s.auth_failure_close(
+        Reply::new(535, "5.7.8", "Authentication credentials invalid"),
+        Reply::new(421, "4.7.0", "Too many failed logins"),
+    );
+    assert_eq!(
+        String::from_utf8(s.take_output()).unwrap(),
+        "535 5.7.8 Authentication credentials invalid\r\n421 4.7.0 Too many failed logins\r\n"
+    );
+    assert!(s.is_closed());
+    assert!(matches!(events(&mut s).as_slice(), [Event::Close]));
+}
