@@ -59,6 +59,21 @@ fi
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast
 
+# ---- fuzz targets: replay corpora -------------------------------------------------------
+# relay/fuzz is a workspace of its own (AFL builds); fuzzing for minutes is not CI's job, but
+# every committed corpus file and crash regression is replayed through the targets so they
+# keep building and keep holding. It uses the root target directory, whose dependencies the
+# tests above already built with the same features, so little is compiled here.
+echo "== fuzz targets: replay corpora"
+fuzz_started=$SECONDS
+if [ -z "${SKIP_LINT:-}" ]; then
+  cargo fmt --manifest-path relay/fuzz/Cargo.toml -- --check
+  CARGO_TARGET_DIR="$PWD/target" cargo clippy --manifest-path relay/fuzz/Cargo.toml --all-targets --locked -- -D warnings
+fi
+CARGO_TARGET_DIR="$PWD/target" cargo test --manifest-path relay/fuzz/Cargo.toml --locked
+echo "== fuzz targets: replay corpora took $((SECONDS - fuzz_started)) s"
+# ---- end of fuzz targets ------------------------------------------------------------------
+
 echo "== Helm chart and manifests"
 tests/chart.sh
 

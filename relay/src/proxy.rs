@@ -52,41 +52,73 @@ async fn read_exact<R: AsyncRead + Unpin>(r: &mut R, buf: &mut [u8]) -> Result<(
     }
 }
 
-/// Reads one header (either version) from the start of `r`.
+/// Reads one header (either version) from the start of `r`, taking exactly the header's bytes
+/// off the reader: what is missing is read, and nothing more (one byte at a time within a v1
+/// line), so the client's first SMTP bytes stay in the stream.
 pub async fn read_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<ProxiedPeer, ProxyError> {
-    let mut head = [0u8; 6];
-    read_exact(r, &mut head).await?;
-    if &head == b"PROXY " {
-        let mut line = head.to_vec();
-        // One byte at a time: reading ahead would swallow the client's first SMTP bytes.
-        let mut b = [0u8; 1];
-        while !line.ends_with(b"\r\n") {
-            if line.len() >= V1_MAX {
-                return Err(ProxyError::Malformed("v1 line too long"));
+    let mut buf = Vec::with_capacity(V1_MAX);
+    loop {
+        match parse_prefix(&buf)? {
+            Progress::Done(peer, _) => return Ok(peer),
+            Progress::Need(n) => {
+                let start = buf.len();
+                buf.resize(start + n, 0);
+                read_exact(r, &mut buf[start..]).await?;
             }
-            read_exact(r, &mut b).await?;
-            line.push(b[0]);
         }
-        return parse_v1(&line);
     }
-    if head != V2_SIGNATURE[..6] {
+}
+
+/// Parses the header at the start of `bytes` (either version): the peer and the header's length
+/// in bytes; what follows it is the client's SMTP stream. `Err(ProxyError::Eof)` when `bytes`
+/// end before the header does. [`read_header`] runs the same parser.
+pub fn parse_header(bytes: &[u8]) -> Result<(ProxiedPeer, usize), ProxyError> {
+    match parse_prefix(bytes)? {
+        Progress::Done(peer, n) => Ok((peer, n)),
+        Progress::Need(_) => Err(ProxyError::Eof),
+    }
+}
+
+/// How far the start of a stream goes towards a complete header.
+enum Progress {
+    /// A complete header of this many bytes.
+    Done(ProxiedPeer, usize),
+    /// At least this many more bytes are needed to go on (exactly what a v2 header lacks; one
+    /// at a time within a v1 line, whose end is not known in advance).
+    Need(usize),
+}
+
+fn parse_prefix(bytes: &[u8]) -> Result<Progress, ProxyError> {
+    if bytes.len() < 6 {
+        return Ok(Progress::Need(6 - bytes.len()));
+    }
+    if bytes.starts_with(b"PROXY ") {
+        // The line ends at the first CRLF, which must come within V1_MAX bytes.
+        let window = &bytes[..bytes.len().min(V1_MAX)];
+        return match window.windows(2).position(|w| w == b"\r\n") {
+            Some(i) => parse_v1(&bytes[..i + 2]).map(|peer| Progress::Done(peer, i + 2)),
+            None if bytes.len() >= V1_MAX => Err(ProxyError::Malformed("v1 line too long")),
+            None => Ok(Progress::Need(1)),
+        };
+    }
+    if bytes[..6] != V2_SIGNATURE[..6] {
         return Err(ProxyError::Missing);
     }
-    let mut rest = [0u8; 10];
-    read_exact(r, &mut rest).await?;
-    let mut hdr = [0u8; 16];
-    hdr[..6].copy_from_slice(&head);
-    hdr[6..].copy_from_slice(&rest);
-    if hdr[..12] != V2_SIGNATURE {
+    if bytes.len() < 16 {
+        return Ok(Progress::Need(16 - bytes.len()));
+    }
+    if bytes[..12] != V2_SIGNATURE {
         return Err(ProxyError::Missing);
     }
-    let len = usize::from(u16::from_be_bytes([hdr[14], hdr[15]]));
+    let len = usize::from(u16::from_be_bytes([bytes[14], bytes[15]]));
     if len > V2_MAX_LEN {
         return Err(ProxyError::Malformed("v2 address block too long"));
     }
-    let mut body = vec![0u8; len];
-    read_exact(r, &mut body).await?;
-    parse_v2(hdr[12], hdr[13], &body)
+    let end = 16 + len;
+    if bytes.len() < end {
+        return Ok(Progress::Need(end - bytes.len()));
+    }
+    parse_v2(bytes[12], bytes[13], &bytes[16..end]).map(|peer| Progress::Done(peer, end))
 }
 
 /// Parses a complete v1 line including CRLF.
@@ -276,6 +308,30 @@ mod tests {
         let mut huge = V2_SIGNATURE.to_vec();
         huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
         assert!(read(&huge).await.0.is_err());
+    }
+
+    /// The synchronous parser finds the same header, of the length `read_header` takes off the
+    /// stream, and reports every shorter prefix as incomplete.
+    #[tokio::test]
+    async fn parse_header_agrees_with_read_header() {
+        let v1 = b"PROXY TCP4 192.0.2.7 10.0.0.1 40000 25\r\n".to_vec();
+        let v2 = encode_v2(
+            "198.51.100.9:5555".parse().unwrap(),
+            "10.0.0.1:25".parse().unwrap(),
+        );
+        for header in [v1, v2, b"PROXY UNKNOWN\r\n".to_vec()] {
+            let mut stream = header.clone();
+            stream.extend_from_slice(b"EHLO x\r\n");
+            let (peer, n) = parse_header(&stream).unwrap();
+            assert_eq!(n, header.len());
+            let (read, rest) = read(&stream).await;
+            assert_eq!(read, Ok(peer));
+            assert_eq!(rest, b"EHLO x\r\n");
+            for cut in 0..header.len() {
+                assert_eq!(parse_header(&header[..cut]), Err(ProxyError::Eof), "{cut}");
+            }
+        }
+        assert_eq!(parse_header(b"EHLO x\r\n"), Err(ProxyError::Missing));
     }
 
     #[test]

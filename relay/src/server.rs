@@ -527,8 +527,9 @@ struct Driver {
     refuse_proxy_header: bool,
     /// The open transaction's span (MAIL to stored message).
     tx_span: Option<tracing::Span>,
-    /// A large message being written to the spool as it arrives, with its envelope.
-    incoming: Option<(Incoming, Envelope)>,
+    /// A large message being written to the spool as it arrives, with its envelope and the
+    /// session's serial of its body.
+    incoming: Option<(Incoming, Envelope, u64)>,
 }
 
 /// Message data is handed to the spool in pieces of at least this size while it arrives, so a
@@ -588,12 +589,17 @@ impl Driver {
                     return;
                 }
             }
+            // Refused, reset or abandoned: the partial file goes, before a piece of the next
+            // transaction's body (opened in the same read) could be appended to it.
+            if self
+                .incoming
+                .as_ref()
+                .is_some_and(|(_, _, body)| session.body_serial() != Some(*body))
+            {
+                self.incoming = None;
+            }
             if let Some(chunk) = session.take_body_chunk(STREAM_CHUNK) {
                 self.stream(session, chunk).await;
-            }
-            if self.incoming.is_some() && !session.body_open() {
-                // Refused, reset or abandoned: the partial file goes.
-                self.incoming = None;
             }
             if !self.flush(session, &mut conn).await {
                 return;
@@ -767,8 +773,7 @@ impl Driver {
                 self.auth_delayed = false;
                 if let Err(r) = self.auth.check_ip().await {
                     refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
-                    session.auth_failure(r.reply.clone());
-                    session.close_with(r.reply);
+                    session.auth_failure_close(r.reply.clone(), r.reply);
                     return Flow::Continue;
                 }
                 let ctx = AuthContext {
@@ -911,14 +916,14 @@ impl Driver {
         } else {
             None
         };
-        session.auth_failure(Reply::new(
-            535,
-            "5.7.8",
-            "Authentication credentials invalid",
-        ));
-        if let Some(r) = blocked {
-            refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
-            session.close_with(r.reply);
+        let failure = Reply::new(535, "5.7.8", "Authentication credentials invalid");
+        match blocked {
+            // Nothing pipelined behind the AUTH may run once the address is blocked.
+            Some(r) => {
+                refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
+                session.auth_failure_close(failure, r.reply);
+            }
+            None => session.auth_failure(failure),
         }
     }
 
@@ -951,7 +956,7 @@ impl Driver {
     /// message at its end (and read the rest without keeping it).
     async fn stream(&mut self, session: &mut Session, chunk: Vec<u8>) {
         if self.incoming.is_none() {
-            let Some(view) = session.envelope() else {
+            let (Some(view), Some(body)) = (session.envelope(), session.body_serial()) else {
                 return;
             };
             let (sender, params, recipients) = (view.sender, view.params, view.recipients);
@@ -972,11 +977,11 @@ impl Driver {
                 Err(e) => Err(e),
             };
             match opened {
-                Ok(incoming) => self.incoming = Some((incoming, env)),
+                Ok(incoming) => self.incoming = Some((incoming, env, body)),
                 Err(e) => return self.stream_failed(session, &e),
             }
         }
-        if let Some((incoming, _)) = self.incoming.as_mut() {
+        if let Some((incoming, _, _)) = self.incoming.as_mut() {
             if let Err(e) = incoming.write(chunk).await {
                 self.stream_failed(session, &e);
             }
@@ -995,8 +1000,13 @@ impl Driver {
             BodyType::SevenBit => Body::SevenBit,
             BodyType::EightBitMime => Body::EightBitMime,
         };
-        let stored = match self.incoming.take() {
-            Some((mut incoming, mut env)) => {
+        // Only pieces of this message's own body: a stream left from a refused one goes.
+        let streamed = self
+            .incoming
+            .take()
+            .filter(|(_, _, body)| *body == tx.body_serial);
+        let stored = match streamed {
+            Some((mut incoming, mut env, _)) => {
                 let written = if tx.data.is_empty() {
                     Ok(())
                 } else {

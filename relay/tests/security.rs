@@ -424,6 +424,51 @@ fn full_spool_answers_452_4_3_1() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// A BDAT transaction abandoned with RSET after part of its body was already streamed to the
+/// spool, with the next transaction pipelined behind the RSET in one write: the next message
+/// is stored with its own envelope and only its own data. (Found while writing the `session`
+/// fuzz target: the driver kept the abandoned message's spool file because a body was open
+/// after that read, and stored the next message into it, under the first one's envelope.)
+#[test]
+fn abandoned_streamed_body_is_not_stored_with_the_next_message() {
+    let mut relay = Relay::start_with(big_messages_allowed, NO_DELIVERY);
+    let mut c = relay.connect(relay.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    c.expect("MAIL FROM:<first@far.example>", 250);
+    c.expect("RCPT TO:<alice@example.test>", 250);
+    // Several streaming pieces (64 KiB each), so the spool already holds part of it.
+    let first = "FIRST-MESSAGE-LINE\r\n".repeat(10_000);
+    c.send_raw(format!("BDAT {}\r\n", first.len()).as_bytes());
+    c.send_raw(first.as_bytes());
+    let (code, text) = c.reply();
+    assert_eq!(code, 250, "{text}");
+    c.send_raw(
+        b"RSET\r\nMAIL FROM:<second@far.example>\r\nRCPT TO:<relay-user@example.test>\r\n\
+          BDAT 17 LAST\r\nSubject: second\r\n",
+    );
+    for expected in [250, 250, 250, 250] {
+        let (code, text) = c.reply();
+        assert_eq!(code, expected, "{text}");
+    }
+    relay.kill9();
+    let msgs = spool_messages(&relay.path().join("spool"));
+    assert_eq!(msgs.len(), 1, "stored {} messages", msgs.len());
+    let (env, data) = &msgs[0];
+    assert_eq!(env.sender, "second@far.example");
+    let rcpts: Vec<&str> = env.recipients.iter().map(|r| r.address.as_str()).collect();
+    assert_eq!(rcpts, ["relay-user@example.test"]);
+    let text = String::from_utf8_lossy(data);
+    assert!(text.starts_with("Received: "), "{:.200}", text);
+    assert!(
+        text.ends_with("\r\nSubject: second\r\n") && !text.contains("FIRST-MESSAGE-LINE"),
+        "stored data of {} bytes holds the abandoned message: {:.200}",
+        data.len(),
+        text
+    );
+    assert_eq!(env.size, data.len() as u64);
+}
+
 /// Hiding a group's clients hides both their address and their HELO name (usually an internal
 /// host name) in `Received:`.
 #[test]
@@ -491,4 +536,35 @@ fn damaged_spool_file_is_quarantined_and_counted() {
     assert!(!file.exists());
     let name = file.file_name().unwrap();
     assert!(relay.path().join("spool/corrupt").join(name).exists());
+}
+
+/// The failed login that blocks the address ends the session at once: commands the client
+/// pipelined behind the AUTH are not executed before the `421` (found by the `session` fuzz
+/// target: they were, so a blocked client could still get a transaction through).
+#[test]
+fn blocking_login_runs_nothing_pipelined_behind_it() {
+    let relay = Relay::start_with(
+        with_brute_force(|b| {
+            b.max_failures_per_ip = 1;
+            b.failure_delay_millis = 10;
+        }),
+        "",
+    );
+    let mut c = relay.connect(relay.ports.smtp);
+    assert_eq!(c.reply().0, 220);
+    c.expect("EHLO client.test", 250);
+    c.starttls();
+    c.expect("EHLO client.test", 250);
+    let plain = base64_encode(format!("\0{USER}\0wrong").as_bytes());
+    c.send_raw(
+        format!(
+            "AUTH PLAIN {plain}\r\nMAIL FROM:<s@far.example>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        )
+        .as_bytes(),
+    );
+    let (code, text) = c.reply();
+    assert_eq!(code, 535, "{text}");
+    let (code, text) = c.reply();
+    assert_eq!(code, 421, "{text}");
+    assert_eq!(c.reply().0, 0, "connection must be closed");
 }

@@ -84,6 +84,8 @@
 
 mod envelope;
 mod format;
+#[doc(hidden)]
+pub mod fuzzing;
 mod id;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};

@@ -84,8 +84,12 @@ pub struct Transaction {
     pub sender: String,
     pub params: MailParams,
     pub recipients: Vec<(String, RcptParams)>,
-    /// The message as received: dot-unstuffed, CRLF line endings.
+    /// The message as received: dot-unstuffed, CRLF line endings; without what was handed out
+    /// with [`Session::take_body_chunk`] before.
     pub data: Vec<u8>,
+    /// The body this message is ([`Session::body_serial`]): pieces handed out under another
+    /// serial belong to another message.
+    pub body_serial: u64,
     pub smtputf8: bool,
     pub body: BodyType,
 }
@@ -150,7 +154,12 @@ enum State {
     AuthClient,
     MailWaiting,
     Data,
-    Bdat { remaining: u64, last: bool },
+    /// `size`: the chunk's announced size, for the reply once all of it arrived.
+    Bdat {
+        size: u64,
+        remaining: u64,
+        last: bool,
+    },
     MessageWaiting,
     Closed,
 }
@@ -158,6 +167,8 @@ enum State {
 /// Incremental checks over message content shared by DATA and BDAT.
 #[derive(Debug, Default)]
 struct Body {
+    /// Unique within the session ([`Session::body_serial`]).
+    serial: u64,
     data: Vec<u8>,
     size: u64,
     too_big: bool,
@@ -173,8 +184,9 @@ struct Body {
 }
 
 impl Body {
-    fn new() -> Self {
+    fn new(serial: u64) -> Self {
         Body {
+            serial,
             in_headers: true,
             ..Body::default()
         }
@@ -230,9 +242,24 @@ impl Body {
         }
         self.partial.extend_from_slice(bytes);
         if self.partial.len() > MAX_TEXT_LINE {
+            // An over-long line is dropped as it arrives, and judged as it would be whole: a CR
+            // in the dropped part is a bare CR (a final CR stays: an LF may follow).
+            let keep_cr = self.partial.last() == Some(&b'\r');
+            let dropped = self.partial.len() - usize::from(keep_cr);
+            if self.partial[..dropped].contains(&b'\r') {
+                self.bare_newline = true;
+            }
             self.long_line = true;
-            self.size += self.partial.len() as u64;
-            self.partial.clear();
+            self.count(dropped as u64, max_size);
+            self.partial.drain(..dropped);
+        }
+    }
+
+    /// Size of content that is not kept (an over-long line's dropped part).
+    fn count(&mut self, bytes: u64, max_size: u64) {
+        self.size += bytes;
+        if self.size > max_size {
+            self.too_big = true;
         }
     }
 
@@ -279,6 +306,8 @@ pub struct Session {
     draining: bool,
     /// The transaction MAIL is opening while [`Event::MailCheck`] is outstanding.
     pending_tx: Option<Tx>,
+    /// Message bodies begun so far (the serial of the latest).
+    bodies: u64,
 }
 
 fn r(code: u16, enh: &'static str, text: &str) -> Reply {
@@ -308,6 +337,7 @@ impl Session {
             mail_check: false,
             draining: false,
             pending_tx: None,
+            bodies: 0,
         }
     }
 
@@ -490,6 +520,22 @@ impl Session {
         self.process();
     }
 
+    /// Authentication failed and the client is now blocked: `failure`, then `close` and the end
+    /// of the session. Nothing pipelined behind the AUTH is executed (with [`auth_failure`]
+    /// followed by [`close_with`] it would be, before the close).
+    ///
+    /// [`auth_failure`]: Session::auth_failure
+    /// [`close_with`]: Session::close_with
+    pub fn auth_failure_close(&mut self, failure: Reply, close: Reply) {
+        if self.state != State::AuthWaiting {
+            return;
+        }
+        self.auth_mechanism = None;
+        self.reply(failure);
+        self.reply(close);
+        self.close();
+    }
+
     /// The driver stored (or failed to store) the message handed out with [`Event::Message`].
     pub fn message_stored(&mut self, result: Result<String, StoreFailure>) {
         if self.state != State::MessageWaiting {
@@ -519,6 +565,22 @@ impl Session {
     /// handed out with [`Session::take_body_chunk`] belongs to a message still in progress.
     pub fn body_open(&self) -> bool {
         self.tx.as_ref().is_some_and(|t| t.body.is_some())
+    }
+
+    /// Identifies the open body (`None`: none is open). Pieces from
+    /// [`Session::take_body_chunk`] belong to the body open when they were taken; when the
+    /// serial changes, that body was refused or reset, even if another one opened in the same
+    /// read (a pipelined next transaction), and its pieces must not be stored.
+    pub fn body_serial(&self) -> Option<u64> {
+        self.tx
+            .as_ref()
+            .and_then(|t| t.body.as_ref())
+            .map(|b| b.serial)
+    }
+
+    fn new_body(&mut self) -> Body {
+        self.bodies += 1;
+        Body::new(self.bodies)
     }
 
     /// Storing the data received so far failed: the rest is read and dropped, and the message
@@ -554,6 +616,11 @@ impl Session {
     fn close(&mut self) {
         if self.state != State::Closed {
             self.state = State::Closed;
+            // What the driver has not acted on yet ends with the session: a message from a
+            // pipelined transaction must not be stored, nor a TLS or SASL step run, once the
+            // driver closed it (a harvest or login block); reports stay.
+            self.events
+                .retain(|e| matches!(e, Event::Security { .. } | Event::AuthCancelled));
             self.events.push_back(Event::Close);
         }
     }
@@ -655,11 +722,12 @@ impl Session {
             return true;
         }
         if !crlf {
-            self.failed(r(500, "5.5.2", "Syntax error: line must end with CRLF"));
-            self.security("bare_lf_command", "command line terminated by bare LF");
+            // Failing may end the session (too many failed commands), so everything else first.
             if self.state == State::AuthClient {
                 self.abort_auth();
             }
+            self.security("bare_lf_command", "command line terminated by bare LF");
+            self.failed(r(500, "5.5.2", "Syntax error: line must end with CRLF"));
             return true;
         }
         let line = self.input[start..end].to_vec();
@@ -685,7 +753,9 @@ impl Session {
     }
 
     fn abort_auth(&mut self) {
-        self.state = State::Command;
+        if self.state != State::Closed {
+            self.state = State::Command;
+        }
         self.auth_mechanism = None;
         self.events.push_back(Event::AuthCancelled);
     }
@@ -994,7 +1064,10 @@ impl Session {
         if tx.recipients.is_empty() {
             return self.failed(r(554, "5.5.1", "No valid recipients"));
         }
-        tx.body = Some(Body::new());
+        let body = self.new_body();
+        if let Some(tx) = &mut self.tx {
+            tx.body = Some(body);
+        }
         self.state = State::Data;
         self.reply(Reply::plain(
             354,
@@ -1007,6 +1080,7 @@ impl Session {
     fn start_discarding_bdat(&mut self, size: u64, last: bool) {
         self.tx = None;
         self.state = State::Bdat {
+            size,
             remaining: size,
             last,
         };
@@ -1022,12 +1096,14 @@ impl Session {
             self.start_discarding_bdat(size, last);
             return self.failed(reply);
         }
-        if let Some(tx) = &mut self.tx {
-            if tx.body.is_none() {
-                tx.body = Some(Body::new());
+        if self.tx.as_ref().is_some_and(|t| t.body.is_none()) {
+            let body = self.new_body();
+            if let Some(tx) = &mut self.tx {
+                tx.body = Some(body);
             }
         }
         self.state = State::Bdat {
+            size,
             remaining: size,
             last,
         };
@@ -1047,13 +1123,23 @@ impl Session {
         let Some((end, next, crlf)) = self.next_line() else {
             let pending = self.input.len() - self.pos;
             if pending > MAX_TEXT_LINE || (self.skipping_line && pending > 0) {
+                let from = self.pos;
+                self.discard_pending();
+                // The dropped part of an over-long line is judged as the whole line would be:
+                // a CR in it is a bare CR (a final CR stays: an LF may follow), and its size
+                // counts without the dot-stuffing dot.
+                if self.input[from..self.pos].contains(&b'\r') {
+                    self.reject_bare_newline();
+                    return true;
+                }
+                let stuffing = !self.skipping_line && self.input.get(from) == Some(&b'.');
+                let dropped = (self.pos - from - usize::from(stuffing)) as u64;
                 if let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) {
                     body.long_line = true;
-                    body.size += pending as u64;
+                    body.count(dropped, max);
                     body.data = Vec::new();
                 }
                 self.skipping_line = true;
-                self.discard_pending();
             }
             return false;
         };
@@ -1064,7 +1150,11 @@ impl Session {
             return true;
         }
         if self.skipping_line {
+            // The end of an over-long line, counted like the rest of it.
             self.skipping_line = false;
+            if let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) {
+                body.count((end - start) as u64 + 2, max);
+            }
             return true;
         }
         let Some(body) = self.tx.as_mut().and_then(|t| t.body.as_mut()) else {
@@ -1110,7 +1200,12 @@ impl Session {
     }
 
     fn step_bdat(&mut self) -> bool {
-        let State::Bdat { remaining, last } = self.state else {
+        let State::Bdat {
+            size,
+            remaining,
+            last,
+        } = self.state
+        else {
             return false;
         };
         let max = self.cfg.max_message_size;
@@ -1127,7 +1222,11 @@ impl Session {
             }
         }
         if remaining > 0 {
-            self.state = State::Bdat { remaining, last };
+            self.state = State::Bdat {
+                size,
+                remaining,
+                last,
+            };
             return false;
         }
         self.state = State::Command;
@@ -1158,7 +1257,7 @@ impl Session {
             self.reply(r(
                 250,
                 "2.0.0",
-                &format!("Ok: chunk of {take} octets received"),
+                &format!("Ok: chunk of {size} octets received"),
             ));
         }
         true
@@ -1224,6 +1323,7 @@ impl Session {
             params: tx.params,
             recipients: tx.recipients,
             data: body.data,
+            body_serial: body.serial,
             smtputf8,
             body: if eight_bit {
                 BodyType::EightBitMime

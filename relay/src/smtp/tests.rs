@@ -710,3 +710,183 @@ fn body_store_failure_refuses_the_message_at_its_end() {
         .iter()
         .all(|e| !matches!(e, Event::Message(_))));
 }
+
+/// A BDAT chunk that arrives in several reads is acknowledged with its whole size, not the size
+/// of the last read (found by the `session` fuzz target: replies depended on the reads).
+#[test]
+fn bdat_reply_counts_the_whole_chunk_across_reads() {
+    let mut s = session();
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nBDAT 10\r\n0123",
+    );
+    let out = send(&mut s, "456789");
+    assert_eq!(out, "250 2.0.0 Ok: chunk of 10 octets received\r\n");
+}
+
+/// `payload` in two reads, split at `at`; the replies.
+fn send_split(s: &mut Session, payload: &str, at: usize) -> String {
+    let mut out = send(s, &payload[..at]);
+    out.push_str(&send(s, &payload[at..]));
+    out
+}
+
+/// A bare CR inside an over-long DATA line ends the session like any bare CR, wherever the
+/// reads split the line (found while writing the `session` fuzz target: when the part holding
+/// the CR was dropped as over-long before the line ended, the CR went unseen, the message was
+/// refused as too long and the session went on).
+#[test]
+fn bare_cr_in_an_overlong_data_line_closes_the_session_at_every_split() {
+    let payload = format!("a\rb{}\r\n.\r\nNOOP\r\n", "x".repeat(1100));
+    for at in 0..=payload.len() {
+        let mut s = session_in_data();
+        let out = send_split(&mut s, &payload, at);
+        assert_eq!(
+            out,
+            "554 5.6.0 Message rejected: bare CR or LF in message content, closing connection\r\n",
+            "split at {at}"
+        );
+        assert!(s.is_closed(), "split at {at}");
+    }
+}
+
+/// An over-long DATA line that takes the message over the size limit is refused for its size,
+/// wherever the reads split it (the dropped part of a line was not checked against the limit).
+#[test]
+fn overlong_data_line_over_the_size_limit_is_552_at_every_split() {
+    let payload = format!(".{}\r\n.\r\nNOOP\r\n", "x".repeat(12_000));
+    for at in 0..=payload.len() {
+        let mut s = session_in_data();
+        let out = send_split(&mut s, &payload, at);
+        assert_eq!(
+            out, "552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 Ok\r\n",
+            "split at {at}"
+        );
+    }
+}
+
+/// BDAT: an over-long line is judged whole wherever the reads split it: a bare CR inside it
+/// refuses the message as a bare CR, and a CRLF that ends it is not mistaken for a bare LF.
+#[test]
+fn bdat_overlong_line_is_judged_whole_at_every_split() {
+    for (body, reply) in [
+        (
+            format!("a\rb{}\r\nend\r\n", "x".repeat(1100)),
+            "554 5.6.0 Message rejected: bare CR or LF in message content\r\n",
+        ),
+        (
+            format!("{}\r\nend\r\n", "x".repeat(1100)),
+            "500 5.5.2 Message rejected: line longer than 998 characters\r\n",
+        ),
+    ] {
+        let payload = format!("BDAT {} LAST\r\n{body}NOOP\r\n", body.len());
+        for at in 0..=payload.len() {
+            let mut s = session();
+            send(
+                &mut s,
+                "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\n",
+            );
+            let out = send_split(&mut s, &payload, at);
+            assert_eq!(out, format!("{reply}250 2.0.0 Ok\r\n"), "split at {at}");
+        }
+    }
+}
+
+/// Each body has its own serial, and the message carries the serial of its body, so a driver
+/// can tell the pieces of a refused body from those of the next one opened in the same read.
+#[test]
+fn body_serials_tell_bodies_apart() {
+    let mut s = session();
+    send(
+        &mut s,
+        "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nBDAT 3\r\nabc",
+    );
+    let first = s.body_serial().expect("body open");
+    send(
+        &mut s,
+        "RSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\nBDAT 3\r\nxyz",
+    );
+    let second = s.body_serial().expect("body open");
+    assert_ne!(first, second);
+    send(&mut s, "BDAT 0 LAST\r\n");
+    assert_eq!(s.body_serial(), None);
+    assert_eq!(take_message(&mut s).body_serial, second);
+}
+
+/// A SASL line ending in a bare LF that reaches the failed-command limit ends the session for
+/// good (found by the `session` fuzz target: cancelling the exchange after the `421` set the
+/// state back to commands, and what was pipelined behind it was answered after the `421`).
+#[test]
+fn bare_lf_sasl_line_at_the_failure_limit_closes_for_good() {
+    let mut s = session_with(SessionConfig {
+        allow_plaintext_without_tls: true,
+        max_failed_commands: Some(1),
+        ..cfg()
+    });
+    send(&mut s, "EHLO c\r\nAUTH PLAIN\r\n");
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::AuthStart { .. }]
+    ));
+    s.auth_challenge(b"");
+    let out = send(&mut s, "abc\nNOOP\r\nMAIL FROM:<a@b.test>\r\n");
+    assert_eq!(
+        out,
+        "334 \r\n500 5.5.2 Syntax error: line must end with CRLF\r\n\
+         421 4.7.0 Too many failed commands, closing connection\r\n"
+    );
+    assert!(s.is_closed());
+    let evs = events(&mut s);
+    assert!(matches!(evs.last(), Some(Event::Close)), "{evs:?}");
+}
+
+/// When the driver closes the session (a harvest block on a security event), a message the
+/// client pipelined behind it and the session already completed is not handed out for storage
+/// any more (found by the `session` fuzz target: the driver stored it after the `421`).
+#[test]
+fn driver_close_drops_a_pipelined_message() {
+    let mut s = session();
+    s.feed(
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@far.test>\r\nRCPT TO:<r@example.test>\r\n\
+          DATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n",
+    );
+    let Some(Event::Security { kind, .. }) = s.poll_event() else {
+        panic!("no security event");
+    };
+    assert_eq!(kind, "recipient_rejected");
+    s.close_with(Reply::new(421, "4.7.1", "Blocked"));
+    let rest = events(&mut s);
+    assert!(matches!(rest.as_slice(), [Event::Close]), "{rest:?}");
+    s.message_stored(Ok("ID".into()));
+    assert!(String::from_utf8(s.take_output())
+        .unwrap()
+        .ends_with("421 4.7.1 Blocked\r\n"));
+}
+
+/// A failed AUTH that blocks the client: the failure, the close, and nothing of what was
+/// pipelined behind the AUTH.
+#[test]
+fn auth_failure_close_runs_nothing_pipelined() {
+    let mut s = session_with(SessionConfig {
+        allow_plaintext_without_tls: true,
+        ..cfg()
+    });
+    send(
+        &mut s,
+        "EHLO c\r\nAUTH PLAIN AGEAYg==\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<r@example.test>\r\n",
+    );
+    assert!(matches!(
+        events(&mut s).as_slice(),
+        [Event::AuthStart { .. }]
+    ));
+    s.auth_failure_close(
+        Reply::new(535, "5.7.8", "Authentication credentials invalid"),
+        Reply::new(421, "4.7.0", "Too many failed logins"),
+    );
+    assert_eq!(
+        String::from_utf8(s.take_output()).unwrap(),
+        "535 5.7.8 Authentication credentials invalid\r\n421 4.7.0 Too many failed logins\r\n"
+    );
+    assert!(s.is_closed());
+    assert!(matches!(events(&mut s).as_slice(), [Event::Close]));
+}
