@@ -1,17 +1,21 @@
 //! OAuth2 access tokens for XOAUTH2 relay authentication: obtained from the rule's token
 //! endpoint by refresh-token grant (when a refresh token is configured) or client-credentials
 //! grant, cached per rule until shortly before they expire, and dropped when the relay host
-//! rejects them. The HTTP client is a minimal HTTP/1.1 POST over TCP or rustls — a token endpoint
-//! needs nothing more, and it keeps the dependency tree small.
+//! rejects them. The request is one HTTP/1.1 POST with hyper over TCP or the relay's rustls client
+//! configuration (the verified one: a token endpoint is always authenticated).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http::{header, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
 use mailrelay_crds::config::RelayAuth;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use url::{form_urlencoded, Url};
 
 use super::tls::{server_name, ClientTls};
 
@@ -69,13 +73,11 @@ impl TokenCache {
         if let Some(s) = scope {
             form.push(("scope", s.clone()));
         }
-        let body = form
-            .iter()
-            .map(|(k, v)| format!("{k}={}", form_encode(v)))
-            .collect::<Vec<_>>()
-            .join("&");
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form.iter().map(|(k, v)| (*k, v.as_str())))
+            .finish();
         let (status, resp) =
-            tokio::time::timeout(HTTP_TIMEOUT, post_form(token_endpoint, &body, tls))
+            tokio::time::timeout(HTTP_TIMEOUT, post_form(token_endpoint, body, tls))
                 .await
                 .map_err(|_| format!("token endpoint {token_endpoint} timed out"))??;
         let json: serde_json::Value = serde_json::from_slice(&resp).map_err(|e| {
@@ -120,123 +122,80 @@ impl TokenCache {
     }
 }
 
-fn form_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
+/// POSTs a form and returns (status, body). One request per connection: tokens are fetched
+/// about once an hour per rule, so a connection pool would only hold sockets open.
+async fn post_form(url: &str, body: String, tls: &ClientTls) -> Result<(u16, Vec<u8>), String> {
+    let parsed = Url::parse(url).map_err(|e| format!("bad token endpoint URL {url}: {e}"))?;
+    let https = match parsed.scheme() {
+        "https" => true,
+        "http" => false,
+        other => {
+            return Err(format!(
+                "unsupported scheme {other:?} in token endpoint URL {url}"
+            ))
         }
-    }
-    out
-}
-
-/// POSTs a form and returns (status, body).
-async fn post_form(url: &str, body: &str, tls: &ClientTls) -> Result<(u16, Vec<u8>), String> {
-    let (https, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err(format!("unsupported token endpoint URL {url}"));
     };
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
+    let host = parsed
+        .host_str()
+        .ok_or_else(|| format!("no host in token endpoint URL {url}"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let port = parsed
+        .port_or_known_default()
+        .ok_or_else(|| format!("no port in token endpoint URL {url}"))?;
+    let authority = match parsed.port() {
+        Some(p) => format!("{}:{p}", parsed.host_str().unwrap_or_default()),
+        None => parsed.host_str().unwrap_or_default().to_string(),
     };
-    let (host, port) = split_host_port(authority, if https { 443 } else { 80 })
-        .ok_or_else(|| format!("bad host in token endpoint URL {url}"))?;
-    let request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/x-www-form-urlencoded\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let path = match parsed.query() {
+        Some(q) => format!("{}?{q}", parsed.path()),
+        None => parsed.path().to_string(),
+    };
+    let request = Request::post(path)
+        .header(header::HOST, authority)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::ACCEPT, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| format!("building the token request for {url}: {e}"))?;
     let tcp = TcpStream::connect((host.as_str(), port))
         .await
         .map_err(|e| format!("connecting to token endpoint {url}: {e}"))?;
-    let mut raw = Vec::new();
     if https {
         let name = server_name(&host).ok_or_else(|| format!("bad host name in {url}"))?;
-        let mut s = TlsConnector::from(tls.verified.clone())
+        let stream = TlsConnector::from(tls.verified.clone())
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS to token endpoint {url}: {e}"))?;
-        s.write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        read_limited(&mut s, &mut raw).await?;
+        send(stream, request, url).await
     } else {
-        let mut s = tcp;
-        s.write_all(request.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        read_limited(&mut s, &mut raw).await?;
-    }
-    parse_response(&raw).ok_or_else(|| format!("malformed HTTP response from token endpoint {url}"))
-}
-
-async fn read_limited<R: tokio::io::AsyncRead + Unpin>(
-    r: &mut R,
-    out: &mut Vec<u8>,
-) -> Result<(), String> {
-    let mut buf = [0u8; 8192];
-    loop {
-        match r.read(&mut buf).await {
-            Ok(0) => return Ok(()),
-            Ok(n) => {
-                out.extend_from_slice(&buf[..n]);
-                if out.len() > MAX_RESPONSE {
-                    return Err("token endpoint response too large".into());
-                }
-            }
-            // Servers that close TLS without close_notify still sent a complete response.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.to_string()),
-        }
+        send(tcp, request, url).await
     }
 }
 
-fn split_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
-    if let Some(rest) = authority.strip_prefix('[') {
-        let (h, p) = rest.split_once(']')?;
-        let port = match p.strip_prefix(':') {
-            Some(p) => p.parse().ok()?,
-            None => default,
-        };
-        return Some((h.to_string(), port));
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
-        None => Some((authority.to_string(), default)),
-    }
-}
-
-fn parse_response(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
-    let chunked = lines.any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    if !chunked {
-        return Some((status, body.to_vec()));
-    }
-    let mut out = Vec::new();
-    let mut rest = body;
-    loop {
-        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size_line = std::str::from_utf8(&rest[..eol]).ok()?;
-        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Some((status, out));
-        }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
-    }
+async fn send<S>(
+    stream: S,
+    request: Request<Full<Bytes>>,
+    url: &str,
+) -> Result<(u16, Vec<u8>), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP to token endpoint {url}: {e}"))?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("request to token endpoint {url}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = Limited::new(response.into_body(), MAX_RESPONSE)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer of token endpoint {url}: {e}"))?
+        .to_bytes();
+    Ok((status, body.to_vec()))
 }
 
 #[cfg(test)]
@@ -244,17 +203,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_parsing() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n");
-        assert_eq!(r, Some((200, b"abcde".to_vec())));
-        assert_eq!(
-            parse_response(b"HTTP/1.0 400 Bad\r\n\r\n{}"),
-            Some((400, b"{}".to_vec()))
-        );
-        assert_eq!(
-            split_host_port("[::1]:8080", 80),
-            Some(("::1".into(), 8080))
-        );
-        assert_eq!(form_encode("a b&c"), "a%20b%26c");
+    fn form_bodies_are_encoded() {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .append_pair("scope", "a b&c")
+            .finish();
+        assert_eq!(body, "scope=a+b%26c");
+    }
+
+    #[tokio::test]
+    async fn unsupported_urls_are_refused_with_the_reason() {
+        let tls = ClientTls::new(None).expect("client tls");
+        let e = post_form("ftp://example.com/token", String::new(), &tls)
+            .await
+            .expect_err("ftp");
+        assert!(e.contains("unsupported scheme"), "{e}");
+        let e = post_form("not a url", String::new(), &tls)
+            .await
+            .expect_err("garbage");
+        assert!(e.contains("bad token endpoint URL"), "{e}");
     }
 }
