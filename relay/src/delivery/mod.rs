@@ -1,5 +1,5 @@
 //! The outbound side: everything between a message in the spool and the downstream server's
-//! `250`. [`queue`] schedules and routes, [`mx`] resolves, [`client`] speaks SMTP with the
+//! `250`. [`queue`] schedules and executes what [`plan`] decides (routes, retries, DSNs), [`mx`] resolves, [`client`] speaks SMTP with the
 //! TLS policy of [`tls`] and credentials (incl. [`oauth2`] tokens), [`dsn`] writes bounces and
 //! delay warnings, [`admin`] exposes the queue over HTTP.
 
@@ -9,6 +9,7 @@ pub mod data;
 pub mod dsn;
 pub mod mx;
 pub mod oauth2;
+pub mod plan;
 pub mod queue;
 pub mod status;
 pub mod tls;

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use mailrelay_crds::config::{
-    OutboundAuthMechanism, OutboundTls, RelayAuth, RelayTarget, RetryOverride, RouteAction,
+    OutboundAuthMechanism, OutboundTls, RelayAuth, RelayTarget, RetryOverride,
 };
 use mailrelay_spool::{DsnRet, Envelope, MessageId, Recipient, RecipientStatus, Spool};
 use tokio::sync::{Notify, Semaphore};
@@ -43,6 +43,7 @@ use super::data;
 use super::dsn;
 use super::mx::{Dns, MxHost};
 use super::oauth2::TokenCache;
+use super::plan::{self, Next, Plan, RelayGroup, Routes, Schedule};
 use super::status::Status;
 use super::tls::ClientTls;
 use crate::metrics::{KindLabels, Metrics, ResultLabels};
@@ -422,38 +423,11 @@ impl Queue {
             return;
         };
         let snap = self.snapshot.load_full();
-        // Group key -> (target or resolution, recipient indices).
-        let mut relay_groups: Vec<(String, RelayTarget, Vec<usize>)> = Vec::new();
-        let mut domain_groups: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut retry = None;
-        for (i, r) in env.recipients.iter().enumerate() {
-            if r.status.is_final() {
-                continue;
-            }
-            let route = snap.config.route(&env.sender, &r.address);
-            if retry.is_none() {
-                retry = route.and_then(|p| p.retry.clone());
-            }
-            match route.map(|p| (&p.name, &p.action)) {
-                Some((name, RouteAction::Relay(t))) => {
-                    match relay_groups.iter_mut().find(|g| &g.0 == name) {
-                        Some(g) => g.2.push(i),
-                        None => relay_groups.push((name.clone(), t.clone(), vec![i])),
-                    }
-                }
-                _ => {
-                    let domain = r
-                        .address
-                        .rsplit_once('@')
-                        .map(|(_, d)| d.to_ascii_lowercase())
-                        .unwrap_or_default();
-                    match domain_groups.iter_mut().find(|g| g.0 == domain) {
-                        Some(g) => g.1.push(i),
-                        None => domain_groups.push((domain, vec![i])),
-                    }
-                }
-            }
-        }
+        let Routes {
+            relay: mut relay_groups,
+            domains: mut domain_groups,
+            retry,
+        } = plan::group_by_route(&env, &snap.config);
         let mut jobs: Vec<(String, Target, Job)> = Vec::new();
         // Outcomes decided before any connection, each with its own `delivery_attempt` span:
         // (destination, recipients and their status).
@@ -467,7 +441,7 @@ impl Queue {
         if let Some(s) = looped {
             let rcpts: Vec<(usize, Status)> = relay_groups
                 .iter()
-                .flat_map(|g| g.2.iter())
+                .flat_map(|g| g.rcpts.iter())
                 .chain(domain_groups.iter().flat_map(|g| g.1.iter()))
                 .map(|i| (*i, s.clone()))
                 .collect();
@@ -475,7 +449,12 @@ impl Queue {
             domain_groups.clear();
             immediate.push(("loop".to_string(), rcpts));
         }
-        for (rule, target, rcpts) in relay_groups {
+        for RelayGroup {
+            rule,
+            target,
+            rcpts,
+        } in relay_groups
+        {
             jobs.push((
                 format!("relay:{rule}"),
                 Target::Relay { rule, target },
@@ -1118,7 +1097,7 @@ impl Queue {
     /// whether the new state is durably recorded.
     async fn finish(&self, id: MessageId, mut env: Envelope) -> bool {
         let now = SystemTime::now();
-        let (retry, mut failed, relayed) = {
+        let (retry, failed, relayed) = {
             let mut st = self.lock();
             match st.msgs.get_mut(&id) {
                 Some(m) => (
@@ -1129,75 +1108,20 @@ impl Queue {
                 None => return true,
             }
         };
-        let schedule = retry
-            .as_ref()
-            .map(|r| r.schedule_seconds.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| self.settings.retry_schedule_seconds.clone());
-        let warn_after = retry
-            .as_ref()
-            .and_then(|r| r.warn_after_seconds)
-            .unwrap_or(self.settings.warn_after_seconds);
-        let give_up = retry
-            .as_ref()
-            .and_then(|r| r.give_up_after_seconds)
-            .unwrap_or(self.settings.give_up_after_seconds);
-        let age = now.duration_since(env.received_at).unwrap_or_default();
-        let give_up_at = env.received_at + Duration::from_secs(give_up);
-
-        if env.pending().next().is_some() && age >= Duration::from_secs(give_up) {
-            for (i, r) in env.recipients.iter_mut().enumerate() {
-                if r.status.is_final() {
-                    continue;
-                }
-                let mut s = r
-                    .last_error
-                    .as_deref()
-                    .and_then(Status::parse_reply_line)
-                    .unwrap_or_else(|| Status::local(451, "4.4.7", "Delivery time expired"));
-                s.text = format!(
-                    "{} (gave up after {} s in the queue)",
-                    s.text,
-                    age.as_secs()
-                );
-                info!(id = %id, to = %r.address, "Result: failed, Status: {} {} — retry period expired", s.enhanced, s.text);
-                r.status = RecipientStatus::Failed {
-                    code: s.code,
-                    enhanced: Some(s.enhanced.clone()),
-                    text: s.text.clone(),
-                };
-                failed.push((i, s));
-            }
-        }
-
-        let pending: Vec<usize> = env
-            .recipients
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| !r.status.is_final())
-            .map(|(i, _)| i)
-            .collect();
-        let mut dsns = Vec::new();
-        if !failed.is_empty() {
-            dsns.push((dsn::Kind::Failure, failed));
-        }
-        if !relayed.is_empty() {
-            dsns.push((dsn::Kind::Relayed, relayed));
-        }
-        if !pending.is_empty() && !env.warned && age >= Duration::from_secs(warn_after) {
-            env.warned = true;
-            let delayed = pending
-                .iter()
-                .map(|i| {
-                    let s = env.recipients[*i]
-                        .last_error
-                        .as_deref()
-                        .and_then(Status::parse_reply_line)
-                        .unwrap_or_else(|| Status::local(451, "4.4.7", "Delivery delayed"));
-                    (*i, s)
-                })
-                .collect();
-            dsns.push((dsn::Kind::Delay, delayed));
+        let schedule = Schedule::new(&self.settings, retry.as_ref());
+        let give_up_at = env.received_at + schedule.give_up_after;
+        let Plan {
+            expired,
+            dsns,
+            next,
+        } = plan::plan(&mut env, &schedule, failed, relayed, now);
+        for (i, s) in &expired {
+            let to = env
+                .recipients
+                .get(*i)
+                .map(|r| r.address.as_str())
+                .unwrap_or("");
+            info!(id = %id, to = %to, "Result: failed, Status: {} {} — retry period expired", s.enhanced, s.text);
         }
         for (kind, entries) in dsns {
             // The DSN is spooled before the original changes, so a crash in between can
@@ -1209,46 +1133,36 @@ impl Queue {
             }
         }
 
-        if env.is_complete() {
-            let removed = match self.spool.remove(id).await {
-                Ok(()) => {
-                    debug!(id = %id, "message complete, removed from the spool");
-                    true
+        match next {
+            Next::Remove => {
+                let removed = match self.spool.remove(id).await {
+                    Ok(()) => {
+                        debug!(id = %id, "message complete, removed from the spool");
+                        true
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(e) => {
+                        warn!(id = %id, error = %e, "cannot remove delivered message");
+                        false
+                    }
+                };
+                if let Some(m) = self.lock().msgs.remove(&id) {
+                    m.recovered_markers.iter().for_each(|p| remove_marker(p));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
-                Err(e) => {
-                    warn!(id = %id, error = %e, "cannot remove delivered message");
-                    false
-                }
-            };
-            if let Some(m) = self.lock().msgs.remove(&id) {
-                m.recovered_markers.iter().for_each(|p| remove_marker(p));
+                removed
             }
-            return removed;
+            Next::RetryIn(delay) => {
+                let recorded = match self.spool.update_envelope(id, env).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(id = %id, error = %e, "cannot record delivery state");
+                        false
+                    }
+                };
+                self.reschedule(id, delay);
+                recorded
+            }
         }
-        let attempts = pending
-            .iter()
-            .filter_map(|i| env.recipients.get(*i).map(|r| r.attempts))
-            .max()
-            .unwrap_or(1)
-            .max(1) as usize;
-        let delay = Duration::from_secs(
-            schedule
-                .get(attempts - 1)
-                .or(schedule.last())
-                .copied()
-                .unwrap_or(300),
-        );
-        env.next_attempt_at = Some(now + delay);
-        let recorded = match self.spool.update_envelope(id, env).await {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(id = %id, error = %e, "cannot record delivery state");
-                false
-            }
-        };
-        self.reschedule(id, delay);
-        recorded
     }
 
     fn reschedule(&self, id: MessageId, delay: Duration) {
