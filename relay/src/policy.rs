@@ -218,7 +218,7 @@ mod tests {
                     .check_recipient(&f, "s@x.test", "mallory@example.test")
                     .expect_err("unknown local recipient");
                 assert_eq!(
-                    (unknown.reply.code, unknown.reply.enhanced.as_deref()),
+                    (unknown.reply.code, unknown.reply.enhanced),
                     (550, Some("5.1.1")),
                     "local unknown: {case}"
                 );
@@ -232,7 +232,7 @@ mod tests {
                 );
                 if let Err(r) = remote {
                     assert_eq!(
-                        (r.reply.code, r.reply.enhanced.as_deref()),
+                        (r.reply.code, r.reply.enhanced),
                         (550, Some("5.7.1")),
                         "{case}"
                     );
