@@ -36,8 +36,8 @@ pub fn encode_message_header(
 /// What recovery concludes from the envelope record of a message file whose header records
 /// `data_len` bytes of data: the envelope, or why the file is skipped.
 pub fn check_message_record(bytes: &[u8], data_len: u64) -> Result<Envelope, String> {
-    match crate::decode_record("fuzz.msg", bytes, data_len) {
+    match crate::recovery::decode_record("fuzz.msg", bytes, data_len) {
         Ok(r) => Ok(r.envelope),
-        Err(crate::Skip::Corrupt(_, why)) => Err(why),
+        Err(crate::recovery::Skip::Corrupt(_, why)) => Err(why),
     }
 }
