@@ -54,6 +54,8 @@ if [ -z "${SKIP_LINT:-}" ]; then
   cargo fmt --all -- --check
   echo "== cargo clippy"
   cargo clippy --workspace --all-targets --locked -- -D warnings
+  echo "== cargo doc (broken intra-doc links fail)"
+  RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked
 fi
 
 echo "== cargo test"

@@ -5,7 +5,7 @@
 //! - [`controller`]: watches, the per-namespace trigger and work queue.
 //! - [`reconcile`]: one namespace: compile, write the owned objects, statuses and events.
 //! - [`status`]: the pure status/conditions computation.
-//! - [`write`]: the only code that writes the core objects (ConfigMap, Secrets, Service).
+//! - [`write`](mod@write): the only code that writes the core objects (ConfigMap, Secrets, Service).
 //! - [`tls_bundle`]: the `<instance>-tls` Secret with every certificate the policy names.
 //! - [`relay_service`]: the relay Service, one port per SmtpService.
 //! - [`certs`]: cert-manager Certificates for SmtpServices with `tls.issuerRef`.

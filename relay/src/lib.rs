@@ -1,7 +1,15 @@
-//! mailrelay's inbound SMTP relay. The protocol core in [`smtp`] is sans-IO; [`server`] drives it
-//! over TCP and TLS, [`auth`] runs SASL against the compiled verifiers, [`policy`] decides relay
-//! and sender questions, [`config`] loads and hot-reloads the compiled policy, [`store`] hands
-//! accepted messages to the durable spool.
+//! mailrelay's relay: the inbound SMTP service and the outbound delivery queue.
+//!
+//! - [`smtp`]: the sans-IO protocol core (commands, replies, DATA/BDAT decoding);
+//! - [`server`]: listeners and the session driver over TCP and TLS ([`tls`], [`proxy`] for
+//!   PROXY-protocol headers); [`limits`] admits connections and enforces per-IP limits;
+//! - [`auth`]: SASL against the compiled verifiers; [`policy`]: relay and sender decisions;
+//! - [`snapshot`] builds the compiled policy from the config directory and [`reload`] swaps it
+//!   in when the files change; [`settings`] is `runtime.yaml`;
+//! - [`delivery`]: the queue, MX resolution ([`dns`]), the SMTP client, DSNs; the durable spool
+//!   is the `mailrelay-spool` crate;
+//! - [`metrics`], [`telemetry`] (traces), [`http`] (metrics and admin listeners), [`memory`]
+//!   (allocator tuning), [`dnscheck`] (sender-domain and PTR checks).
 
 pub mod auth;
 pub mod delivery;

@@ -17,7 +17,7 @@ use tracing::{error, info};
 #[derive(Parser, Debug)]
 #[command(name = "relay", about = "mailrelay SMTP relay")]
 struct Args {
-    /// Directory with relay.yaml, credentials.yaml, runtime.yaml and tls/<secret>/.
+    /// Directory with relay.yaml, credentials.yaml, runtime.yaml and `tls/<secret>/`.
     #[arg(long, env = "MAILRELAY_CONFIG_DIR", required = false)]
     config: Option<PathBuf>,
     #[command(subcommand)]
