@@ -1,5 +1,7 @@
 //! Semantics of the policy compiler on small in-memory namespaces.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;

@@ -4,6 +4,8 @@
 //! --test crd_manifests` (or `cargo run -p mailrelay-operator -- crds --write crds/` and
 //! `--write charts/mailrelay/crds/`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::path::Path;
 
 use mailrelay_crds::api::{crd_manifests, crd_yaml};

@@ -3,6 +3,8 @@
 //! policy and Secrets applied with kubectl, the operator binary running as a process, assertions
 //! on status, conditions, Events, and the ConfigMap, Secrets and Service it server-side applies.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::time::{Duration, Instant};

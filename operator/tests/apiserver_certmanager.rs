@@ -5,6 +5,8 @@
 //! loses the Certificate when it switches to `tls.secretName`. Its own test binary because registering the API changes what the tests in
 //! apiserver.rs see (they expect `CertManagerMissing`); the CRD is removed again at the end.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::time::Duration;

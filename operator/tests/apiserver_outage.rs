@@ -5,6 +5,8 @@
 //! cluster it skips. A separate test binary, so the outage never overlaps the tests in
 //! apiserver.rs (cargo runs test binaries one after another).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::process::Command;

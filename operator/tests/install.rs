@@ -10,6 +10,8 @@
 //! relay's behaviour → a deleted CR's effect is gone. Prints the median of 20 `kubectl apply` →
 //! new behaviour measurements (`INSTALL LATENCY`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::collections::BTreeMap;

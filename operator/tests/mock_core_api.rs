@@ -3,6 +3,8 @@
 //! controller retries it with backoff) instead of half-applying. Everything else the operator
 //! writes is tested against a real API server with the core API in `apiserver.rs`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,5 +1,7 @@
 //! `operator render` end to end: the real binary on real YAML files.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,6 +1,8 @@
 //! Throughput of the sans-IO protocol core: a complete pipelined transaction (EHLO, MAIL, RCPT,
 //! DATA with a dot-stuffed body, QUIT) parsed and answered, no sockets or storage involved.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mailrelay_crds::config::{AuthMode, Mechanism, Protocol};
 use mailrelay_relay::smtp::{Event, Policy, Rejection, Session, SessionConfig, SessionFacts};

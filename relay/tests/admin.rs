@@ -2,6 +2,8 @@
 //! and its token from the config directory; every endpoint needs the token; the metrics port
 //! serves none of it; a non-loopback administration address without a token is refused.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::process::Command;

@@ -4,6 +4,8 @@
 //! certificate (no STARTTLS, no SMTPS listener, a metric, never a silent self-signed certificate),
 //! and the standalone self-signed certificate kept on disk and renewed.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::net::TcpStream;

@@ -4,6 +4,8 @@
 //! message streamed byte-exact, DSN parameters relayed, the opportunistic TLS fallback, loop
 //! checks, and what the logs and `delivery_attempt` spans say (captured with a `tracing` layer).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 #[path = "common/delivery_support.rs"]
 mod support;
 

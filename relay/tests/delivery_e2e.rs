@@ -5,6 +5,8 @@
 //! `mailrelay_delivery_resent_after_recovery_total`. The next hop is the scriptable sink of
 //! the delivery tests, on a tokio runtime of the test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

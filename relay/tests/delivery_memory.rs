@@ -3,6 +3,8 @@
 //! (which keeps only their digests), and bounces a 16 MiB `RET=FULL` message, while the peak of
 //! heap bytes in use may grow by a small constant only — never by the size of a message.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 #[path = "common/delivery_support.rs"]
 mod support;
 

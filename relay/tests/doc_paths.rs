@@ -12,6 +12,8 @@
 //! `runtime.yaml` or of the chart values instead.
 //! Host names and file names (`relay.example.test`, `tls.crt`) are not paths.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 

@@ -2,6 +2,8 @@
 //! progress finishes, everything else gets `421 4.3.2`) and the process exits as soon as all are
 //! done; clients that trickle bytes are ended by the per-line deadline and the minimum data rate.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 //! 10,000 RCPTs, slowloris), DNS checks against a loopback DNS server, and the metrics/log
 //! events of each.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

@@ -1,6 +1,8 @@
 //! Peak RSS of the relay holding 5,000 idle SMTP sessions. Ignored by default (it needs a
 //! raised file-descriptor limit); run with `relay/tests/rss_idle.sh`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

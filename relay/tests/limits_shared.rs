@@ -3,6 +3,8 @@
 //! local limits with `mailrelay_limit_store_up 0` and a log line, and mail keeps flowing.
 //! Needs `redis-server` (Debian package `redis-server`); skips loudly without it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

@@ -5,6 +5,8 @@
 //! TLS versions, outcomes by destination, quarantined spool files) carry the right values.
 //! The operator's metric names are checked in `tests/tests/monitoring.rs`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

@@ -7,6 +7,8 @@
 //! certificate (`otlpTls.certFile`/`keyFile`), with the `delivery_attempt` span of a message
 //! that DNS bounced.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

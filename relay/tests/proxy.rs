@@ -2,6 +2,8 @@
 //! `allowedFrom`, limits and the greeting/`Received:`; untrusted peers' headers are refused; a
 //! header after the greeting or inside TLS is just a bad command.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

@@ -1,6 +1,8 @@
 //! Regression tests of the security audit, through the relay binary over real sockets: SMTP
 //! smuggling, authentication before TLS, malformed SASL input, AUTH floods and large messages.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use common::*;

@@ -1,5 +1,7 @@
 //! End-to-end tests of the relay binary over real TCP and TLS.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::time::Duration;

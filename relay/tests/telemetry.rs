@@ -1,6 +1,8 @@
 //! Logging over a running relay: the security stream in its own file, and the log filter
 //! switched at run time through `PUT /debug/log` with per-component names.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 #[path = "common/extra.rs"]
 mod extra;

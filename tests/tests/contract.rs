@@ -1,6 +1,8 @@
 //! The contract between operator and relay: what `operator render` (and so the operator) writes
 //! for the example policies is a config directory the relay accepts, with the policy intact.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::path::{Path, PathBuf};
 
 use mailrelay_crds::compile::compile;

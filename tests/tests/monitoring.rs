@@ -5,6 +5,8 @@
 //! against the operator. The relay's own names are checked against a running relay in
 //! `relay/tests/monitoring.rs`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 

@@ -4,6 +4,8 @@
 //! The spool lives in a temporary directory (`TMPDIR`, else `/tmp`); point `TMPDIR` at the disk
 //! the relay will use, since the numbers measure that disk's flush latency more than this code.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::Path;

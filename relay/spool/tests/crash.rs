@@ -5,6 +5,8 @@
 //! The child is this test binary itself, re-executed with `CRASH_CHILD_DIR` set so that only
 //! `crash_child` does anything.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::ExitStatusExt;

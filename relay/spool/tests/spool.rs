@@ -1,5 +1,7 @@
 //! Spool behaviour against real files in a temporary directory.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::HashSet;
 use std::fs;
 use std::io::{ErrorKind, Write};
