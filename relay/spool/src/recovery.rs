@@ -222,7 +222,11 @@ pub(crate) enum Skip {
 }
 
 /// Decodes an envelope record of a message file whose data is `data_len` bytes.
-pub(crate) fn decode_record(file: &str, bytes: &[u8], data_len: u64) -> Result<EnvelopeRecord, Skip> {
+pub(crate) fn decode_record(
+    file: &str,
+    bytes: &[u8],
+    data_len: u64,
+) -> Result<EnvelopeRecord, Skip> {
     match EnvelopeRecord::decode(bytes) {
         Ok(record) if record.data_len == data_len => Ok(record),
         Ok(record) => Err(Skip::Corrupt(
