@@ -49,6 +49,14 @@ if [ -z "${SKIP_LINT:-}" ] && ! { cargo fmt --version && cargo clippy --version;
     SKIP_LINT=1
   }
 fi
+# The fuzz workspace keeps its own lock in step with the root one (same versions for shared
+# dependencies); say so now rather than after the whole test run.
+if ! cargo metadata --manifest-path relay/fuzz/Cargo.toml --locked --format-version 1 >/dev/null; then
+  echo "!! relay/fuzz/Cargo.lock is out of step with Cargo.lock. Fix:" >&2
+  echo "   cp Cargo.lock relay/fuzz/Cargo.lock && cargo metadata --manifest-path relay/fuzz/Cargo.toml --format-version 1 >/dev/null" >&2
+  exit 1
+fi
+
 if [ -z "${SKIP_LINT:-}" ]; then
   echo "== cargo fmt --check"
   cargo fmt --all -- --check
