@@ -69,6 +69,9 @@ fi
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast
 
+echo "== memory per idle session (relay/tests/rss_idle.sh)"
+relay/tests/rss_idle.sh
+
 # ---- fuzz targets: replay corpora -------------------------------------------------------
 # relay/fuzz is a workspace of its own (AFL builds); fuzzing for minutes is not CI's job, but
 # every committed corpus file and crash regression is replayed through the targets so they
