@@ -302,8 +302,7 @@ fn standalone_self_signed_certificate_is_kept_on_disk_for_a_year_and_renewed() {
     );
 }
 
-#[path = "common/delivery_support.rs"]
-mod delivery_support;
+use common::delivery_support;
 
 /// A reloaded policy that moves a relay rule to another host: the next message goes there, even
 /// while the connection to the old host is still cached (kept busy, it would never go idle).

@@ -6,8 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod common;
-#[path = "common/extra.rs"]
-mod extra;
+use common::extra;
 
 use common::Relay;
 use extra::*;

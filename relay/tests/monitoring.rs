@@ -8,10 +8,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod common;
-#[path = "common/extra.rs"]
-mod extra;
-#[path = "common/delivery_support.rs"]
-mod support;
+use common::delivery_support as support;
+use common::extra;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -4,8 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
 mod common;
-#[path = "common/extra.rs"]
-mod extra;
+use common::extra;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

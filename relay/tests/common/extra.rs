@@ -16,9 +16,7 @@ use hickory_proto::rr::rdata::{A, MX, PTR};
 use hickory_proto::rr::{Name, RData, Record};
 use mailrelay_crds::config::RelayConfig;
 
-use super::common::{
-    credentials, free_port, relay_config, write, Ca, Ports, Relay, DEFAULT_RECIPIENTS,
-};
+use super::{credentials, free_port, relay_config, write, Ca, Ports, Relay, DEFAULT_RECIPIENTS};
 
 /// Starts the relay like `Relay::start`, with `runtime_extra` appended to runtime.yaml and
 /// `edit` applied to the policy.
@@ -65,7 +63,7 @@ fn start_once(runtime_extra: &str, edit: &impl Fn(&mut RelayConfig, &Ports)) -> 
     );
     write(
         &r.dir.path().join("runtime.yaml"),
-        &super::common::runtime_yaml(&r.ports, runtime_extra),
+        &super::runtime_yaml(&r.ports, runtime_extra),
     );
     r.spawn();
     r
@@ -337,7 +335,7 @@ impl RedisServer {
                 .is_ok()
         });
         let Some(bin) = bin else {
-            super::common::missing_peer("redis-server", "apt-get install -y redis-server");
+            super::missing_peer("redis-server", "apt-get install -y redis-server");
             return None;
         };
         let dir = tempfile::tempdir().unwrap();

@@ -4,6 +4,11 @@
 
 #![allow(dead_code)]
 
+/// Peers of the delivery side: SMTP sinks, a DNS server, a token endpoint, trace capture.
+pub mod delivery_support;
+/// A test relay with a custom policy, Redis, log capture: for the limits, proxy and telemetry tests.
+pub mod extra;
+
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
