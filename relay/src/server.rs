@@ -988,7 +988,7 @@ impl Driver {
         }
     }
 
-    fn stream_failed(&mut self, session: &mut Session, e: &std::io::Error) {
+    fn stream_failed(&mut self, session: &mut Session, e: &mailrelay_spool::Error) {
         warn!(service = %self.service.name, error = %e, "spool write failed");
         self.incoming = None;
         session.body_store_failed(store_failure(e));
@@ -1116,9 +1116,9 @@ fn envelope_from(
 }
 
 /// A full file system (or quota) is told apart from other storage errors (`452 4.3.1`).
-fn store_failure(e: &std::io::Error) -> StoreFailure {
-    match e.kind() {
-        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => StoreFailure::Full,
+fn store_failure(e: &mailrelay_spool::Error) -> StoreFailure {
+    match e {
+        mailrelay_spool::Error::Full(_) => StoreFailure::Full,
         _ => StoreFailure::Other,
     }
 }

@@ -31,7 +31,7 @@ fn envelope() -> Envelope {
     e
 }
 
-fn main() -> std::io::Result<()> {
+fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let writers = args.first().map(String::as_str).unwrap_or("16");
     let messages: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2000);
@@ -66,11 +66,11 @@ fn main() -> std::io::Result<()> {
                     for _ in 0..count {
                         spool.store(envelope(), data.clone()).await?;
                     }
-                    Ok::<_, std::io::Error>(())
+                    Ok::<_, mailrelay_spool::Error>(())
                 }));
             }
             for t in tasks {
-                t.await.map_err(std::io::Error::other)??;
+                t.await??;
             }
             report(&format!("{writers} writers"), round, messages, start);
             for id in spool.list() {

@@ -83,6 +83,7 @@
 //! in-flight files of the other. Each relay instance needs its own spool directory.
 
 mod envelope;
+mod error;
 mod format;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -102,6 +103,7 @@ use tokio::sync::oneshot;
 pub use envelope::{
     Body, DsnNotify, DsnRet, Envelope, EnvelopeError, Recipient, RecipientStatus, ENVELOPE_VERSION,
 };
+pub use error::{Error, Result};
 pub use id::{MessageId, ParseMessageIdError};
 
 use envelope::EnvelopeRecord;
@@ -244,7 +246,7 @@ struct Recovered {
 
 struct Job {
     op: Op,
-    done: oneshot::Sender<io::Result<()>>,
+    done: oneshot::Sender<Result<()>>,
 }
 
 enum Op {
@@ -275,14 +277,14 @@ impl Spool {
     /// Returns the committed messages in arrival order; what else recovery found is in
     /// [`Spool::recovery_report`]. Fails if another process has the spool open, or on I/O errors
     /// that leave the spool's state unknown.
-    pub async fn open(dir: &Path, opts: SpoolOptions) -> io::Result<(Spool, Vec<StoredMessage>)> {
+    pub async fn open(dir: &Path, opts: SpoolOptions) -> Result<(Spool, Vec<StoredMessage>)> {
         let dir = dir.to_path_buf();
         tokio::task::spawn_blocking(move || Spool::open_blocking(dir, opts))
             .await
             .map_err(io::Error::other)?
     }
 
-    fn open_blocking(dir: PathBuf, opts: SpoolOptions) -> io::Result<(Spool, Vec<StoredMessage>)> {
+    fn open_blocking(dir: PathBuf, opts: SpoolOptions) -> Result<(Spool, Vec<StoredMessage>)> {
         let msg_dir = dir.join(MSG_DIR);
         let corrupt_dir = dir.join(CORRUPT_DIR);
         for d in [&msg_dir, &corrupt_dir] {
@@ -343,7 +345,7 @@ impl Spool {
     /// `envelope.received_at` and `next_attempt_at` are kept with one-second resolution. Once
     /// called, the store runs to completion even if the returned future is dropped; a message
     /// committed that way is in [`Spool::list`] like any other.
-    pub async fn store<D>(&self, mut envelope: Envelope, data: D) -> io::Result<MessageId>
+    pub async fn store<D>(&self, mut envelope: Envelope, data: D) -> Result<MessageId>
     where
         D: AsRef<[u8]> + Send + 'static,
     {
@@ -387,7 +389,7 @@ impl Spool {
     /// `envelope` must be the message's envelope as far as it is known; `commit` may change its
     /// `size` and `body`, and anything else only as long as its record does not grow by more
     /// than [`INCOMING_SLACK`] bytes (the record's space is reserved before the data).
-    pub async fn begin(&self, envelope: &Envelope) -> io::Result<Incoming> {
+    pub async fn begin(&self, envelope: &Envelope) -> Result<Incoming> {
         self.inner.shared.check_usable()?;
         let mut widest = envelope.clone();
         widest.normalize();
@@ -423,8 +425,8 @@ impl Spool {
 
     /// Atomically and durably replaces the envelope of a stored message.
     ///
-    /// Fails with [`io::ErrorKind::NotFound`] if the message is not (or no longer) in the spool.
-    pub async fn update_envelope(&self, id: MessageId, mut envelope: Envelope) -> io::Result<()> {
+    /// Fails with [`Error::NotFound`] if the message is not (or no longer) in the spool.
+    pub async fn update_envelope(&self, id: MessageId, mut envelope: Envelope) -> Result<()> {
         self.inner.shared.check_usable()?;
         envelope.normalize();
         let (data_len, layout) = self
@@ -454,15 +456,15 @@ impl Spool {
                 }
                 Err(e) => {
                     remove_quietly(&tmp);
-                    let _ = done.send(Err(context(e, "writing envelope", &tmp)));
+                    let _ = done.send(Err(context(e, "writing envelope", &tmp).into()));
                 }
             }
         });
         wait.await.map_err(|_| committer_gone())?
     }
 
-    /// Durably removes a message. Fails with [`io::ErrorKind::NotFound`] if it is not there.
-    pub async fn remove(&self, id: MessageId) -> io::Result<()> {
+    /// Durably removes a message. Fails with [`Error::NotFound`] if it is not there.
+    pub async fn remove(&self, id: MessageId) -> Result<()> {
         self.inner.shared.check_usable()?;
         let (done, wait) = oneshot::channel();
         self.inner
@@ -476,7 +478,7 @@ impl Spool {
     }
 
     /// The message data.
-    pub async fn read_data(&self, id: MessageId) -> io::Result<Vec<u8>> {
+    pub async fn read_data(&self, id: MessageId) -> Result<Vec<u8>> {
         use tokio::io::AsyncReadExt;
         let (mut file, data_len) = self.open_positioned(id).await?;
         // Capacity only: a length that does not fit memory fails in the read, not here.
@@ -491,11 +493,11 @@ impl Spool {
     ///
     /// The file is positioned at the start of the data, and the data runs to the end of the file
     /// (the file may hold more than the data before that position; see [`Spool::data_offset`]).
-    pub async fn open_data(&self, id: MessageId) -> io::Result<tokio::fs::File> {
+    pub async fn open_data(&self, id: MessageId) -> Result<tokio::fs::File> {
         Ok(self.open_positioned(id).await?.0)
     }
 
-    async fn open_positioned(&self, id: MessageId) -> io::Result<(tokio::fs::File, u64)> {
+    async fn open_positioned(&self, id: MessageId) -> Result<(tokio::fs::File, u64)> {
         use tokio::io::AsyncSeekExt;
         let (layout, data_len) = {
             let index = self.inner.shared.lock_index();
@@ -622,9 +624,9 @@ impl Incoming {
     }
 
     /// Appends data (exactly as it will be relayed).
-    pub async fn write(&mut self, chunk: Vec<u8>) -> io::Result<()> {
+    pub async fn write(&mut self, chunk: Vec<u8>) -> Result<()> {
         let Some(mut file) = self.file.take() else {
-            return Err(io::Error::other("an earlier write of this message failed"));
+            return Err(Error::Abandoned);
         };
         let (file, result) = tokio::task::spawn_blocking(move || {
             let r = file.write_all(&chunk).map(|_| chunk.len());
@@ -640,30 +642,27 @@ impl Incoming {
 
     /// Writes the header and `envelope`, flushes, and commits like [`Spool::store`]: returns
     /// once the message is on stable storage.
-    pub async fn commit(mut self, mut envelope: Envelope) -> io::Result<MessageId> {
+    pub async fn commit(mut self, mut envelope: Envelope) -> Result<MessageId> {
         self.shared.check_usable()?;
         let Some(file) = self.file.take() else {
-            return Err(io::Error::other("an earlier write of this message failed"));
+            return Err(Error::Abandoned);
         };
         envelope.normalize();
         let data_len = self.data_len;
         let mut record = EnvelopeRecord::encode(&envelope, data_len);
         if record.len() > self.reserved {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "envelope record of {} bytes does not fit the {} reserved for it",
-                    record.len(),
-                    self.reserved
-                ),
-            ));
+            return Err(Error::Invalid(format!(
+                "envelope record of {} bytes does not fit the {} reserved for it",
+                record.len(),
+                self.reserved
+            )));
         }
         // JSON allows trailing white space: pad the record to its reserved size.
         record.pop();
         record.resize(self.reserved - 1, b' ');
         record.push(b'\n');
-        let header = Header::new(record.len(), data_len)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let header =
+            Header::new(record.len(), data_len).map_err(|e| Error::Invalid(e.to_string()))?;
         let fsync = self.shared.fsync;
         let tmp = self.tmp.clone();
         let written = tokio::task::spawn_blocking(move || -> io::Result<File> {
@@ -678,7 +677,7 @@ impl Incoming {
         .await
         .map_err(io::Error::other)?;
         if let Err(e) = written {
-            return Err(context(e, "writing message", &tmp));
+            return Err(context(e, "writing message", &tmp).into());
         }
         let (done, wait) = oneshot::channel();
         let op = Op::Store {
@@ -727,7 +726,7 @@ impl Shared {
         self.lock_index().entries.contains_key(&id)
     }
 
-    fn check_usable(&self) -> io::Result<()> {
+    fn check_usable(&self) -> Result<()> {
         match self.poisoned.get() {
             Some(reason) => Err(poisoned_error(reason)),
             None => Ok(()),
@@ -777,12 +776,7 @@ impl Shared {
     }
 
     /// Writes and flushes `<id>.msg.tmp`; returns its path and the data offset.
-    fn write_message(
-        &self,
-        id: MessageId,
-        record: &[u8],
-        data: &[u8],
-    ) -> io::Result<(PathBuf, u64)> {
+    fn write_message(&self, id: MessageId, record: &[u8], data: &[u8]) -> Result<(PathBuf, u64)> {
         let tmp = self.file(id, &format!("{MSG_EXT}.{TMP_EXT}"));
         let header = Header::new(record.len(), data.len() as u64).map_err(|e| {
             context(
@@ -793,7 +787,7 @@ impl Shared {
         })?;
         if let Err(e) = write_file(&tmp, &[&header.encode(), record, data], self.fsync) {
             remove_quietly(&tmp);
-            return Err(context(e, "writing message", &tmp));
+            return Err(context(e, "writing message", &tmp).into());
         }
         Ok((tmp, header.data_offset()))
     }
@@ -821,16 +815,18 @@ impl Shared {
         // check this set as well.
         let mut removed = HashSet::new();
         for job in &batch {
-            let result = match &job.op {
+            let result: Result<()> = match &job.op {
                 // Complete and flushed: naming it commits the message (once the name is durable).
-                Op::Store { id, tmp, .. } => rename(tmp, &self.file(*id, MSG_EXT)),
+                Op::Store { id, tmp, .. } => {
+                    rename(tmp, &self.file(*id, MSG_EXT)).map_err(Error::from)
+                }
                 Op::Replace {
                     id, tmp, target, ..
                 } => {
                     if removed.contains(id) || !self.contains(*id) {
                         Err(not_found(*id))
                     } else {
-                        rename(tmp, target)
+                        rename(tmp, target).map_err(Error::from)
                     }
                 }
                 Op::Remove { id } => {
@@ -844,7 +840,7 @@ impl Shared {
                                 Layout::Split => self.file(*id, ENV_EXT),
                             };
                             let r = fs::remove_file(&path)
-                                .map_err(|e| context(e, "removing message", &path));
+                                .map_err(|e| Error::from(context(e, "removing message", &path)));
                             if r.is_ok() {
                                 removed.insert(*id);
                             }
@@ -864,7 +860,7 @@ impl Shared {
             if let Err(e) = dir.sync_all() {
                 self.poison(&e);
                 for (job, result) in batch.into_iter().zip(results) {
-                    let result = result.and_then(|()| Err(self.sync_failed(&e)));
+                    let result = result.and_then(|()| Err(self.sync_failed(&e).into()));
                     let _ = job.done.send(result);
                 }
                 return;
@@ -1019,19 +1015,14 @@ fn context(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
 
-fn not_found(id: MessageId) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("message {id} is not in the spool"),
-    )
+fn not_found(id: MessageId) -> Error {
+    Error::NotFound(id)
 }
 
-fn committer_gone() -> io::Error {
-    io::Error::other("spool committer thread has stopped")
+fn committer_gone() -> Error {
+    Error::Stopped
 }
 
-fn poisoned_error(reason: &str) -> io::Error {
-    io::Error::other(format!(
-        "spool refuses changes after a failed directory sync ({reason}); restart to recover"
-    ))
+fn poisoned_error(reason: &str) -> Error {
+    Error::Poisoned(reason.to_string())
 }

@@ -8,7 +8,7 @@
 use super::*;
 
 impl Shared {
-    pub(crate) fn recover(&self) -> io::Result<(Vec<Recovered>, RecoveryReport)> {
+    pub(crate) fn recover(&self) -> Result<(Vec<Recovered>, RecoveryReport)> {
         let mut report = RecoveryReport::default();
         let mut msg_files = BTreeSet::new();
         let mut upd_files = HashSet::new();
@@ -202,7 +202,7 @@ impl Shared {
     }
 
     /// Moves a message directory entry to `corrupt/`, never overwriting an earlier one.
-    fn quarantine(&self, name: &str) -> io::Result<()> {
+    fn quarantine(&self, name: &str) -> Result<()> {
         let from = self.msg_dir.join(name);
         let corrupt = self.dir.join(CORRUPT_DIR);
         let mut to = corrupt.join(name);
@@ -211,7 +211,7 @@ impl Shared {
             to = corrupt.join(format!("{name}.{n}"));
             n += 1;
         }
-        rename(&from, &to)
+        Ok(rename(&from, &to)?)
     }
 }
 

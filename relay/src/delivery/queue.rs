@@ -1140,7 +1140,7 @@ impl Queue {
                         debug!(id = %id, "message complete, removed from the spool");
                         true
                     }
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(mailrelay_spool::Error::NotFound(_)) => true,
                     Err(e) => {
                         warn!(id = %id, error = %e, "cannot remove delivered message");
                         false
@@ -1186,7 +1186,7 @@ impl Queue {
         env: &Envelope,
         entries: &[(usize, Status)],
         give_up_at: SystemTime,
-    ) -> std::io::Result<()> {
+    ) -> Result<(), mailrelay_spool::Error> {
         let list: Vec<dsn::Entry<'_>> = entries
             .iter()
             .filter_map(|(i, s)| {
@@ -1244,10 +1244,11 @@ impl Queue {
         kind: dsn::Kind,
         id: MessageId,
         env: &Envelope,
-    ) -> std::io::Result<dsn::Returned> {
-        let len = self.spool.data_len(id).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::NotFound, "message not in the spool")
-        })?;
+    ) -> Result<dsn::Returned, mailrelay_spool::Error> {
+        let len = self
+            .spool
+            .data_len(id)
+            .ok_or(mailrelay_spool::Error::NotFound(id))?;
         let mut file = self.spool.open_data(id).await?;
         if dsn::returns_full(kind, env, len) {
             return Ok(dsn::Returned::Full(data::read_all(&mut file, len).await?));
