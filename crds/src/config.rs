@@ -114,6 +114,10 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DomainPolicy {
+    /// `MailDomain` name, so the operator knows which object a live domain came from (absent in
+    /// configs compiled before it was recorded; the relay does not use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Lower-case domain name.
     pub domain: String,
     /// Mail for a local domain is accepted from anyone, without relay permission.

@@ -197,7 +197,7 @@ fn accounts_compile_to_verifiers_and_recompile_identically() {
     assert!(!first.config.domains[0].accepts_local_part("nobody"));
 
     // Unchanged inputs + previous credentials: byte-identical output, same hash.
-    let second = compile(&inputs, Some(&first.credentials));
+    let second = compile(&inputs, Some(&first.previous()));
     assert_eq!(second.hash, first.hash);
     assert_eq!(second.credentials, first.credentials);
 
@@ -205,7 +205,7 @@ fn accounts_compile_to_verifiers_and_recompile_identically() {
     let changed = domain_inputs(
         "accounts:\n  - name: Jane\n    password: new-pw\n  - name: svc\n    password: primary\n    mfa: true\n    appPasswords: [{name: app, password: app-pw}]\n",
     );
-    let third = compile(&changed, Some(&first.credentials));
+    let third = compile(&changed, Some(&first.previous()));
     assert_ne!(third.hash, first.hash);
     let jane3 = third.credentials.account("jane@example.com").expect("jane");
     assert!(jane3.password.as_ref().is_some_and(|v| v.verify("new-pw")));

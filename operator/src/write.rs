@@ -5,7 +5,8 @@
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use mailrelay_crds::config::{Credentials, CREDENTIALS_FILE};
+use mailrelay_crds::compile::Previous;
+use mailrelay_crds::config::{Credentials, RelayConfig, CONFIG_FILE, CREDENTIALS_FILE};
 
 use crate::manifests::{FIELD_MANAGER, HASH_ANNOTATION};
 
@@ -58,12 +59,33 @@ pub async fn delete_service(
     }
 }
 
-/// The credentials of the currently applied Secret, passed to the compiler as `previous` so
-/// verifiers (random salts) are reused and an unchanged policy compiles byte-identically.
+/// The credentials of the currently applied Secret.
 pub fn previous_credentials(secret: &Secret) -> Option<Credentials> {
     let bytes = secret.data.as_ref()?.get(CREDENTIALS_FILE)?;
     let text = std::str::from_utf8(&bytes.0).ok()?;
     serde_norway::from_str(text).ok()
+}
+
+/// The relay config of the currently applied ConfigMap.
+pub fn previous_config(cm: &ConfigMap) -> Option<RelayConfig> {
+    serde_norway::from_str(cm.data.as_ref()?.get(CONFIG_FILE)?).ok()
+}
+
+/// What the relay runs now, read back from the applied ConfigMap and Secret (so it survives an
+/// operator restart), passed to the compiler: objects live in it win conflicts with newcomers
+/// and keep their last good version while invalid, and verifiers (random salts) are reused so
+/// an unchanged policy compiles byte-identically. A half that is missing or unreadable counts
+/// as empty (nothing in it is live).
+pub fn previous(cm: Option<&ConfigMap>, secret: Option<&Secret>) -> Option<Previous> {
+    let config = cm.and_then(previous_config);
+    let credentials = secret.and_then(previous_credentials);
+    if config.is_none() && credentials.is_none() {
+        return None;
+    }
+    Some(Previous {
+        config: config.unwrap_or_default(),
+        credentials: credentials.unwrap_or_default(),
+    })
 }
 
 /// Whether the live objects already are what we would apply: same data, hash annotation, labels

@@ -192,6 +192,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
         version: ConfigVersion::V1Alpha1,
         ip_groups,
         domains: vec![DomainPolicy {
+            name: None,
             domain: "example.test".into(),
             local: true,
             recipients: RecipientPolicy::Listed(recipients.iter().map(|s| s.to_string()).collect()),
