@@ -163,10 +163,48 @@ pub fn read_previous(path: &Path) -> anyhow::Result<Previous> {
     })
 }
 
-fn write_dir(dir: &std::path::Path, c: &Compiled) -> anyhow::Result<()> {
+/// Writes the relay's two files. Each is replaced atomically, so a relay polling the directory
+/// reads a whole old or a whole new file, never a part of one; between the two renames it sees
+/// a new `credentials.yaml` with the old `relay.yaml`, which their `configHash` stamps tell it
+/// not to load together. Credentials go first, as the operator applies its Secret first.
+fn write_dir(dir: &Path, c: &Compiled) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (config, credentials) = manifests::files(c)?;
-    std::fs::write(dir.join(CONFIG_FILE), config)?;
-    std::fs::write(dir.join(CREDENTIALS_FILE), credentials)?;
+    replace_file(dir, CREDENTIALS_FILE, credentials.as_bytes(), 0o600)?;
+    replace_file(dir, CONFIG_FILE, config.as_bytes(), 0o644)?;
     Ok(())
+}
+
+/// Replaces `dir/name` with `contents` atomically: a temporary file in the same directory (so
+/// the rename stays on one file system), fsynced, renamed over the old file, then the directory
+/// fsynced so the rename survives a crash. A replaced file keeps its permissions; a new one gets
+/// `new_mode` (less the umask).
+fn replace_file(dir: &Path, name: &str, contents: &[u8], new_mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let target = dir.join(name);
+    let keep = std::fs::metadata(&target).ok().map(|m| m.permissions());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        // Left behind by a killed render with the same pid: it is ours to replace.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(new_mode)
+            .open(&tmp)?;
+        if let Some(p) = &keep {
+            f.set_permissions(std::fs::Permissions::from_mode(p.mode() & 0o7777))?;
+        }
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("writing {}", target.display()))
+    })
 }

@@ -1,6 +1,7 @@
 //! Issue 10.4 against a real API server: a live object whose Secret vanishes keeps its last good
 //! version in the applied policy (status `Stale`), also across an operator restart; a newcomer
-//! that collides with a live object gets the error; only deleting the object removes it.
+//! that collides with a live object gets the error; only deleting the object removes it. Also
+//! that the applied ConfigMap and Secret carry the same pairing stamp (issue 10.13).
 
 mod common;
 
@@ -59,6 +60,10 @@ fn vanished_secrets_keep_the_last_good_version_live() {
     assert!(relay_yaml.contains("partner-smarthost") && relay_yaml.contains("example.com"));
     assert!(credentials.contains("jane@example.com"));
     assert!(credentials.contains("partner-smarthost"));
+    // Both halves carry the applied hash as their pairing stamp (issue 10.13).
+    let stamp = format!("configHash: {hash}\n");
+    assert!(relay_yaml.contains(&stamp), "{relay_yaml}");
+    assert!(credentials.contains(&stamp), "{credentials}");
 
     // A hiccup of the secret store: both Secrets are gone.
     kubectl_ok(&[

@@ -339,3 +339,91 @@ fn previous_output_keeps_live_objects_live() {
         o.stderr
     );
 }
+
+/// Issue 10.13: `--out-dir` replaces each file by a rename (a relay polling the directory never
+/// reads a half-written one), leaves no temporary files, keeps credentials private, and stamps
+/// both files with the same configHash so the relay can tell a pair from two halves.
+#[test]
+fn out_dir_files_are_replaced_atomically_and_paired() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let out_s = out.to_str().expect("utf8").to_string();
+    let policy = |name: &str, extra: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{BASE}{extra}")).expect("write");
+        p.to_str().expect("utf8").to_string()
+    };
+    let a = policy("a.yaml", "");
+    let b = policy(
+        "b.yaml",
+        "---\napiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: r}\nspec: {priority: 1, action: Direct}\n",
+    );
+    let render_into = |p: &str| {
+        let o = render(&["-f", p, "--out-dir", &out_s]);
+        assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    };
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).expect("rendered file");
+    let inode = |f: &str| std::fs::metadata(out.join(f)).expect("metadata").ino();
+
+    render_into(&a);
+    let (config_a, credentials_a) = (read("relay.yaml"), read("credentials.yaml"));
+    let mode = std::fs::metadata(out.join("credentials.yaml"))
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "credentials.yaml is readable by others: {mode:o}"
+    );
+    let stamp = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("configHash: "))
+            .map(str::to_string)
+    };
+    assert!(stamp(&config_a).is_some(), "{config_a}");
+    assert_eq!(stamp(&config_a), stamp(&credentials_a));
+
+    let inodes = (inode("relay.yaml"), inode("credentials.yaml"));
+    render_into(&b);
+    let (config_b, credentials_b) = (read("relay.yaml"), read("credentials.yaml"));
+    assert_ne!(config_a, config_b);
+    assert_eq!(stamp(&config_b), stamp(&credentials_b));
+    assert_ne!(stamp(&config_a), stamp(&config_b));
+    // Replaced, not rewritten in place: new inodes.
+    assert_ne!(inode("relay.yaml"), inodes.0);
+    assert_ne!(inode("credentials.yaml"), inodes.1);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .expect("out dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["credentials.yaml", "relay.yaml"]);
+
+    // A reader polling while renders alternate only ever sees whole files.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let path = out.join("relay.yaml");
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.push(std::fs::read_to_string(&path).expect("relay.yaml always exists"));
+            }
+            seen
+        })
+    };
+    for i in 0..10 {
+        render_into(if i % 2 == 0 { &a } else { &b });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader.join().expect("reader");
+    assert!(!seen.is_empty());
+    for text in &seen {
+        assert!(
+            *text == config_a || *text == config_b,
+            "a partial relay.yaml was read:\n{text}"
+        );
+    }
+}

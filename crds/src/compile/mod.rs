@@ -361,8 +361,9 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
 
     reports.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
 
-    let config = RelayConfig {
+    let mut config = RelayConfig {
         version: ConfigVersion::V1Alpha1,
+        config_hash: None,
         ip_groups: groups.clone(),
         domains,
         services,
@@ -372,12 +373,17 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
             .map(|(k, p)| (k, p.config))
             .collect(),
     };
-    let credentials = Credentials {
+    let mut credentials = Credentials {
         version: ConfigVersion::V1Alpha1,
+        config_hash: None,
         accounts,
         relay_auth,
     };
     let hash = content_hash(&config, &credentials);
+    // Both files carry the hash, so the relay can tell a pair written together from one half
+    // replaced before the other.
+    config.config_hash = Some(hash.clone());
+    credentials.config_hash = Some(hash.clone());
     Compiled {
         config,
         credentials,
@@ -386,12 +392,22 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
     }
 }
 
-/// SHA-256 over the canonical JSON of both outputs, shortened to 16 hex digits.
+/// SHA-256 over the canonical JSON of both outputs, shortened to 16 hex digits. The pairing
+/// stamps (which hold this hash) are left out, so the relay computes the same value from the
+/// files as the operator did before stamping them.
 pub fn content_hash(config: &RelayConfig, credentials: &Credentials) -> String {
+    let config = RelayConfig {
+        config_hash: None,
+        ..config.clone()
+    };
+    let credentials = Credentials {
+        config_hash: None,
+        ..credentials.clone()
+    };
     let mut h = Sha256::new();
-    h.update(serde_json::to_vec(config).unwrap_or_default());
+    h.update(serde_json::to_vec(&config).unwrap_or_default());
     h.update([0u8]);
-    h.update(serde_json::to_vec(credentials).unwrap_or_default());
+    h.update(serde_json::to_vec(&credentials).unwrap_or_default());
     hex::encode(&h.finalize()[..8])
 }
 

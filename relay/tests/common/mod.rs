@@ -107,6 +107,7 @@ pub fn credentials() -> Credentials {
             bound.access_policy = Some("bound".into());
             Credentials {
                 version: ConfigVersion::V1Alpha1,
+                config_hash: None,
                 accounts: vec![account(USER, PASSWORD), mfa, submit, bound],
                 relay_auth: BTreeMap::new(),
             }
@@ -190,6 +191,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
     );
     RelayConfig {
         version: ConfigVersion::V1Alpha1,
+        config_hash: None,
         ip_groups,
         domains: vec![DomainPolicy {
             name: None,
