@@ -5,6 +5,10 @@
 //! of [`RelayConfig::ip_groups`], delivery rules are in evaluation order, and passwords exist only as
 //! verifiers.
 //!
+//! The two files are written separately (two Kubernetes objects the kubelet may update at
+//! different times, two renames on disk), so each carries the same [`RelayConfig::config_hash`]
+//! stamp and the relay loads only a matching pair ([`check_pair`]).
+//!
 //! Changing the meaning of a field requires a new [`ConfigVersion`].
 
 use std::collections::BTreeMap;
@@ -38,6 +42,12 @@ pub enum ConfigVersion {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RelayConfig {
     pub version: ConfigVersion,
+    /// Pairing stamp: the content hash of the compile that wrote this file and its
+    /// `credentials.yaml` (the `mailrelay.dev/config-hash` annotation, `status.configHash`). The
+    /// compiler always sets it; files without it (hand-written, or from before it existed) pair
+    /// only with credentials without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
     /// Resolved IP address groups (includes flattened), by `IpAddressGroup` name.
     #[serde(default)]
     pub ip_groups: BTreeMap<String, IpSet>,
@@ -82,6 +92,38 @@ impl RelayConfig {
     }
 }
 
+/// `relay.yaml` and `credentials.yaml` come from different compiles: one of them has been
+/// replaced and the other not yet.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "relay.yaml and credentials.yaml are not a pair: relay.yaml has configHash {}, credentials.yaml has {}",
+    show(.config),
+    show(.credentials)
+)]
+pub struct PairMismatch {
+    pub config: Option<String>,
+    pub credentials: Option<String>,
+}
+
+fn show(stamp: &Option<String>) -> String {
+    stamp
+        .as_deref()
+        .map_or_else(|| "none".to_string(), |s| format!("{s:?}"))
+}
+
+/// Whether the two files were written together: their `configHash` stamps are equal (both
+/// absent is a pair too, for files written without stamps).
+pub fn check_pair(config: &RelayConfig, credentials: &Credentials) -> Result<(), PairMismatch> {
+    if config.config_hash == credentials.config_hash {
+        Ok(())
+    } else {
+        Err(PairMismatch {
+            config: config.config_hash.clone(),
+            credentials: credentials.config_hash.clone(),
+        })
+    }
+}
+
 /// A set of IP prefixes. Ranges from the CRs are already split into prefixes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -114,6 +156,10 @@ pub fn canonical_ip(ip: IpAddr) -> IpAddr {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DomainPolicy {
+    /// `MailDomain` name, so the operator knows which object a live domain came from (absent in
+    /// configs compiled before it was recorded; the relay does not use it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Lower-case domain name.
     pub domain: String,
     /// Mail for a local domain is accepted from anyone, without relay permission.
@@ -459,6 +505,10 @@ pub struct AccessPolicyConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Credentials {
     pub version: ConfigVersion,
+    /// Pairing stamp, the same as [`RelayConfig::config_hash`] of the `relay.yaml` written with
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
     /// Accounts sorted by login name.
     #[serde(default)]
     pub accounts: Vec<Account>,
@@ -547,4 +597,49 @@ pub enum RelayAuth {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope: Option<String>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(config: Option<&str>, credentials: Option<&str>) -> Result<(), PairMismatch> {
+        check_pair(
+            &RelayConfig {
+                config_hash: config.map(str::to_string),
+                ..RelayConfig::default()
+            },
+            &Credentials {
+                config_hash: credentials.map(str::to_string),
+                ..Credentials::default()
+            },
+        )
+    }
+
+    #[test]
+    fn only_files_with_the_same_stamp_pair() {
+        assert_eq!(pair(Some("a1"), Some("a1")), Ok(()));
+        // Written before stamps existed (or by hand): still a pair.
+        assert_eq!(pair(None, None), Ok(()));
+        let e = pair(Some("b2"), Some("a1")).expect_err("mismatch");
+        assert_eq!(
+            e.to_string(),
+            "relay.yaml and credentials.yaml are not a pair: relay.yaml has configHash \"b2\", credentials.yaml has \"a1\""
+        );
+        // One half stamped, the other not: the stamped one is newer, the other will follow.
+        assert!(pair(Some("b2"), None).is_err());
+        assert!(pair(None, Some("b2")).is_err());
+    }
+
+    #[test]
+    fn stamps_are_optional_in_the_files() {
+        let c: RelayConfig = serde_norway::from_str("version: mailrelay.dev/v1alpha1\n")
+            .expect("an unstamped relay.yaml");
+        assert_eq!(c.config_hash, None);
+        let c: Credentials = serde_norway::from_str(
+            "version: mailrelay.dev/v1alpha1\nconfigHash: 0123456789abcdef\n",
+        )
+        .expect("a stamped credentials.yaml");
+        assert_eq!(c.config_hash.as_deref(), Some("0123456789abcdef"));
+    }
 }

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 use mailrelay_crds::api::*;
-use mailrelay_crds::compile::{compile, Inputs, Kind, Severity};
-use mailrelay_crds::config::{RelayControl, RouteAction};
+use mailrelay_crds::compile::{compile, content_hash, Inputs, Kind, Severity};
+use mailrelay_crds::config::{check_pair, RelayControl, RouteAction};
 
 fn obj<T: serde::de::DeserializeOwned>(yaml: &str) -> T {
     serde_norway::from_str(yaml).expect("test yaml")
@@ -199,7 +199,7 @@ fn accounts_compile_to_verifiers_and_recompile_identically() {
     assert!(!first.config.domains[0].accepts_local_part("nobody"));
 
     // Unchanged inputs + previous credentials: byte-identical output, same hash.
-    let second = compile(&inputs, Some(&first.credentials));
+    let second = compile(&inputs, Some(&first.previous()));
     assert_eq!(second.hash, first.hash);
     assert_eq!(second.credentials, first.credentials);
 
@@ -207,7 +207,7 @@ fn accounts_compile_to_verifiers_and_recompile_identically() {
     let changed = domain_inputs(
         "accounts:\n  - name: Jane\n    password: new-pw\n  - name: svc\n    password: primary\n    mfa: true\n    appPasswords: [{name: app, password: app-pw}]\n",
     );
-    let third = compile(&changed, Some(&first.credentials));
+    let third = compile(&changed, Some(&first.previous()));
     assert_ne!(third.hash, first.hash);
     let jane3 = third.credentials.account("jane@example.com").expect("jane");
     assert!(jane3.password.as_ref().is_some_and(|v| v.verify("new-pw")));
@@ -289,4 +289,17 @@ fn relay_rule_credentials_go_to_the_secret_side() {
     assert!(!serde_norway::to_string(&c.config)
         .expect("yaml")
         .contains("rt-secret"));
+}
+
+#[test]
+fn both_halves_carry_the_hash_as_their_pairing_stamp() {
+    let c = compile(
+        &domain_inputs("accounts:\n  - name: a\n    password: x\n"),
+        None,
+    );
+    assert_eq!(c.config.config_hash.as_deref(), Some(c.hash.as_str()));
+    assert_eq!(c.credentials.config_hash.as_deref(), Some(c.hash.as_str()));
+    assert!(check_pair(&c.config, &c.credentials).is_ok());
+    // What the relay computes from the stamped files is the hash the operator reports.
+    assert_eq!(content_hash(&c.config, &c.credentials), c.hash);
 }

@@ -1,5 +1,5 @@
 //! Reconciling one namespace: read its objects from the watch caches, compile them with the
-//! previously applied credentials, write the owned ConfigMap/Secret when (and only when) they
+//! previously applied policy and credentials (what the relay runs now), write the owned ConfigMap/Secret when (and only when) they
 //! differ, manage Certificates, the TLS bundle Secret and the relay Service, then patch each
 //! object's status where it changed and publish Events for new problems.
 
@@ -17,7 +17,7 @@ use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use mailrelay_crds::api::{
     AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, PolicyStatus, SmtpService,
-    CONDITION_INVALID, CONDITION_WARNING,
+    CONDITION_INVALID, CONDITION_STALE, CONDITION_WARNING,
 };
 use mailrelay_crds::compile::{compile, Compiled, Inputs, Kind, Severity};
 use serde::de::DeserializeOwned;
@@ -175,7 +175,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         ns,
         &manifests::credentials_name(&ctx.instance),
     );
-    let previous = live_secret.as_ref().and_then(write::previous_credentials);
+    let previous = write::previous(live_cm.as_ref(), live_secret.as_ref());
     let compiled = compile(&inputs, previous.as_ref());
     let (cm, secret) = desired_objects(&compiled, ns, &ctx.instance, &inputs.smtp_services)?;
     let mut outcome = Outcome {
@@ -193,7 +193,8 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         .report
         .objects
         .iter()
-        .filter(|o| o.kind == Kind::SmtpService && !o.is_invalid())
+        // A stale service keeps its Certificate: it is live.
+        .filter(|o| o.kind == Kind::SmtpService && o.is_live())
         .map(|o| o.name.clone())
         .collect();
     let certs = ctx
@@ -462,6 +463,11 @@ async fn publish_events<K>(
 ) where
     K: Resource<DynamicType = ()>,
 {
+    let stale = want
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == CONDITION_STALE);
     for c in &want.status.conditions {
         if c.type_ != CONDITION_INVALID && c.type_ != CONDITION_WARNING {
             continue;
@@ -478,7 +484,9 @@ async fn publish_events<K>(
             type_: EventType::Warning,
             reason: c.reason.clone(),
             note: Some(c.message.chars().take(1000).collect()),
-            action: if c.type_ == CONDITION_INVALID {
+            action: if c.type_ == CONDITION_INVALID && stale {
+                "KeptLastGood".into()
+            } else if c.type_ == CONDITION_INVALID {
                 "Rejected".into()
             } else {
                 "Compiled".into()

@@ -1,12 +1,17 @@
 //! `operator render`: the offline GitOps check. Reads CR and Secret YAML, compiles, prints the
 //! ConfigMap and Secret the operator would apply (or writes the relay's config files), and fails
-//! with per-object messages when anything is invalid.
+//! with per-object messages when anything is invalid. With the previous output it compiles as
+//! the operator does against what it applied: live objects win conflicts and keep their last
+//! good version while invalid.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use mailrelay_crds::compile::{compile, Compiled};
-use mailrelay_crds::config::{Credentials, CONFIG_FILE, CREDENTIALS_FILE};
+use anyhow::Context;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use mailrelay_crds::compile::{compile, Compiled, Previous};
+use mailrelay_crds::config::{Credentials, RelayConfig, CONFIG_FILE, CREDENTIALS_FILE};
+use serde::Deserialize;
 
 use crate::{load, manifests};
 
@@ -22,11 +27,15 @@ pub struct RenderArgs {
     #[arg(short = 'n', long)]
     pub namespace: Option<String>,
     /// Write `relay.yaml` and `credentials.yaml` into this directory (a relay config directory)
-    /// instead of printing Kubernetes objects. Existing credentials there are reused when they
-    /// still match, so re-rendering an unchanged policy changes nothing.
+    /// instead of printing Kubernetes objects. What is there is the previous output unless
+    /// `--previous` names another, so re-rendering an unchanged policy changes nothing.
     #[arg(long)]
     pub out_dir: Option<PathBuf>,
-    /// Previously rendered `credentials.yaml` whose verifiers to keep when passwords are unchanged.
+    /// The previous output: a directory with `relay.yaml` and `credentials.yaml`, or a file with
+    /// the ConfigMap and Secret an earlier render printed. Objects live in it win conflicts with
+    /// new ones and keep their last good version while invalid (as the operator does), and
+    /// verifiers are kept while passwords are unchanged. A lone `credentials.yaml` only keeps
+    /// verifiers.
     #[arg(long)]
     pub previous: Option<PathBuf>,
 }
@@ -36,15 +45,9 @@ pub struct RenderArgs {
 pub fn run(args: &RenderArgs) -> anyhow::Result<i32> {
     let files = load::expand(&args.files)?;
     let (inputs, load_errors) = load::load(&files);
-    let previous_path = args
-        .previous
-        .clone()
-        .or_else(|| args.out_dir.as_ref().map(|d| d.join(CREDENTIALS_FILE)));
-    let previous: Option<Credentials> = match previous_path {
-        Some(p) if p.exists() => Some(
-            serde_norway::from_str(&std::fs::read_to_string(&p)?)
-                .map_err(|e| anyhow::anyhow!("{}: not a credentials file: {e}", p.display()))?,
-        ),
+    let previous_path = args.previous.clone().or_else(|| args.out_dir.clone());
+    let previous = match previous_path {
+        Some(p) if p.exists() => Some(read_previous(&p)?),
         _ => None,
     };
     let compiled = compile(&inputs, previous.as_ref());
@@ -100,10 +103,108 @@ fn namespace_of(inputs: &mailrelay_crds::compile::Inputs) -> Option<String> {
         .next()
 }
 
-fn write_dir(dir: &std::path::Path, c: &Compiled) -> anyhow::Result<()> {
+/// Reads the previous output named by `--previous` (or the `--out-dir` directory).
+pub fn read_previous(path: &Path) -> anyhow::Result<Previous> {
+    fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> anyhow::Result<T> {
+        serde_norway::from_str(text).with_context(|| format!("{}", path.display()))
+    }
+    fn read_optional<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<Option<T>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => parse(path, &text).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(path.display().to_string())),
+        }
+    }
+    if path.is_dir() {
+        let config: Option<RelayConfig> = read_optional(&path.join(CONFIG_FILE))?;
+        let credentials: Option<Credentials> = read_optional(&path.join(CREDENTIALS_FILE))?;
+        return Ok(Previous {
+            config: config.unwrap_or_default(),
+            credentials: credentials.unwrap_or_default(),
+        });
+    }
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    if let Ok(credentials) = serde_norway::from_str::<Credentials>(&text) {
+        return Ok(Previous::credentials_only(credentials));
+    }
+    // The objects an earlier render printed (or `kubectl get -o yaml` of the applied ones).
+    let mut config = None;
+    let mut credentials = None;
+    for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
+        let where_ = || format!("{} document {}", path.display(), i + 1);
+        let v = serde_json::Value::deserialize(doc).with_context(where_)?;
+        match v.get("kind").and_then(|k| k.as_str()) {
+            Some("ConfigMap") => {
+                let cm: ConfigMap = serde_json::from_value(v).with_context(where_)?;
+                if let Some(t) = cm.data.as_ref().and_then(|d| d.get(CONFIG_FILE)) {
+                    config = Some(parse::<RelayConfig>(path, t).with_context(where_)?);
+                }
+            }
+            Some("Secret") => {
+                let secret: Secret = serde_json::from_value(v).with_context(where_)?;
+                let bytes = secret.data.as_ref().and_then(|d| d.get(CREDENTIALS_FILE));
+                if let Some(b) = bytes {
+                    let t = std::str::from_utf8(&b.0).with_context(where_)?;
+                    credentials = Some(parse::<Credentials>(path, t).with_context(where_)?);
+                }
+            }
+            _ => {}
+        }
+    }
+    if config.is_none() && credentials.is_none() {
+        anyhow::bail!(
+            "{}: neither a credentials.yaml nor the ConfigMap ({CONFIG_FILE}) and Secret ({CREDENTIALS_FILE}) of an earlier render",
+            path.display()
+        );
+    }
+    Ok(Previous {
+        config: config.unwrap_or_default(),
+        credentials: credentials.unwrap_or_default(),
+    })
+}
+
+/// Writes the relay's two files. Each is replaced atomically, so a relay polling the directory
+/// reads a whole old or a whole new file, never a part of one; between the two renames it sees
+/// a new `credentials.yaml` with the old `relay.yaml`, which their `configHash` stamps tell it
+/// not to load together. Credentials go first, as the operator applies its Secret first.
+fn write_dir(dir: &Path, c: &Compiled) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let (config, credentials) = manifests::files(c)?;
-    std::fs::write(dir.join(CONFIG_FILE), config)?;
-    std::fs::write(dir.join(CREDENTIALS_FILE), credentials)?;
+    replace_file(dir, CREDENTIALS_FILE, credentials.as_bytes(), 0o600)?;
+    replace_file(dir, CONFIG_FILE, config.as_bytes(), 0o644)?;
     Ok(())
+}
+
+/// Replaces `dir/name` with `contents` atomically: a temporary file in the same directory (so
+/// the rename stays on one file system), fsynced, renamed over the old file, then the directory
+/// fsynced so the rename survives a crash. A replaced file keeps its permissions; a new one gets
+/// `new_mode` (less the umask).
+fn replace_file(dir: &Path, name: &str, contents: &[u8], new_mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let target = dir.join(name);
+    let keep = std::fs::metadata(&target).ok().map(|m| m.permissions());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        // Left behind by a killed render with the same pid: it is ours to replace.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(new_mode)
+            .open(&tmp)?;
+        if let Some(p) = &keep {
+            f.set_permissions(std::fs::Permissions::from_mode(p.mode() & 0o7777))?;
+        }
+        f.write_all(contents)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &target)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::Error::new(e).context(format!("writing {}", target.display()))
+    })
 }

@@ -3,7 +3,11 @@
 //! current status. Owns the condition vocabulary on the wire:
 //!
 //! - `Ready` (always present): True when the object is live and fully in effect.
-//! - `Invalid` (only while true): the object is left out of the compiled policy.
+//! - `Invalid` (only while true): the current spec was rejected; the object is left out of the
+//!   compiled policy, unless it is `Stale`.
+//! - `Stale` (only while true): the object was live and is invalid now; its last good version
+//!   stays in the compiled policy (so the object still has a `configHash`) until it is fixed or
+//!   deleted. `Ready` is False with reason `StaleLastGood`.
 //! - `Warning` (only while true): compiled, but something deserves attention.
 //! - `Stalled` and `Reconciling` (only while true) follow the kstatus convention that Flux,
 //!   Argo CD health checks and `kubectl wait` read without custom rules: `Stalled` = it cannot
@@ -15,10 +19,13 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use mailrelay_crds::api::{
-    PolicyStatus, CONDITION_INVALID, CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALLED,
-    CONDITION_WARNING,
+    PolicyStatus, CONDITION_INVALID, CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALE,
+    CONDITION_STALLED, CONDITION_WARNING,
 };
 use mailrelay_crds::compile::{ObjectReport, Problem, Severity};
+
+/// `Ready` reason of a stale object.
+pub const REASON_STALE: &str = "StaleLastGood";
 
 /// Longest condition message; the API server limits it to 32 KiB, and a wall of text helps nobody.
 const MAX_MESSAGE: usize = 4000;
@@ -87,7 +94,17 @@ pub fn desired(
     let generation = report.generation;
     let mut conds = Vec::new();
 
-    let ready = if let Some(first) = invalid.first() {
+    let ready = if report.stale {
+        cond(
+            CONDITION_READY,
+            false,
+            REASON_STALE,
+            &format!(
+                "the object is invalid; its last good version stays live: {}",
+                join(&invalid)
+            ),
+        )
+    } else if let Some(first) = invalid.first() {
         cond(
             CONDITION_READY,
             false,
@@ -132,6 +149,17 @@ pub fn desired(
     conds.push(ready);
     if let Some(first) = invalid.first() {
         conds.push(cond(CONDITION_INVALID, true, first.reason, &join(&invalid)));
+        if report.stale {
+            conds.push(cond(
+                CONDITION_STALE,
+                true,
+                first.reason,
+                &format!(
+                    "its last good version stays in the applied policy until the current spec is fixed (or the object is deleted): {}",
+                    join(&invalid)
+                ),
+            ));
+        }
     }
     if let Some(first) = warnings.first() {
         conds.push(cond(
@@ -160,7 +188,7 @@ pub fn desired(
         status: PolicyStatus {
             observed_generation: generation,
             conditions: conds,
-            config_hash: if invalid.is_empty() {
+            config_hash: if invalid.is_empty() || report.stale {
                 hash.map(str::to_string)
             } else {
                 None
@@ -241,6 +269,7 @@ mod tests {
             generation: Some(3),
             problems,
             resolved_prefixes: None,
+            stale: false,
         }
     }
     fn t(s: i64) -> Time {
@@ -278,6 +307,32 @@ mod tests {
         assert_eq!(d.status.conditions[1].reason, "MissingReference");
         assert!(d.status.conditions[1].message.contains("spec.relay.auth"));
         assert_eq!(d.status.config_hash, None);
+    }
+
+    #[test]
+    fn stale_object_is_live_but_not_ready_and_says_why() {
+        let p = Problem::invalid(
+            "spec.relay.auth.secretRef",
+            "InvalidRelayAuth",
+            "Secret \"x\" does not exist in this namespace",
+        );
+        let mut r = report(vec![p]);
+        r.stale = true;
+        let d = desired(&r, &[], None, Some("abc"), &t(10));
+        assert_eq!(
+            types(&d),
+            [
+                ("Ready".into(), "False".into(), REASON_STALE.into()),
+                ("Invalid".into(), "True".into(), "InvalidRelayAuth".into()),
+                ("Stale".into(), "True".into(), "InvalidRelayAuth".into()),
+                ("Stalled".into(), "True".into(), "InvalidRelayAuth".into()),
+            ]
+        );
+        assert!(d.status.conditions[0]
+            .message
+            .contains("last good version stays live: spec.relay.auth.secretRef: Secret"));
+        // Part of the applied policy.
+        assert_eq!(d.status.config_hash.as_deref(), Some("abc"));
     }
 
     #[test]

@@ -234,3 +234,198 @@ fn missing_file_is_a_clear_error() {
     assert_eq!(o.code, 2);
     assert!(o.stderr.contains("no/such/file.yaml"), "{}", o.stderr);
 }
+
+const PARTNER: &str = r#"
+apiVersion: mailrelay.dev/v1alpha1
+kind: DeliveryRule
+metadata: {name: partner-smarthost}
+spec:
+  priority: 10
+  action: Relay
+  match: {recipients: ['*@partner.example']}
+  relay: {hosts: [smtp.partner.example], tls: RequiredVerified, auth: {secretRef: {name: smarthost-auth}}}
+"#;
+
+const SMARTHOST_SECRET: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: smarthost-auth}
+stringData: {username: relay@example.com, password: smarthost-pw}
+"#;
+
+/// `--previous` gives render the operator's semantics (issue 10.4): a new rule with a live
+/// rule's priority gets the error, and a live rule whose Secret is gone keeps its last good
+/// version in the output (reported as such) instead of dropping out. Both forms of the previous
+/// output work: a directory and the printed ConfigMap and Secret.
+#[test]
+fn previous_output_keeps_live_objects_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_str().expect("utf8").to_string()
+    };
+    let last = dir.path().join("last");
+    let last_dir = last.to_str().expect("utf8");
+    let live = write(
+        "live.yaml",
+        &format!("{BASE}---\n{PARTNER}---\n{SMARTHOST_SECRET}"),
+    );
+    let o = render(&["-f", &live, "--out-dir", last_dir]);
+    assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    let printed = render(&["-f", &live]);
+    assert_eq!(printed.code, 0, "stderr: {}", printed.stderr);
+    let printed_file = write("printed.yaml", &printed.stdout);
+
+    // A newcomer that sorts first takes the partner rule's priority.
+    let newcomer = write(
+        "newcomer.yaml",
+        &format!(
+            "{BASE}---\n{PARTNER}---\n{SMARTHOST_SECRET}---\napiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: aaa-new}}\nspec: {{priority: 10, action: Direct}}\n"
+        ),
+    );
+    for previous in [last_dir, printed_file.as_str()] {
+        let o = render(&["-f", &newcomer, "--previous", previous]);
+        assert_eq!(o.code, 1, "stderr: {}", o.stderr);
+        assert!(
+            o.stderr.contains("DeliveryRule/aaa-new: invalid: spec.priority: priority 10 is already used by DeliveryRule \"partner-smarthost\", which is live"),
+            "{previous}: {}",
+            o.stderr
+        );
+        assert!(
+            !o.stderr.contains("DeliveryRule/partner-smarthost"),
+            "{}",
+            o.stderr
+        );
+        assert!(o.stdout.contains("partner-smarthost"));
+    }
+    // Without it, the old behaviour: the first by name wins.
+    let o = render(&["-f", &newcomer]);
+    assert!(
+        o.stderr.contains("DeliveryRule/partner-smarthost: invalid"),
+        "{}",
+        o.stderr
+    );
+
+    // The smarthost Secret is gone: the rule stays, with its credentials, and says so.
+    let hiccup = write("hiccup.yaml", &format!("{BASE}---\n{PARTNER}"));
+    for previous in [last_dir, printed_file.as_str()] {
+        let o = render(&["-f", &hiccup, "--previous", previous]);
+        assert_eq!(o.code, 1, "stderr: {}", o.stderr);
+        assert!(
+            o.stderr.contains("DeliveryRule/partner-smarthost: invalid (its last good version stays live): spec.relay.auth.secretRef"),
+            "{previous}: {}",
+            o.stderr
+        );
+        assert!(o.stdout.contains("partner-smarthost"), "{}", o.stdout);
+        assert_eq!(
+            o.stdout, printed.stdout,
+            "{previous}: not the last good output"
+        );
+    }
+    // The pre-merge check still fails and --out-dir is not written.
+    let before = std::fs::read_to_string(last.join("relay.yaml")).expect("relay.yaml");
+    let o = render(&["-f", &hiccup, "--out-dir", last_dir]);
+    assert_eq!(o.code, 1);
+    assert_eq!(
+        std::fs::read_to_string(last.join("relay.yaml")).expect("relay.yaml"),
+        before
+    );
+
+    // Not a previous output at all: a clear error.
+    let o = render(&["-f", &hiccup, "--previous", &live]);
+    assert_eq!(o.code, 2, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("neither a credentials.yaml"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// Issue 10.13: `--out-dir` replaces each file by a rename (a relay polling the directory never
+/// reads a half-written one), leaves no temporary files, keeps credentials private, and stamps
+/// both files with the same configHash so the relay can tell a pair from two halves.
+#[test]
+fn out_dir_files_are_replaced_atomically_and_paired() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("out");
+    let out_s = out.to_str().expect("utf8").to_string();
+    let policy = |name: &str, extra: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{BASE}{extra}")).expect("write");
+        p.to_str().expect("utf8").to_string()
+    };
+    let a = policy("a.yaml", "");
+    let b = policy(
+        "b.yaml",
+        "---\napiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {name: r}\nspec: {priority: 1, action: Direct}\n",
+    );
+    let render_into = |p: &str| {
+        let o = render(&["-f", p, "--out-dir", &out_s]);
+        assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    };
+    let read = |f: &str| std::fs::read_to_string(out.join(f)).expect("rendered file");
+    let inode = |f: &str| std::fs::metadata(out.join(f)).expect("metadata").ino();
+
+    render_into(&a);
+    let (config_a, credentials_a) = (read("relay.yaml"), read("credentials.yaml"));
+    let mode = std::fs::metadata(out.join("credentials.yaml"))
+        .expect("metadata")
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o077,
+        0,
+        "credentials.yaml is readable by others: {mode:o}"
+    );
+    let stamp = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("configHash: "))
+            .map(str::to_string)
+    };
+    assert!(stamp(&config_a).is_some(), "{config_a}");
+    assert_eq!(stamp(&config_a), stamp(&credentials_a));
+
+    let inodes = (inode("relay.yaml"), inode("credentials.yaml"));
+    render_into(&b);
+    let (config_b, credentials_b) = (read("relay.yaml"), read("credentials.yaml"));
+    assert_ne!(config_a, config_b);
+    assert_eq!(stamp(&config_b), stamp(&credentials_b));
+    assert_ne!(stamp(&config_a), stamp(&config_b));
+    // Replaced, not rewritten in place: new inodes.
+    assert_ne!(inode("relay.yaml"), inodes.0);
+    assert_ne!(inode("credentials.yaml"), inodes.1);
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .expect("out dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["credentials.yaml", "relay.yaml"]);
+
+    // A reader polling while renders alternate only ever sees whole files.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let path = out.join("relay.yaml");
+        std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.push(std::fs::read_to_string(&path).expect("relay.yaml always exists"));
+            }
+            seen
+        })
+    };
+    for i in 0..10 {
+        render_into(if i % 2 == 0 { &a } else { &b });
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader.join().expect("reader");
+    assert!(!seen.is_empty());
+    for text in &seen {
+        assert!(
+            *text == config_a || *text == config_b,
+            "a partial relay.yaml was read:\n{text}"
+        );
+    }
+}

@@ -12,7 +12,7 @@ use mailrelay_relay::settings::RuntimeSettings;
 use mailrelay_relay::tls::{install_crypto_provider, SelfSignedCache};
 use mailrelay_relay::{http, reload, snapshot};
 use mailrelay_spool::{Spool, SpoolOptions};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
 #[command(name = "relay", about = "mailrelay SMTP relay")]
@@ -146,7 +146,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let settings = RuntimeSettings::load(&dir)?;
     let self_signed = Arc::new(SelfSignedCache::default());
-    let snap = snapshot::load(&dir, &settings, &self_signed)?;
+    // Started while one half of a new policy is in place and the other not yet: start as
+    // without a policy (not ready) and let the reloader load the pair once it matches, rather
+    // than exit and be restarted with a back-off.
+    let (snap, mismatched) = match snapshot::load(&dir, &settings, &self_signed) {
+        Err(e) if snapshot::is_mismatched(&e) => {
+            warn!(error = %format!("{e:#}"), "{}", reload::MISMATCH_HELP);
+            (snapshot::without_policy(&dir, &settings)?, true)
+        }
+        loaded => (loaded?, false),
+    };
     let spool_dir = settings.spool_path(&dir);
     let (spool, recovered) = Spool::open(&spool_dir, SpoolOptions::default())
         .await
@@ -157,6 +166,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     metrics
         .spool_quarantined
         .inc_by(spool.recovery_report().quarantined.len() as u64);
+    if mismatched {
+        metrics.reload_mismatched();
+    }
     reload::publish(&metrics, &snap);
     let metrics_listener = tokio::net::TcpListener::bind(settings.metrics_address)
         .await

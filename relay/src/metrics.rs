@@ -652,6 +652,16 @@ impl Metrics {
             })
             .inc();
     }
+
+    /// `relay.yaml` and `credentials.yaml` are from different compiles (one half replaced, the
+    /// other not yet): waiting, not an invalid configuration.
+    pub fn reload_mismatched(&self) {
+        self.config_reloads
+            .get_or_create(&ResultLabels {
+                result: "mismatched".to_string(),
+            })
+            .inc();
+    }
 }
 
 #[cfg(test)]

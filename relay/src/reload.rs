@@ -2,6 +2,9 @@
 //! new snapshot and swaps it in atomically. Polling (rather than inotify) is deliberate: it is
 //! robust against Kubernetes' symlink-swapped ConfigMap/Secret volumes and costs a few small
 //! reads per interval. An invalid directory is logged and counted; the last good snapshot stays.
+//! A `relay.yaml` and `credentials.yaml` from different compiles (the kubelet or `operator
+//! render` has replaced one and not yet the other) are not invalid: the live snapshot stays,
+//! without a rejection, until the files change again.
 //! A relay that started without a policy (`relay.yaml` not mounted yet) gets its listeners here,
 //! when the file appears, without a restart.
 
@@ -47,7 +50,9 @@ pub async fn watch(relay: Arc<Relay>, self_signed: Arc<SelfSignedCache>) {
         apply_log_filter(&relay, &mut log_filter);
         match reload_now(&relay, &self_signed).await {
             Reload::Unreadable => {}
-            Reload::Applied | Reload::Rejected => last = fp,
+            // Loading the same files again would find the same mismatch: the next change of
+            // the directory (the other half arriving) is what to wait for.
+            Reload::Applied | Reload::Rejected | Reload::Mismatched => last = fp,
         }
     }
 }
@@ -101,7 +106,13 @@ pub enum Reload {
     /// Could not be read (an I/O error): the live configuration stays, and the next poll tries
     /// again; not counted as a rejection.
     Unreadable,
+    /// `relay.yaml` and `credentials.yaml` are from different compiles: the live configuration
+    /// stays until the other half arrives; not counted as a rejection.
+    Mismatched,
 }
+
+/// What a mismatched pair means and what to do when it does not go away.
+pub const MISMATCH_HELP: &str = "relay.yaml and credentials.yaml are from different compiles (one was replaced before the other); keeping the live configuration until the matching half arrives. If this lasts longer than a volume sync (about a minute in Kubernetes), they were not written together: check the operator's log and that the policy ConfigMap and credentials Secret carry the same mailrelay.dev/config-hash, or re-run `operator render --out-dir` for a standalone relay";
 
 /// Loads the directory once and swaps it in when valid.
 pub async fn reload_now(relay: &Arc<Relay>, self_signed: &Arc<SelfSignedCache>) -> Reload {
@@ -110,6 +121,11 @@ pub async fn reload_now(relay: &Arc<Relay>, self_signed: &Arc<SelfSignedCache>) 
     let cache = self_signed.clone();
     let loaded = tokio::task::spawn_blocking(move || load(&dir, &settings, &cache)).await;
     match loaded {
+        Ok(Err(e)) if crate::snapshot::is_mismatched(&e) => {
+            relay.metrics.reload_mismatched();
+            warn!(error = %format!("{e:#}"), "{MISMATCH_HELP}");
+            Reload::Mismatched
+        }
         Ok(Err(e)) if crate::snapshot::is_unreadable(&e) => {
             relay.metrics.reload_unreadable();
             warn!(error = %format!("{e:#}"), "cannot read the configuration; keeping the live one and trying again");

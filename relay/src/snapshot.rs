@@ -1,6 +1,8 @@
 //! The live configuration: compiled policy, credentials and certificates read from the config
 //! directory into one immutable [`Snapshot`]. Loading validates everything a session will rely on,
-//! so a snapshot that exists is usable; the reloader swaps whole snapshots atomically.
+//! so a snapshot that exists is usable; the reloader swaps whole snapshots atomically. A
+//! `relay.yaml` and `credentials.yaml` from different compiles (one replaced before the other)
+//! are never loaded together ([`is_mismatched`]).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
@@ -8,7 +10,8 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 
 use mailrelay_crds::config::{
-    Credentials, Protocol, RelayConfig, RelayControl, ServicePolicy, CONFIG_FILE, CREDENTIALS_FILE,
+    check_pair, Credentials, PairMismatch, Protocol, RelayConfig, RelayControl, ServicePolicy,
+    CONFIG_FILE, CREDENTIALS_FILE,
 };
 use tracing::warn;
 
@@ -135,6 +138,12 @@ pub fn is_unreadable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<Unreadable>())
 }
 
+/// Whether `e` is (or was caused by) a `relay.yaml` and `credentials.yaml` that are not a pair:
+/// a transient state while one of them is being replaced, not an invalid configuration.
+pub fn is_mismatched(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<PairMismatch>())
+}
+
 /// Reads a file of the config directory; I/O errors become [`Unreadable`].
 pub fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| {
@@ -152,8 +161,23 @@ fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// Reads and validates the config directory. Without `relay.yaml` the result is a snapshot with
-/// no services and `policy_loaded: false` (the relay waits for its policy).
+/// A snapshot without a policy: no services, `policy_loaded: false` (the relay waits for its
+/// policy), for the directory as it is now.
+pub fn without_policy(dir: &Path, settings: &RuntimeSettings) -> anyhow::Result<Snapshot> {
+    Ok(Snapshot {
+        config: RelayConfig::default(),
+        credentials: Credentials::default(),
+        certs: BTreeMap::new(),
+        missing_certs: BTreeMap::new(),
+        policy_loaded: false,
+        fingerprint: fingerprint(dir, &settings.tls_path(dir))?,
+        default_hostname: settings.effective_hostname(),
+    })
+}
+
+/// Reads and validates the config directory. Without `relay.yaml` the result is
+/// [`without_policy`]. A `relay.yaml` and `credentials.yaml` whose `configHash` stamps differ
+/// are an error for which [`is_mismatched`] holds.
 pub fn load(
     dir: &Path,
     settings: &RuntimeSettings,
@@ -195,6 +219,8 @@ pub fn load(
             }))
         }
     };
+    // Before anything else is judged: half of a new policy is not an invalid one.
+    check_pair(&config, &credentials)?;
     validate(&config, &credentials)?;
     let mut certs = BTreeMap::new();
     let mut missing_certs: BTreeMap<String, Vec<String>> = BTreeMap::new();

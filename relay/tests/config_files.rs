@@ -2,7 +2,9 @@
 //! the real binary: starting before the policy exists (optional volumes, operator not yet
 //! reconciled), binding `port + listenPortOffset`, the operator's flat TLS bundle layout, a missing
 //! certificate (no STARTTLS, no SMTPS listener, a metric, never a silent self-signed certificate),
-//! and the standalone self-signed certificate kept on disk and renewed.
+//! the standalone self-signed certificate kept on disk and renewed, and `relay.yaml` /
+//! `credentials.yaml` from different compiles (the kubelet updated one object and not yet the
+//! other) never loaded together.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -125,6 +127,116 @@ fn starts_without_a_policy_and_serves_once_it_appears() {
     let mut c = r.connect(r.ports.smtp);
     assert_eq!(c.reply().0, 220);
     assert!(r.http("/readyz").starts_with("HTTP/1.1 200"));
+}
+
+fn write_stamped_credentials(dir: &Path, stamp: &str) {
+    let mut c = credentials();
+    c.config_hash = Some(stamp.into());
+    write(
+        &dir.join("credentials.yaml"),
+        &serde_norway::to_string(&c).unwrap(),
+    );
+}
+
+fn stamped_policy(r: &Relay, stamp: &str, recipients: &[&str]) {
+    let mut cfg = relay_config(&r.ports, recipients);
+    cfg.config_hash = Some(stamp.into());
+    r.write_policy(&cfg);
+}
+
+/// Issue 10.13: a new relay.yaml next to the old credentials.yaml is half of a new policy, not
+/// an invalid one: the live policy stays, no rejection is counted, and the pair loads when the
+/// matching credentials arrive.
+#[test]
+fn a_mismatched_pair_keeps_the_live_policy_until_the_other_half_arrives() {
+    let mut r = empty_relay("");
+    write_stamped_credentials(r.path(), "1111111111111111");
+    r.write_cert("first");
+    stamped_policy(&r, "1111111111111111", DEFAULT_RECIPIENTS);
+    spawn_live(&mut r);
+    wait(&mut r, "ready", |r| {
+        r.http("/readyz").starts_with("HTTP/1.1 200").then_some(())
+    });
+
+    let before = r.log().len();
+    let mut newcomer = DEFAULT_RECIPIENTS.to_vec();
+    newcomer.push("newcomer");
+    stamped_policy(&r, "2222222222222222", &newcomer);
+    wait(&mut r, "the mismatch is noticed", |r| {
+        r.log()[before..]
+            .contains("relay.yaml and credentials.yaml are from different compiles")
+            .then_some(())
+    });
+    let log = r.log()[before..].to_string();
+    assert!(
+        log.contains("relay.yaml has configHash") && log.contains("2222222222222222"),
+        "{log}"
+    );
+    assert!(log.contains("re-run `operator render --out-dir`"), "{log}");
+    assert!(!log.contains("configuration rejected"), "{log}");
+    let metrics = r.http("/metrics");
+    assert!(
+        metrics.contains("mailrelay_config_reload_total{result=\"mismatched\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("mailrelay_config_reload_total{result=\"error\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("mailrelay_config_last_reload_successful 1"));
+    // The old policy is live: the new recipient does not exist yet.
+    let mut c = r.connect(r.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    c.expect("MAIL FROM:<s@far.example>", 250);
+    c.expect("RCPT TO:<newcomer@example.test>", 550);
+    c.expect("QUIT", 221);
+    // Polls with the same files do not retry or log again.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        r.log()[before..]
+            .matches("relay.yaml and credentials.yaml are from different compiles")
+            .count(),
+        1
+    );
+
+    // The matching credentials arrive: the new policy loads.
+    write_stamped_credentials(r.path(), "2222222222222222");
+    wait(&mut r, "the pair is reloaded", |r| {
+        r.log()[before..]
+            .contains("configuration reloaded")
+            .then_some(())
+    });
+    let mut c = r.connect(r.ports.smtp);
+    c.reply();
+    c.expect("EHLO c", 250);
+    c.expect("MAIL FROM:<s@far.example>", 250);
+    c.expect("RCPT TO:<newcomer@example.test>", 250);
+    let metrics = r.http("/metrics");
+    assert!(
+        !metrics.contains("mailrelay_config_reload_total{result=\"error\"}"),
+        "{metrics}"
+    );
+}
+
+/// Started while the pair does not match (a pod restarted mid-update): alive but not ready, no
+/// listener, no exit; it serves once the pair matches.
+#[test]
+fn starting_with_a_mismatched_pair_waits_not_ready() {
+    let mut r = empty_relay("");
+    write_stamped_credentials(r.path(), "1111111111111111");
+    r.write_cert("first");
+    stamped_policy(&r, "2222222222222222", DEFAULT_RECIPIENTS);
+    spawn_live(&mut r);
+    assert!(r.http("/readyz").starts_with("HTTP/1.1 503"), "{}", r.log());
+    assert!(refused(r.ports.smtp));
+    assert!(r.log().contains("from different compiles"), "{}", r.log());
+    write_stamped_credentials(r.path(), "2222222222222222");
+    wait(&mut r, "ready once the pair matches", |r| {
+        r.http("/readyz").starts_with("HTTP/1.1 200").then_some(())
+    });
+    let mut c = r.connect(r.ports.smtp);
+    assert_eq!(c.reply().0, 220);
 }
 
 #[test]

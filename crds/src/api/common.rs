@@ -9,8 +9,12 @@ use serde::{Deserialize, Serialize};
 
 /// Condition type: the object is part of the live compiled policy.
 pub const CONDITION_READY: &str = "Ready";
-/// Condition type: the object was rejected and left out of the compiled policy.
+/// Condition type: the object's current spec was rejected; it is left out of the compiled policy
+/// unless it is `Stale`.
 pub const CONDITION_INVALID: &str = "Invalid";
+/// Condition type: the object was live and its current spec is invalid, so its last good version
+/// stays in the compiled policy until it is fixed (or deleted).
+pub const CONDITION_STALE: &str = "Stale";
 /// Condition type: the object compiled, but something about it deserves attention.
 pub const CONDITION_WARNING: &str = "Warning";
 /// Condition type (kstatus): the object cannot get into effect without a change by someone.
@@ -26,7 +30,7 @@ pub struct PolicyStatus {
     /// The `.metadata.generation` the operator last compiled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` (always), `Invalid`, `Warning`, and the kstatus conditions `Stalled` and
+    /// `Ready` (always), `Invalid`, `Stale`, `Warning`, and the kstatus conditions `Stalled` and
     /// `Reconciling` (each only while true), with a reason and a message that says what to fix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = kube::core::ListMerge::Map(vec!["type".into()]))]

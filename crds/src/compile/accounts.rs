@@ -1,23 +1,31 @@
 //! MailDomain → [`DomainPolicy`] and the accounts from its Secret → [`Account`]s with password
 //! verifiers. A bad account is left out (the domain is reported partly invalid); a bad domain
-//! setting or an unreadable Secret leaves the whole domain out.
+//! setting or an unreadable Secret leaves the whole domain out, unless the domain was live: then
+//! its last good version stays, accounts included (see [`super::previous`]). Domain names are
+//! settled by [`claim`], so a live domain keeps its name.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use kube::ResourceExt;
 
+use super::previous::{claim, Claimant, Previous};
 use super::report::{Kind, ObjectReport, Problem};
-use super::{report, sorted, Ctx};
+use super::{report, sorted, Ctx, LivePolicy};
 use crate::address::AddressPattern;
-use crate::api::{
-    AccessPolicy, AccountEntry, AccountsFile, MailDomain, ACCOUNTS_KEY, RECIPIENTS_KEY,
-};
-use crate::config::{
-    AccessPolicyConfig, Account, AppPassword, Credentials, DomainPolicy, RecipientPolicy,
-};
+use crate::api::{AccountEntry, AccountsFile, MailDomain, ACCOUNTS_KEY, RECIPIENTS_KEY};
+use crate::config::{Account, AppPassword, Credentials, DomainPolicy, RecipientPolicy};
 use crate::verifier::{PasswordVerifier, ScramVerifier, SecretString};
 
-type Policies<'a> = BTreeMap<String, (AccessPolicyConfig, &'a AccessPolicy)>;
+type Policies<'a> = BTreeMap<String, LivePolicy<'a>>;
+
+/// One MailDomain compiled on its own (without the duplicate-domain check).
+struct Compiled {
+    report: ObjectReport,
+    /// The normalized domain name of the current spec.
+    domain: String,
+    /// `None` when invalid.
+    out: Option<(DomainPolicy, Vec<Account>)>,
+}
 
 pub fn compile(
     ctx: &Ctx<'_>,
@@ -25,12 +33,10 @@ pub fn compile(
     policies: &Policies<'_>,
     all_policy_names: &BTreeSet<String>,
     cram_enabled: bool,
-    previous: Option<&Credentials>,
+    previous_output: &Previous,
 ) -> (Vec<DomainPolicy>, Vec<Account>, Vec<ObjectReport>) {
-    let mut domains = Vec::new();
-    let mut accounts = Vec::new();
-    let mut reports = Vec::new();
-    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let previous = Some(&previous_output.credentials);
+    let mut compiled = Vec::new();
     for md in sorted(objs) {
         let name = md.name_any();
         let mut r = report(Kind::MailDomain, name.clone(), md.metadata.generation);
@@ -39,12 +45,6 @@ pub fn compile(
         if let Err(m) = crate::validate::domain_name(&domain) {
             r.problems
                 .push(Problem::invalid("spec.domain", "InvalidDomain", m));
-        } else if let Some(other) = seen.get(&domain) {
-            r.problems.push(Problem::invalid(
-                "spec.domain",
-                "DuplicateDomain",
-                format!("domain {domain:?} is already defined by MailDomain {other:?}"),
-            ));
         }
         if let Some(nt) = &s.windows_nt_domain {
             if nt.contains('.') {
@@ -189,10 +189,13 @@ pub fn compile(
             ));
         }
         if r.is_invalid() {
-            reports.push(r);
+            compiled.push(Compiled {
+                report: r,
+                domain,
+                out: None,
+            });
             continue;
         }
-        seen.insert(domain.clone(), name.clone());
         for a in &domain_accounts {
             if let Some((lp, _)) = a.login.rsplit_once('@') {
                 listed.push(lp.to_string());
@@ -200,8 +203,9 @@ pub fn compile(
         }
         listed.sort();
         listed.dedup();
-        domains.push(DomainPolicy {
-            domain,
+        let policy = DomainPolicy {
+            name: Some(name.clone()),
+            domain: domain.clone(),
             local: s.local,
             recipients: if accept_all {
                 RecipientPolicy::AcceptAll
@@ -210,11 +214,95 @@ pub fn compile(
             },
             windows_nt_domain: s.windows_nt_domain.clone(),
             kerberos_realm: s.kerberos_realm.clone(),
+        };
+        compiled.push(Compiled {
+            report: r,
+            domain,
+            out: Some((policy, domain_accounts)),
         });
-        accounts.extend(domain_accounts);
+    }
+    let (domains, mut accounts, reports) =
+        settle(compiled, policies, cram_enabled, previous_output);
+    accounts.sort_by(|a: &Account, b: &Account| a.login.cmp(&b.login));
+    (domains, accounts, reports)
+}
+
+/// Settles domain names between MailDomains (a live one keeps its name) and puts back the last
+/// good version of live domains that are invalid now.
+fn settle(
+    compiled: Vec<Compiled>,
+    policies: &Policies<'_>,
+    cram_enabled: bool,
+    previous: &Previous,
+) -> (Vec<DomainPolicy>, Vec<Account>, Vec<ObjectReport>) {
+    let claimants: Vec<Claimant<String>> = compiled
+        .iter()
+        .map(|c| Claimant {
+            name: c.report.name.clone(),
+            live: previous
+                .domain(&c.report.name, &c.domain)
+                .map(|d| d.domain.clone()),
+            wants: c.out.as_ref().map(|_| c.domain.clone()),
+        })
+        .collect();
+    let mut domains = Vec::new();
+    let mut accounts = Vec::new();
+    let mut reports = Vec::new();
+    for (c, outcome) in compiled.into_iter().zip(claim(&claimants)) {
+        let mut r = c.report;
+        if let Some(x) = &outcome.conflict {
+            r.problems.push(Problem::invalid(
+                "spec.domain",
+                "DuplicateDomain",
+                format!(
+                    "domain {:?} is already defined by MailDomain {:?}{}",
+                    x.key,
+                    x.holder,
+                    x.live_note()
+                ),
+            ));
+        }
+        match c.out {
+            Some((policy, domain_accounts)) if !r.is_invalid() => {
+                domains.push(policy);
+                accounts.extend(domain_accounts);
+            }
+            _ => {
+                let last = previous
+                    .domain(&r.name, &c.domain)
+                    .filter(|_| outcome.keeps_live);
+                if let Some(last) = last {
+                    r.stale = true;
+                    let mut kept = last.clone();
+                    kept.name = Some(r.name.clone());
+                    for a in previous.accounts_of(&last.domain) {
+                        if let Some(p) = a
+                            .access_policy
+                            .as_ref()
+                            .filter(|p| !policies.contains_key(*p))
+                        {
+                            // The relay would refuse the whole policy over a dangling
+                            // reference; without its access policy the account fails closed.
+                            r.problems.push(Problem::degraded(
+                                "spec.accountsSecretRef",
+                                "LastGoodUnusable",
+                                format!("account {:?} of the last good version is left out: its accessPolicy {p:?} is gone", a.login),
+                            ));
+                            continue;
+                        }
+                        let mut a = a.clone();
+                        if !cram_enabled {
+                            // Plain-text secrets exist only while a service offers CRAM-MD5.
+                            a.cram_md5_secret = None;
+                        }
+                        accounts.push(a);
+                    }
+                    domains.push(kept);
+                }
+            }
+        }
         reports.push(r);
     }
-    accounts.sort_by(|a: &Account, b: &Account| a.login.cmp(&b.login));
     (domains, accounts, reports)
 }
 
@@ -344,11 +432,11 @@ fn account(
         }
         None => policies
             .iter()
-            .find(|(_, (_, obj))| obj.spec.accounts.iter().any(|pat| pat.matches(&login)))
+            .find(|(_, p)| p.governs_account(&login))
             .or_else(|| {
                 policies
                     .iter()
-                    .find(|(_, (_, obj))| obj.spec.mail_domains.iter().any(|d| d == domain_object))
+                    .find(|(_, p)| p.governs_domain(domain_object))
             })
             .map(|(n, _)| n.clone()),
     };

@@ -4,10 +4,13 @@
 //!
 //! Each object gets an [`ObjectReport`]. An invalid object is left out and the rest compiles;
 //! objects that depend on an invalid one are invalid too (with a reason naming it), so a mistake
-//! never silently widens the policy.
+//! never silently widens the policy. With the [`Previous`] output, an object that was live wins
+//! every conflict with a newcomer, and one that became invalid keeps its last good version
+//! (see [`previous`]).
 
 mod accounts;
 mod ipgroups;
+pub mod previous;
 mod report;
 mod rules;
 mod secrets;
@@ -23,6 +26,7 @@ use crate::api::{AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, SmtpSer
 use crate::config::{AccessPolicyConfig, ConfigVersion, Credentials, IpSet, RelayConfig};
 
 pub use ipgroups::parse_entry;
+pub use previous::Previous;
 pub use report::{Kind, ObjectReport, Problem, Report, Severity};
 pub use rules::parse_duration;
 pub use secrets::SecretStore;
@@ -46,6 +50,47 @@ pub struct Compiled {
     pub report: Report,
     /// Content hash of config and credentials (16 hex digits); changes iff the output changes.
     pub hash: String,
+}
+
+impl Compiled {
+    /// This output as the previous one of the next compile.
+    pub fn previous(&self) -> Previous {
+        Previous {
+            config: self.config.clone(),
+            credentials: self.credentials.clone(),
+        }
+    }
+}
+
+/// A live access policy and whom it governs when an account names none.
+pub(crate) struct LivePolicy<'a> {
+    pub config: AccessPolicyConfig,
+    pub subjects: Subjects<'a>,
+}
+
+pub(crate) enum Subjects<'a> {
+    /// The current spec's `accounts` and `mailDomains`.
+    Spec(&'a AccessPolicy),
+    /// Stale: exactly the logins it governed in the previous output, so that a policy whose
+    /// current spec is rejected neither loses nor gains accounts.
+    Previous(BTreeSet<String>),
+}
+
+impl LivePolicy<'_> {
+    /// Selects `login` by its `accounts` patterns.
+    pub fn governs_account(&self, login: &str) -> bool {
+        match &self.subjects {
+            Subjects::Spec(p) => p.spec.accounts.iter().any(|pat| pat.matches(login)),
+            Subjects::Previous(logins) => logins.contains(login),
+        }
+    }
+    /// Selects every account of MailDomain `object`.
+    pub fn governs_domain(&self, object: &str) -> bool {
+        match &self.subjects {
+            Subjects::Spec(p) => p.spec.mail_domains.iter().any(|d| d == object),
+            Subjects::Previous(_) => false,
+        }
+    }
 }
 
 /// Shared state while compiling: valid names per kind, for reference checks.
@@ -83,13 +128,18 @@ fn report(kind: Kind, name: String, generation: Option<i64>) -> ObjectReport {
         generation,
         problems: Vec::new(),
         resolved_prefixes: None,
+        stale: false,
     }
 }
 
-/// Compiles one namespace. `previous` is the last applied credentials: verifiers that still verify
-/// the current passwords are kept, so an unchanged policy compiles to byte-identical output
-/// (argon2 and SCRAM salts are random) and nothing is rewritten.
-pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
+/// Compiles one namespace. `previous` is the last good output (what the relay runs now): an
+/// object live there wins conflicts with newcomers and keeps its last good version while it is
+/// invalid, and verifiers that still verify the current passwords are kept, so an unchanged
+/// policy compiles to byte-identical output (argon2 and SCRAM salts are random) and nothing is
+/// rewritten.
+pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
+    let nothing = Previous::default();
+    let prev = previous.unwrap_or(&nothing);
     let mut reports: Vec<ObjectReport> = Vec::new();
 
     // 1. IP groups.
@@ -115,14 +165,46 @@ pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
         }
         group_reports.insert(name, r);
     }
-    let (groups, failed) = ipgroups::resolve(&own, &all_groups);
-    for (name, problems) in failed {
-        if let Some(r) = group_reports.get_mut(&name) {
-            r.problems.extend(problems);
+    // A live group that is invalid keeps its last good prefixes, and groups that include it
+    // resolve with those: a stale group is a leaf holding what it resolved to before. Staleness
+    // found while resolving (a cycle, a broken include) can let an includer resolve after all,
+    // hence the rounds; each round makes at least one more group stale, so they end.
+    let mut stale: BTreeSet<String> = group_reports
+        .iter()
+        .filter(|(n, r)| r.is_invalid() && prev.group(n).is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    let groups = loop {
+        let mut leaves = own.clone();
+        for n in &stale {
+            if let Some(set) = prev.group(n) {
+                leaves.insert(n.clone(), (set.0.clone(), Vec::new()));
+            }
         }
-    }
+        let (groups, failed) = ipgroups::resolve(&leaves, &all_groups);
+        let newly: Vec<&String> = failed
+            .keys()
+            .filter(|n| prev.group(n).is_some() && !stale.contains(*n))
+            .collect();
+        if newly.is_empty() {
+            for (name, problems) in failed {
+                if let Some(r) = group_reports.get_mut(&name) {
+                    r.problems.extend(problems);
+                }
+            }
+            break groups;
+        }
+        // Their problems now: in the next round they are leaves and cannot fail.
+        for n in newly {
+            if let (Some(r), Some(problems)) = (group_reports.get_mut(n), failed.get(n)) {
+                r.problems.extend(problems.iter().cloned());
+            }
+            stale.insert(n.clone());
+        }
+    };
     for (name, r) in group_reports.iter_mut() {
         r.resolved_prefixes = groups.get(name).map(|s| s.0.len());
+        r.stale = stale.contains(name);
     }
 
     let ctx = Ctx {
@@ -132,7 +214,8 @@ pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
     };
 
     // 2. Services.
-    let (services, service_reports, relay_groups) = services::compile(&ctx, &inputs.smtp_services);
+    let (services, service_reports, relay_groups) =
+        services::compile(&ctx, &inputs.smtp_services, prev);
     for g in &relay_groups {
         if groups.get(g).is_some_and(IpSet::is_everything) {
             if let Some(r) = group_reports.get_mut(g) {
@@ -161,8 +244,7 @@ pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
         .iter()
         .map(|d| (d.name_any(), d))
         .collect();
-    let mut access_policies: BTreeMap<String, (AccessPolicyConfig, &AccessPolicy)> =
-        BTreeMap::new();
+    let mut access_policies: BTreeMap<String, LivePolicy<'_>> = BTreeMap::new();
     let mut policy_reports = Vec::new();
     for p in sorted(&inputs.access_policies) {
         let name = p.name_any();
@@ -215,16 +297,43 @@ pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
         if !r.is_invalid() {
             access_policies.insert(
                 name,
-                (
-                    AccessPolicyConfig {
+                LivePolicy {
+                    config: AccessPolicyConfig {
                         services: s.services.clone(),
                         from_ip_groups: s.from_ip_groups.clone(),
                         sender_binding: s.sender_binding,
                         max_messages_per_hour: s.max_messages_per_hour,
                     },
-                    p,
-                ),
+                    subjects: Subjects::Spec(p),
+                },
             );
+        } else if let Some(last) = prev.access_policy(&name) {
+            // A service it names that is gone matches no connection, which only narrows it;
+            // an IP group that is gone would make the relay refuse the whole policy.
+            match last.from_ip_groups.iter().find(|g| !groups.contains_key(*g)) {
+                Some(g) => r.problems.push(Problem::invalid(
+                    "spec",
+                    "LastGoodUnusable",
+                    format!("its last good version cannot stay live either: it refers to IpAddressGroup {g:?}, which is gone"),
+                )),
+                None => {
+                    r.stale = true;
+                    let logins = prev
+                        .credentials
+                        .accounts
+                        .iter()
+                        .filter(|a| a.access_policy.as_deref() == Some(name.as_str()))
+                        .map(|a| a.login.clone())
+                        .collect();
+                    access_policies.insert(
+                        name,
+                        LivePolicy {
+                            config: last.clone(),
+                            subjects: Subjects::Previous(logins),
+                        },
+                    );
+                }
+            }
         }
         policy_reports.push(r);
     }
@@ -240,34 +349,41 @@ pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
         &access_policies,
         &all_policy_names,
         cram_enabled,
-        previous,
+        prev,
     );
     reports.extend(domain_reports);
     reports.extend(policy_reports);
 
     // 4. Delivery rules.
-    let (delivery_rules, relay_auth, rule_reports) = rules::compile(&ctx, &inputs.delivery_rules);
+    let (delivery_rules, relay_auth, rule_reports) =
+        rules::compile(&ctx, &inputs.delivery_rules, prev);
     reports.extend(rule_reports);
 
     reports.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
 
-    let config = RelayConfig {
+    let mut config = RelayConfig {
         version: ConfigVersion::V1Alpha1,
+        config_hash: None,
         ip_groups: groups.clone(),
         domains,
         services,
         delivery_rules,
         access_policies: access_policies
             .into_iter()
-            .map(|(k, (v, _))| (k, v))
+            .map(|(k, p)| (k, p.config))
             .collect(),
     };
-    let credentials = Credentials {
+    let mut credentials = Credentials {
         version: ConfigVersion::V1Alpha1,
+        config_hash: None,
         accounts,
         relay_auth,
     };
     let hash = content_hash(&config, &credentials);
+    // Both files carry the hash, so the relay can tell a pair written together from one half
+    // replaced before the other.
+    config.config_hash = Some(hash.clone());
+    credentials.config_hash = Some(hash.clone());
     Compiled {
         config,
         credentials,
@@ -276,12 +392,22 @@ pub fn compile(inputs: &Inputs, previous: Option<&Credentials>) -> Compiled {
     }
 }
 
-/// SHA-256 over the canonical JSON of both outputs, shortened to 16 hex digits.
+/// SHA-256 over the canonical JSON of both outputs, shortened to 16 hex digits. The pairing
+/// stamps (which hold this hash) are left out, so the relay computes the same value from the
+/// files as the operator did before stamping them.
 pub fn content_hash(config: &RelayConfig, credentials: &Credentials) -> String {
+    let config = RelayConfig {
+        config_hash: None,
+        ..config.clone()
+    };
+    let credentials = Credentials {
+        config_hash: None,
+        ..credentials.clone()
+    };
     let mut h = Sha256::new();
-    h.update(serde_json::to_vec(config).unwrap_or_default());
+    h.update(serde_json::to_vec(&config).unwrap_or_default());
     h.update([0u8]);
-    h.update(serde_json::to_vec(credentials).unwrap_or_default());
+    h.update(serde_json::to_vec(&credentials).unwrap_or_default());
     hex::encode(&h.finalize()[..8])
 }
 

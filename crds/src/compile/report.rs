@@ -101,14 +101,22 @@ pub struct ObjectReport {
     pub problems: Vec<Problem>,
     /// IpAddressGroup only: number of prefixes after resolution.
     pub resolved_prefixes: Option<usize>,
+    /// The object is invalid now but was live in the previous output, and that last good
+    /// version stays live (its problems say why the current spec is not).
+    pub stale: bool,
 }
 
 impl ObjectReport {
-    /// Left out of the compiled policy.
+    /// The current spec was rejected. The object is left out of the compiled policy unless it
+    /// is [`Self::stale`].
     pub fn is_invalid(&self) -> bool {
         self.problems
             .iter()
             .any(|p| p.severity == Severity::Invalid)
+    }
+    /// Part of the compiled policy: valid, or invalid with its last good version kept.
+    pub fn is_live(&self) -> bool {
+        self.stale || !self.is_invalid()
     }
     /// Anything that should fail a pre-merge check (invalid or partly left out).
     pub fn has_errors(&self) -> bool {
@@ -149,6 +157,7 @@ impl Report {
         for o in &self.objects {
             for p in &o.problems {
                 let sev = match p.severity {
+                    Severity::Invalid if o.stale => "invalid (its last good version stays live)",
                     Severity::Invalid => "invalid",
                     Severity::Degraded => "partly invalid",
                     Severity::Warning => "warning",

@@ -1,10 +1,12 @@
 //! DeliveryRule → [`RoutePolicy`] in evaluation order, plus the relay-host credentials from the
-//! rules' Secrets.
+//! rules' Secrets. Priorities are settled by [`claim`] (a live rule keeps its priority), and a live
+//! rule that became invalid keeps its last good version and credentials.
 
 use std::collections::BTreeMap;
 
 use kube::ResourceExt;
 
+use super::previous::{claim, Claimant, Previous};
 use super::report::{Kind, ObjectReport, Problem};
 use super::{report, sorted, Ctx};
 use crate::address::AddressPattern;
@@ -77,214 +79,259 @@ fn parse_host(s: &str, default_port: u16) -> Result<RelayHost, String> {
 pub fn compile(
     ctx: &Ctx<'_>,
     objs: &[DeliveryRule],
+    previous: &Previous,
 ) -> (
     Vec<RoutePolicy>,
     BTreeMap<String, RelayAuth>,
     Vec<ObjectReport>,
 ) {
+    let compiled: Vec<Rule> = sorted(objs)
+        .into_iter()
+        .map(|r| compile_one(ctx, r))
+        .collect();
+    // Every valid rule holds its priority, enabled or not, so that the order stays explicit when
+    // a rule is switched on; a live rule is one in the previous evaluation order.
+    let claimants: Vec<Claimant<i32>> = compiled
+        .iter()
+        .map(|c| Claimant {
+            name: c.report.name.clone(),
+            live: previous.rule(&c.report.name).map(|r| r.priority),
+            wants: (!c.report.is_invalid()).then_some(c.priority),
+        })
+        .collect();
     let mut routes = Vec::new();
     let mut auth = BTreeMap::new();
     let mut reports = Vec::new();
-    let mut priorities: BTreeMap<i32, String> = BTreeMap::new();
-    for rule in sorted(objs) {
-        let name = rule.name_any();
-        let mut r = report(Kind::DeliveryRule, name.clone(), rule.metadata.generation);
-        let s = &rule.spec;
-        if !(0..=1_000_000).contains(&s.priority) {
-            r.problems.push(Problem::invalid(
-                "spec.priority",
-                "InvalidPriority",
-                format!("priority {} is outside 0-1000000", s.priority),
-            ));
-        } else if let Some(other) = priorities.get(&s.priority) {
-            r.problems.push(Problem::invalid(
+    for (mut c, outcome) in compiled.into_iter().zip(claim(&claimants)) {
+        let name = c.report.name.clone();
+        if let Some(x) = &outcome.conflict {
+            c.report.problems.push(Problem::invalid(
                 "spec.priority",
                 "DuplicatePriority",
                 format!(
-                    "priority {} is already used by DeliveryRule {other:?}; give each rule its own priority so the order is explicit",
-                    s.priority
+                    "priority {} is already used by DeliveryRule {:?}{}; give each rule its own priority so the order is explicit",
+                    x.key,
+                    x.holder,
+                    x.live_note()
                 ),
             ));
         }
-        let mut senders = Vec::new();
-        let mut recipients = Vec::new();
-        if let Some(m) = &s.match_ {
-            for (i, p) in m.senders.iter().enumerate() {
-                match AddressPattern::parse(p.as_str()) {
-                    Ok(p) => senders.push(p),
-                    Err(e) => r.problems.push(Problem::invalid(
-                        format!("spec.match.senders[{i}]"),
-                        "InvalidPattern",
-                        e,
-                    )),
-                }
+        if !c.report.is_invalid() {
+            routes.extend(c.route);
+            if let Some(a) = c.auth {
+                auth.insert(name, a);
             }
-            for (i, p) in m.recipients.iter().enumerate() {
-                match AddressPattern::parse(p.as_str()) {
-                    Ok(p) => recipients.push(p),
-                    Err(e) => r.problems.push(Problem::invalid(
-                        format!("spec.match.recipients[{i}]"),
-                        "InvalidPattern",
-                        e,
-                    )),
-                }
+        } else if let Some(last) = previous.rule(&name).filter(|_| outcome.keeps_live) {
+            // Exactly what was live, credentials included: a smarthost rule whose Secret
+            // vanished keeps authenticating and verifying TLS instead of falling through to MX.
+            c.report.stale = true;
+            routes.push(last.clone());
+            if let Some(a) = previous.relay_auth(&name) {
+                auth.insert(name, a.clone());
             }
         }
-        let action = match (s.action, &s.relay) {
-            (RuleAction::Direct, None) => Some(RouteAction::Direct),
-            (RuleAction::Direct, Some(_)) => {
-                r.problems.push(Problem::invalid(
-                    "spec.relay",
-                    "ConflictingAction",
-                    "action Direct must not set relay; use action Relay to send through relay hosts",
-                ));
-                None
+        reports.push(c.report);
+    }
+    routes.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    (routes, auth, reports)
+}
+
+/// One rule compiled on its own (without the priority check).
+struct Rule {
+    report: ObjectReport,
+    priority: i32,
+    /// `None` when disabled or invalid.
+    route: Option<RoutePolicy>,
+    auth: Option<RelayAuth>,
+}
+
+fn compile_one(ctx: &Ctx<'_>, rule: &DeliveryRule) -> Rule {
+    let name = rule.name_any();
+    let mut r = report(Kind::DeliveryRule, name.clone(), rule.metadata.generation);
+    let mut rule_auth = None;
+    let s = &rule.spec;
+    if !(0..=1_000_000).contains(&s.priority) {
+        r.problems.push(Problem::invalid(
+            "spec.priority",
+            "InvalidPriority",
+            format!("priority {} is outside 0-1000000", s.priority),
+        ));
+    }
+    let mut senders = Vec::new();
+    let mut recipients = Vec::new();
+    if let Some(m) = &s.match_ {
+        for (i, p) in m.senders.iter().enumerate() {
+            match AddressPattern::parse(p.as_str()) {
+                Ok(p) => senders.push(p),
+                Err(e) => r.problems.push(Problem::invalid(
+                    format!("spec.match.senders[{i}]"),
+                    "InvalidPattern",
+                    e,
+                )),
             }
-            (RuleAction::Relay, None) => {
+        }
+        for (i, p) in m.recipients.iter().enumerate() {
+            match AddressPattern::parse(p.as_str()) {
+                Ok(p) => recipients.push(p),
+                Err(e) => r.problems.push(Problem::invalid(
+                    format!("spec.match.recipients[{i}]"),
+                    "InvalidPattern",
+                    e,
+                )),
+            }
+        }
+    }
+    let action = match (s.action, &s.relay) {
+        (RuleAction::Direct, None) => Some(RouteAction::Direct),
+        (RuleAction::Direct, Some(_)) => {
+            r.problems.push(Problem::invalid(
+                "spec.relay",
+                "ConflictingAction",
+                "action Direct must not set relay; use action Relay to send through relay hosts",
+            ));
+            None
+        }
+        (RuleAction::Relay, None) => {
+            r.problems.push(Problem::invalid(
+                "spec.relay",
+                "MissingRelay",
+                "action Relay needs relay.hosts",
+            ));
+            None
+        }
+        (RuleAction::Relay, Some(relay)) => {
+            let tls = match relay.tls.unwrap_or(OutboundTlsSpec::Opportunistic) {
+                OutboundTlsSpec::Opportunistic => OutboundTls::Opportunistic,
+                OutboundTlsSpec::Required => OutboundTls::Required,
+                OutboundTlsSpec::RequiredVerified => OutboundTls::RequiredVerified,
+                OutboundTlsSpec::Implicit => OutboundTls::Implicit,
+            };
+            let default_port = match relay.port {
+                Some(p) => match u16::try_from(p) {
+                    Ok(p) if p > 0 => p,
+                    _ => {
+                        r.problems.push(Problem::invalid(
+                            "spec.relay.port",
+                            "InvalidPort",
+                            format!("port {p} is outside 1-65535"),
+                        ));
+                        25
+                    }
+                },
+                None if tls == OutboundTls::Implicit => 465,
+                None => 25,
+            };
+            if relay.hosts.is_empty() {
                 r.problems.push(Problem::invalid(
-                    "spec.relay",
+                    "spec.relay.hosts",
                     "MissingRelay",
-                    "action Relay needs relay.hosts",
+                    "relay.hosts needs at least one host",
                 ));
-                None
             }
-            (RuleAction::Relay, Some(relay)) => {
-                let tls = match relay.tls.unwrap_or(OutboundTlsSpec::Opportunistic) {
-                    OutboundTlsSpec::Opportunistic => OutboundTls::Opportunistic,
-                    OutboundTlsSpec::Required => OutboundTls::Required,
-                    OutboundTlsSpec::RequiredVerified => OutboundTls::RequiredVerified,
-                    OutboundTlsSpec::Implicit => OutboundTls::Implicit,
-                };
-                let default_port = match relay.port {
-                    Some(p) => match u16::try_from(p) {
-                        Ok(p) if p > 0 => p,
-                        _ => {
-                            r.problems.push(Problem::invalid(
-                                "spec.relay.port",
-                                "InvalidPort",
-                                format!("port {p} is outside 1-65535"),
-                            ));
-                            25
-                        }
-                    },
-                    None if tls == OutboundTls::Implicit => 465,
-                    None => 25,
-                };
-                if relay.hosts.is_empty() {
-                    r.problems.push(Problem::invalid(
-                        "spec.relay.hosts",
-                        "MissingRelay",
-                        "relay.hosts needs at least one host",
-                    ));
+            let mut hosts = Vec::new();
+            for (i, h) in relay.hosts.iter().enumerate() {
+                match parse_host(h, default_port) {
+                    Ok(h) => hosts.push(h),
+                    Err(e) => r.problems.push(Problem::invalid(
+                        format!("spec.relay.hosts[{i}]"),
+                        "InvalidHost",
+                        e,
+                    )),
                 }
-                let mut hosts = Vec::new();
-                for (i, h) in relay.hosts.iter().enumerate() {
-                    match parse_host(h, default_port) {
-                        Ok(h) => hosts.push(h),
-                        Err(e) => r.problems.push(Problem::invalid(
-                            format!("spec.relay.hosts[{i}]"),
-                            "InvalidHost",
-                            e,
-                        )),
-                    }
+            }
+            let mut mech = None;
+            if let Some(a) = &relay.auth {
+                let m = match a.mechanism.unwrap_or(RelayAuthMechanismSpec::Plain) {
+                    RelayAuthMechanismSpec::Plain => OutboundAuthMechanism::Plain,
+                    RelayAuthMechanismSpec::Login => OutboundAuthMechanism::Login,
+                    RelayAuthMechanismSpec::XOAuth2 => OutboundAuthMechanism::XOAuth2,
+                };
+                mech = Some(m);
+                match relay_auth(ctx, &a.secret_ref.name, m) {
+                    Ok(v) => rule_auth = Some(v),
+                    Err(e) => r.problems.push(Problem::invalid(
+                        "spec.relay.auth.secretRef",
+                        "InvalidRelayAuth",
+                        e,
+                    )),
                 }
-                let mut mech = None;
-                if let Some(a) = &relay.auth {
-                    let m = match a.mechanism.unwrap_or(RelayAuthMechanismSpec::Plain) {
-                        RelayAuthMechanismSpec::Plain => OutboundAuthMechanism::Plain,
-                        RelayAuthMechanismSpec::Login => OutboundAuthMechanism::Login,
-                        RelayAuthMechanismSpec::XOAuth2 => OutboundAuthMechanism::XOAuth2,
-                    };
-                    mech = Some(m);
-                    match relay_auth(ctx, &a.secret_ref.name, m) {
-                        Ok(v) => {
-                            auth.insert(name.clone(), v);
-                        }
-                        Err(e) => r.problems.push(Problem::invalid(
-                            "spec.relay.auth.secretRef",
-                            "InvalidRelayAuth",
-                            e,
-                        )),
-                    }
-                    if tls == OutboundTls::Opportunistic {
-                        r.problems.push(Problem::warning(
+                if tls == OutboundTls::Opportunistic {
+                    r.problems.push(Problem::warning(
                             "spec.relay.tls",
                             "AuthWithoutRequiredTls",
                             "credentials are only ever sent over TLS; with Opportunistic TLS, delivery fails when the host does not offer STARTTLS. Use Required or RequiredVerified",
                         ));
-                    }
-                }
-                Some(RouteAction::Relay(RelayTarget {
-                    hosts,
-                    tls,
-                    auth: mech,
-                }))
-            }
-        };
-        let mut retry = None;
-        if let Some(rs) = &s.retry {
-            let mut o = RetryOverride::default();
-            for (i, d) in rs.schedule.iter().enumerate() {
-                match parse_duration(d) {
-                    Ok(v) => o.schedule_seconds.push(v),
-                    Err(e) => r.problems.push(Problem::invalid(
-                        format!("spec.retry.schedule[{i}]"),
-                        "InvalidDuration",
-                        e,
-                    )),
                 }
             }
-            for (field, val, slot) in [
-                (
+            Some(RouteAction::Relay(RelayTarget {
+                hosts,
+                tls,
+                auth: mech,
+            }))
+        }
+    };
+    let mut retry = None;
+    if let Some(rs) = &s.retry {
+        let mut o = RetryOverride::default();
+        for (i, d) in rs.schedule.iter().enumerate() {
+            match parse_duration(d) {
+                Ok(v) => o.schedule_seconds.push(v),
+                Err(e) => r.problems.push(Problem::invalid(
+                    format!("spec.retry.schedule[{i}]"),
+                    "InvalidDuration",
+                    e,
+                )),
+            }
+        }
+        for (field, val, slot) in [
+            (
+                "spec.retry.warnAfter",
+                &rs.warn_after,
+                &mut o.warn_after_seconds,
+            ),
+            (
+                "spec.retry.giveUpAfter",
+                &rs.give_up_after,
+                &mut o.give_up_after_seconds,
+            ),
+        ] {
+            if let Some(v) = val {
+                match parse_duration(v) {
+                    Ok(v) => *slot = Some(v),
+                    Err(e) => r
+                        .problems
+                        .push(Problem::invalid(field, "InvalidDuration", e)),
+                }
+            }
+        }
+        if let (Some(w), Some(g)) = (o.warn_after_seconds, o.give_up_after_seconds) {
+            if w >= g {
+                r.problems.push(Problem::invalid(
                     "spec.retry.warnAfter",
-                    &rs.warn_after,
-                    &mut o.warn_after_seconds,
-                ),
-                (
-                    "spec.retry.giveUpAfter",
-                    &rs.give_up_after,
-                    &mut o.give_up_after_seconds,
-                ),
-            ] {
-                if let Some(v) = val {
-                    match parse_duration(v) {
-                        Ok(v) => *slot = Some(v),
-                        Err(e) => r
-                            .problems
-                            .push(Problem::invalid(field, "InvalidDuration", e)),
-                    }
-                }
+                    "InvalidDuration",
+                    "warnAfter must be shorter than giveUpAfter",
+                ));
             }
-            if let (Some(w), Some(g)) = (o.warn_after_seconds, o.give_up_after_seconds) {
-                if w >= g {
-                    r.problems.push(Problem::invalid(
-                        "spec.retry.warnAfter",
-                        "InvalidDuration",
-                        "warnAfter must be shorter than giveUpAfter",
-                    ));
-                }
-            }
-            retry = Some(o);
         }
-        if !r.is_invalid() {
-            priorities.insert(s.priority, name.clone());
-            if let (true, Some(action)) = (s.enabled, action) {
-                routes.push(RoutePolicy {
-                    name: name.clone(),
-                    priority: s.priority,
-                    senders,
-                    recipients,
-                    action,
-                    retry,
-                });
-            }
-        } else {
-            auth.remove(&name);
-        }
-        reports.push(r);
+        retry = Some(o);
     }
-    routes.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
-    (routes, auth, reports)
+    let route = match (s.enabled, action) {
+        (true, Some(action)) if !r.is_invalid() => Some(RoutePolicy {
+            name: name.clone(),
+            priority: s.priority,
+            senders,
+            recipients,
+            action,
+            retry,
+        }),
+        _ => None,
+    };
+    Rule {
+        report: r,
+        priority: s.priority,
+        route,
+        auth: rule_auth,
+    }
 }
 
 fn relay_auth(

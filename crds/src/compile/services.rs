@@ -1,10 +1,11 @@
 //! SmtpService → [`ServicePolicy`]: ports, TLS source, authentication defaults, relay control and
-//! limits, with the open-relay and plaintext-auth warnings.
-
-use std::collections::BTreeMap;
+//! limits, with the open-relay and plaintext-auth warnings. Port conflicts are settled by
+//! [`claim`] (a live service keeps its port), and a live service that became invalid keeps its
+//! last good version.
 
 use kube::ResourceExt;
 
+use super::previous::{claim, service_groups, Claimant, Previous};
 use super::report::{Kind, ObjectReport, Problem};
 use super::{report, sorted, Ctx};
 use crate::api::{AuthModeSpec, MechanismSpec, ServiceProtocol, SmtpService};
@@ -13,28 +14,71 @@ use crate::config::{
     ServicePolicy, TlsSource,
 };
 
-/// Compiled services, their reports, and the IP groups that grant relay permission.
+/// Compiled services (in name order), their reports, and the IP groups that grant relay
+/// permission.
 pub fn compile(
     ctx: &Ctx<'_>,
     objs: &[SmtpService],
+    previous: &Previous,
 ) -> (Vec<ServicePolicy>, Vec<ObjectReport>, Vec<String>) {
-    let mut out = Vec::new();
-    let mut reports = Vec::new();
     let mut relay_groups = Vec::new();
-    let mut ports: BTreeMap<u16, String> = BTreeMap::new();
+    let mut compiled = Vec::new();
     for svc in sorted(objs) {
         let name = svc.name_any();
         let mut r = report(Kind::SmtpService, name.clone(), svc.metadata.generation);
-        if let Some(p) = compile_one(ctx, svc, &name, &mut r, &mut relay_groups) {
-            if let Some(other) = ports.get(&p.port) {
-                r.problems.push(Problem::invalid(
-                    "spec.port",
-                    "PortConflict",
-                    format!("port {} is already used by SmtpService {other:?}", p.port),
-                ));
-            } else {
-                ports.insert(p.port, name.clone());
-                out.push(p);
+        let p = compile_one(ctx, svc, &name, &mut r, &mut relay_groups);
+        compiled.push((r, p));
+    }
+    let claimants: Vec<Claimant<u16>> = compiled
+        .iter()
+        .map(|(r, p)| Claimant {
+            name: r.name.clone(),
+            live: previous.service(&r.name).map(|s| s.port),
+            wants: p.as_ref().map(|p| p.port),
+        })
+        .collect();
+    let mut out = Vec::new();
+    let mut reports = Vec::new();
+    for ((mut r, p), outcome) in compiled.into_iter().zip(claim(&claimants)) {
+        if let Some(c) = &outcome.conflict {
+            r.problems.push(Problem::invalid(
+                "spec.port",
+                "PortConflict",
+                format!(
+                    "port {} is already used by SmtpService {:?}{}; give this service another port",
+                    c.key,
+                    c.holder,
+                    c.live_note()
+                ),
+            ));
+        }
+        match p {
+            Some(p) if !r.is_invalid() => out.push(p),
+            _ => {
+                if let Some(last) = previous.service(&r.name).filter(|_| outcome.keeps_live) {
+                    let gone: Vec<&str> = service_groups(last)
+                        .into_iter()
+                        .filter(|g| !ctx.groups.contains_key(*g))
+                        .collect();
+                    if let Some(g) = gone.first() {
+                        r.problems.push(Problem::invalid(
+                            "spec",
+                            "LastGoodUnusable",
+                            format!("its last good version cannot stay live either: it refers to IpAddressGroup {g:?}, which is gone"),
+                        ));
+                    } else {
+                        if let RelayControl::Restricted {
+                            ip_group: Some(g), ..
+                        } = &last.relay_control
+                        {
+                            if !relay_groups.contains(g) {
+                                relay_groups.push(g.clone());
+                            }
+                        }
+                        r.stale = true;
+                        out.push(last.clone());
+                    }
+                }
             }
         }
         reports.push(r);

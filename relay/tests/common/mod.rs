@@ -112,6 +112,7 @@ pub fn credentials() -> Credentials {
             bound.access_policy = Some("bound".into());
             Credentials {
                 version: ConfigVersion::V1Alpha1,
+                config_hash: None,
                 accounts: vec![account(USER, PASSWORD), mfa, submit, bound],
                 relay_auth: BTreeMap::new(),
             }
@@ -195,8 +196,10 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
     );
     RelayConfig {
         version: ConfigVersion::V1Alpha1,
+        config_hash: None,
         ip_groups,
         domains: vec![DomainPolicy {
+            name: None,
             domain: "example.test".into(),
             local: true,
             recipients: RecipientPolicy::Listed(recipients.iter().map(|s| s.to_string()).collect()),
