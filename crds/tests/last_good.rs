@@ -2,6 +2,8 @@
 //! one, a live object that becomes invalid keeps its last good version (stale), and only
 //! deleting an object removes it.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;

@@ -3,6 +3,8 @@
 //! that collides with a live object gets the error; only deleting the object removes it. Also
 //! that the applied ConfigMap and Secret carry the same pairing stamp (issue 10.13).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
 mod common;
 
 use std::time::Duration;
