@@ -5,7 +5,7 @@
 //!
 //! - **A live object wins a conflict.** Where objects compete for something only one of them may
 //!   have (a port, a delivery-rule priority, a domain name), the object that is live in the
-//!   previous output keeps it and the newcomer gets the error ([`claim`]). Without a previous
+//!   previous output keeps it and the newcomer gets the error (`claim`). Without a previous
 //!   output the first by name wins.
 //! - **A live object that becomes invalid keeps its last good version** (it is *stale*): its
 //!   compiled fragment from the previous output goes back in exactly as it was, so a Secret that
