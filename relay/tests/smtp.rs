@@ -271,6 +271,9 @@ fn allowed_from_refuses_at_connect() {
     assert_eq!(code, 554, "{text}");
     assert!(text.contains("5.7.1"));
     assert_eq!(c.reply().0, 0, "connection must be closed");
+    assert!(relay.http("/metrics").contains(
+        "mailrelay_connections_refused_total{service=\"refused\",reason=\"not_allowed\"} 1"
+    ));
 }
 
 #[test]
