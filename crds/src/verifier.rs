@@ -125,8 +125,14 @@ fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
 impl ScramVerifier {
     /// Derives keys with a fresh random 16-byte salt.
     pub fn derive(password: &str) -> Self {
-        let salt: [u8; 16] = rand::random();
-        Self::derive_with(password, &salt, SCRAM_ITERATIONS)
+        Self::derive_with(password, &Self::random_salt(), SCRAM_ITERATIONS)
+    }
+
+    /// A fresh 16-byte salt from the operating system's CSPRNG.
+    pub fn random_salt() -> [u8; 16] {
+        let mut salt = [0u8; 16];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut salt);
+        salt
     }
 
     pub fn derive_with(password: &str, salt: &[u8], iterations: u32) -> Self {

@@ -223,6 +223,96 @@ fn accounts_compile_to_verifiers_and_recompile_identically() {
     );
 }
 
+/// Issue 19.6: a SCRAM server sends the salt before it knows which password the client holds,
+/// so all SCRAM keys of one account share one salt and iteration count; recompiling keeps
+/// them, and changing one password changes only its keys.
+#[test]
+fn scram_keys_of_one_account_share_one_salt_and_stay_stable() {
+    let accounts = |second: &str| {
+        format!(
+            "accounts:\n  - name: svc\n    password: primary\n    mfa: true\n    appPasswords:\n      - {{name: phone, password: app-one}}\n      - {{name: laptop, password: {second}}}\n      - {{name: hashed, passwordHash: \"{}\"}}\n",
+            mailrelay_crds::verifier::PasswordVerifier::derive("h").as_phc()
+        )
+    };
+    let inputs = domain_inputs(&accounts("app-two"));
+    let first = compile(&inputs, None);
+    assert!(!first.report.has_errors(), "{:?}", first.report.lines());
+    let svc = first.credentials.account("svc@example.com").expect("svc");
+    let primary = svc.scram_sha256.clone().expect("primary SCRAM keys");
+    let keys: Vec<_> = svc
+        .app_passwords
+        .iter()
+        .map(|a| a.scram_sha256.clone())
+        .collect();
+    let (one, two) = (
+        keys[0].clone().expect("phone keys"),
+        keys[1].clone().expect("laptop keys"),
+    );
+    assert!(
+        keys[2].is_none(),
+        "a hash-only app password has no SCRAM keys"
+    );
+    assert!(primary.verify("primary") && one.verify("app-one") && two.verify("app-two"));
+    for k in [&one, &two] {
+        assert_eq!((&k.salt, k.iterations), (&primary.salt, primary.iterations));
+        assert_ne!(k.stored_key, primary.stored_key);
+    }
+
+    // Unchanged: identical output.
+    let again = compile(&inputs, Some(&first.previous()));
+    assert_eq!(again.credentials, first.credentials);
+    assert_eq!(again.hash, first.hash);
+
+    // One app password changed: new keys for it, under the same salt; the others are kept.
+    let changed = compile(
+        &domain_inputs(&accounts("app-three")),
+        Some(&first.previous()),
+    );
+    let svc3 = changed.credentials.account("svc@example.com").expect("svc");
+    let two3 = svc3.app_passwords[1].scram_sha256.clone().expect("laptop");
+    assert!(two3.verify("app-three"));
+    assert_eq!(two3.salt, primary.salt);
+    assert_eq!(svc3.scram_sha256.as_ref(), Some(&primary));
+    assert_eq!(svc3.app_passwords[0].scram_sha256.as_ref(), Some(&one));
+
+    // Keys from before the shared salt (one salt per password) move to one salt: the first
+    // key that still matches keeps its salt and bytes, the others are derived under it.
+    let mut old = first.credentials.clone();
+    for a in &mut old.accounts {
+        if a.login == "svc@example.com" {
+            a.scram_sha256 = None;
+            a.app_passwords[0].scram_sha256 =
+                Some(mailrelay_crds::verifier::ScramVerifier::derive("app-one"));
+            a.app_passwords[1].scram_sha256 =
+                Some(mailrelay_crds::verifier::ScramVerifier::derive("app-two"));
+        }
+    }
+    let migrated = compile(
+        &inputs,
+        Some(&mailrelay_crds::compile::Previous {
+            config: first.config.clone(),
+            credentials: old.clone(),
+        }),
+    );
+    let svc4 = migrated
+        .credentials
+        .account("svc@example.com")
+        .expect("svc");
+    let old_one = old.account("svc@example.com").expect("svc").app_passwords[0]
+        .scram_sha256
+        .clone();
+    assert_eq!(svc4.app_passwords[0].scram_sha256, old_one);
+    let salt = &svc4.app_passwords[0]
+        .scram_sha256
+        .as_ref()
+        .expect("keys")
+        .salt;
+    let two4 = svc4.app_passwords[1].scram_sha256.clone().expect("keys");
+    let primary4 = svc4.scram_sha256.clone().expect("keys");
+    assert_eq!((&two4.salt, &primary4.salt), (salt, salt));
+    assert!(two4.verify("app-two") && primary4.verify("primary"));
+}
+
 #[test]
 fn a_bad_account_is_left_out_but_the_domain_stays() {
     let inputs = domain_inputs(

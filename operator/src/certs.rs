@@ -1,7 +1,9 @@
 //! cert-manager Certificates for SmtpServices with `tls.issuerRef`: one Certificate per such
 //! service, named and producing the Secret `<service>-tls` (the name the compiled relay config
 //! already points at), owned by the service. When the cert-manager API is not installed the
-//! service gets a `CertManagerMissing` warning instead of the operator failing.
+//! service gets a `CertManagerMissing` warning instead of the operator failing. The controller
+//! watches the Certificates made here (by their labels), so one deleted or edited by hand is put
+//! back at once.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -27,6 +29,15 @@ pub fn certificate_resource() -> ApiResource {
         "v1",
         "Certificate",
     ))
+}
+
+/// Whether the API server serves cert-manager's `Certificate` (cert-manager is installed).
+pub async fn certificate_api_served(client: &Client) -> Result<bool, kube::Error> {
+    match client.list_api_group_resources("cert-manager.io/v1").await {
+        Ok(list) => Ok(list.resources.iter().any(|r| r.name == "certificates")),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Name of the Certificate and of the Secret it produces.
@@ -66,15 +77,7 @@ impl CertManager {
                 return Ok(v);
             }
         }
-        let v = match self
-            .client
-            .list_api_group_resources("cert-manager.io/v1")
-            .await
-        {
-            Ok(list) => list.resources.iter().any(|r| r.name == "certificates"),
-            Err(kube::Error::Api(s)) if s.code == 404 => false,
-            Err(e) => return Err(e),
-        };
+        let v = certificate_api_served(&self.client).await?;
         *known = Some((Instant::now(), v));
         Ok(v)
     }

@@ -6,15 +6,21 @@
 //!
 //! Write-storm protection: status-only updates of our own CRs (same `generation`) do not
 //! trigger, and a reconcile writes only what differs from the live objects.
+//!
+//! The cert-manager Certificates the operator made are watched too (no cache, only triggers),
+//! while their API is served: a deleted or edited Certificate is put back at once. Every watch
+//! reports to [`Health`]: errors, progress, and a periodic list of each failing kind, which is
+//! how a watch that resumed silently is seen to be alive again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
-use kube::api::Api;
+use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
@@ -22,6 +28,8 @@ use kube::{Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
+use crate::certs;
+use crate::health::Health;
 use crate::manifests::FIELD_MANAGER;
 use crate::reconcile::{self, Ctx, Stores};
 
@@ -50,49 +58,79 @@ where
     }
 }
 
+/// What a watch event means for the work queue. `seen` remembers each object's generation, so
+/// that with `by_generation` updates that leave it unchanged (our own status patches, or
+/// cert-manager's on its Certificates) do not trigger.
+fn trigger<K: Resource>(
+    ev: &Event<K>,
+    seen: &mut HashMap<String, Option<i64>>,
+    by_generation: bool,
+) -> Option<Trigger> {
+    let namespace = |o: &K| Trigger::Namespace(o.meta().namespace.clone().unwrap_or_default());
+    match ev {
+        Event::Apply(o) => {
+            let uid = o.meta().uid.clone().unwrap_or_default();
+            let generation = o.meta().generation;
+            let changed = !by_generation || seen.insert(uid, generation) != Some(generation);
+            changed.then(|| namespace(o))
+        }
+        Event::Delete(o) => {
+            seen.remove(&o.meta().uid.clone().unwrap_or_default());
+            Some(namespace(o))
+        }
+        Event::InitApply(o) => {
+            seen.insert(
+                o.meta().uid.clone().unwrap_or_default(),
+                o.meta().generation,
+            );
+            None
+        }
+        Event::Init => None,
+        Event::InitDone => Some(Trigger::All),
+    }
+}
+
+/// Lists one object of a watched kind: does the API path of a failing watch work again?
+type Probe = Arc<dyn Fn() -> BoxFuture<'static, bool> + Send + Sync>;
+
+fn probe<K>(api: Api<K>) -> Probe
+where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    Arc::new(move || {
+        let api = api.clone();
+        async move { api.list(&ListParams::default().limit(1)).await.is_ok() }.boxed()
+    })
+}
+
 /// A reflector whose events become namespace triggers. `by_generation`: ignore updates that do
 /// not change `.metadata.generation` (our own status patches).
 fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     by_generation: bool,
-) -> (Store<K>, BoxStream<'static, Trigger>)
+    health: &Arc<Health>,
+) -> (Store<K>, BoxStream<'static, Trigger>, (String, Probe))
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
     let mut seen: HashMap<String, Option<i64>> = HashMap::new();
     let kind = K::kind(&()).to_string();
+    let health = health.clone();
+    let probe = (kind.clone(), probe(api.clone()));
     let stream = watcher(api, config)
         .default_backoff()
         .reflect(writer)
         .filter_map(move |ev| {
             let t = match ev {
-                Ok(Event::Apply(o)) => {
-                    let uid = o.meta().uid.clone().unwrap_or_default();
-                    let generation = o.meta().generation;
-                    let changed =
-                        !by_generation || seen.insert(uid, generation) != Some(generation);
-                    changed
-                        .then(|| Trigger::Namespace(o.meta().namespace.clone().unwrap_or_default()))
+                Ok(ev) => {
+                    health.watch_progress(&kind);
+                    trigger(&ev, &mut seen, by_generation)
                 }
-                Ok(Event::Delete(o)) => {
-                    seen.remove(&o.meta().uid.clone().unwrap_or_default());
-                    Some(Trigger::Namespace(
-                        o.meta().namespace.clone().unwrap_or_default(),
-                    ))
-                }
-                Ok(Event::InitApply(o)) => {
-                    seen.insert(
-                        o.meta().uid.clone().unwrap_or_default(),
-                        o.meta().generation,
-                    );
-                    None
-                }
-                Ok(Event::Init) => None,
-                Ok(Event::InitDone) => Some(Trigger::All),
                 Err(e) => {
                     // The backoff retries; the caches keep their last state meanwhile.
+                    health.watch_failed(&kind);
                     tracing::warn!(kind = %kind, error = %e, "watch failed; retrying with backoff");
                     None
                 }
@@ -100,7 +138,99 @@ where
             futures::future::ready(t)
         })
         .boxed();
-    (reader, stream)
+    (reader, stream, probe)
+}
+
+const CERTIFICATE: &str = "Certificate";
+
+fn certificate_api(client: &Client, scope: &Scope) -> Api<DynamicObject> {
+    let ar = certs::certificate_resource();
+    match scope {
+        Scope::All => Api::all_with(client.clone(), &ar),
+        Scope::Namespace(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+    }
+}
+
+/// Watches the cert-manager Certificates this operator made (by label) and sends a trigger for
+/// the namespace of each one deleted or changed, so it is put back at once instead of at the
+/// next resync. Only while the Certificate API is served: without cert-manager a watch would
+/// fail forever, so the API is looked for again every `recheck` (the services that want a
+/// certificate carry a `CertManagerMissing` warning meanwhile).
+async fn watch_certificates(
+    client: Client,
+    scope: Scope,
+    recheck: Duration,
+    tx: mpsc::UnboundedSender<Trigger>,
+    health: Arc<Health>,
+) {
+    let api = certificate_api(&client, &scope);
+    let config =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
+    loop {
+        match certs::certificate_api_served(&client).await {
+            Ok(true) => {}
+            Ok(false) => {
+                health.watch_progress(CERTIFICATE);
+                tokio::time::sleep(recheck).await;
+                continue;
+            }
+            Err(e) => {
+                health.watch_failed(CERTIFICATE);
+                tracing::warn!(error = %e, "cannot tell whether cert-manager is installed; checking again");
+                tokio::time::sleep(recheck).await;
+                continue;
+            }
+        }
+        tracing::debug!("watching cert-manager Certificates");
+        let mut seen = HashMap::new();
+        let mut events = watcher(api.clone(), config.clone())
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(ev) => {
+                    health.watch_progress(CERTIFICATE);
+                    // Certificates are generated, so changed and deleted ones trigger; their
+                    // status updates (cert-manager's) do not.
+                    if let Some(t) = trigger(&ev, &mut seen, true) {
+                        if tx.send(t).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    if matches!(certs::certificate_api_served(&client).await, Ok(false)) {
+                        tracing::info!("cert-manager's Certificate API is gone; no longer watching Certificates");
+                        health.watch_progress(CERTIFICATE);
+                        break;
+                    }
+                    health.watch_failed(CERTIFICATE);
+                    tracing::warn!(kind = CERTIFICATE, error = %e, "watch failed; retrying with backoff");
+                }
+            }
+        }
+    }
+}
+
+/// Every `interval`, lists each kind whose watch is failing; a list that works marks the watch
+/// as alive again (kube's watcher resumes a watch without an event to show for it).
+async fn probe_failing_watches(
+    health: Arc<Health>,
+    probes: BTreeMap<String, Probe>,
+    interval: Duration,
+) {
+    loop {
+        tokio::time::sleep(interval).await;
+        for kind in health.failing_watches() {
+            let Some(p) = probes.get(&kind) else {
+                continue;
+            };
+            if p().await {
+                tracing::info!(kind = %kind, "API server answers again for this watch");
+                health.watch_progress(&kind);
+            }
+        }
+    }
 }
 
 /// Options of [`Controller::start`].
@@ -109,11 +239,14 @@ pub struct Options {
     pub scope: Scope,
     /// Reconcile every namespace this often even without events.
     pub resync: Duration,
+    /// How often to look for the cert-manager API again while it is not served.
+    pub recheck: Duration,
 }
 
 /// The running watches and the trigger channel.
 pub struct Controller {
     pub stores: Stores,
+    health: Arc<Health>,
     triggers: mpsc::UnboundedReceiver<Trigger>,
     sender: mpsc::UnboundedSender<Trigger>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -131,22 +264,42 @@ impl Drop for Controller {
 impl Controller {
     /// Starts the watches and waits until every cache holds a complete list, so the first
     /// compile never sees half a namespace (which would drop rules from the applied policy).
-    pub async fn start(client: &Client, opts: &Options) -> anyhow::Result<Self> {
+    /// Progress and failures of every watch, and of the reconciles, go to `health`.
+    pub async fn start(
+        client: &Client,
+        opts: &Options,
+        health: Arc<Health>,
+    ) -> anyhow::Result<Self> {
         let scope = &opts.scope;
         let cfg = watcher::Config::default;
-        let (ip_groups, s1) = watch(api(client, scope), cfg(), true);
-        let (mail_domains, s2) = watch(api(client, scope), cfg(), true);
-        let (smtp_services, s3) = watch(api(client, scope), cfg(), true);
-        let (delivery_rules, s4) = watch(api(client, scope), cfg(), true);
-        let (access_policies, s5) = watch(api(client, scope), cfg(), true);
+        let h = &health;
+        let (ip_groups, s1, p1) = watch(api(client, scope), cfg(), true, h);
+        let (mail_domains, s2, p2) = watch(api(client, scope), cfg(), true, h);
+        let (smtp_services, s3, p3) = watch(api(client, scope), cfg(), true, h);
+        let (delivery_rules, s4, p4) = watch(api(client, scope), cfg(), true, h);
+        let (access_policies, s5, p5) = watch(api(client, scope), cfg(), true, h);
         // Every Secret of the scope: referenced ones (accounts, relay auth, TLS) are compiled
         // or bundled, and a renewed certificate must reach the bundle.
-        let (secrets, s6) = watch::<Secret>(api(client, scope), cfg(), false);
+        let (secrets, s6, p6) = watch::<Secret>(api(client, scope), cfg(), false, h);
         // The objects we own, so a hand edit or deletion is put back.
         let owned = || cfg().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
-        let (config_maps, s7) = watch::<ConfigMap>(api(client, scope), owned(), false);
-        let (services, s8) = watch::<Service>(api(client, scope), owned(), false);
+        let (config_maps, s7, p7) = watch::<ConfigMap>(api(client, scope), owned(), false, h);
+        let (services, s8, p8) = watch::<Service>(api(client, scope), owned(), false, h);
         let streams = vec![s1, s2, s3, s4, s5, s6, s7, s8];
+        let mut probes: BTreeMap<String, Probe> = [p1, p2, p3, p4, p5, p6, p7, p8].into();
+        let cert_probe = probe(certificate_api(client, scope));
+        let cert_client = client.clone();
+        // The Certificate API going away is not a failing watch: the probe accepts it.
+        probes.insert(
+            CERTIFICATE.into(),
+            Arc::new(move || {
+                let (p, client) = (cert_probe.clone(), cert_client.clone());
+                async move {
+                    p().await || matches!(certs::certificate_api_served(&client).await, Ok(false))
+                }
+                .boxed()
+            }),
+        );
         let stores = Stores {
             ip_groups,
             mail_domains,
@@ -167,14 +320,27 @@ impl Controller {
                 }
             }
         });
-        wait_ready(&stores).await?;
-        Ok(Controller {
+        let certificates = tokio::spawn(watch_certificates(
+            client.clone(),
+            scope.clone(),
+            opts.recheck,
+            sender.clone(),
+            health.clone(),
+        ));
+        // Often enough to notice a recovery well within the health threshold.
+        let every = (health.threshold() / 5).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let prober = tokio::spawn(probe_failing_watches(health.clone(), probes, every));
+        // Dropped (and the tasks aborted) if the caches never sync before shutdown.
+        let controller = Controller {
             stores,
+            health,
             triggers,
             sender,
-            tasks: vec![pump],
+            tasks: vec![pump, certificates, prober],
             resync: opts.resync,
-        })
+        };
+        wait_ready(&controller.stores).await?;
+        Ok(controller)
     }
 
     /// Reconciles until `shutdown` resolves. Failed namespaces are retried with exponential
@@ -229,6 +395,7 @@ impl Controller {
             match result {
                 Ok(outcome) => {
                     failures.remove(&ns);
+                    self.health.reconcile_ok(&ns);
                     tracing::debug!(namespace = %ns, ?outcome, "reconciled");
                     if let Some(after) = outcome.requeue {
                         self.later(Trigger::Namespace(ns.clone()), after);
@@ -241,6 +408,7 @@ impl Controller {
                     }
                 }
                 Err(e) => {
+                    self.health.reconcile_failed(&ns);
                     let n = failures.entry(ns.clone()).or_insert(0);
                     *n = n.saturating_add(1);
                     let delay = backoff(*n);

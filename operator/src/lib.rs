@@ -10,11 +10,13 @@
 //! - [`relay_service`]: the relay Service, one port per SmtpService.
 //! - [`certs`]: cert-manager Certificates for SmtpServices with `tls.issuerRef`.
 //! - [`leader`]: Lease-based leader election.
-//! - [`metrics`]: the operator's `/metrics` and `/healthz`.
+//! - [`health`]: liveness and readiness (`/healthz`, `/readyz`) from the controller's state.
+//! - [`metrics`]: the operator's `/metrics`, serving `/healthz` and `/readyz` too.
 //! - [`run`]: `operator run`, wiring all of the above.
 
 pub mod certs;
 pub mod controller;
+pub mod health;
 pub mod leader;
 pub mod load;
 pub mod manifests;

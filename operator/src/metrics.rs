@@ -1,10 +1,9 @@
 //! The operator's own Prometheus metrics and the tiny HTTP endpoint serving them with `/healthz`
-//! and `/readyz`.
+//! and `/readyz` (whose answers come from [`crate::health`]).
 //! A hand-written HTTP/1.1 responder is enough for two GET paths and keeps a server framework out
 //! of the dependency tree.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prometheus_client::encoding::text::encode;
@@ -16,6 +15,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+
+use crate::health::Health;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
@@ -35,10 +36,6 @@ pub struct Metrics {
     pub duration: Histogram,
     pub writes: Family<WriteLabel, Counter>,
     pub leader: Gauge,
-    pub healthy: AtomicBool,
-    /// `/readyz`: true while following (waiting for the lease) and, as the leader, once the
-    /// watch caches are synced.
-    pub ready: AtomicBool,
 }
 
 impl Default for Metrics {
@@ -90,8 +87,6 @@ impl Metrics {
             duration,
             writes,
             leader,
-            healthy: AtomicBool::new(true),
-            ready: AtomicBool::new(true),
         }
     }
 
@@ -124,13 +119,15 @@ impl Metrics {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the task is dropped.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+/// Serves `/metrics`, `/healthz` (also `/livez`) and `/readyz` on `listener` until the task is
+/// dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
+        let health = health.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 2048];
             let n =
@@ -142,34 +139,23 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
                 };
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("");
+            const UNAVAILABLE: &str = "503 Service Unavailable";
             let (code, ctype, body) = match path {
                 "/metrics" => (
                     "200 OK",
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     metrics.encode(),
                 ),
-                "/readyz" => {
-                    if metrics.ready.load(Ordering::Relaxed) {
-                        ("200 OK", "text/plain", "ready\n".to_string())
-                    } else {
-                        (
-                            "503 Service Unavailable",
-                            "text/plain",
-                            "not ready\n".to_string(),
-                        )
-                    }
-                }
-                "/healthz" | "/livez" => {
-                    if metrics.healthy.load(Ordering::Relaxed) {
-                        ("200 OK", "text/plain", "ok\n".to_string())
-                    } else {
-                        (
-                            "503 Service Unavailable",
-                            "text/plain",
-                            "unhealthy\n".to_string(),
-                        )
-                    }
-                }
+                "/readyz" if health.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
+                "/readyz" => (UNAVAILABLE, "text/plain", "not ready\n".to_string()),
+                "/healthz" | "/livez" => match health.check() {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Err(why) => (
+                        UNAVAILABLE,
+                        "text/plain",
+                        format!("unhealthy: {}\n", why.join("; ")),
+                    ),
+                },
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let resp = format!(

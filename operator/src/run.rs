@@ -1,5 +1,5 @@
-//! `operator run`: the long-running operator. Wires the client, metrics endpoint, leader election,
-//! controller and signal handling together; owns start-up order and graceful shutdown (SIGTERM:
+//! `operator run`: the long-running operator. Wires the client, metrics and health endpoint,
+//! leader election, controller and signal handling together; owns start-up order and graceful shutdown (SIGTERM:
 //! stop reconciling, release the lease, exit 0).
 
 use std::net::SocketAddr;
@@ -12,6 +12,7 @@ use kube::Client;
 
 use crate::certs::CertManager;
 use crate::controller::{Controller, Options, Scope};
+use crate::health::Health;
 use crate::leader::LeaseLock;
 use crate::manifests::FIELD_MANAGER;
 use crate::metrics::{self, Metrics};
@@ -26,7 +27,7 @@ pub struct RunArgs {
     /// Relay instance name: the owned objects are `<instance>-policy` and `<instance>-credentials`.
     #[arg(long, default_value = "mailrelay", env = "MAILRELAY_INSTANCE")]
     pub instance: String,
-    /// Address of `/metrics` and `/healthz`.
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:8080", env = "METRICS_ADDR")]
     pub metrics_addr: SocketAddr,
     /// Run without leader election (a single replica).
@@ -53,6 +54,14 @@ pub struct RunArgs {
     /// Seconds before checking again for something outside the watched objects (cert-manager).
     #[arg(long, default_value_t = 30.0)]
     pub recheck_seconds: f64,
+    /// `/healthz` answers 503 once a watch, or the reconciles of one namespace, have kept
+    /// failing for this many seconds (short API server outages are ridden out with backoff).
+    #[arg(
+        long,
+        default_value_t = 300.0,
+        env = "MAILRELAY_UNHEALTHY_AFTER_SECONDS"
+    )]
+    pub unhealthy_after_seconds: f64,
     /// The relay Service settings file (YAML: type, externalTrafficPolicy, annotations, labels,
     /// loadBalancerSourceRanges, loadBalancerClass, selector, listenPortOffset, proxyProtocol;
     /// see `relay_service::RelayServiceConfig`). With it the operator owns the relay Service
@@ -113,9 +122,10 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(secs(args.unhealthy_after_seconds)));
     let listener = metrics::bind(args.metrics_addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics and /healthz");
-    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(metrics::serve(listener, metrics.clone(), health.clone()));
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         format!(
@@ -138,15 +148,15 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     });
     let renew = secs(args.lease_renew_seconds);
     if let Some(lock) = &lock {
+        // A follower has no caches to sync; it is ready to take over.
+        health.set_ready(true);
         tokio::select! {
             _ = lock.acquire(renew) => {},
             _ = &mut shutdown => return Ok(0),
         }
         tracing::info!(identity = %identity, "became the leader");
         // Not ready again until the caches of the new leader are synced.
-        metrics
-            .ready
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+        health.set_ready(false);
         metrics.leader.set(1);
     }
 
@@ -156,9 +166,10 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             None => Scope::All,
         },
         resync: secs(args.resync_seconds),
+        recheck: secs(args.recheck_seconds),
     };
     let controller = tokio::select! {
-        c = Controller::start(&client, &opts) => c?,
+        c = Controller::start(&client, &opts, health.clone()) => c?,
         _ = &mut shutdown => return release(lock.as_ref()).await,
     };
     let recheck = secs(args.recheck_seconds);
@@ -180,9 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         recheck,
     });
     tracing::info!("caches synced; reconciling");
-    metrics
-        .ready
-        .store(true, std::sync::atomic::Ordering::Relaxed);
+    health.set_ready(true);
     let lost = async {
         match &lock {
             Some(l) => l.hold(renew).await,

@@ -259,6 +259,38 @@ fn policy_lifecycle_statuses_events_and_config() {
     ]);
 }
 
+/// Issue 19.7: reconciles that keep failing for longer than `--unhealthy-after-seconds` make
+/// `/healthz` answer 503 (readiness is about the caches, which are synced). The failure is real:
+/// an instance name the API server refuses in object names, so every write of the policy
+/// ConfigMap is rejected.
+#[test]
+fn healthz_fails_when_reconciles_keep_failing() {
+    let Some(_) = server() else { return };
+    install_crds();
+    let ns = namespace("failing");
+    let d = scratch();
+    let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
+    assert!(apply_yaml(&crs).0);
+    let op = Operator::start_with(
+        OperatorOpts {
+            ns: &ns,
+            identity: "failing",
+            log: &d.path().join("failing.log"),
+            lease_seconds: 4,
+            relay_service: None,
+        },
+        &["--instance", "Not_A_Name", "--unhealthy-after-seconds", "3"],
+    );
+    op.wait_http("/readyz", 200, Duration::from_secs(60));
+    let unhealthy = op.wait_http("/healthz", 503, Duration::from_secs(60));
+    assert!(
+        unhealthy.contains(&format!("reconciles of namespace {ns} failing")),
+        "{unhealthy}"
+    );
+    assert!(op.log_text().contains("reconcile failed"));
+}
+
 #[test]
 fn schema_and_cel_rejections_at_apply_time() {
     let Some(_) = server() else { return };

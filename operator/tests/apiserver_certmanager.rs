@@ -2,7 +2,8 @@
 //! API present (registered here as a bare CRD; no cert-manager controller runs, the test writes
 //! the Secret it would issue), an SmtpService with `tls.issuerRef` gets a Certificate it owns, is
 //! `Reconciling` until the Secret exists, then `Ready` with the certificate in the TLS bundle, and
-//! loses the Certificate when it switches to `tls.secretName`. Its own test binary because registering the API changes what the tests in
+//! gets a deleted or edited Certificate back within seconds (it is watched), and loses the
+//! Certificate when it switches to `tls.secretName`. Its own test binary because registering the API changes what the tests in
 //! apiserver.rs see (they expect `CertManagerMissing`); the CRD is removed again at the end.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -121,6 +122,40 @@ fn issuer_ref_creates_an_owned_certificate() {
     wait_no_condition("smtpservice", &ns, "submission", "Warning");
     let bundle = get("secret", &ns, "mailrelay-tls").expect("bundle");
     assert!(bundle["data"]["submission-tls.crt"].is_string(), "{bundle}");
+
+    // Deleted or edited by hand, the Certificate is put back at once (the operator watches the
+    // Certificates it made), not at the next resync five minutes later.
+    let uid = cert["metadata"]["uid"].clone();
+    kubectl_ok(&[
+        "delete",
+        "certificates.cert-manager.io",
+        "submission-tls",
+        "-n",
+        &ns,
+    ]);
+    let back = wait_for("Certificate re-created", Duration::from_secs(20), || {
+        get("certificates.cert-manager.io", &ns, "submission-tls")
+            .filter(|c| c["metadata"]["uid"] != uid)
+    });
+    assert_eq!(back["spec"]["issuerRef"]["name"], "letsencrypt");
+    kubectl_ok(&[
+        "patch",
+        "certificates.cert-manager.io",
+        "submission-tls",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"dnsNames":["elsewhere.example"]}}"#,
+    ]);
+    wait_for(
+        "Certificate dnsNames put back",
+        Duration::from_secs(20),
+        || {
+            get("certificates.cert-manager.io", &ns, "submission-tls")
+                .filter(|c| c["spec"]["dnsNames"] == serde_json::json!(["mail.example.com"]))
+        },
+    );
 
     // Switching to an existing Secret removes the Certificate.
     let yaml = crs.replace(

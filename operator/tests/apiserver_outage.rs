@@ -1,6 +1,7 @@
 //! The API server going away for a while: the operator keeps running (and keeps its lease long
 //! enough), its watches and writes retry with backoff, and once the server is back a change is
-//! compiled and reported. Needs the kube-lite API server of tests/kube-lite/up.sh (it is stopped
+//! compiled and reported; `/readyz` waits for the caches and `/healthz` fails while the watches
+//! have been failing for longer than the threshold. Needs the kube-lite API server of tests/kube-lite/up.sh (it is stopped
 //! and restarted through tests/kube-lite/apiserver.sh, etcd keeps its data); against any other
 //! cluster it skips. A separate test binary, so the outage never overlaps the tests in
 //! apiserver.rs (cargo runs test binaries one after another).
@@ -36,8 +37,12 @@ fn managed_server() -> bool {
     std::env::var("KUBECONFIG").is_ok_and(|k| k == ours) && ctl("status")
 }
 
+/// The tests of this binary stop the one API server: one at a time.
+static OUTAGE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn operator_survives_an_apiserver_outage() {
+    let _one = OUTAGE.lock().unwrap_or_else(|e| e.into_inner());
     let Some(_) = server() else { return };
     if !managed_server() {
         require_peer("KUBECONFIG is not the kube-lite API server of tests/kube-lite/up.sh, which this test stops and restarts");
@@ -93,6 +98,86 @@ fn operator_survives_an_apiserver_outage() {
         log.contains("reconcile failed") || log.contains("watch failed"),
         "the outage went unnoticed: {log}"
     );
+}
+
+/// Issue 19.7: `/readyz` is 503 until the watch caches are synced; `/healthz` turns 503 once the
+/// watches have been failing for longer than `--unhealthy-after-seconds` (the API server is
+/// down), and 200 again when they work.
+#[test]
+fn health_and_readiness_follow_the_watches() {
+    let _one = OUTAGE.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_) = server() else { return };
+    if !managed_server() {
+        require_peer("KUBECONFIG is not the kube-lite API server of tests/kube-lite/up.sh, which this test stops and restarts");
+        return;
+    }
+    install_crds();
+    let ns = namespace("health");
+    let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
+    assert!(apply_yaml(&crs).0);
+    let d = scratch();
+    let threshold = 4;
+
+    // Started while the API server is down: not ready (no caches), healthy until the watches
+    // have failed for the threshold, then unhealthy.
+    assert!(ctl("stop"), "could not stop the API server");
+    let mut restart = Some(scopeguard(|| {
+        ctl("start");
+    }));
+    let started = std::time::Instant::now();
+    let op = Operator::start_with(
+        OperatorOpts {
+            ns: &ns,
+            identity: "health",
+            relay_service: None,
+            log: &d.path().join("health.log"),
+            lease_seconds: 15,
+        },
+        &[
+            "--no-leader-election",
+            "--unhealthy-after-seconds",
+            &threshold.to_string(),
+        ],
+    );
+    let healthz = op.http("/healthz");
+    if started.elapsed() < Duration::from_secs(threshold) {
+        assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+    }
+    assert!(op.http("/readyz").starts_with("HTTP/1.1 503"));
+    let unhealthy = op.wait_http("/healthz", 503, Duration::from_secs(30));
+    assert!(unhealthy.contains("watch of"), "{unhealthy}");
+    assert!(op.http("/readyz").starts_with("HTTP/1.1 503"));
+
+    // The server is back: the caches sync (ready), the watches work (healthy).
+    drop(restart.take());
+    assert!(ctl("status"), "API server did not come back");
+    op.wait_http("/readyz", 200, Duration::from_secs(90));
+    op.wait_http("/healthz", 200, Duration::from_secs(60));
+    wait_condition(
+        "deliveryrule",
+        &ns,
+        "partner-smarthost",
+        "Ready",
+        "True",
+        None,
+    );
+
+    // Running and synced, the server goes away: unhealthy after the threshold, healthy again
+    // once the server is back (without any object changing, so no event shows it).
+    assert!(ctl("stop"), "could not stop the API server");
+    let restart = scopeguard(|| {
+        ctl("start");
+    });
+    let unhealthy = op.wait_http("/healthz", 503, Duration::from_secs(60));
+    assert!(unhealthy.contains("watch of"), "{unhealthy}");
+    assert!(
+        op.http("/readyz").starts_with("HTTP/1.1 200"),
+        "synced caches stay ready"
+    );
+    drop(restart);
+    assert!(ctl("status"), "API server did not come back");
+    op.wait_http("/healthz", 200, Duration::from_secs(60));
 }
 
 /// Runs `f` when dropped, so the API server is restarted even if an assertion fails.

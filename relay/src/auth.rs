@@ -1,20 +1,25 @@
-//! SMTP AUTH server side: SASL exchanges via rsasl (PLAIN, LOGIN, SCRAM-SHA-256) and a small
-//! CRAM-MD5 (legacy, only when a service enables it), checked against the compiled verifiers, then
-//! the account's access policy. Every outcome is precise ([`AuthFailure`]) for the security log,
-//! while the client only ever sees the generic `535 5.7.8`. Steps are blocking (argon2, PBKDF2)
-//! and must run off the async executor.
+//! SMTP AUTH server side: PLAIN and LOGIN via rsasl, SCRAM-SHA-256 (RFC 5802/7677) and a small
+//! CRAM-MD5 (legacy, only when a service enables it) implemented here, checked against the
+//! compiled verifiers, then the account's access policy. Every outcome is precise
+//! ([`AuthFailure`]) for the security log, while the client only ever sees the generic
+//! `535 5.7.8`. Steps are blocking (argon2) and must run off the async executor.
+//!
+//! SCRAM is not rsasl's: its server takes one stored key per exchange, and an account may hold
+//! several passwords that SCRAM must accept (every app password of a two-factor account). The
+//! compiler gives all SCRAM keys of one account one salt, so the server announces that salt and
+//! then tries the client's proof against each key (the `scram` module).
 
 use std::fmt;
 use std::io::Cursor;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use mailrelay_crds::config::{Account, Mechanism};
+use mailrelay_crds::verifier::{ScramVerifier, SCRAM_ITERATIONS};
 use rsasl::callback::{Context, Request, SessionCallback, SessionData};
-use rsasl::mechanisms::scram::properties::ScramStoredPassword;
 use rsasl::prelude::{
     Mechname, SASLConfig, SASLServer, Session as SaslSession, SessionError, State,
 };
@@ -217,82 +222,33 @@ impl Validation for Outcome {
 
 struct Callback {
     ctx: AuthContext,
-    /// What SCRAM found out while looking up keys (rsasl only reports "no validation").
-    scram_note: Mutex<Option<AuthFailure>>,
-}
-
-impl Callback {
-    fn note(&self, f: AuthFailure) {
-        if let Ok(mut n) = self.scram_note.lock() {
-            *n = Some(f);
-        }
-    }
 }
 
 impl SessionCallback for Callback {
     fn callback(
         &self,
         _session_data: &SessionData,
-        context: &Context,
-        request: &mut Request,
+        _context: &Context,
+        _request: &mut Request,
     ) -> Result<(), SessionError> {
-        if !request.is::<ScramStoredPassword>() {
-            return Ok(());
-        }
-        let Some(authid) = context.get_ref::<AuthId>() else {
-            return Ok(());
-        };
-        let Some(account) = self.ctx.snapshot.credentials.account(authid) else {
-            self.note(AuthFailure::UnknownUser(authid.to_string()));
-            return Ok(());
-        };
-        // SCRAM fixes the salt before the proof arrives, so one key set is offered: the primary
-        // password's, or on a two-factor account the first app password that has SCRAM keys.
-        let keys = if account.mfa {
-            account
-                .app_passwords
-                .iter()
-                .find_map(|a| a.scram_sha256.as_ref())
-        } else {
-            account.scram_sha256.as_ref()
-        };
-        let Some((salt, stored, server)) = keys.and_then(|k| k.decoded()) else {
-            self.note(if account.mfa {
-                AuthFailure::MfaAppPasswordRequired(account.login.clone())
-            } else {
-                AuthFailure::NoVerifier(account.login.clone(), "SCRAM-SHA-256")
-            });
-            return Ok(());
-        };
-        self.note(AuthFailure::BadPassword(account.login.clone()));
-        let iterations = keys.map(|k| k.iterations).unwrap_or_default();
-        request.satisfy::<ScramStoredPassword>(&ScramStoredPassword::new(
-            iterations, &salt, &stored, &server,
-        ))?;
+        // PLAIN and LOGIN hand everything to `validate`; nothing is looked up here.
         Ok(())
     }
 
     fn validate(
         &self,
-        session_data: &SessionData,
+        _session_data: &SessionData,
         context: &Context,
         validate: &mut Validate<'_>,
     ) -> Result<(), ValidationError> {
-        let mech = session_data.mechanism().mechanism.as_str();
         let authid = context.get_ref::<AuthId>().unwrap_or_default().to_string();
         let authzid = context.get_ref::<AuthzId>();
         let outcome = if authzid.is_some_and(|z| !z.is_empty() && !z.eq_ignore_ascii_case(&authid))
         {
             Err(AuthFailure::AuthzidMismatch(authid))
-        } else if mech == "PLAIN" || mech == "LOGIN" {
+        } else {
             let password = context.get_ref::<Password>().unwrap_or_default();
             self.ctx.check_password(&authid, password)
-        } else {
-            // SCRAM: rsasl validates only after the proof matched.
-            match self.ctx.snapshot.credentials.account(&authid) {
-                Some(a) => self.ctx.access(a),
-                None => Err(AuthFailure::UnknownUser(authid)),
-            }
         };
         validate.with::<Outcome, _>(|| Ok::<_, ValidationError>(outcome))?;
         Ok(())
@@ -302,9 +258,9 @@ impl SessionCallback for Callback {
 enum Inner {
     Rsasl {
         session: Box<SaslSession<Outcome>>,
-        callback: Arc<Callback>,
         started: bool,
     },
+    Scram(ScramState),
     CramMd5 {
         challenge: String,
     },
@@ -313,12 +269,36 @@ enum Inner {
     Done,
 }
 
+/// Where a SCRAM-SHA-256 exchange stands.
+enum ScramState {
+    /// Waiting for the client-first message; `prompted` once an empty challenge asked for it.
+    First { prompted: bool },
+    /// The server-first message went out; the client's proof is next.
+    Final(Box<ScramFinal>),
+}
+
+struct ScramFinal {
+    pending: scram::Pending,
+    /// The keys to try, or why none can succeed (reported only after the proof, so that the
+    /// exchange looks the same for every login until then).
+    keys: Result<AccountKeys, AuthFailure>,
+}
+
+/// An account's SCRAM keys under the salt the server announced.
+struct AccountKeys {
+    login: String,
+    keys: Vec<scram::Key>,
+    /// Per key: whether it may authenticate (the primary password of a two-factor account may
+    /// not; its key is tried only to log that case precisely).
+    authenticates: Vec<bool>,
+}
+
 /// One AUTH exchange.
 pub struct Exchange {
     ctx: AuthContext,
     mechanism: Mechanism,
     inner: Inner,
-    /// Client messages handed to rsasl so far (which SCRAM message the next one must be).
+    /// Client messages handled so far (which SCRAM message the next one must be).
     responses: u32,
     /// The login the client named (LOGIN and SCRAM name it before the secret).
     login_hint: Option<String>,
@@ -333,14 +313,11 @@ impl Exchange {
                     challenge: format!("<{nonce}@{}>", ctx.hostname),
                 }
             }
+            Mechanism::ScramSha256 => Inner::Scram(ScramState::First { prompted: false }),
             m => {
-                let callback = Arc::new(Callback {
-                    ctx: ctx.clone(),
-                    scram_note: Mutex::new(None),
-                });
                 let config = SASLConfig::builder()
                     .with_defaults()
-                    .with_callback(CallbackRef(callback.clone()))
+                    .with_callback(Callback { ctx: ctx.clone() })
                     .map_err(|e| AuthFailure::Malformed(e.to_string()))?;
                 let name = Mechname::parse(m.as_str().as_bytes())
                     .map_err(|e| AuthFailure::Malformed(e.to_string()))?;
@@ -349,7 +326,6 @@ impl Exchange {
                     .map_err(|e| AuthFailure::Malformed(e.to_string()))?;
                 Inner::Rsasl {
                     session: Box::new(session),
-                    callback,
                     started: false,
                 }
             }
@@ -418,9 +394,17 @@ impl Exchange {
                 }
                 Some(resp) => self.cram_md5(&challenge, resp),
             },
+            Inner::Scram(state) => {
+                if input.is_some() {
+                    self.responses += 1;
+                }
+                // Our own parser, but held to the same rule as rsasl's: whatever a client
+                // sends ends its exchange, never the relay.
+                let mechanism = self.mechanism;
+                contain(mechanism, || self.scram_step(state, input)).unwrap_or_else(Step::Failure)
+            }
             Inner::Rsasl {
                 mut session,
-                callback,
                 started,
             } => {
                 let client_first = self.mechanism != Mechanism::Login;
@@ -428,47 +412,26 @@ impl Exchange {
                     // Client-first mechanism without an initial response: empty challenge.
                     self.inner = Inner::Rsasl {
                         session,
-                        callback,
                         started: true,
                     };
                     return Step::Challenge(Vec::new());
-                }
-                if let (Mechanism::ScramSha256, Some(msg)) = (self.mechanism, input) {
-                    let checked = match self.responses {
-                        0 => scram::check_client_first(msg),
-                        _ => scram::check_client_final(msg),
-                    };
-                    if let Err(e) = checked {
-                        return Step::Failure(AuthFailure::Malformed(e));
-                    }
                 }
                 if input.is_some() {
                     self.responses += 1;
                 }
                 // rsasl's parsers have panicked on malformed input; whatever a client sends must
                 // end its exchange, never the relay.
-                let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let stepped = contain(self.mechanism, || {
                     self.rsasl_step(&mut session, started, input)
-                }));
+                });
                 let (result, out) = match stepped {
                     Ok(r) => r,
-                    Err(panic) => {
-                        let what = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| s.to_string())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "panic".into());
-                        return Step::Failure(AuthFailure::Internal(format!(
-                            "{} exchange panicked: {what}",
-                            self.mechanism.as_str()
-                        )));
-                    }
+                    Err(f) => return Step::Failure(f),
                 };
                 match result {
                     Ok(State::Running) => {
                         self.inner = Inner::Rsasl {
                             session,
-                            callback,
                             started: true,
                         };
                         Step::Challenge(out.into_inner())
@@ -476,6 +439,8 @@ impl Exchange {
                     Ok(State::Finished(sent)) => {
                         let data = out.into_inner();
                         match session.validation() {
+                            // Additional data with success (none of PLAIN and LOGIN sends
+                            // any): a challenge, the empty reply completes it.
                             Some(Ok(login))
                                 if sent == rsasl::prelude::MessageSent::Yes && !data.is_empty() =>
                             {
@@ -484,27 +449,148 @@ impl Exchange {
                             }
                             Some(Ok(login)) => Step::Success(login),
                             Some(Err(f)) => Step::Failure(f),
-                            None => {
-                                let note =
-                                    callback.scram_note.lock().ok().and_then(|mut n| n.take());
-                                Step::Failure(
-                                    note.unwrap_or_else(|| {
-                                        AuthFailure::Malformed("no outcome".into())
-                                    }),
-                                )
-                            }
+                            None => Step::Failure(AuthFailure::Malformed("no outcome".into())),
                         }
                     }
-                    Err(e) => {
-                        let note = callback.scram_note.lock().ok().and_then(|mut n| n.take());
-                        Step::Failure(match note {
-                            Some(AuthFailure::UnknownUser(u)) => AuthFailure::UnknownUser(u),
-                            _ => AuthFailure::Malformed(e.to_string()),
-                        })
-                    }
+                    Err(e) => Step::Failure(AuthFailure::Malformed(e.to_string())),
                 }
             }
         }
+    }
+
+    /// One SCRAM-SHA-256 message (RFC 5802 §5): the client-first gets the server-first (the
+    /// account's salt, or a stand-in for a login without SCRAM keys); the client-final's
+    /// proof is tried against every key of the account, and a match gets the server-final.
+    fn scram_step(&mut self, state: ScramState, input: Option<&[u8]>) -> Step {
+        let msg = match (state, input) {
+            (ScramState::First { prompted: false }, None) => {
+                // AUTH without an initial response: an empty challenge asks for client-first.
+                self.inner = Inner::Scram(ScramState::First { prompted: true });
+                return Step::Challenge(Vec::new());
+            }
+            (_, None) => {
+                return Step::Failure(AuthFailure::Malformed(
+                    "SCRAM step without a client message".into(),
+                ))
+            }
+            (ScramState::Final(f), Some(msg)) => return self.scram_final(*f, msg),
+            (ScramState::First { .. }, Some(msg)) => msg,
+        };
+        let first = match scram::ClientFirst::parse(msg) {
+            Ok(f) => f,
+            Err(e) => return Step::Failure(AuthFailure::Malformed(e)),
+        };
+        let (salt, iterations, keys) = self.scram_keys(&first.authid);
+        let pending = match scram::Pending::new(first, &salt, iterations) {
+            Ok(p) => p,
+            Err(e) => return Step::Failure(AuthFailure::Internal(e)),
+        };
+        let server_first = pending.server_first().as_bytes().to_vec();
+        self.inner = Inner::Scram(ScramState::Final(Box::new(ScramFinal { pending, keys })));
+        Step::Challenge(server_first)
+    }
+
+    fn scram_final(&mut self, state: ScramFinal, msg: &[u8]) -> Step {
+        let proof = match state.pending.client_final(msg) {
+            Ok(p) => p,
+            Err(e) => return Step::Failure(AuthFailure::Malformed(e)),
+        };
+        let keys = match state.keys {
+            Ok(k) => k,
+            Err(f) => return Step::Failure(f),
+        };
+        let Some(i) = proof.matching(&keys.keys) else {
+            return Step::Failure(AuthFailure::BadPassword(keys.login));
+        };
+        if !keys.authenticates.get(i).copied().unwrap_or(false) {
+            return Step::Failure(AuthFailure::MfaAppPasswordRequired(keys.login));
+        }
+        let first = state.pending.first();
+        if first
+            .authzid
+            .as_deref()
+            .is_some_and(|z| !z.eq_ignore_ascii_case(&first.authid))
+        {
+            return Step::Failure(AuthFailure::AuthzidMismatch(first.authid.clone()));
+        }
+        let Some(account) = self.ctx.snapshot.credentials.account(&keys.login) else {
+            return Step::Failure(AuthFailure::UnknownUser(keys.login));
+        };
+        match (self.ctx.access(account), keys.keys.get(i)) {
+            (Ok(login), Some(key)) => {
+                self.inner = Inner::PendingSuccess(login);
+                Step::Challenge(proof.server_final(key))
+            }
+            (Ok(_), None) => Step::Failure(AuthFailure::Internal("SCRAM key vanished".into())),
+            (Err(f), _) => Step::Failure(f),
+        }
+    }
+
+    /// The salt and iteration count to announce for `authid`, and the keys to try. All keys of
+    /// one account share one salt (the compiler derives them so); on a two-factor account the
+    /// salt is the app passwords'. A key under another salt (credentials compiled before keys
+    /// were shared) cannot be tried. A login without usable keys gets a stand-in salt that is
+    /// stable per login, so the server-first message does not tell which logins exist.
+    fn scram_keys(&self, authid: &str) -> (Vec<u8>, u32, Result<AccountKeys, AuthFailure>) {
+        let credentials = &self.ctx.snapshot.credentials;
+        let stand_in = |f: AuthFailure| {
+            (
+                scram::stand_in_salt(credentials, authid),
+                SCRAM_ITERATIONS,
+                Err(f),
+            )
+        };
+        let Some(account) = credentials.account(authid) else {
+            return stand_in(AuthFailure::UnknownUser(authid.to_string()));
+        };
+        let none_usable = || {
+            if account.mfa {
+                AuthFailure::MfaAppPasswordRequired(account.login.clone())
+            } else {
+                AuthFailure::NoVerifier(account.login.clone(), "SCRAM-SHA-256")
+            }
+        };
+        let all: Vec<(&ScramVerifier, bool)> = account
+            .scram_sha256
+            .iter()
+            .map(|v| (v, !account.mfa))
+            .chain(
+                account
+                    .app_passwords
+                    .iter()
+                    .filter_map(|a| a.scram_sha256.as_ref())
+                    .map(|v| (v, true)),
+            )
+            .filter(|(v, _)| v.iterations > 0)
+            .collect();
+        let Some((anchor, _)) = all.iter().find(|(_, ok)| *ok) else {
+            return stand_in(none_usable());
+        };
+        let Ok(salt) = B64.decode(&anchor.salt) else {
+            return stand_in(none_usable());
+        };
+        let (mut keys, mut authenticates) = (Vec::new(), Vec::new());
+        for (v, ok) in &all {
+            if v.salt != anchor.salt || v.iterations != anchor.iterations {
+                continue;
+            }
+            if let Some(k) = scram::Key::from_verifier(v) {
+                keys.push(k);
+                authenticates.push(*ok);
+            }
+        }
+        if !authenticates.contains(&true) {
+            return stand_in(none_usable());
+        }
+        (
+            salt,
+            anchor.iterations,
+            Ok(AccountKeys {
+                login: account.login.clone(),
+                keys,
+                authenticates,
+            }),
+        )
     }
 
     /// One rsasl step; LOGIN is server-first, so its first call emits the user-name prompt and
@@ -565,12 +651,69 @@ impl Exchange {
     }
 }
 
-/// Syntax checks of SCRAM client messages (RFC 5802 §7) before they reach rsasl, whose parser
-/// indexes into attributes without checking their length. Only the shape is checked here;
-/// rsasl still does the cryptography and the nonce comparison.
+/// Contains a panic in a SASL step: the exchange fails with [`AuthFailure::Internal`] (`454`)
+/// and the relay goes on.
+fn contain<T>(mechanism: Mechanism, f: impl FnOnce() -> T) -> Result<T, AuthFailure> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        AuthFailure::Internal(format!("{} exchange panicked: {what}", mechanism.as_str()))
+    })
+}
+
+/// The SCRAM-SHA-256 server mechanics (RFC 5802, RFC 7677): message parsing, nonces, proof
+/// verification against several stored keys, the server signature. Which keys an account has
+/// and what a match means is [`Exchange`]'s business.
+///
+/// Only `SCRAM-SHA-256` is offered, never `-PLUS`: a client asking for channel binding (`p=`)
+/// is refused, as RFC 5802 §6 requires of a server without it; `y` (the client could bind but
+/// believes the server cannot) is accepted, because that is true. User names are compared as
+/// sent after `=2C`/`=3D` unescaping, without SASLprep: logins are ASCII addresses and the
+/// compiler derives SCRAM keys only for ASCII passwords, for which SASLprep changes nothing.
 mod scram {
+    use std::sync::OnceLock;
+
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine as _;
+    use hmac::{Hmac, Mac};
+    use mailrelay_crds::config::Credentials;
+    use mailrelay_crds::verifier::ScramVerifier;
+    use rand::RngCore as _;
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq as _;
+
+    /// SHA-256 output, HMAC-SHA-256 output and the proof are all this long.
+    const LEN: usize = 32;
+
+    fn hmac(key: &[u8], msg: &[u8]) -> [u8; LEN] {
+        // HMAC takes keys of any length, so this cannot fail; a zero MAC would only fail the
+        // comparison.
+        let Ok(mut m) = Hmac::<Sha256>::new_from_slice(key) else {
+            return [0; LEN];
+        };
+        m.update(msg);
+        m.finalize().into_bytes().into()
+    }
+
+    /// The server's keys for one password.
+    pub struct Key {
+        stored: [u8; LEN],
+        server: [u8; LEN],
+    }
+
+    impl Key {
+        /// `None` when the verifier's keys are not base64 of the right length.
+        pub fn from_verifier(v: &ScramVerifier) -> Option<Key> {
+            let decode = |s: &str| -> Option<[u8; LEN]> { B64.decode(s).ok()?.try_into().ok() };
+            Some(Key {
+                stored: decode(&v.stored_key)?,
+                server: decode(&v.server_key)?,
+            })
+        }
+    }
 
     fn text(msg: &[u8]) -> Result<&str, String> {
         let s = std::str::from_utf8(msg).map_err(|_| "SCRAM message is not UTF-8".to_string())?;
@@ -589,96 +732,252 @@ mod scram {
         }
     }
 
-    fn nonce(value: &str) -> Result<(), String> {
+    /// An optional extension attribute: a letter, `=`, anything without a comma.
+    fn extension(part: &str) -> Result<(), String> {
+        let b = part.as_bytes();
+        if b.len() >= 2 && b[0].is_ascii_alphabetic() && b[1] == b'=' {
+            Ok(())
+        } else {
+            Err(format!("SCRAM message has a malformed attribute {part:?}"))
+        }
+    }
+
+    fn nonce(value: &str) -> Result<&str, String> {
         if value
             .bytes()
             .all(|b| (0x21..=0x7e).contains(&b) && b != b',')
         {
-            Ok(())
+            Ok(value)
         } else {
             Err("SCRAM nonce has characters outside printable ASCII".into())
         }
     }
 
-    fn base64(value: &str, what: &str) -> Result<(), String> {
-        match B64.decode(value) {
-            Ok(v) if !v.is_empty() => Ok(()),
-            _ => Err(format!("SCRAM {what} is not base64")),
+    /// `saslname` (RFC 5802 §7): `,` and `=` travel as `=2C` and `=3D`, any other `=` is an
+    /// error.
+    fn saslname(value: &str) -> Result<String, String> {
+        let mut out = String::with_capacity(value.len());
+        let mut rest = value;
+        while let Some(i) = rest.find('=') {
+            out.push_str(&rest[..i]);
+            let escape = rest.get(i..i + 3);
+            out.push(match escape {
+                Some("=2C") => ',',
+                Some("=3D") => '=',
+                _ => return Err(format!("SCRAM name {value:?} has a bad escape")),
+            });
+            rest = &rest[i + 3..];
+        }
+        out.push_str(rest);
+        Ok(out)
+    }
+
+    /// A parsed client-first message: `gs2-header client-first-message-bare`.
+    pub struct ClientFirst {
+        /// `n,,` / `y,,` / `n,a=...,` exactly as sent: the client-final's `c=` must repeat it.
+        gs2_header: String,
+        bare: String,
+        pub authid: String,
+        /// Non-empty when present.
+        pub authzid: Option<String>,
+        nonce: String,
+    }
+
+    impl ClientFirst {
+        pub fn parse(msg: &[u8]) -> Result<ClientFirst, String> {
+            let s = text(msg)?;
+            let mut parts = s.splitn(3, ',');
+            let flag = parts.next().unwrap_or_default();
+            match flag {
+                "n" | "y" => {}
+                f if f.starts_with("p=") => return Err(
+                    "SCRAM client requested channel binding, but SCRAM-SHA-256-PLUS is not offered"
+                        .into(),
+                ),
+                f => {
+                    return Err(format!(
+                        "SCRAM client-first has a bad channel-binding flag {f:?}"
+                    ))
+                }
+            }
+            let authzid_part = parts
+                .next()
+                .ok_or("SCRAM client-first lacks the GS2 header")?;
+            let authzid = if authzid_part.is_empty() {
+                None
+            } else {
+                Some(saslname(attr(authzid_part, 'a')?)?)
+            };
+            let bare = parts
+                .next()
+                .ok_or("SCRAM client-first lacks the user name")?;
+            let mut attrs = bare.split(',');
+            let user = attrs.next().unwrap_or_default();
+            if user.starts_with("m=") {
+                return Err("SCRAM client-first has a mandatory extension we do not know".into());
+            }
+            let authid = saslname(attr(user, 'n')?)?;
+            let client_nonce = nonce(attr(attrs.next().unwrap_or_default(), 'r')?)?;
+            for ext in attrs {
+                extension(ext)?;
+            }
+            Ok(ClientFirst {
+                gs2_header: format!("{flag},{authzid_part},"),
+                bare: bare.to_string(),
+                authid,
+                authzid,
+                nonce: client_nonce.to_string(),
+            })
         }
     }
 
-    /// `gs2-header client-first-message-bare`: `n,,n=user,r=nonce[,ext...]`.
-    pub fn check_client_first(msg: &[u8]) -> Result<(), String> {
-        let s = text(msg)?;
-        let mut parts = s.splitn(3, ',');
-        let flag = parts.next().unwrap_or_default();
-        if !(flag == "n" || flag == "y" || (flag.starts_with("p=") && flag.len() > 2)) {
-            return Err(format!(
-                "SCRAM client-first has a bad channel-binding flag {flag:?}"
-            ));
+    /// The state between server-first and client-final.
+    pub struct Pending {
+        first: ClientFirst,
+        /// Client nonce followed by ours.
+        nonce: String,
+        server_first: String,
+    }
+
+    impl Pending {
+        /// Appends a fresh server nonce (18 bytes from the operating system's CSPRNG) and
+        /// builds the server-first message. Fails only when the CSPRNG does.
+        pub fn new(first: ClientFirst, salt: &[u8], iterations: u32) -> Result<Pending, String> {
+            let mut ours = [0u8; 18];
+            rand::rngs::OsRng
+                .try_fill_bytes(&mut ours)
+                .map_err(|e| format!("no randomness for the SCRAM nonce: {e}"))?;
+            Ok(Self::with_server_nonce(
+                first,
+                salt,
+                iterations,
+                &B64.encode(ours),
+            ))
         }
-        let authzid = parts
-            .next()
-            .ok_or("SCRAM client-first lacks the GS2 header")?;
-        if !authzid.is_empty() {
-            attr(authzid, 'a')?;
-        }
-        let bare = parts
-            .next()
-            .ok_or("SCRAM client-first lacks the user name")?;
-        let mut bare = bare.split(',');
-        attr(bare.next().unwrap_or_default(), 'n')?;
-        nonce(attr(bare.next().unwrap_or_default(), 'r')?)?;
-        for ext in bare {
-            if ext.len() < 2 || ext.as_bytes()[1] != b'=' {
-                return Err(format!(
-                    "SCRAM client-first has a malformed extension {ext:?}"
-                ));
+
+        /// [`Pending::new`] with a given server nonce (the RFC's test vectors fix it).
+        pub(super) fn with_server_nonce(
+            first: ClientFirst,
+            salt: &[u8],
+            iterations: u32,
+            ours: &str,
+        ) -> Pending {
+            let nonce = format!("{}{ours}", first.nonce);
+            let server_first = format!("r={nonce},s={},i={iterations}", B64.encode(salt));
+            Pending {
+                first,
+                nonce,
+                server_first,
             }
         }
-        Ok(())
+
+        pub fn server_first(&self) -> &str {
+            &self.server_first
+        }
+
+        pub fn first(&self) -> &ClientFirst {
+            &self.first
+        }
+
+        /// Checks the client-final message (`c=...,r=...[,ext]*,p=...`): its shape, that the
+        /// channel-binding data is our GS2 header (no binding) and the nonce is ours.
+        pub fn client_final(&self, msg: &[u8]) -> Result<Proof, String> {
+            let s = text(msg)?;
+            let (without_proof, proof) = s
+                .rsplit_once(",p=")
+                .ok_or("SCRAM client-final needs c=, r= and p=")?;
+            let proof: [u8; LEN] = B64
+                .decode(proof)
+                .ok()
+                .and_then(|p| p.try_into().ok())
+                .ok_or("SCRAM proof is not base64 of 32 bytes")?;
+            let mut attrs = without_proof.split(',');
+            let binding = B64
+                .decode(attr(attrs.next().unwrap_or_default(), 'c')?)
+                .map_err(|_| "SCRAM channel binding is not base64".to_string())?;
+            if binding != self.first.gs2_header.as_bytes() {
+                return Err("SCRAM channel-binding data does not repeat the GS2 header".into());
+            }
+            let echoed = nonce(attr(attrs.next().unwrap_or_default(), 'r')?)?;
+            if echoed != self.nonce {
+                return Err("SCRAM client-final nonce is not the server's".into());
+            }
+            for ext in attrs {
+                if ext.starts_with("p=") {
+                    return Err("SCRAM client-final has two proofs".into());
+                }
+                extension(ext)?;
+            }
+            let auth_message = format!("{},{},{without_proof}", self.first.bare, self.server_first);
+            Ok(Proof {
+                auth_message: auth_message.into_bytes(),
+                proof,
+            })
+        }
     }
 
-    /// `c=binding,r=nonce[,ext...],p=proof`.
-    pub fn check_client_final(msg: &[u8]) -> Result<(), String> {
-        let s = text(msg)?;
-        let parts: Vec<&str> = s.split(',').collect();
-        if parts.len() < 3 {
-            return Err("SCRAM client-final needs c=, r= and p=".into());
+    /// A client proof and the AuthMessage it signs.
+    pub struct Proof {
+        auth_message: Vec<u8>,
+        proof: [u8; LEN],
+    }
+
+    impl Proof {
+        /// Which key the proof was made with: ClientKey = proof XOR HMAC(StoredKey,
+        /// AuthMessage) must hash to StoredKey. Every key is tried and compared in constant
+        /// time, so the time taken says nothing about which one matched.
+        pub fn matching(&self, keys: &[Key]) -> Option<usize> {
+            let mut found = None;
+            for (i, key) in keys.iter().enumerate() {
+                let signature = hmac(&key.stored, &self.auth_message);
+                let mut client_key = [0u8; LEN];
+                for (k, (p, s)) in client_key.iter_mut().zip(self.proof.iter().zip(signature)) {
+                    *k = p ^ s;
+                }
+                let stored: [u8; LEN] = Sha256::digest(client_key).into();
+                let equal = bool::from(stored.ct_eq(&key.stored));
+                if equal && found.is_none() {
+                    found = Some(i);
+                }
+            }
+            found
         }
-        base64(attr(parts[0], 'c')?, "channel binding")?;
-        nonce(attr(parts[1], 'r')?)?;
-        let last = parts.len() - 1;
-        for ext in &parts[2..last] {
-            if ext.len() < 2 || ext.as_bytes()[1] != b'=' || ext.starts_with("p=") {
-                return Err(format!(
-                    "SCRAM client-final has a malformed attribute {ext:?}"
-                ));
+
+        /// The server-final message: `v=` base64(HMAC(ServerKey, AuthMessage)).
+        pub fn server_final(&self, key: &Key) -> Vec<u8> {
+            format!("v={}", B64.encode(hmac(&key.server, &self.auth_message))).into_bytes()
+        }
+    }
+
+    /// The salt announced for a login without usable SCRAM keys (RFC 5802 §9: do not reveal
+    /// which users exist). It is stable per login, as a real account's salt is, and secret:
+    /// an HMAC of the login keyed with a hash of the credentials' SCRAM server keys (the same
+    /// on every pod of one policy), or with a per-process random key when there are none.
+    pub fn stand_in_salt(credentials: &Credentials, login: &str) -> Vec<u8> {
+        static PROCESS_KEY: OnceLock<[u8; LEN]> = OnceLock::new();
+        let mut secret = Sha256::new();
+        secret.update(b"mailrelay SCRAM stand-in salt");
+        let mut any = false;
+        for a in &credentials.accounts {
+            let app = a
+                .app_passwords
+                .iter()
+                .filter_map(|x| x.scram_sha256.as_ref());
+            for v in a.scram_sha256.iter().chain(app) {
+                secret.update(v.server_key.as_bytes());
+                any = true;
             }
         }
-        base64(attr(parts[last], 'p')?, "proof")
-    }
-}
-
-/// rsasl wants an owned callback; the exchange keeps a handle to read the SCRAM note.
-struct CallbackRef(Arc<Callback>);
-
-impl SessionCallback for CallbackRef {
-    fn callback(
-        &self,
-        session_data: &SessionData,
-        context: &Context,
-        request: &mut Request,
-    ) -> Result<(), SessionError> {
-        self.0.callback(session_data, context, request)
-    }
-    fn validate(
-        &self,
-        session_data: &SessionData,
-        context: &Context,
-        validate: &mut Validate<'_>,
-    ) -> Result<(), ValidationError> {
-        self.0.validate(session_data, context, validate)
+        let key: [u8; LEN] = if any {
+            secret.finalize().into()
+        } else {
+            *PROCESS_KEY.get_or_init(|| {
+                let mut k = [0u8; LEN];
+                rand::rngs::OsRng.fill_bytes(&mut k);
+                k
+            })
+        };
+        hmac(&key, login.to_ascii_lowercase().as_bytes())[..16].to_vec()
     }
 }
 
@@ -715,29 +1014,68 @@ pub fn b64(data: &[u8]) -> String {
 mod tests {
     use std::collections::BTreeMap;
 
-    use mailrelay_crds::config::{Credentials, RelayConfig};
-    use mailrelay_crds::verifier::{PasswordVerifier, ScramVerifier};
+    use mailrelay_crds::config::{AppPassword, Credentials, RelayConfig};
+    use mailrelay_crds::verifier::PasswordVerifier;
 
     use super::*;
 
     const USER: &str = "user@example.test";
+    const MFA_USER: &str = "mfa@example.test";
 
+    /// `user@` (primary `secret`, app password `app-secret`) and the two-factor `mfa@`
+    /// (primary `primary`, app passwords `app-one` and `app-two`), each account's SCRAM keys
+    /// under one salt, as the compiler derives them.
     fn ctx() -> AuthContext {
+        ctx_with(accounts())
+    }
+
+    fn accounts() -> Vec<Account> {
+        // argon2 derivation is slow; the tests share one set.
+        static ACCOUNTS: std::sync::OnceLock<Vec<Account>> = std::sync::OnceLock::new();
+        ACCOUNTS.get_or_init(derive_accounts).clone()
+    }
+
+    fn derive_accounts() -> Vec<Account> {
+        let scram = |password: &str, salt: &[u8]| {
+            Some(ScramVerifier::derive_with(password, salt, SCRAM_ITERATIONS))
+        };
+        let app = |name: &str, password: &str, salt: &[u8]| AppPassword {
+            name: name.into(),
+            verifier: PasswordVerifier::derive(password),
+            scram_sha256: scram(password, salt),
+        };
         let account = Account {
             login: USER.into(),
             password: Some(PasswordVerifier::derive("secret")),
-            scram_sha256: Some(ScramVerifier::derive("secret")),
+            scram_sha256: scram("secret", b"user-salt-16byte"),
             cram_md5_secret: None,
-            app_passwords: vec![],
+            app_passwords: vec![app("phone", "app-secret", b"user-salt-16byte")],
             mfa: false,
             sender_addresses: vec![],
             access_policy: None,
         };
+        let mfa = Account {
+            login: MFA_USER.into(),
+            password: Some(PasswordVerifier::derive("primary")),
+            scram_sha256: scram("primary", b"mfa-salt-16bytes"),
+            cram_md5_secret: None,
+            app_passwords: vec![
+                app("phone", "app-one", b"mfa-salt-16bytes"),
+                app("laptop", "app-two", b"mfa-salt-16bytes"),
+            ],
+            mfa: true,
+            sender_addresses: vec![],
+            access_policy: None,
+        };
+        vec![mfa, account]
+    }
+
+    fn ctx_with(accounts: Vec<Account>) -> AuthContext {
         AuthContext {
             snapshot: Arc::new(Snapshot {
                 config: RelayConfig::default(),
                 credentials: Credentials {
-                    accounts: vec![account],
+                    accounts,
                     ..Credentials::default()
                 },
                 certs: BTreeMap::new(),
@@ -750,6 +1088,244 @@ mod tests {
             client_ip: "192.0.2.1".parse().unwrap(),
             hostname: "relay.example.test".into(),
         }
+    }
+
+    fn hmac256(key: &[u8], msg: &[u8]) -> [u8; 32] {
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+        m.update(msg);
+        m.finalize().into_bytes().into()
+    }
+
+    /// A SCRAM-SHA-256 client written from RFC 5802 §3 (not the server's code): runs the
+    /// exchange with `gs2` as GS2 header and returns the last step and the server-first.
+    fn scram_login(ctx: AuthContext, gs2: &str, user: &str, password: &str) -> (Step, String) {
+        use sha2::Digest as _;
+        let mut ex = Exchange::new(ctx, Mechanism::ScramSha256).unwrap();
+        let bare = format!("n={user},r=fyko+d2lbbFgONRv9qkxdawL");
+        let Step::Challenge(server_first) = ex.step(Some(format!("{gs2}{bare}").as_bytes())) else {
+            panic!("no server-first");
+        };
+        let server_first = String::from_utf8(server_first).unwrap();
+        let field = |k: &str| {
+            server_first
+                .split(',')
+                .find_map(|p| p.strip_prefix(k))
+                .unwrap()
+                .to_string()
+        };
+        let (nonce, salt, iterations) = (field("r="), field("s="), field("i="));
+        assert!(nonce.starts_with("fyko+d2lbbFgONRv9qkxdawL") && nonce.len() > 30);
+        let salted = ScramVerifier::salted_password(
+            password,
+            &B64.decode(salt).unwrap(),
+            iterations.parse().unwrap(),
+        );
+        let client_key = hmac256(&salted, b"Client Key");
+        let stored_key = sha2::Sha256::digest(client_key);
+        let without_proof = format!("c={},r={nonce}", B64.encode(gs2));
+        let auth_message = format!("{bare},{server_first},{without_proof}");
+        let signature = hmac256(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(signature)
+            .map(|(k, s)| k ^ s)
+            .collect();
+        let step = ex.step(Some(
+            format!("{without_proof},p={}", B64.encode(proof)).as_bytes(),
+        ));
+        let Step::Challenge(server_final) = step else {
+            return (step, server_first);
+        };
+        let server_key = hmac256(&salted, b"Server Key");
+        let expected = hmac256(&server_key, auth_message.as_bytes());
+        assert_eq!(
+            String::from_utf8(server_final).unwrap(),
+            format!("v={}", B64.encode(expected)),
+            "server signature"
+        );
+        (ex.step(Some(b"")), server_first)
+    }
+
+    /// RFC 7677 §3: the example exchange, byte for byte (the server nonce fixed).
+    #[test]
+    fn scram_server_reproduces_rfc7677_example() {
+        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let v = ScramVerifier::derive_with("pencil", &salt, 4096);
+        let key = scram::Key::from_verifier(&v).unwrap();
+        let other = scram::Key::from_verifier(&ScramVerifier::derive_with("x", &salt, 4096));
+        let first = scram::ClientFirst::parse(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO").unwrap();
+        assert_eq!(first.authid, "user");
+        let pending =
+            scram::Pending::with_server_nonce(first, &salt, 4096, "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0");
+        assert_eq!(
+            pending.server_first(),
+            "r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+        );
+        let proof = pending
+            .client_final(b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+            .unwrap();
+        // The right key is found wherever it is in the list.
+        let keys = [other.unwrap(), key];
+        assert_eq!(proof.matching(&keys), Some(1));
+        assert_eq!(
+            String::from_utf8(proof.server_final(&keys[1])).unwrap(),
+            "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
+        assert_eq!(proof.matching(&keys[..1]), None);
+    }
+
+    /// Issue 19.6: every app password of a two-factor account works with SCRAM, the primary
+    /// password never does (and is logged as such), a wrong one fails.
+    #[test]
+    fn scram_accepts_every_app_password_of_a_two_factor_account() {
+        for app in ["app-one", "app-two"] {
+            let (step, _) = scram_login(ctx(), "n,,", MFA_USER, app);
+            assert_eq!(step, Step::Success(MFA_USER.into()), "{app}");
+        }
+        let (step, _) = scram_login(ctx(), "n,,", MFA_USER, "primary");
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::MfaAppPasswordRequired(MFA_USER.into()))
+        );
+        let (step, _) = scram_login(ctx(), "n,,", MFA_USER, "app-three");
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::BadPassword(MFA_USER.into()))
+        );
+    }
+
+    /// Without two-factor authentication the primary password and the app passwords work.
+    #[test]
+    fn scram_accepts_primary_and_app_passwords_without_mfa() {
+        for pw in ["secret", "app-secret"] {
+            let (step, _) = scram_login(ctx(), "n,,", USER, pw);
+            assert_eq!(step, Step::Success(USER.into()), "{pw}");
+        }
+        // `y`: the client could bind channels but sees no -PLUS offered; that is accepted.
+        let (step, _) = scram_login(ctx(), "y,,", "User@Example.TEST", "secret");
+        assert_eq!(step, Step::Success(USER.into()));
+        let (step, _) = scram_login(ctx(), "n,a=user@example.test,", USER, "secret");
+        assert_eq!(step, Step::Success(USER.into()));
+        let (step, _) = scram_login(ctx(), "n,a=other@example.test,", USER, "secret");
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::AuthzidMismatch(USER.into()))
+        );
+        let (step, _) = scram_login(ctx(), "n,,", USER, "wrong");
+        assert_eq!(step, Step::Failure(AuthFailure::BadPassword(USER.into())));
+    }
+
+    /// An unknown login gets a server-first like a real one, with a salt that stays the same
+    /// (as a real account's does), and fails only after the proof.
+    #[test]
+    fn scram_unknown_user_gets_a_stable_stand_in_salt() {
+        let salt_of = |server_first: &str| {
+            server_first
+                .split(',')
+                .find_map(|p| p.strip_prefix("s="))
+                .unwrap()
+                .to_string()
+        };
+        let ghost = "ghost@example.test";
+        let (step, one) = scram_login(ctx(), "n,,", ghost, "x");
+        assert_eq!(step, Step::Failure(AuthFailure::UnknownUser(ghost.into())));
+        let (_, two) = scram_login(ctx(), "n,,", ghost, "y");
+        assert_eq!(salt_of(&one), salt_of(&two));
+        assert!(one.ends_with(&format!(",i={SCRAM_ITERATIONS}")));
+        let (_, other) = scram_login(ctx(), "n,,", "nobody@example.test", "x");
+        assert_ne!(salt_of(&one), salt_of(&other));
+        // A real account's salt is as stable; each exchange gets a new server nonce.
+        let (_, a) = scram_login(ctx(), "n,,", USER, "secret");
+        let (_, b) = scram_login(ctx(), "n,,", USER, "secret");
+        assert_eq!(salt_of(&a), salt_of(&b));
+        assert_eq!(B64.decode(salt_of(&a)).unwrap(), b"user-salt-16byte");
+        assert_ne!(a, b, "server nonces repeat");
+    }
+
+    /// Keys under a salt other than the announced one (credentials compiled before keys were
+    /// shared) are not tried; an account without usable keys fails precisely.
+    #[test]
+    fn scram_keys_under_another_salt_and_accounts_without_keys() {
+        let mut accounts = accounts();
+        accounts[0].app_passwords[1].scram_sha256 = Some(ScramVerifier::derive("app-two"));
+        let c = ctx_with(accounts.clone());
+        let (step, _) = scram_login(c.clone(), "n,,", MFA_USER, "app-one");
+        assert_eq!(step, Step::Success(MFA_USER.into()));
+        let (step, _) = scram_login(c, "n,,", MFA_USER, "app-two");
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::BadPassword(MFA_USER.into()))
+        );
+
+        for a in &mut accounts {
+            a.scram_sha256 = None;
+            for app in &mut a.app_passwords {
+                app.scram_sha256 = None;
+            }
+        }
+        let c = ctx_with(accounts);
+        let (step, _) = scram_login(c.clone(), "n,,", USER, "secret");
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::NoVerifier(USER.into(), "SCRAM-SHA-256"))
+        );
+        let (step, _) = scram_login(c, "n,,", MFA_USER, "app-one");
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::MfaAppPasswordRequired(MFA_USER.into()))
+        );
+    }
+
+    /// Channel binding cannot be honoured (no -PLUS), a `c=` that does not repeat the GS2
+    /// header, a foreign nonce, and data after the server-final all fail.
+    #[test]
+    fn scram_protocol_violations_fail() {
+        let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+        let step = ex.step(Some(b"p=tls-unique,,n=user@example.test,r=abc"));
+        assert!(
+            matches!(&step, Step::Failure(AuthFailure::Malformed(m)) if m.contains("PLUS")),
+            "{step:?}"
+        );
+        for final_msg in [
+            // `c=` of "y,," while the client sent "n,,".
+            "c=eSws,r=@NONCE@,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+            "c=biws,r=abcdefghijklmnopXXXX,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+            "c=biws,r=@NONCE@,p=AAAA,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
+            "c=biws,r=@NONCE@,p=AAAA",
+        ] {
+            let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+            let Step::Challenge(sf) =
+                ex.step(Some(format!("n,,n={USER},r=abcdefghijklmnop").as_bytes()))
+            else {
+                panic!("no server-first");
+            };
+            let sf = String::from_utf8(sf).unwrap();
+            let nonce = sf.split(',').find_map(|p| p.strip_prefix("r=")).unwrap();
+            let msg = final_msg.replace("@NONCE@", nonce);
+            let step = ex.step(Some(msg.as_bytes()));
+            assert!(
+                matches!(step, Step::Failure(AuthFailure::Malformed(_))),
+                "{msg}: {step:?}"
+            );
+        }
+        // Escaped names: `=2C` and `=3D` decode, other escapes are malformed.
+        let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+        assert!(matches!(
+            ex.step(Some(b"n,,n=a=2Cb=3Dc@example.test,r=abc")),
+            Step::Challenge(_)
+        ));
+        let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+        assert!(matches!(
+            ex.step(Some(b"n,,n=a=41@example.test,r=abc")),
+            Step::Failure(AuthFailure::Malformed(_))
+        ));
+        // Without an initial response: one empty challenge, then the client-first.
+        let mut ex = Exchange::new(ctx(), Mechanism::ScramSha256).unwrap();
+        assert_eq!(ex.step(None), Step::Challenge(Vec::new()));
+        assert!(matches!(
+            ex.step(Some(format!("n,,n={USER},r=abc").as_bytes())),
+            Step::Challenge(_)
+        ));
     }
 
     fn scram_after_client_first() -> Exchange {

@@ -230,7 +230,9 @@ impl Collector for IpUsageCollector {
 pub struct Metrics {
     registry: Registry,
     pub connections: Family<ServiceLabels, Counter>,
-    pub connections_refused: Family<ServiceLabels, Counter>,
+    /// Connections turned away before any SMTP command was served, by service and `reason`
+    /// (see [`Metrics::refused`]).
+    pub connections_refused: Family<ReasonLabels, Counter>,
     pub sessions_active: Gauge,
     /// Password verifications running now (bounded by `limits.authVerificationConcurrency`).
     pub auth_verifications_active: Gauge,
@@ -366,7 +368,7 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "SMTP connections refused at connect (allowedFrom), by service",
+            "SMTP connections refused before any command was served, by service and reason (not_allowed, connection_limit, auth_blocked, harvest_blocked, proxy_header_untrusted)",
             m.connections_refused.clone(),
         );
         registry.register(
@@ -622,6 +624,20 @@ impl Metrics {
             .get_or_create(&LimitLabels {
                 service: service.to_string(),
                 limit: limit.to_string(),
+            })
+            .inc();
+    }
+
+    /// A connection turned away before any command was served. `reason` is one of a fixed set:
+    /// `not_allowed` (not in the service's `allowedFrom`), `connection_limit` (concurrent
+    /// connections per IP), `auth_blocked` (blocked for failed logins), `harvest_blocked`
+    /// (blocked for directory harvesting), `proxy_header_untrusted` (a PROXY header from a
+    /// peer that is not a trusted proxy).
+    pub fn refused(&self, service: &str, reason: &str) {
+        self.connections_refused
+            .get_or_create(&ReasonLabels {
+                service: service.to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }

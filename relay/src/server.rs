@@ -227,12 +227,7 @@ impl Relay {
         let conn = Conn::Plain(stream);
         if !service.allowed_from.is_empty() && !snap.config.in_any_group(&service.allowed_from, ip)
         {
-            self.metrics
-                .connections_refused
-                .get_or_create(&ServiceLabels {
-                    service: service.name.clone(),
-                })
-                .inc();
+            self.metrics.refused(&service.name, "not_allowed");
             security(
                 &self.metrics,
                 "connection_refused",
@@ -260,6 +255,9 @@ impl Relay {
             Ok(slot) => slot,
             Err(refusal) => {
                 refusal_event(&self.metrics, &service.name, ip, &refusal);
+                // The security-event kinds of admission refusals (auth_blocked,
+                // harvest_blocked, connection_limit) are a fixed set: the reason label.
+                self.metrics.refused(&service.name, refusal.kind);
                 refuse(&self, &service, ip, conn, &refusal.reply).await;
                 return;
             }
@@ -657,6 +655,9 @@ impl Driver {
                     if std::mem::take(&mut self.refuse_proxy_header)
                         && crate::proxy::looks_like_header(&buf[..n])
                     {
+                        self.relay
+                            .metrics
+                            .refused(&self.service.name, "proxy_header_untrusted");
                         security(
                             &self.relay.metrics,
                             "proxy_header_untrusted",

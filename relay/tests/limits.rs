@@ -48,6 +48,13 @@ fn concurrent_connections_per_ip() {
         metrics.contains("mailrelay_ip_limit_max{ip=\"127.0.0.1\",limit=\"connections_per_ip\"} 2"),
         "{metrics}"
     );
+    // One metric counts every connection turned away, with the reason (issue 18).
+    assert!(
+        metrics.contains(
+            "mailrelay_connections_refused_total{service=\"smtp\",reason=\"connection_limit\"} 1"
+        ),
+        "{metrics}"
+    );
     let log = wait_log(&r, "connection_limit");
     assert!(log.contains("\"target\":\"security\""), "{log}");
     // A slot frees when a session ends.
@@ -188,6 +195,12 @@ fn directory_harvest_blocks_the_ip_for_an_hour() {
     assert!(
         metrics.contains("limit=\"harvest_block\"} 1\n")
             && metrics.contains("limit=\"unknown_recipients_per_ip\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "mailrelay_connections_refused_total{service=\"smtp\",reason=\"harvest_blocked\"} 1"
+        ),
         "{metrics}"
     );
 }

@@ -112,6 +112,13 @@ fn untrusted_peer_header_is_refused() {
     assert!(c.closed());
     let log = wait_log(&r, "proxy_header_untrusted");
     assert!(log.contains("127.0.0.1"), "{log}");
+    let metrics = r.http("/metrics");
+    assert!(
+        metrics.contains(
+            "mailrelay_connections_refused_total{service=\"smtp\",reason=\"proxy_header_untrusted\"} 1"
+        ),
+        "{metrics}"
+    );
     // A v2 header too.
     let v2 = encode_v2(
         "203.0.113.9:1".parse().unwrap(),

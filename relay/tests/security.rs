@@ -150,6 +150,11 @@ fn failed_logins_block_the_address_on_every_service() {
     relay.wait_metric(
         "mailrelay_limit_hits_total{service=\"smtp\",limit=\"auth_failures_per_ip\"} 1",
     );
+    for service in ["smtp", "submission", "smtps"] {
+        relay.wait_metric(&format!(
+            "mailrelay_connections_refused_total{{service=\"{service}\",reason=\"auth_blocked\"}} 1"
+        ));
+    }
 }
 
 /// The exempt group is never blocked by IP, but an account that keeps failing is held back

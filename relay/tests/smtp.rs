@@ -217,6 +217,54 @@ fn scram_sha256_succeeds_and_fails_correctly() {
     }
 }
 
+/// Issue 19.6: SCRAM-SHA-256 over STARTTLS with rsasl's client (an implementation independent
+/// of the relay's server): every app password of a two-factor account authenticates, the
+/// primary password does not (logged as such), a wrong one fails.
+#[test]
+fn scram_accepts_every_app_password_of_a_two_factor_account() {
+    let relay = Relay::start();
+    let login = |pw: &str| {
+        let mut c = relay.connect(relay.ports.submission);
+        c.reply();
+        c.expect("EHLO c", 250);
+        c.starttls();
+        c.expect("EHLO c", 250);
+        let (mut code, text) = c.auth_scram(MFA_USER, pw);
+        if code == 334 {
+            // rsasl's client rejected the server-final; cancel so the reply is the relay's.
+            (code, _) = c.cmd("*");
+        }
+        (code, text, c)
+    };
+    for pw in [MFA_APP2, MFA_APP] {
+        let (code, text, mut c) = login(pw);
+        assert_eq!(code, 235, "{text}");
+        let (code, _) = c.send_mail(MFA_USER, &["x@far.example"], BODY);
+        assert_eq!(code, 250);
+    }
+    for pw in [MFA_PRIMARY, "wrong-password"] {
+        let (code, text, _) = login(pw);
+        assert_eq!(code, 535, "{text}");
+    }
+    let log = relay.log();
+    assert!(
+        log.contains("Only application passwords are allowed since 2FA is enabled"),
+        "{log}"
+    );
+    // JSON log: the quotes around the login are escaped.
+    assert!(
+        log.contains(&format!("bad password for \\\"{MFA_USER}\\\"")),
+        "{log}"
+    );
+    let metrics = relay.http("/metrics");
+    assert!(
+        metrics.contains(
+            "mailrelay_auth_attempts_total{mechanism=\"SCRAM-SHA-256\",result=\"success\"} 2"
+        ),
+        "{metrics}"
+    );
+}
+
 #[test]
 fn allowed_from_refuses_at_connect() {
     let relay = Relay::start();
@@ -225,6 +273,9 @@ fn allowed_from_refuses_at_connect() {
     assert_eq!(code, 554, "{text}");
     assert!(text.contains("5.7.1"));
     assert_eq!(c.reply().0, 0, "connection must be closed");
+    assert!(relay.http("/metrics").contains(
+        "mailrelay_connections_refused_total{service=\"refused\",reason=\"not_allowed\"} 1"
+    ));
 }
 
 #[test]

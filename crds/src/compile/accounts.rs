@@ -14,7 +14,9 @@ use super::{report, sorted, Ctx, LivePolicy};
 use crate::address::AddressPattern;
 use crate::api::{AccountEntry, AccountsFile, MailDomain, ACCOUNTS_KEY, RECIPIENTS_KEY};
 use crate::config::{Account, AppPassword, Credentials, DomainPolicy, RecipientPolicy};
-use crate::verifier::{PasswordVerifier, ScramVerifier, SecretString};
+use crate::verifier::{PasswordVerifier, ScramVerifier, SecretString, SCRAM_ITERATIONS};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 
 type Policies<'a> = BTreeMap<String, LivePolicy<'a>>;
 
@@ -342,15 +344,49 @@ fn verifier(
     }
 }
 
-fn scram(password: Option<&str>, previous: Option<&ScramVerifier>) -> Option<ScramVerifier> {
-    // SCRAM needs SASLprep for non-ASCII passwords; rather than guess, such passwords get no SCRAM.
-    let p = password.filter(|p| p.is_ascii() && !p.is_empty())?;
-    Some(
-        previous
-            .filter(|v| v.verify(p))
-            .cloned()
-            .unwrap_or_else(|| ScramVerifier::derive(p)),
-    )
+/// A password SCRAM can use: SCRAM needs SASLprep for non-ASCII passwords; rather than guess a
+/// normalisation, such passwords (and hash-only ones) get no SCRAM keys.
+fn scram_eligible(password: Option<&str>) -> Option<&str> {
+    password.filter(|p| p.is_ascii() && !p.is_empty())
+}
+
+/// SCRAM-SHA-256 keys for all passwords of one account (the primary, then each app password),
+/// each paired with its previous keys. They share one salt and iteration count: a SCRAM server
+/// sends the salt in its first message, before it can know which password the client holds, so
+/// only keys under that one salt can be tried (the relay tries each of them).
+///
+/// Output stays stable across recompiles: the account keeps the salt of the first previous key
+/// that still matches its password, and every key that still matches under that salt is kept
+/// as it was; only new or changed passwords (or keys under an older, per-password salt) are
+/// derived again.
+fn scram_keys(passwords: &[(Option<&str>, Option<&ScramVerifier>)]) -> Vec<Option<ScramVerifier>> {
+    // Which previous keys still match their password; each is checked once (PBKDF2 is slow).
+    let still_valid: Vec<Option<&ScramVerifier>> = passwords
+        .iter()
+        .map(|(p, prev)| match (scram_eligible(*p), prev) {
+            (Some(p), Some(v)) if v.verify(p) => Some(*v),
+            _ => None,
+        })
+        .collect();
+    let shared = still_valid
+        .iter()
+        .flatten()
+        .find_map(|v| Some((B64.decode(&v.salt).ok()?, v.iterations)));
+    let (salt, iterations) =
+        shared.unwrap_or_else(|| (ScramVerifier::random_salt().to_vec(), SCRAM_ITERATIONS));
+    passwords
+        .iter()
+        .zip(still_valid)
+        .map(|((p, _), valid)| {
+            let p = scram_eligible(*p)?;
+            Some(match valid {
+                Some(v) if v.iterations == iterations && B64.decode(&v.salt).ok()? == salt => {
+                    v.clone()
+                }
+                _ => ScramVerifier::derive_with(p, &salt, iterations),
+            })
+        })
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -383,10 +419,6 @@ fn account(
             prev.and_then(|p| p.password.as_ref()),
             "primary password",
         )?);
-        out.scram_sha256 = scram(
-            e.password.as_deref(),
-            prev.and_then(|p| p.scram_sha256.as_ref()),
-        );
         if cram_enabled && !e.mfa {
             out.cram_md5_secret = e.password.clone().map(SecretString::new);
         }
@@ -405,11 +437,24 @@ fn account(
                 prev_ap.map(|x| &x.verifier),
                 &format!("appPasswords[{i}] ({})", ap.name),
             )?,
-            scram_sha256: scram(
-                ap.password.as_deref(),
-                prev_ap.and_then(|x| x.scram_sha256.as_ref()),
-            ),
+            scram_sha256: None,
         });
+    }
+    // The primary's keys are derived even on a two-factor account (where they never
+    // authenticate) so that the relay can tell "primary password used" from a wrong one.
+    let primary = e.password.as_deref().filter(|_| out.password.is_some());
+    let mut slots = vec![(primary, prev.and_then(|p| p.scram_sha256.as_ref()))];
+    for ap in &e.app_passwords {
+        let prev_ap = prev.and_then(|p| p.app_passwords.iter().find(|x| x.name == ap.name));
+        slots.push((
+            ap.password.as_deref(),
+            prev_ap.and_then(|x| x.scram_sha256.as_ref()),
+        ));
+    }
+    let mut keys = scram_keys(&slots).into_iter();
+    out.scram_sha256 = keys.next().flatten();
+    for (ap, k) in out.app_passwords.iter_mut().zip(keys) {
+        ap.scram_sha256 = k;
     }
     if e.mfa && out.app_passwords.is_empty() {
         return Err("mfa is on but there are no appPasswords, so the account could never authenticate over SMTP".into());

@@ -217,6 +217,11 @@ pub struct OperatorOpts<'a> {
 
 impl Operator {
     pub fn start(o: OperatorOpts<'_>) -> Operator {
+        Operator::start_with(o, &[])
+    }
+
+    /// [`Operator::start`] with more arguments for `operator run`.
+    pub fn start_with(o: OperatorOpts<'_>, extra_args: &[&str]) -> Operator {
         let log = std::fs::File::create(o.log).expect("log file");
         // MAILRELAY_OPERATOR_BIN: run another build (e.g. --release) of the same binary.
         let bin = std::env::var("MAILRELAY_OPERATOR_BIN")
@@ -243,6 +248,7 @@ impl Operator {
         if let Some(p) = o.relay_service {
             cmd.arg("--relay-service-config").arg(p);
         }
+        cmd.args(extra_args);
         let child = cmd
             .env("RUST_LOG", "info,mailrelay_operator=debug")
             .env("NO_COLOR", "1")
@@ -287,6 +293,41 @@ impl Operator {
             std::thread::sleep(Duration::from_millis(50));
         }
         None
+    }
+
+    /// The address of `/metrics`, `/healthz` and `/readyz` (the tests bind port 0; the
+    /// operator logs the address it got).
+    pub fn metrics_addr(&self) -> String {
+        wait_for("operator metrics address", Duration::from_secs(30), || {
+            self.log_text().lines().find_map(|l| {
+                l.contains("serving /metrics")
+                    .then(|| l.split_once("addr=")?.1.split_whitespace().next())
+                    .flatten()
+                    .map(str::to_string)
+            })
+        })
+    }
+
+    /// `GET path` on the metrics address: the status line and body ("" when unreachable).
+    pub fn http(&self, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(self.metrics_addr()) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    /// Waits until `GET path` answers with status `code`; returns the response.
+    pub fn wait_http(&self, path: &str, code: u16, timeout: Duration) -> String {
+        let prefix = format!("HTTP/1.1 {code}");
+        wait_for(&format!("{path} answers {code}"), timeout, || {
+            let r = self.http(path);
+            r.starts_with(&prefix).then_some(r)
+        })
     }
 
     pub fn log_text(&self) -> String {

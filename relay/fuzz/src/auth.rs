@@ -3,8 +3,8 @@
 //! is read before every step). Invariants:
 //!
 //! * `step` never panics, not even inside (a panic contained by the relay's `catch_unwind`
-//!   around rsasl shows up as [`AuthFailure::Internal`], and under AFL the panic hook aborts
-//!   first, so both are findings);
+//!   around every SASL step — rsasl's PLAIN/LOGIN, the relay's own SCRAM-SHA-256 — shows up as
+//!   [`AuthFailure::Internal`], and under AFL the panic hook aborts first, so both are findings);
 //! * success only with proof of the secret: PLAIN and LOGIN succeed only when the client sent
 //!   the account's password (on a two-factor account: an app password, never the primary
 //!   one); SCRAM and CRAM-MD5 only when the harness computed the proof for the client; the

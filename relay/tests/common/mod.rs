@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use mailrelay_crds::config::*;
-use mailrelay_crds::verifier::{PasswordVerifier, ScramVerifier};
+use mailrelay_crds::verifier::{PasswordVerifier, ScramVerifier, SCRAM_ITERATIONS};
 use rustls::pki_types::{CertificateDer, ServerName};
 
 pub const USER: &str = "relay-user@example.test";
@@ -28,6 +28,7 @@ pub const PASSWORD: &str = "relay-password";
 pub const MFA_USER: &str = "mfa-user@example.test";
 pub const MFA_PRIMARY: &str = "mfa-primary";
 pub const MFA_APP: &str = "mfa-app-password";
+pub const MFA_APP2: &str = "mfa-second-app-password";
 pub const SUBMIT_ONLY: &str = "script@example.test";
 pub const BOUND_USER: &str = "bound@example.test";
 
@@ -101,11 +102,17 @@ pub fn credentials() -> Credentials {
         .get_or_init(|| {
             let mut mfa = account(MFA_USER, MFA_PRIMARY);
             mfa.mfa = true;
-            mfa.app_passwords.push(AppPassword {
-                name: "script".into(),
-                verifier: PasswordVerifier::derive(MFA_APP),
-                scram_sha256: Some(ScramVerifier::derive(MFA_APP)),
-            });
+            // One salt for all SCRAM keys of the account, as the compiler derives them.
+            let salt = ScramVerifier::random_salt();
+            let scram = |pw: &str| Some(ScramVerifier::derive_with(pw, &salt, SCRAM_ITERATIONS));
+            mfa.scram_sha256 = scram(MFA_PRIMARY);
+            for (name, pw) in [("script", MFA_APP), ("phone", MFA_APP2)] {
+                mfa.app_passwords.push(AppPassword {
+                    name: name.into(),
+                    verifier: PasswordVerifier::derive(pw),
+                    scram_sha256: scram(pw),
+                });
+            }
             let mut submit = account(SUBMIT_ONLY, PASSWORD);
             submit.access_policy = Some("submission-only".into());
             let mut bound = account(BOUND_USER, PASSWORD);
