@@ -1,10 +1,18 @@
-//! The operator's own Prometheus metrics and the tiny HTTP endpoint serving them with `/healthz`
-//! and `/readyz` (whose answers come from [`crate::health`]).
-//! A hand-written HTTP/1.1 responder is enough for two GET paths and keeps a server framework out
-//! of the dependency tree.
+//! The operator's own Prometheus metrics and the HTTP endpoint serving them with `/healthz` and
+//! `/readyz` (whose answers come from [`crate::health`]), on hyper like the relay's listeners.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,7 +21,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::health::Health;
@@ -119,55 +126,123 @@ impl Metrics {
     }
 }
 
+/// Time a client has to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves `/metrics`, `/healthz` (also `/livez`) and `/readyz` on `listener` until the task is
-/// dropped.
+/// dropped. Accept errors (out of file descriptors) back off instead of spinning.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let metrics = metrics.clone();
         let health = health.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let n =
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf))
-                    .await
-                {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("");
-            const UNAVAILABLE: &str = "503 Service Unavailable";
-            let (code, ctype, body) = match path {
-                "/metrics" => (
-                    "200 OK",
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    metrics.encode(),
-                ),
-                "/readyz" if health.ready() => ("200 OK", "text/plain", "ready\n".to_string()),
-                "/readyz" => (UNAVAILABLE, "text/plain", "not ready\n".to_string()),
-                "/healthz" | "/livez" => match health.check() {
-                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
-                    Err(why) => (
-                        UNAVAILABLE,
-                        "text/plain",
-                        format!("unhealthy: {}\n", why.join("; ")),
-                    ),
-                },
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let service = service_fn(move |req: Request<Incoming>| {
+                let reply = answer(req.uri().path(), &metrics, &health);
+                async move { Ok::<_, Infallible>(reply) }
+            });
+            let _ = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
         });
     }
+}
+
+fn answer(path: &str, metrics: &Metrics, health: &Health) -> Response<Full<Bytes>> {
+    let (code, ctype, body) = match path {
+        "/metrics" => (
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/readyz" if health.ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
+        "/healthz" | "/livez" => match health.check() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("unhealthy: {}\n", why.join("; ")),
+            ),
+        },
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = code;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    r
 }
 
 /// Binds the endpoint (separate from [`serve`] so a bad address fails at start-up).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, pieces: &[&str]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        for p in pieces {
+            s.write_all(p.as_bytes()).await.expect("write");
+            // A separate segment: the request is read as HTTP, not as one packet.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_http_split_across_segments() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let health = Arc::new(Health::new(Duration::from_secs(300)));
+        tokio::spawn(serve(listener, Arc::new(Metrics::new()), health.clone()));
+
+        let r = get(
+            addr,
+            &[
+                "GET /metr",
+                "ics HTTP/1.1\r\nHost: x\r\n",
+                "Connection: close\r\n\r\n",
+            ],
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        assert!(r.contains("# EOF"), "{r}");
+
+        let close = "Host: x\r\nConnection: close\r\n\r\n";
+        let r = get(addr, &["GET /readyz HTTP/1.1\r\n", close]).await;
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        health.set_ready(true);
+        let r = get(addr, &["GET /readyz HTTP/1.1\r\n", close]).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let r = get(addr, &["GET /nothing HTTP/1.1\r\n", close]).await;
+        assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
 }
