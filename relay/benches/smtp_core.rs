@@ -5,15 +5,16 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use mailrelay_crds::config::{AuthMode, Mechanism, Protocol};
-use mailrelay_relay::smtp::{Event, Policy, Rejection, Session, SessionConfig, SessionFacts};
+use mailrelay_relay::security::Refusal;
+use mailrelay_relay::smtp::{Event, Policy, Session, SessionConfig, SessionFacts};
 
 struct AcceptAll;
 
 impl Policy for AcceptAll {
-    fn check_sender(&self, _: &SessionFacts, _: &str) -> Result<(), Rejection> {
+    fn check_sender(&self, _: &SessionFacts, _: &str) -> Result<(), Refusal> {
         Ok(())
     }
-    fn check_recipient(&self, _: &SessionFacts, _: &str, _: &str) -> Result<(), Rejection> {
+    fn check_recipient(&self, _: &SessionFacts, _: &str, _: &str) -> Result<(), Refusal> {
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod security;
 pub mod server;
 pub mod settings;
 pub mod smtp;

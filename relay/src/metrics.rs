@@ -610,10 +610,10 @@ impl Metrics {
             .inc();
     }
 
-    pub fn security(&self, kind: &str) {
+    pub fn security(&self, kind: crate::security::SecurityKind) {
         self.security_events
             .get_or_create(&KindLabels {
-                kind: kind.to_string(),
+                kind: kind.as_str().to_string(),
             })
             .inc();
     }

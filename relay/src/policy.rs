@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use mailrelay_crds::config::RelayControl;
 
-use crate::smtp::{Policy, Rejection, Reply, SessionFacts};
+use crate::security::{Refusal, SecurityKind};
+use crate::smtp::{Policy, Reply, SessionFacts};
 use crate::snapshot::Snapshot;
 
 /// The policy of one service, evaluated against the snapshot the session started with.
@@ -15,11 +16,8 @@ pub struct PolicyEngine {
     pub service: String,
 }
 
-fn reject(code: u16, enh: &'static str, text: &str, reason: String) -> Rejection {
-    Rejection {
-        reply: Reply::new(code, enh, text),
-        reason,
-    }
+fn reject(code: u16, enh: &'static str, text: &str, kind: SecurityKind, detail: String) -> Refusal {
+    Refusal::new(Reply::new(code, enh, text), kind, detail)
 }
 
 impl PolicyEngine {
@@ -58,7 +56,7 @@ impl PolicyEngine {
 }
 
 impl Policy for PolicyEngine {
-    fn check_sender(&self, facts: &SessionFacts, sender: &str) -> Result<(), Rejection> {
+    fn check_sender(&self, facts: &SessionFacts, sender: &str) -> Result<(), Refusal> {
         let Some(login) = &facts.authenticated_as else {
             return Ok(());
         };
@@ -75,6 +73,7 @@ impl Policy for PolicyEngine {
                 553,
                 "5.7.1",
                 "Sender address rejected: not owned by the authenticated user",
+                SecurityKind::SenderRejected,
                 format!("account {login:?} may not send as {sender:?} (sender binding)"),
             ));
         }
@@ -86,7 +85,7 @@ impl Policy for PolicyEngine {
         facts: &SessionFacts,
         _sender: &str,
         recipient: &str,
-    ) -> Result<(), Rejection> {
+    ) -> Result<(), Refusal> {
         let config = &self.snapshot.config;
         let (local, domain) = match recipient.rsplit_once('@') {
             Some((l, d)) => (l, d.to_string()),
@@ -109,6 +108,7 @@ impl Policy for PolicyEngine {
                 550,
                 "5.1.1",
                 "Recipient address rejected: user unknown",
+                SecurityKind::UnknownRecipient,
                 format!("unknown recipient {recipient:?} in local domain {domain:?}"),
             ));
         }
@@ -120,6 +120,7 @@ impl Policy for PolicyEngine {
                 550,
                 "5.7.1",
                 "Relaying denied",
+                SecurityKind::RecipientRejected,
                 format!("relay to {recipient:?} denied: {reason}"),
             )),
         }
@@ -237,9 +238,9 @@ mod tests {
                         "{case}"
                     );
                     assert!(
-                        r.reason.contains("bob@elsewhere.test"),
+                        r.detail.contains("bob@elsewhere.test"),
                         "{case}: {}",
-                        r.reason
+                        r.detail
                     );
                 }
             }

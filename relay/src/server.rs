@@ -21,10 +21,11 @@ use tracing::{debug, info, warn};
 use crate::auth::{AuthContext, AuthFailure, Exchange, Step};
 use crate::dnscheck::DnsChecker;
 use crate::limits::auth::{AuthProtection, VerificationSlots};
-use crate::limits::gate::{admit, Refusal, SessionLimits};
+use crate::limits::gate::{admit, SessionLimits};
 use crate::limits::Limiter;
 use crate::metrics::{Metrics, ServiceLabels};
 use crate::policy::PolicyEngine;
+use crate::security::{Refusal, SecurityKind};
 use crate::settings::RuntimeSettings;
 use crate::smtp::parser::{BodyType, MailParams, RcptParams, Ret};
 use crate::smtp::received::{received_header, ReceivedInfo};
@@ -230,7 +231,7 @@ impl Relay {
             self.metrics.refused(&service.name, "not_allowed");
             security(
                 &self.metrics,
-                "connection_refused",
+                SecurityKind::ConnectionRefused,
                 &service.name,
                 ip,
                 "client is not in any allowedFrom IP group",
@@ -257,7 +258,7 @@ impl Relay {
                 refusal_event(&self.metrics, &service.name, ip, &refusal);
                 // The security-event kinds of admission refusals (auth_blocked,
                 // harvest_blocked, connection_limit) are a fixed set: the reason label.
-                self.metrics.refused(&service.name, refusal.kind);
+                self.metrics.refused(&service.name, refusal.kind.as_str());
                 refuse(&self, &service, ip, conn, &refusal.reply).await;
                 return;
             }
@@ -354,7 +355,7 @@ impl Relay {
             Ok(Err(e)) => {
                 security(
                     &self.metrics,
-                    "proxy_header_invalid",
+                    SecurityKind::ProxyHeaderInvalid,
                     service,
                     proxy,
                     &e.to_string(),
@@ -364,7 +365,7 @@ impl Relay {
             Err(_) => {
                 security(
                     &self.metrics,
-                    "proxy_header_invalid",
+                    SecurityKind::ProxyHeaderInvalid,
                     service,
                     proxy,
                     "no PROXY header from a trusted proxy in time",
@@ -379,25 +380,14 @@ impl Relay {
 pub const DEFAULT_MAX_RECIPIENTS: u32 = 1000;
 
 fn refusal_event(metrics: &Metrics, service: &str, ip: IpAddr, r: &Refusal) {
-    metrics.limit_hit(service, r.limit);
-    metrics.rejected(service, r.limit);
+    metrics.limit_hit(service, r.limit());
+    metrics.rejected(service, r.limit());
     security(metrics, r.kind, service, ip, &r.detail);
 }
 
-/// Session-level security events that are limit hits, with their metrics label.
-fn limit_of(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "too_many_failed_commands" => "failed_commands",
-        "too_many_recipients" => "recipients_per_message",
-        "message_too_large" => "message_size",
-        "mail_loop" => "received_headers",
-        _ => return None,
-    })
-}
-
-fn security(metrics: &Metrics, kind: &str, service: &str, ip: IpAddr, detail: &str) {
+fn security(metrics: &Metrics, kind: SecurityKind, service: &str, ip: IpAddr, detail: &str) {
     metrics.security(kind);
-    warn!(target: "security", kind, service, client_ip = %ip, detail);
+    warn!(target: "security", kind = kind.as_str(), service, client_ip = %ip, detail);
 }
 
 /// Plain TCP or TLS.
@@ -660,7 +650,7 @@ impl Driver {
                             .refused(&self.service.name, "proxy_header_untrusted");
                         security(
                             &self.relay.metrics,
-                            "proxy_header_untrusted",
+                            SecurityKind::ProxyHeaderUntrusted,
                             &self.service.name,
                             self.ip,
                             "PROXY header from a peer outside proxyProtocol.trustedProxies",
@@ -689,7 +679,7 @@ impl Driver {
         };
         security(
             &self.relay.metrics,
-            "slow_client",
+            SecurityKind::SlowClient,
             &self.service.name,
             self.ip,
             detail,
@@ -740,11 +730,14 @@ impl Driver {
                     self.ip,
                     &detail,
                 );
-                if let Some(limit) = limit_of(kind) {
+                // Session-level limits (failed commands, recipients, size, hops) count as hits.
+                if let Some(limit) = kind.limit() {
                     self.relay.metrics.limit_hit(&self.service.name, limit);
                 }
-                self.relay.metrics.rejected(&self.service.name, kind);
-                if kind == "unknown_recipient" {
+                self.relay
+                    .metrics
+                    .rejected(&self.service.name, kind.as_str());
+                if kind == SecurityKind::UnknownRecipient {
                     if let Some(r) = self.limits.unknown_recipient().await {
                         refusal_event(&self.relay.metrics, &self.service.name, self.ip, &r);
                         session.close_with(r.reply);
@@ -903,8 +896,8 @@ impl Driver {
         let label = f.label();
         let detail = f.to_string();
         self.relay.metrics.auth(mech, label);
-        self.relay.metrics.security("auth_failure");
-        warn!(target: "security", kind = "auth_failure", reason = label, service = %self.service.name, client_ip = %self.ip, mechanism = mech, detail);
+        self.relay.metrics.security(SecurityKind::AuthFailure);
+        warn!(target: "security", kind = SecurityKind::AuthFailure.as_str(), reason = label, service = %self.service.name, client_ip = %self.ip, mechanism = mech, detail);
         if let AuthFailure::Internal(_) = f {
             session.auth_failure(Reply::new(454, "4.7.0", "Temporary authentication failure"));
             return;

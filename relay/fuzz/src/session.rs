@@ -36,8 +36,9 @@ use std::net::IpAddr;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use mailrelay_crds::config::{AuthMode, Mechanism, Protocol};
+use mailrelay_relay::security::{Refusal, SecurityKind};
 use mailrelay_relay::smtp::{
-    Event, Policy, Rejection, Reply, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo,
+    Event, Policy, Reply, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo,
 };
 
 use crate::{Choices, Rng};
@@ -82,12 +83,13 @@ pub fn encode(flags: u8, split: u8, answers: &[u8], stream: &[u8]) -> Vec<u8> {
 struct FuzzPolicy;
 
 impl Policy for FuzzPolicy {
-    fn check_sender(&self, _facts: &SessionFacts, sender: &str) -> Result<(), Rejection> {
+    fn check_sender(&self, _facts: &SessionFacts, sender: &str) -> Result<(), Refusal> {
         if sender.ends_with("@blocked.test") {
-            return Err(Rejection {
-                reply: Reply::new(553, "5.7.1", "Sender address rejected"),
-                reason: "fuzz: blocked sender".into(),
-            });
+            return Err(Refusal::new(
+                Reply::new(553, "5.7.1", "Sender address rejected"),
+                SecurityKind::SenderRejected,
+                "fuzz: blocked sender",
+            ));
         }
         Ok(())
     }
@@ -97,18 +99,20 @@ impl Policy for FuzzPolicy {
         _facts: &SessionFacts,
         _sender: &str,
         rcpt: &str,
-    ) -> Result<(), Rejection> {
+    ) -> Result<(), Refusal> {
         if rcpt.ends_with("@unknown.test") {
-            return Err(Rejection {
-                reply: Reply::new(550, "5.1.1", "User unknown"),
-                reason: "fuzz: unknown user".into(),
-            });
+            return Err(Refusal::new(
+                Reply::new(550, "5.1.1", "User unknown"),
+                SecurityKind::UnknownRecipient,
+                "fuzz: unknown user",
+            ));
         }
         if rcpt.ends_with("@denied.test") {
-            return Err(Rejection {
-                reply: Reply::new(554, "5.7.1", "Relay access denied"),
-                reason: "fuzz: relay denied".into(),
-            });
+            return Err(Refusal::new(
+                Reply::new(554, "5.7.1", "Relay access denied"),
+                SecurityKind::RecipientRejected,
+                "fuzz: relay denied",
+            ));
         }
         Ok(())
     }
@@ -382,7 +386,7 @@ impl Driver<'_> {
                 s.message_stored(result);
             }
             Event::Security { kind, .. } => {
-                if kind == "unknown_recipient" && self.answers.byte() % 4 == 3 {
+                if kind == SecurityKind::UnknownRecipient && self.answers.byte() % 4 == 3 {
                     // The harvest limit was reached: the driver ends the session.
                     self.obs.async_close = true;
                     s.close_with(Reply::new(

@@ -15,7 +15,8 @@ use mailrelay_crds::config::BruteForce;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::gate::Refusal;
-use super::{Limiter, AUTH_BLOCK, AUTH_FAILURES_PER_ACCOUNT, AUTH_FAILURES_PER_IP};
+use super::Limiter;
+use crate::security::SecurityKind;
 use crate::smtp::Reply;
 use crate::snapshot::Snapshot;
 
@@ -61,8 +62,7 @@ impl VerificationSlots {
                     "4.7.0",
                     "Too many authentications in progress, try again later",
                 ),
-                kind: "auth_queue_full",
-                limit: AUTH_VERIFICATIONS,
+                kind: SecurityKind::AuthQueueFull,
                 detail: format!(
                     "no password-verification slot within {} s ({} in use)",
                     self.wait.as_secs(),
@@ -129,8 +129,7 @@ impl AuthProtection {
             delay,
             Refusal {
                 reply: Reply::new(454, "4.7.0", "Temporary authentication failure"),
-                kind: "account_auth_throttled",
-                limit: AUTH_FAILURES_PER_ACCOUNT,
+                kind: SecurityKind::AccountAuthThrottled,
                 detail: format!(
                     "account {login:?}: {failures} failed logins within {} s (limit {max}); attempt delayed {} s",
                     self.policy.window_seconds,
@@ -157,8 +156,7 @@ impl AuthProtection {
             return None;
         }
         let mut r = blocked_refusal("");
-        r.kind = "auth_brute_force";
-        r.limit = AUTH_FAILURES_PER_IP;
+        r.kind = SecurityKind::AuthBruteForce;
         r.detail = format!(
             "{} failed logins within {} s; address blocked for {} s",
             counts.ip, self.policy.window_seconds, self.policy.block_seconds
@@ -179,8 +177,7 @@ fn blocked_refusal(detail: &str) -> Refusal {
             "4.7.0",
             "Too many failed logins from your address, try again later",
         ),
-        kind: "auth_blocked",
-        limit: AUTH_BLOCK,
+        kind: SecurityKind::AuthBlocked,
         detail: detail.into(),
     }
 }

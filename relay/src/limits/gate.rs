@@ -14,11 +14,9 @@ use std::sync::Arc;
 use mailrelay_crds::config::ServicePolicy;
 
 use super::auth::AuthProtection;
-use super::{
-    ConnectionGuard, Limiter, RateKey, CONNECTIONS_PER_IP, HARVEST_BLOCK,
-    MESSAGES_PER_HOUR_PER_ACCOUNT, MESSAGES_PER_HOUR_PER_IP,
-};
+use super::{ConnectionGuard, Limiter, RateKey};
 use crate::dnscheck::{ptr_reply, sender_domain_reply, DnsChecker, Lookup};
+use crate::security::SecurityKind;
 use crate::smtp::{Reply, SessionFacts};
 use crate::snapshot::Snapshot;
 
@@ -26,16 +24,7 @@ use crate::snapshot::Snapshot;
 pub const CLIENT_WITHOUT_PTR: &str = "client_without_ptr";
 pub const SENDER_DOMAIN_WITHOUT_DNS: &str = "sender_domain_without_dns";
 
-/// A refusal with what the security log and metrics need.
-#[derive(Debug, Clone)]
-pub struct Refusal {
-    pub reply: Reply,
-    /// Security-event kind.
-    pub kind: &'static str,
-    /// Metrics `limit` label.
-    pub limit: &'static str,
-    pub detail: String,
-}
+pub use crate::security::Refusal;
 
 /// Admission at connect: `Ok` holds the connection slot (if counted).
 ///
@@ -62,8 +51,7 @@ pub async fn admit(
                 "4.7.1",
                 "Too many unknown recipients from your address, try again later",
             ),
-            kind: "harvest_blocked",
-            limit: HARVEST_BLOCK,
+            kind: SecurityKind::HarvestBlocked,
             detail: "connection from an address blocked for directory harvesting".into(),
         });
     }
@@ -78,8 +66,7 @@ pub async fn admit(
                 "4.7.0",
                 "Too many concurrent connections from your address, try again later",
             ),
-            kind: "connection_limit",
-            limit: CONNECTIONS_PER_IP,
+            kind: SecurityKind::ConnectionLimit,
             detail: format!("{n} connections already open (limit {max})"),
         }),
     }
@@ -148,8 +135,7 @@ impl SessionLimits {
             None => Ok(()),
             Some(reply) => Err(Refusal {
                 reply,
-                kind: "client_without_ptr",
-                limit: CLIENT_WITHOUT_PTR,
+                kind: SecurityKind::ClientWithoutPtr,
                 detail: format!("PTR lookup for {}: {r:?}", self.ip),
             }),
         };
@@ -181,8 +167,7 @@ impl SessionLimits {
                 if let Some(reply) = sender_domain_reply(&r) {
                     return Err(Refusal {
                         reply,
-                        kind: "sender_domain_without_dns",
-                        limit: SENDER_DOMAIN_WITHOUT_DNS,
+                        kind: SecurityKind::SenderDomainWithoutDns,
                         detail: format!("sender {sender:?}: domain lookup {r:?}"),
                     });
                 }
@@ -201,8 +186,7 @@ impl SessionLimits {
                             "4.7.1",
                             "Too many messages from your address, try again later",
                         ),
-                        kind: "message_rate_limit",
-                        limit: MESSAGES_PER_HOUR_PER_IP,
+                        kind: SecurityKind::MessageRateLimit,
                         detail: format!("{n} messages in the last hour (limit {max})"),
                     });
                 }
@@ -221,8 +205,7 @@ impl SessionLimits {
                             "4.7.1",
                             "Sending rate limit of your account exceeded, try again later",
                         ),
-                        kind: "account_rate_limit",
-                        limit: MESSAGES_PER_HOUR_PER_ACCOUNT,
+                        kind: SecurityKind::AccountRateLimit,
                         detail: format!(
                             "account {login:?}: {n} messages in the last hour (limit {max})"
                         ),
@@ -267,8 +250,7 @@ impl SessionLimits {
                 "4.7.1",
                 "Too many unknown recipients from your address, try again later",
             ),
-            kind: "directory_harvest_attack",
-            limit: super::UNKNOWN_RECIPIENTS_PER_IP,
+            kind: SecurityKind::DirectoryHarvestAttack,
             detail: format!(
                 "directory harvest attack: {max} unknown recipients within an hour; address blocked for one hour"
             ),

@@ -9,8 +9,7 @@ pub mod session;
 
 pub use reply::Reply;
 pub use session::{
-    Event, Policy, Rejection, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo,
-    Transaction,
+    Event, Policy, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo, Transaction,
 };
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use mailrelay_crds::config::{AuthMode, Mechanism, Protocol};
 
 use super::parser::{parse_command, BodyType, Command, MailParams, RcptParams};
 use super::reply::Reply;
+use crate::security::{Refusal, SecurityKind};
 
 /// Longest command line including CRLF (RFC 5321 §4.5.3.1.4).
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -59,23 +60,16 @@ pub struct SessionFacts {
     pub authenticated_as: Option<String>,
 }
 
-/// A policy refusal: what the client is told and the precise reason for the security log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rejection {
-    pub reply: Reply,
-    pub reason: String,
-}
-
 /// Envelope decisions. The real implementation is [`crate::policy::PolicyEngine`]; it is a trait
 /// so that the core can be tested and benchmarked without a compiled config.
 pub trait Policy: Send + Sync {
-    fn check_sender(&self, facts: &SessionFacts, sender: &str) -> Result<(), Rejection>;
+    fn check_sender(&self, facts: &SessionFacts, sender: &str) -> Result<(), Refusal>;
     fn check_recipient(
         &self,
         facts: &SessionFacts,
         sender: &str,
         recipient: &str,
-    ) -> Result<(), Rejection>;
+    ) -> Result<(), Refusal>;
 }
 
 /// A complete, accepted-so-far message handed to the driver for storage.
@@ -139,7 +133,7 @@ pub enum Event {
     /// Store the message; answer with [`Session::message_stored`].
     Message(Box<Transaction>),
     /// A security-relevant refusal or anomaly, for the security log.
-    Security { kind: &'static str, detail: String },
+    Security { kind: SecurityKind, detail: String },
     /// Only with [`Session::enable_mail_check`]: the sender passed the synchronous checks; run
     /// the asynchronous ones (rate limits, DNS) and answer with [`Session::mail_checked`].
     MailCheck { sender: String },
@@ -606,7 +600,7 @@ impl Session {
         reply.render_into(&mut self.output);
     }
 
-    fn security(&mut self, kind: &'static str, detail: impl Into<String>) {
+    fn security(&mut self, kind: SecurityKind, detail: impl Into<String>) {
         self.events.push_back(Event::Security {
             kind,
             detail: detail.into(),
@@ -636,7 +630,7 @@ impl Session {
         if let Some(max) = self.cfg.max_failed_commands {
             if max > 0 && self.failed_commands >= max {
                 self.security(
-                    "too_many_failed_commands",
+                    SecurityKind::TooManyFailedCommands,
                     format!("{} failed commands in one session", self.failed_commands),
                 );
                 self.reply(r(
@@ -726,7 +720,10 @@ impl Session {
             if self.state == State::AuthClient {
                 self.abort_auth();
             }
-            self.security("bare_lf_command", "command line terminated by bare LF");
+            self.security(
+                SecurityKind::BareLfCommand,
+                "command line terminated by bare LF",
+            );
             self.failed(r(500, "5.5.2", "Syntax error: line must end with CRLF"));
             return true;
         }
@@ -833,11 +830,14 @@ impl Session {
             Command::StartTls => self.starttls(),
             Command::Auth { mechanism, initial } => self.auth(&mechanism, initial),
             Command::Mail(..) | Command::Rcpt(..) | Command::Data if auth_required => {
-                self.security("auth_required", "mail command before authentication");
+                self.security(
+                    SecurityKind::AuthRequired,
+                    "mail command before authentication",
+                );
                 self.failed(r(530, "5.7.0", "Authentication required"));
             }
             Command::Bdat { size, last } if auth_required => {
-                self.security("auth_required", "BDAT before authentication");
+                self.security(SecurityKind::AuthRequired, "BDAT before authentication");
                 self.start_discarding_bdat(size, last);
                 self.failed(r(530, "5.7.0", "Authentication required"));
             }
@@ -908,7 +908,7 @@ impl Session {
             // executed inside the TLS session.
             let n = self.input.len() - self.pos;
             self.security(
-                "starttls_injection",
+                SecurityKind::StarttlsInjection,
                 format!("{n} bytes pipelined after STARTTLS discarded"),
             );
         }
@@ -935,7 +935,7 @@ impl Session {
         }
         if !self.auth_transport_ok() {
             self.security(
-                "auth_tls_required",
+                SecurityKind::AuthTlsRequired,
                 format!("AUTH {mechanism} attempted without TLS"),
             );
             return self.failed(r(530, "5.7.0", "Must issue a STARTTLS command first"));
@@ -948,7 +948,7 @@ impl Session {
             .find(|m| m.as_str() == mechanism);
         let Some(mech) = mech else {
             self.security(
-                "auth_mechanism_not_allowed",
+                SecurityKind::AuthMechanismNotAllowed,
                 format!("mechanism {mechanism:?} is not enabled on this service"),
             );
             return self.failed(r(504, "5.5.4", "Unrecognized authentication type"));
@@ -979,7 +979,7 @@ impl Session {
         if let Some(size) = params.size {
             if size > self.cfg.max_message_size {
                 self.security(
-                    "message_too_large",
+                    SecurityKind::MessageTooLarge,
                     format!("MAIL SIZE={size} over {}", self.cfg.max_message_size),
                 );
                 return self.failed(r(
@@ -993,7 +993,7 @@ impl Session {
             return self.failed(r(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"));
         }
         if let Err(rej) = self.policy.check_sender(&self.facts, &sender) {
-            self.security("sender_rejected", rej.reason);
+            self.security(rej.kind, rej.detail);
             return self.failed(rej.reply);
         }
         let tx = Tx {
@@ -1028,7 +1028,7 @@ impl Session {
                     return self.reply(r(452, "4.5.3", "Too many recipients"));
                 }
                 self.security(
-                    "too_many_recipients",
+                    SecurityKind::TooManyRecipients,
                     format!("more than {max} recipients in one transaction"),
                 );
                 return self.reply(r(452, "4.5.3", "Too many recipients"));
@@ -1040,12 +1040,7 @@ impl Session {
         let sender = tx.sender.clone();
         if let Err(rej) = self.policy.check_recipient(&self.facts, &sender, &rcpt) {
             // The driver counts unknown users per client IP (directory harvest detection).
-            let kind = if rej.reply.enhanced == Some("5.1.1") {
-                "unknown_recipient"
-            } else {
-                "recipient_rejected"
-            };
-            self.security(kind, rej.reason);
+            self.security(rej.kind, rej.detail);
             return self.failed(rej.reply);
         }
         if let Some(tx) = &mut self.tx {
@@ -1188,7 +1183,7 @@ impl Session {
     fn reject_bare_newline(&mut self) {
         self.tx = None;
         self.security(
-            "bare_newline",
+            SecurityKind::BareNewline,
             "bare CR or LF in message data (possible SMTP smuggling); connection closed",
         );
         self.reply(r(
@@ -1240,7 +1235,10 @@ impl Session {
             .is_some_and(|b| b.too_big);
         if too_big {
             self.tx = None;
-            self.security("message_too_large", "BDAT message over the size limit");
+            self.security(
+                SecurityKind::MessageTooLarge,
+                "BDAT message over the size limit",
+            );
             self.failed(r(
                 552,
                 "5.3.4",
@@ -1272,7 +1270,7 @@ impl Session {
         self.state = State::Command;
         if body.too_big {
             self.security(
-                "message_too_large",
+                SecurityKind::MessageTooLarge,
                 format!("message of {} bytes or more", body.size),
             );
             return self.failed(r(
@@ -1286,7 +1284,7 @@ impl Session {
         }
         if body.bare_newline {
             self.security(
-                "bare_newline",
+                SecurityKind::BareNewline,
                 "message content contains a bare CR or LF (possible SMTP smuggling)",
             );
             return self.failed(r(
@@ -1305,7 +1303,7 @@ impl Session {
         if let Some(max) = self.cfg.max_received_headers {
             if body.received > max {
                 self.security(
-                    "mail_loop",
+                    SecurityKind::MailLoop,
                     format!("{} Received headers (limit {max})", body.received),
                 );
                 return self.failed(r(

@@ -5,27 +5,30 @@ use mailrelay_crds::config::{AuthMode, Mechanism, Protocol};
 
 use super::session::MAX_TEXT_LINE;
 use super::*;
+use crate::security::{Refusal, SecurityKind};
 
 struct TestPolicy;
 
 impl Policy for TestPolicy {
-    fn check_sender(&self, facts: &SessionFacts, sender: &str) -> Result<(), Rejection> {
+    fn check_sender(&self, facts: &SessionFacts, sender: &str) -> Result<(), Refusal> {
         if sender == "spoof@example.test" && facts.authenticated_as.is_some() {
-            return Err(Rejection {
-                reply: Reply::new(553, "5.7.1", "Sender address not owned by user"),
-                reason: "sender binding".into(),
-            });
+            return Err(Refusal::new(
+                Reply::new(553, "5.7.1", "Sender address not owned by user"),
+                SecurityKind::SenderRejected,
+                "sender binding",
+            ));
         }
         Ok(())
     }
-    fn check_recipient(&self, facts: &SessionFacts, _s: &str, rcpt: &str) -> Result<(), Rejection> {
+    fn check_recipient(&self, facts: &SessionFacts, _s: &str, rcpt: &str) -> Result<(), Refusal> {
         if rcpt.ends_with("@example.test") || facts.authenticated_as.is_some() {
             Ok(())
         } else {
-            Err(Rejection {
-                reply: Reply::new(550, "5.7.1", "Relaying denied"),
-                reason: "relay denied".into(),
-            })
+            Err(Refusal::new(
+                Reply::new(550, "5.7.1", "Relaying denied"),
+                SecurityKind::RecipientRejected,
+                "relay denied",
+            ))
         }
     }
 }
@@ -267,7 +270,7 @@ fn smuggling_variants_close_the_session_at_every_split() {
             assert!(ev.iter().any(|e| matches!(
                 e,
                 Event::Security {
-                    kind: "bare_newline",
+                    kind: SecurityKind::BareNewline,
                     ..
                 }
             )));
@@ -427,7 +430,7 @@ fn starttls_discards_pipelined_plaintext() {
     assert!(matches!(
         ev[0],
         Event::Security {
-            kind: "starttls_injection",
+            kind: SecurityKind::StarttlsInjection,
             ..
         }
     ));
@@ -463,7 +466,7 @@ fn auth_plain_requires_tls() {
     assert!(events(&mut s).iter().any(|e| matches!(
         e,
         Event::Security {
-            kind: "auth_tls_required",
+            kind: SecurityKind::AuthTlsRequired,
             ..
         }
     )));
@@ -853,7 +856,7 @@ fn driver_close_drops_a_pipelined_message() {
     let Some(Event::Security { kind, .. }) = s.poll_event() else {
         panic!("no security event");
     };
-    assert_eq!(kind, "recipient_rejected");
+    assert_eq!(kind, SecurityKind::RecipientRejected);
     s.close_with(Reply::new(421, "4.7.1", "Blocked"));
     let rest = events(&mut s);
     assert!(matches!(rest.as_slice(), [Event::Close]), "{rest:?}");
