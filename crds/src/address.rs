@@ -52,6 +52,7 @@ impl AddressPattern {
         Ok(AddressPattern(s.to_ascii_lowercase()))
     }
 
+    /// The pattern as written (lower case when it came from [`Self::parse`]).
     pub fn as_str(&self) -> &str {
         &self.0
     }

@@ -32,6 +32,7 @@ pub const TLS_DIR: &str = "tls";
 /// which keeps an old relay from misreading a newer operator's output during a rolling upgrade.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ConfigVersion {
+    /// `mailrelay.dev/v1alpha1`, the format compiled from the `v1alpha1` resources.
     #[default]
     #[serde(rename = "mailrelay.dev/v1alpha1")]
     V1Alpha1,
@@ -41,6 +42,8 @@ pub enum ConfigVersion {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RelayConfig {
+    /// Format version; the relay refuses a file whose version it does not know and keeps
+    /// running its last good config.
     pub version: ConfigVersion,
     /// Pairing stamp: the content hash of the compile that wrote this file and its
     /// `credentials.yaml` (the `mailrelay.dev/config-hash` annotation, `status.configHash`). The
@@ -101,7 +104,9 @@ impl RelayConfig {
     show(.credentials)
 )]
 pub struct PairMismatch {
+    /// The `configHash` stamp of `relay.yaml` (`None`: unstamped).
     pub config: Option<String>,
+    /// The `configHash` stamp of `credentials.yaml` (`None`: unstamped).
     pub credentials: Option<String>,
 }
 
@@ -130,6 +135,8 @@ pub fn check_pair(config: &RelayConfig, credentials: &Credentials) -> Result<(),
 pub struct IpSet(pub Vec<IpNet>);
 
 impl IpSet {
+    /// Whether `ip` lies in one of the prefixes; an IPv4-mapped IPv6 address counts as the IPv4
+    /// address it carries.
     pub fn contains(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
         self.0.iter().any(|n| n.contains(&ip))
@@ -164,9 +171,16 @@ pub struct DomainPolicy {
     pub domain: String,
     /// Mail for a local domain is accepted from anyone, without relay permission.
     pub local: bool,
+    /// Which recipients of a local domain exist; the relay answers others `550 5.1.1` and
+    /// counts them for directory-harvest protection. `postmaster` is always accepted. Unused for
+    /// non-local domains.
     pub recipients: RecipientPolicy,
+    /// NetBIOS domain name for NTLM, as the `MailDomain` states it. Carried for NTLM support;
+    /// the relay does not offer NTLM yet and ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows_nt_domain: Option<String>,
+    /// Kerberos realm for GSSAPI. Carried for Kerberos support; the relay does not offer GSSAPI
+    /// yet and ignores it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kerberos_realm: Option<String>,
 }
@@ -183,6 +197,7 @@ pub enum RecipientPolicy {
 }
 
 impl DomainPolicy {
+    /// Whether `local_part` (any case) is a known recipient of this domain.
     pub fn accepts_local_part(&self, local_part: &str) -> bool {
         match &self.recipients {
             RecipientPolicy::AcceptAll => true,
@@ -205,12 +220,18 @@ pub enum Protocol {
 /// SASL mechanisms the relay can offer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Mechanism {
+    /// SASL PLAIN (RFC 4616), checked against the argon2id verifiers.
     #[serde(rename = "PLAIN")]
     Plain,
+    /// The LOGIN exchange, checked against the argon2id verifiers.
     #[serde(rename = "LOGIN")]
     Login,
+    /// SCRAM-SHA-256 (RFC 7677), checked against the SCRAM keys; accounts without them cannot
+    /// use it.
     #[serde(rename = "SCRAM-SHA-256")]
     ScramSha256,
+    /// CRAM-MD5 (RFC 2195), checked against [`Account::cram_md5_secret`]; accounts without one
+    /// cannot use it.
     #[serde(rename = "CRAM-MD5")]
     CramMd5,
 }
@@ -243,9 +264,11 @@ pub enum AuthMode {
     Required,
 }
 
+/// SMTP AUTH on one listener.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthPolicy {
+    /// Whether AUTH is offered and whether it is required before MAIL.
     pub mode: AuthMode,
     /// Offered mechanisms, in announcement order.
     pub mechanisms: Vec<Mechanism>,
@@ -266,8 +289,13 @@ pub struct BruteForce {
     pub max_failures_per_ip: u32,
     /// Failures per account within the window before its attempts are delayed; 0 = never.
     pub max_failures_per_account: u32,
+    /// Counting window for both thresholds, in seconds.
     pub window_seconds: u32,
+    /// How long an IP over `max_failures_per_ip` stays blocked (connections and AUTH get
+    /// `421 4.7.0`), in seconds.
     pub block_seconds: u32,
+    /// Delay before each login attempt of an account over `max_failures_per_account`, in
+    /// seconds; 0 = no delay.
     pub account_delay_seconds: u32,
     /// Minimum time before a failed login is answered; 0 = answer at once.
     pub failure_delay_millis: u32,
@@ -312,36 +340,54 @@ pub enum RelayControl {
     /// Relay requires every condition that is set: membership of `ip_group` and/or SMTP
     /// authentication. Neither set means nobody relays.
     Restricted {
+        /// The client's address must be in this IP group.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         ip_group: Option<String>,
+        /// The client must have authenticated with SMTP AUTH.
         #[serde(default)]
         authenticated: bool,
     },
 }
 
-/// Security Options limits. `None` means no limit.
+/// Security Options limits. `None` means no limit, except where a field says otherwise.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
+    /// Messages stored per client IP in any sliding hour; MAIL beyond it gets `451 4.7.1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_messages_per_hour_per_ip: Option<u32>,
+    /// Concurrent connections per client IP; more are refused at connect with `421 4.7.0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections_per_ip: Option<u32>,
+    /// Unknown local recipients per client IP within an hour; reaching it ends the session with
+    /// `421 4.7.1` and blocks the IP for one hour (directory harvest attack).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unknown_recipients_per_ip: Option<u32>,
     /// IP group none of the per-IP limits apply to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exempt_ip_group: Option<String>,
+    /// At MAIL, look up the sender's domain in DNS and refuse senders whose domain does not
+    /// exist (not for the null sender, address literals or `trusted_from` clients).
     #[serde(default)]
     pub reject_sender_domain_without_dns: bool,
+    /// At MAIL, refuse unauthenticated clients whose IP has no PTR record (not for
+    /// `trusted_from` clients).
     #[serde(default)]
     pub reject_client_without_ptr: bool,
+    /// Recipients per transaction; more get `452 4.5.3`. `None` = the relay's default of 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_recipients_per_message: Option<u32>,
+    /// Permanently failed commands (5xx replies) per session after which the relay answers
+    /// `421 4.7.0` and closes the connection; 0 behaves like `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_failed_commands: Option<u32>,
+    /// Largest message in bytes, announced in `SIZE`; larger ones get `552 5.3.4`. `None` = the
+    /// relay's `maxMessageSizeBytes` runtime setting (the compiler turns 0 into `None`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_message_size_bytes: Option<u64>,
+    /// Most `Received:` headers an incoming message may carry; more get `554 5.4.6` (mail loop).
+    /// Outbound, a message with more than this plus one is bounced; `None` = no inbound check and
+    /// an outbound limit of 100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_received_headers: Option<u32>,
 }
@@ -351,7 +397,11 @@ pub struct Limits {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TlsSource {
+    /// Name of the TLS Secret, i.e. the folder under `<config dir>/tls/` (`<service>-tls` when
+    /// cert-manager issues it). Without the files the service offers no STARTTLS.
     pub secret_name: String,
+    /// Names the certificate is for; the relay uses them to pick a certificate by SNI among all
+    /// services' certificates. Empty = the service's host name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_names: Vec<String>,
 }
@@ -360,6 +410,9 @@ pub struct TlsSource {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyProtocol {
+    /// IP groups of the load balancers. A connection from them must start with a valid PROXY
+    /// header (or it is dropped), whose client address then counts as the client's; a PROXY
+    /// header from anywhere else is refused.
     pub trusted_from: Vec<String>,
 }
 
@@ -369,25 +422,34 @@ pub struct ProxyProtocol {
 pub struct ServicePolicy {
     /// `SmtpService` name.
     pub name: String,
+    /// Port clients connect to; the relay binds it plus its `listenPortOffset` runtime setting.
     pub port: u16,
+    /// How the listener talks: plain SMTP with STARTTLS, submission, or implicit TLS.
     pub protocol: Protocol,
     /// Name announced in the banner, EHLO and `Received:`; the relay's host name when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hostname: Option<String>,
+    /// Certificate for STARTTLS or implicit TLS; `None` = no TLS on this listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsSource>,
+    /// SMTP AUTH settings of the listener.
     pub auth: AuthPolicy,
     /// Groups allowed to connect; empty means everyone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_from: Vec<String>,
+    /// Who may send to non-local domains through this listener.
     pub relay_control: RelayControl,
+    /// Per-IP and per-session limits (Security Options).
     #[serde(default)]
     pub limits: Limits,
+    /// IP group whose clients' address and HELO name the relay leaves out of its `Received:`
+    /// header (`from hidden.invalid`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hide_client_ip_for: Option<String>,
     /// Groups skipped by sender checks (sender-domain DNS, PTR).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_from: Vec<String>,
+    /// PROXY protocol from trusted load balancers; `None` = the TCP peer is the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
 }
@@ -409,10 +471,13 @@ pub enum OutboundTls {
 /// under the rule's name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutboundAuthMechanism {
+    /// SASL PLAIN with [`RelayAuth::Password`].
     #[serde(rename = "PLAIN")]
     Plain,
+    /// LOGIN with [`RelayAuth::Password`].
     #[serde(rename = "LOGIN")]
     Login,
+    /// XOAUTH2 with a bearer token the relay obtains through [`RelayAuth::OAuth2`].
     #[serde(rename = "XOAUTH2")]
     XOAuth2,
 }
@@ -421,15 +486,23 @@ pub enum OutboundAuthMechanism {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RelayHost {
+    /// Host name or IP address (without brackets), connected to directly: no MX lookup.
     pub host: String,
+    /// TCP port (the rule's `port`, or 25, or 465 for implicit TLS, when the host named none).
     pub port: u16,
 }
 
+/// The smarthosts of a `Relay` rule and how to talk to them.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RelayTarget {
+    /// Hosts in failover order: the next is tried when one cannot be reached or fails
+    /// temporarily.
     pub hosts: Vec<RelayHost>,
+    /// TLS policy towards every host of the rule.
     pub tls: OutboundTls,
+    /// SASL mechanism to authenticate with (credentials in [`Credentials::relay_auth`] under the
+    /// rule's name); `None` = no AUTH. Credentials are only ever sent over TLS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<OutboundAuthMechanism>,
 }
@@ -451,8 +524,12 @@ pub struct RetryOverride {
     /// Delays between attempts, in seconds; the last one repeats.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub schedule_seconds: Vec<u64>,
+    /// Seconds after which the sender gets a delayed-delivery warning (delivery continues);
+    /// `None` = the relay's `warnAfterSeconds` runtime setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warn_after_seconds: Option<u64>,
+    /// Seconds after which the relay stops trying and bounces the message with a failure DSN;
+    /// `None` = the relay's `giveUpAfterSeconds` runtime setting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub give_up_after_seconds: Option<u64>,
 }
@@ -463,6 +540,7 @@ pub struct RetryOverride {
 pub struct RoutePolicy {
     /// `DeliveryRule` name.
     pub name: String,
+    /// The rule's priority (lower first); unique among the rules, kept for logs and reports.
     pub priority: i32,
     /// Empty = any sender.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -470,7 +548,9 @@ pub struct RoutePolicy {
     /// Empty = any recipient.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub recipients: Vec<AddressPattern>,
+    /// Where matching mail goes.
     pub action: RouteAction,
+    /// Retry timing for mail this rule carries; `None` = the relay's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryOverride>,
 }
@@ -496,6 +576,8 @@ pub struct AccessPolicyConfig {
     /// The account may only use its own addresses as envelope sender.
     #[serde(default)]
     pub sender_binding: bool,
+    /// Messages per account in any sliding hour; MAIL beyond it gets `451 4.7.1`. `None` = no
+    /// limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_messages_per_hour: Option<u32>,
 }
@@ -504,6 +586,7 @@ pub struct AccessPolicyConfig {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Credentials {
+    /// Format version, as in [`RelayConfig::version`].
     pub version: ConfigVersion,
     /// Pairing stamp, the same as [`RelayConfig::config_hash`] of the `relay.yaml` written with
     /// it.
@@ -542,6 +625,7 @@ pub struct Account {
     /// CRAM-MD5 needs the shared secret itself; present only when a service enables CRAM-MD5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cram_md5_secret: Option<SecretString>,
+    /// Application passwords; each authenticates the account like the primary password.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub app_passwords: Vec<AppPassword>,
     /// Two-factor account: only app passwords authenticate.
@@ -556,6 +640,8 @@ pub struct Account {
 }
 
 impl Account {
+    /// Whether the account owns `address` as envelope sender: its login or one of its
+    /// `sender_addresses` patterns (case-insensitive). Enforced only under sender binding.
     pub fn may_send_as(&self, address: &str) -> bool {
         self.login.eq_ignore_ascii_case(address)
             || self
@@ -565,12 +651,15 @@ impl Account {
     }
 }
 
+/// An application password of an account: the only way an MFA account authenticates.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AppPassword {
     /// Label of the app password (for logs).
     pub name: String,
+    /// argon2id verifier, for PLAIN and LOGIN.
     pub verifier: PasswordVerifier,
+    /// SCRAM-SHA-256 keys (absent when only a hash was supplied or the password is not ASCII).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scram_sha256: Option<ScramVerifier>,
 }
@@ -581,19 +670,26 @@ pub struct AppPassword {
 pub enum RelayAuth {
     /// Username and password for PLAIN/LOGIN.
     Password {
+        /// User name at the relay host.
         username: String,
+        /// Password at the relay host.
         password: SecretString,
     },
     /// OAuth2 for XOAUTH2: the relay obtains and refreshes the access token itself.
     OAuth2 {
+        /// Mailbox the token is for (the `user=` of XOAUTH2).
         username: String,
+        /// The identity provider's OAuth2 token URL (https, or http on loopback).
         token_endpoint: String,
+        /// OAuth2 client ID of the relay's app registration.
         client_id: String,
+        /// Client secret; sent with either grant when set.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         client_secret: Option<SecretString>,
         /// Refresh-token grant when set, client-credentials grant otherwise.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         refresh_token: Option<SecretString>,
+        /// `scope` parameter of the token request; `None` = none sent.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope: Option<String>,
     },

@@ -2,6 +2,7 @@
 //! relay policy that the relay reads ([`config`]), and the pure compiler from one to the other
 //! ([`compile`]).
 
+#![deny(missing_docs)]
 // kube's `printcolumn(...)` attributes repeat `type_ = "string"`, which this lint misreads as a
 // duplicated attribute.
 #![allow(clippy::duplicated_attributes)]

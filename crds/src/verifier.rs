@@ -22,6 +22,7 @@ pub const SCRAM_ITERATIONS: u32 = 4096;
 pub struct SecretString(String);
 
 impl SecretString {
+    /// Wraps a secret value.
     pub fn new(s: impl Into<String>) -> Self {
         SecretString(s.into())
     }
@@ -77,6 +78,7 @@ impl PasswordVerifier {
         Ok(PasswordVerifier(phc.trim().to_string()))
     }
 
+    /// Whether `password` matches this argon2id hash. A malformed hash matches nothing.
     pub fn verify(&self, password: &str) -> bool {
         match PasswordHash::new(&self.0) {
             Ok(h) => Argon2::default()
@@ -86,6 +88,7 @@ impl PasswordVerifier {
         }
     }
 
+    /// The PHC string, as stored in `credentials.yaml`.
     pub fn as_phc(&self) -> &str {
         &self.0
     }
@@ -95,6 +98,7 @@ impl PasswordVerifier {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScramVerifier {
+    /// PBKDF2 iteration count sent to the client ([`SCRAM_ITERATIONS`] for derived keys).
     pub iterations: u32,
     /// Base64 salt.
     pub salt: String,
@@ -135,6 +139,8 @@ impl ScramVerifier {
         salt
     }
 
+    /// Derives keys with the given salt and iteration count (deterministic; for tests and for
+    /// checking a password against existing keys).
     pub fn derive_with(password: &str, salt: &[u8], iterations: u32) -> Self {
         let salted = Self::salted_password(password, salt, iterations);
         let client_key = hmac(&salted, b"Client Key");
@@ -149,7 +155,8 @@ impl ScramVerifier {
     }
 
     /// `Hi(password, salt, i)` of RFC 5802 = PBKDF2-HMAC-SHA-256. SASLprep is not applied: the
-    /// compiler rejects non-ASCII passwords for SCRAM rather than guessing a normalisation.
+    /// compiler derives no SCRAM keys for non-ASCII passwords rather than guessing a
+    /// normalisation.
     pub fn salted_password(password: &str, salt: &[u8], iterations: u32) -> [u8; 32] {
         let mut out = [0u8; 32];
         pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, iterations, &mut out);
@@ -164,6 +171,8 @@ impl ScramVerifier {
         }
     }
 
+    /// Salt, stored key and server key as bytes, for a SCRAM exchange; `None` if any of them
+    /// is not valid base64.
     pub fn decoded(&self) -> Option<(Vec<u8>, Vec<u8>, Vec<u8>)> {
         Some((
             B64.decode(&self.salt).ok()?,

@@ -16,7 +16,7 @@ fn committed_crd_yaml_is_up_to_date() {
     let update = std::env::var_os("UPDATE_CRDS").is_some();
     let mut stale = Vec::new();
     for (file, crd) in crd_manifests() {
-        let want = crd_yaml(&crd);
+        let want = crd_yaml(&crd).expect("serialise CRD");
         let chart = dir.join("../charts/mailrelay/crds");
         for path in [dir.join(file), chart.join(file)] {
             if update {

@@ -53,11 +53,24 @@ fn main() -> ExitCode {
 }
 
 fn crds(write: Option<PathBuf>) -> anyhow::Result<i32> {
+    use anyhow::Context as _;
     use mailrelay_crds::api::{crd_manifests, crd_yaml};
-    for (file, crd) in crd_manifests() {
-        let yaml = crd_yaml(&crd);
+    // Serialise every CRD before writing any, so a failure leaves the directory as it was.
+    let manifests = crd_manifests()
+        .into_iter()
+        .map(|(file, crd)| {
+            crd_yaml(&crd)
+                .map(|yaml| (file, yaml))
+                .with_context(|| format!("serialising the CustomResourceDefinition for {file}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for (file, yaml) in manifests {
         match &write {
-            Some(dir) => std::fs::write(dir.join(file), yaml)?,
+            Some(dir) => {
+                let path = dir.join(file);
+                std::fs::write(&path, yaml)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             None => print!("---\n{yaml}"),
         }
     }

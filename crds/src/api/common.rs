@@ -80,6 +80,36 @@ impl JsonSchema for IpEntry {
     }
 }
 
+/// Schema transform for unit-only enums whose variants carry doc comments. schemars turns such an
+/// enum into a `oneOf` of one `const` per variant, which changes what kube makes of an optional
+/// field of that type (the field's own description and the `null` enum entry are lost). This
+/// folds it back into the plain `type: string` + `enum` schema an undocumented enum gets, so the
+/// variant docs stay Rust documentation and the CRD is the same as without them; the values are
+/// described on the fields that use the enum, which is what `kubectl explain` shows.
+pub(crate) fn plain_string_enum(schema: &mut Schema) {
+    let Some(one_of) = schema.get("oneOf").and_then(|v| v.as_array()) else {
+        return;
+    };
+    let mut values = Vec::with_capacity(one_of.len());
+    for variant in one_of {
+        let value = variant.get("const").cloned().or_else(|| {
+            variant
+                .get("enum")
+                .and_then(|e| e.as_array())
+                .filter(|e| e.len() == 1)
+                .and_then(|e| e.first().cloned())
+        });
+        match value {
+            Some(v @ serde_json::Value::String(_)) => values.push(v),
+            // Not a unit variant: leave the schema alone.
+            _ => return,
+        }
+    }
+    schema.remove("oneOf");
+    schema.insert("type".into(), "string".into());
+    schema.insert("enum".into(), serde_json::Value::Array(values));
+}
+
 /// A DNS domain name such as `example.com`.
 pub(crate) fn domain_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({

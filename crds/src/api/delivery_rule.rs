@@ -5,11 +5,12 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{PolicyStatus, SecretKeyRef};
+use super::common::{plain_string_enum, PolicyStatus, SecretKeyRef};
 use crate::address::AddressPattern;
 
-/// Default Secret keys of relay authentication.
+/// Key of the relay-auth Secret (`relay.auth.secretRef`) holding the user name (every mechanism).
 pub const RELAY_AUTH_USERNAME_KEY: &str = "username";
+/// Key of the relay-auth Secret holding the password (`PLAIN` and `LOGIN`).
 pub const RELAY_AUTH_PASSWORD_KEY: &str = "password";
 
 /// A routing rule for outgoing mail.
@@ -91,8 +92,12 @@ pub struct RuleMatch {
 
 /// Rule action.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum RuleAction {
+    /// Deliver straight to the recipient domain's MX hosts (the seeds' default: "delivered
+    /// directly to destination domains using MX records").
     Direct,
+    /// Deliver through the smarthosts in `relay.hosts`, in failover order.
     Relay,
 }
 
@@ -120,10 +125,16 @@ pub struct RelaySpec {
 
 /// Outbound TLS policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum OutboundTlsSpec {
+    /// STARTTLS when the host offers it, plain text otherwise; the certificate is not checked.
     Opportunistic,
+    /// STARTTLS must succeed, otherwise the host counts as failed (next host, then retry); the
+    /// certificate is not checked.
     Required,
+    /// Like `Required`, and the certificate must be valid for the host name.
     RequiredVerified,
+    /// TLS from the first byte (SMTPS, port 465), certificate verified.
     Implicit,
 }
 
@@ -142,11 +153,16 @@ pub struct RelayAuthSpec {
 
 /// Outbound SASL mechanisms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum RelayAuthMechanismSpec {
+    /// SASL PLAIN with `username` and `password` from the Secret (the seeds' "SMTP AUTH Command").
     #[serde(rename = "PLAIN")]
     Plain,
+    /// The older LOGIN exchange with the same credentials, for hosts that offer nothing else.
     #[serde(rename = "LOGIN")]
     Login,
+    /// OAuth 2.0 bearer token (e.g. Microsoft 365, Google Workspace); the relay fetches and
+    /// refreshes the token itself from the Secret's `tokenEndpoint`.
     #[serde(rename = "XOAUTH2")]
     XOAuth2,
 }

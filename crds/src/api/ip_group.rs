@@ -63,6 +63,8 @@ pub struct IpAddressGroupSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IpAddressGroupStatus {
+    /// The status every mailrelay resource carries (`observedGeneration`, `conditions`,
+    /// `configHash`).
     #[serde(flatten)]
     pub common: PolicyStatus,
     /// Number of CIDR prefixes the group resolves to, includes and ranges expanded.

@@ -100,6 +100,7 @@ pub struct RecipientsSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AccountsFile {
+    /// The domain's accounts; an empty or missing list means the domain has no accounts.
     #[serde(default)]
     pub accounts: Vec<AccountEntry>,
 }
@@ -139,8 +140,12 @@ pub struct AccountEntry {
 pub struct AppPasswordEntry {
     /// Label (appears in logs, never the password).
     pub name: String,
+    /// The app password in plain text (the operator stores only derived verifiers). Set exactly
+    /// one of `password` and `passwordHash`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// The app password as an argon2id PHC hash, instead of `password` (SCRAM is then not
+    /// offered for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_hash: Option<String>,
 }

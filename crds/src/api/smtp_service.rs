@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{name_list_schema, name_schema, PolicyStatus};
+use super::common::{name_list_schema, name_schema, plain_string_enum, PolicyStatus};
 
 /// An SMTP listener of the relay and its policy.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -92,9 +92,16 @@ pub struct SmtpServiceSpec {
 
 /// Listener protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum ServiceProtocol {
+    /// Plain SMTP (usually port 25): server-to-server mail and internal hosts; STARTTLS is
+    /// offered when `tls` is set, authentication is optional by default.
     Smtp,
+    /// Message submission (RFC 6409, usually port 587) for mail clients and applications:
+    /// authentication is required; STARTTLS when `tls` is set.
     Submission,
+    /// SMTP over implicit TLS (RFC 8314, usually port 465): TLS from the first byte, so `tls`
+    /// is required; authentication is required by default.
     Smtps,
 }
 
@@ -138,8 +145,11 @@ pub struct IssuerRef {
 
 /// cert-manager issuer kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum IssuerKind {
+    /// A namespaced `Issuer` in the SmtpService's namespace.
     Issuer,
+    /// A cluster-wide `ClusterIssuer`.
     ClusterIssuer,
 }
 
@@ -214,21 +224,36 @@ pub struct BruteForceSpec {
 
 /// Authentication mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum AuthModeSpec {
+    /// AUTH is not offered; nobody can authenticate on this listener.
     Disabled,
+    /// AUTH is offered; unauthenticated clients may still send to local domains (and relay if
+    /// `relayControl` lets them).
     Optional,
+    /// Clients must authenticate before sending: MAIL, RCPT, DATA and BDAT get `530 5.7.0`
+    /// until AUTH succeeds.
     Required,
 }
 
 /// SASL mechanism names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
 pub enum MechanismSpec {
+    /// SASL PLAIN (RFC 4616): the password is sent, protected by TLS.
     #[serde(rename = "PLAIN")]
     Plain,
+    /// The non-standard LOGIN exchange many older clients and devices use; the password is
+    /// sent, protected by TLS.
     #[serde(rename = "LOGIN")]
     Login,
+    /// SCRAM-SHA-256 (RFC 7677): the password never crosses the wire. Works only for passwords
+    /// given in plain text (ASCII) in the accounts Secret, not for `passwordHash`.
     #[serde(rename = "SCRAM-SHA-256")]
     ScramSha256,
+    /// Legacy challenge-response (RFC 2195): needs the plain-text password in the relay's
+    /// credentials Secret, so it works only for non-MFA accounts whose password is given in plain
+    /// text. Enable only for a client that needs it.
     #[serde(rename = "CRAM-MD5")]
     CramMd5,
 }
@@ -253,7 +278,7 @@ pub struct RelayControlSpec {
     pub allow_authenticated: bool,
 }
 
-/// Security Options. Unset fields mean no limit.
+/// Security Options. An unset field means no limit, except where the field says otherwise.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LimitsSpec {
@@ -280,7 +305,7 @@ pub struct LimitsSpec {
     /// Refuse clients whose IP address has no reverse DNS (PTR) entry.
     #[serde(default)]
     pub reject_client_without_ptr: bool,
-    /// Recipients per message; more are answered `452 4.5.3`.
+    /// Recipients per message; more are answered `452 4.5.3`. Unset = 1000.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_recipients_per_message: Option<u32>,
@@ -289,7 +314,7 @@ pub struct LimitsSpec {
     #[schemars(range(min = 1))]
     pub max_failed_commands: Option<u32>,
     /// Largest message accepted, in bytes (announced in `SIZE`); larger ones get `552 5.3.4`.
-    /// 0 = no limit.
+    /// Unset or 0 = the relay's `maxMessageSizeBytes` runtime setting (chart default 50 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_message_size_bytes: Option<u64>,

@@ -34,19 +34,30 @@ pub use secrets::SecretStore;
 /// Everything the compiler reads: one namespace's objects.
 #[derive(Clone, Debug, Default)]
 pub struct Inputs {
+    /// The namespace's `IpAddressGroup` objects, in any order.
     pub ip_groups: Vec<IpAddressGroup>,
+    /// The namespace's `MailDomain` objects.
     pub mail_domains: Vec<MailDomain>,
+    /// The namespace's `SmtpService` objects.
     pub smtp_services: Vec<SmtpService>,
+    /// The namespace's `DeliveryRule` objects, disabled ones included (they are reported but
+    /// left out of the output).
     pub delivery_rules: Vec<DeliveryRule>,
+    /// The namespace's `AccessPolicy` objects.
     pub access_policies: Vec<AccessPolicy>,
+    /// The Secrets the objects may refer to (accounts, recipient lists, relay credentials); the
+    /// others are ignored.
     pub secrets: Vec<Secret>,
 }
 
 /// The compiler's output.
 #[derive(Clone, Debug)]
 pub struct Compiled {
+    /// The policy half (`relay.yaml`, the ConfigMap), stamped with [`Self::hash`].
     pub config: RelayConfig,
+    /// The secret half (`credentials.yaml`, the Secret), stamped with [`Self::hash`].
     pub credentials: Credentials,
+    /// The verdict on every input object, valid or not.
     pub report: Report,
     /// Content hash of config and credentials (16 hex digits); changes iff the output changes.
     pub hash: String,

@@ -28,7 +28,10 @@ use crate::config::{
 /// The last good output: what the relay runs now.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Previous {
+    /// The `relay.yaml` last applied (or rendered).
     pub config: RelayConfig,
+    /// The `credentials.yaml` written with it; its verifiers are reused while the passwords
+    /// still match.
     pub credentials: Credentials,
 }
 

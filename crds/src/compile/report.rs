@@ -6,14 +6,20 @@ use std::fmt;
 /// The resource kinds the compiler reports on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Kind {
+    /// An `IpAddressGroup`.
     IpAddressGroup,
+    /// A `MailDomain` (its accounts and recipients Secrets are reported on it).
     MailDomain,
+    /// An `SmtpService`.
     SmtpService,
+    /// A `DeliveryRule` (its relay-auth Secret is reported on it).
     DeliveryRule,
+    /// An `AccessPolicy`.
     AccessPolicy,
 }
 
 impl Kind {
+    /// The resource's `kind` as written in YAML, e.g. `SmtpService`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::IpAddressGroup => "IpAddressGroup",
@@ -45,15 +51,18 @@ pub enum Severity {
 /// One finding about one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
+    /// What the problem does to the object: left out, partly left out, or only a warning.
     pub severity: Severity,
     /// JSON path of the offending field, e.g. `spec.match.recipients[1]`.
     pub field: String,
     /// CamelCase condition reason, e.g. `MissingReference`, `OpenRelay`.
     pub reason: &'static str,
+    /// What is wrong and how to fix it, for the condition message and `operator render`.
     pub message: String,
 }
 
 impl Problem {
+    /// A problem that leaves the whole object out of the compiled policy.
     pub fn invalid(
         field: impl Into<String>,
         reason: &'static str,
@@ -66,6 +75,7 @@ impl Problem {
             message: message.into(),
         }
     }
+    /// A problem that leaves part of the object (e.g. one account) out; the rest compiles.
     pub fn degraded(
         field: impl Into<String>,
         reason: &'static str,
@@ -78,6 +88,7 @@ impl Problem {
             message: message.into(),
         }
     }
+    /// A finding that does not stop the object from compiling as written.
     pub fn warning(
         field: impl Into<String>,
         reason: &'static str,
@@ -95,9 +106,13 @@ impl Problem {
 /// The compiler's verdict on one object.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectReport {
+    /// The object's kind.
     pub kind: Kind,
+    /// The object's `metadata.name`.
     pub name: String,
+    /// The `metadata.generation` that was compiled (becomes `status.observedGeneration`).
     pub generation: Option<i64>,
+    /// Everything found, in the order found; empty for a clean object.
     pub problems: Vec<Problem>,
     /// IpAddressGroup only: number of prefixes after resolution.
     pub resolved_prefixes: Option<usize>,
@@ -124,11 +139,13 @@ impl ObjectReport {
             .iter()
             .any(|p| p.severity != Severity::Warning)
     }
+    /// The problems of severity [`Severity::Warning`].
     pub fn warnings(&self) -> impl Iterator<Item = &Problem> {
         self.problems
             .iter()
             .filter(|p| p.severity == Severity::Warning)
     }
+    /// The problems that are not warnings (invalid or degraded).
     pub fn errors(&self) -> impl Iterator<Item = &Problem> {
         self.problems
             .iter()
@@ -139,15 +156,19 @@ impl ObjectReport {
 /// Per-object verdicts, in kind then name order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Report {
+    /// One entry per input object.
     pub objects: Vec<ObjectReport>,
 }
 
 impl Report {
+    /// The verdict on one object, if it was among the inputs.
     pub fn get(&self, kind: Kind, name: &str) -> Option<&ObjectReport> {
         self.objects
             .iter()
             .find(|o| o.kind == kind && o.name == name)
     }
+    /// Whether any object has an error ([`ObjectReport::has_errors`]): what fails `operator
+    /// render`.
     pub fn has_errors(&self) -> bool {
         self.objects.iter().any(ObjectReport::has_errors)
     }

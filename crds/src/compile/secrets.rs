@@ -10,6 +10,7 @@ pub struct SecretStore<'a> {
 }
 
 impl<'a> SecretStore<'a> {
+    /// Indexes `secrets` by name; Secrets without a name are ignored.
     pub fn new(secrets: &'a [Secret]) -> Self {
         let by_name = secrets
             .iter()
@@ -18,6 +19,7 @@ impl<'a> SecretStore<'a> {
         SecretStore { by_name }
     }
 
+    /// Whether a Secret of that name exists.
     pub fn exists(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
