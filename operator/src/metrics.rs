@@ -148,7 +148,10 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
                 let reply = answer(req.uri().path(), &metrics, &health);
                 async move { Ok::<_, Infallible>(reply) }
             });
+            // One request per connection: probes and scrapes open a new one each time, and a
+            // client that reads to the end (as probes written by hand do) must see it.
             let _ = http1::Builder::new()
+                .keep_alive(false)
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
