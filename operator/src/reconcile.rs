@@ -260,64 +260,18 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
     }
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let hash = compiled.hash.as_str();
-    let extra = &findings;
-    let mut n = 0;
-    n += statuses(
+    let run = StatusRun {
         ctx,
         ns,
-        Kind::IpAddressGroup,
-        &inputs.ip_groups,
-        &compiled,
-        extra,
-        hash,
-        &now,
-    )
-    .await?;
-    n += statuses(
-        ctx,
-        ns,
-        Kind::MailDomain,
-        &inputs.mail_domains,
-        &compiled,
-        extra,
-        hash,
-        &now,
-    )
-    .await?;
-    n += statuses(
-        ctx,
-        ns,
-        Kind::SmtpService,
-        &inputs.smtp_services,
-        &compiled,
-        extra,
-        hash,
-        &now,
-    )
-    .await?;
-    n += statuses(
-        ctx,
-        ns,
-        Kind::DeliveryRule,
-        &inputs.delivery_rules,
-        &compiled,
-        extra,
-        hash,
-        &now,
-    )
-    .await?;
-    n += statuses(
-        ctx,
-        ns,
-        Kind::AccessPolicy,
-        &inputs.access_policies,
-        &compiled,
-        extra,
-        hash,
-        &now,
-    )
-    .await?;
+        compiled: &compiled,
+        findings: &findings,
+        now: &now,
+    };
+    let n = run.patch(&inputs.ip_groups).await?
+        + run.patch(&inputs.mail_domains).await?
+        + run.patch(&inputs.smtp_services).await?
+        + run.patch(&inputs.delivery_rules).await?
+        + run.patch(&inputs.access_policies).await?;
     outcome.statuses_patched = n;
     Ok(outcome)
 }
@@ -370,8 +324,11 @@ async fn service(
     Ok(())
 }
 
-/// Read access to the status of the five kinds, whose status types differ slightly.
+/// The five kinds: which compiler [`Kind`] each is, and read access to their status, whose
+/// types differ slightly.
 pub trait HasPolicyStatus {
+    /// The kind in the compiler's report.
+    const KIND: Kind;
     fn policy_status(&self) -> Option<&PolicyStatus>;
     fn resolved_prefixes(&self) -> Option<i64> {
         None
@@ -379,8 +336,9 @@ pub trait HasPolicyStatus {
 }
 
 macro_rules! policy_status {
-    ($($t:ty),*) => {$(
+    ($($t:ident),*) => {$(
         impl HasPolicyStatus for $t {
+            const KIND: Kind = Kind::$t;
             fn policy_status(&self) -> Option<&PolicyStatus> {
                 self.status.as_ref()
             }
@@ -390,6 +348,7 @@ macro_rules! policy_status {
 policy_status!(MailDomain, SmtpService, DeliveryRule, AccessPolicy);
 
 impl HasPolicyStatus for IpAddressGroup {
+    const KIND: Kind = Kind::IpAddressGroup;
     fn policy_status(&self) -> Option<&PolicyStatus> {
         self.status.as_ref().map(|s| &s.common)
     }
@@ -398,60 +357,74 @@ impl HasPolicyStatus for IpAddressGroup {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn statuses<K>(
-    ctx: &Ctx,
-    ns: &str,
-    kind: Kind,
-    objects: &[K],
-    compiled: &Compiled,
-    extra: &BTreeMap<String, Vec<Finding>>,
-    hash: &str,
-    now: &Time,
-) -> anyhow::Result<usize>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + HasPolicyStatus
-        + Clone
-        + DeserializeOwned
-        + Debug,
-{
-    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
-    let mut patched = 0;
-    for obj in objects {
-        let name = obj.name_any();
-        let Some(report) = compiled.report.get(kind, &name) else {
-            continue;
-        };
-        let no_extra = Vec::new();
-        let extra = if kind == Kind::SmtpService {
-            extra.get(&name).unwrap_or(&no_extra)
-        } else {
-            &no_extra
-        };
-        let existing = obj.policy_status();
-        let want = status::desired(report, extra, existing, Some(hash), now);
-        if !status::differs(existing, obj.resolved_prefixes(), &want) {
-            continue;
-        }
-        let body = json!({
-            "apiVersion": K::api_version(&()),
-            "kind": K::kind(&()),
-            "status": status::to_json(&want),
-        });
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        match api.patch_status(&name, &pp, &Patch::Apply(&body)).await {
-            Ok(_) => {
-                ctx.metrics.wrote("status");
-                patched += 1;
+/// One status pass over a namespace: the compile, the operator's own findings (per
+/// SmtpService), the time conditions that change get.
+struct StatusRun<'a> {
+    ctx: &'a Ctx,
+    ns: &'a str,
+    compiled: &'a Compiled,
+    findings: &'a BTreeMap<String, Vec<Finding>>,
+    now: &'a Time,
+}
+
+impl StatusRun<'_> {
+    /// Patches the status of every object of one kind whose status would change; returns how
+    /// many were patched.
+    async fn patch<K>(&self, objects: &[K]) -> anyhow::Result<usize>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + HasPolicyStatus
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let StatusRun {
+            ctx,
+            ns,
+            compiled,
+            findings,
+            now,
+        } = *self;
+        let kind = K::KIND;
+        let hash = compiled.hash.as_str();
+        let extra = findings;
+        let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+        let mut patched = 0;
+        for obj in objects {
+            let name = obj.name_any();
+            let Some(report) = compiled.report.get(kind, &name) else {
+                continue;
+            };
+            let no_extra = Vec::new();
+            let extra = if kind == Kind::SmtpService {
+                extra.get(&name).unwrap_or(&no_extra)
+            } else {
+                &no_extra
+            };
+            let existing = obj.policy_status();
+            let want = status::desired(report, extra, existing, Some(hash), now);
+            if !status::differs(existing, obj.resolved_prefixes(), &want) {
+                continue;
             }
-            // Deleted between the cache read and now: nothing to report on.
-            Err(kube::Error::Api(s)) if s.code == 404 => continue,
-            Err(e) => return Err(e.into()),
+            let body = json!({
+                "apiVersion": K::api_version(&()),
+                "kind": K::kind(&()),
+                "status": status::to_json(&want),
+            });
+            let pp = PatchParams::apply(FIELD_MANAGER).force();
+            match api.patch_status(&name, &pp, &Patch::Apply(&body)).await {
+                Ok(_) => {
+                    ctx.metrics.wrote("status");
+                    patched += 1;
+                }
+                // Deleted between the cache read and now: nothing to report on.
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                Err(e) => return Err(e.into()),
+            }
+            publish_events(ctx, obj, existing, &want).await;
         }
-        publish_events(ctx, obj, existing, &want).await;
+        Ok(patched)
     }
-    Ok(patched)
 }
 
 /// One Warning Event per Invalid/Warning condition that is new or says something new.
