@@ -274,30 +274,16 @@ impl Relay {
             .clone();
         open.inc();
         let hostname = snap.hostname_for(&service);
-        let cfg = SessionConfig {
-            hostname: hostname.clone(),
-            protocol: service.protocol,
-            starttls: service
-                .tls
-                .as_ref()
-                .is_some_and(|t| snap.certs.contains_key(&t.secret_name)),
-            max_message_size: service
-                .limits
-                .max_message_size_bytes
-                .filter(|n| *n > 0)
-                .unwrap_or(self.settings.max_message_size_bytes),
-            // RFC 5321 §4.5.3.1.8 asks for at least 100; without a configured limit a client
-            // could otherwise grow one transaction without bound.
-            max_recipients: service
-                .limits
-                .max_recipients_per_message
-                .or(Some(DEFAULT_MAX_RECIPIENTS)),
-            max_failed_commands: service.limits.max_failed_commands,
-            max_received_headers: service.limits.max_received_headers,
-            auth_mode: service.auth.mode,
-            mechanisms: service.auth.mechanisms.clone(),
-            allow_plaintext_without_tls: service.auth.allow_plaintext_without_tls,
-        };
+        let cert_loaded = service
+            .tls
+            .as_ref()
+            .is_some_and(|t| snap.certs.contains_key(&t.secret_name));
+        let cfg = session_config(
+            &service,
+            hostname.clone(),
+            cert_loaded,
+            self.settings.max_message_size_bytes,
+        );
         let facts = SessionFacts {
             service: service.name.clone(),
             client_ip: ip,
@@ -1061,6 +1047,38 @@ impl Driver {
     }
 }
 
+/// The session core's configuration for one service: its protocol and authentication policy;
+/// STARTTLS only while its certificate is loaded; the relay's `maxMessageSizeBytes` when the
+/// service sets no size (or 0); [`DEFAULT_MAX_RECIPIENTS`] when it sets no recipient limit
+/// (RFC 5321 §4.5.3.1.8 asks for at least 100; without a limit one transaction could grow
+/// without bound).
+fn session_config(
+    service: &ServicePolicy,
+    hostname: String,
+    cert_loaded: bool,
+    default_max_size: u64,
+) -> SessionConfig {
+    SessionConfig {
+        hostname,
+        protocol: service.protocol,
+        starttls: cert_loaded,
+        max_message_size: service
+            .limits
+            .max_message_size_bytes
+            .filter(|n| *n > 0)
+            .unwrap_or(default_max_size),
+        max_recipients: service
+            .limits
+            .max_recipients_per_message
+            .or(Some(DEFAULT_MAX_RECIPIENTS)),
+        max_failed_commands: service.limits.max_failed_commands,
+        max_received_headers: service.limits.max_received_headers,
+        auth_mode: service.auth.mode,
+        mechanisms: service.auth.mechanisms.clone(),
+        allow_plaintext_without_tls: service.auth.allow_plaintext_without_tls,
+    }
+}
+
 /// The spool envelope of a transaction received now; `size` and `body` are set when the data is
 /// complete.
 fn envelope_from(
@@ -1114,5 +1132,92 @@ fn store_failure(e: &mailrelay_spool::Error) -> StoreFailure {
     match e {
         mailrelay_spool::Error::Full(_) => StoreFailure::Full,
         _ => StoreFailure::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::parser::{MailParams, RcptParams, Ret};
+
+    fn service(limits: &str) -> ServicePolicy {
+        let yaml = format!(
+            "name: submission\nport: 587\nprotocol: Submission\nauth:\n  mode: Required\n  mechanisms: [PLAIN]\nrelayControl: !restricted {{authenticated: true}}\nlimits: {limits}\n"
+        );
+        serde_norway::from_str(&yaml).expect("service")
+    }
+
+    #[test]
+    fn session_config_defaults_and_overrides() {
+        // (limits, cert loaded) -> (size, recipients, STARTTLS)
+        let cases = [
+            ("{}", false, (50, Some(DEFAULT_MAX_RECIPIENTS), false)),
+            (
+                "{maxMessageSizeBytes: 0}",
+                true,
+                (50, Some(DEFAULT_MAX_RECIPIENTS), true),
+            ),
+            (
+                "{maxMessageSizeBytes: 10, maxRecipientsPerMessage: 5}",
+                true,
+                (10, Some(5), true),
+            ),
+        ];
+        for (limits, cert, (size, rcpts, starttls)) in cases {
+            let c = session_config(&service(limits), "mx.test".into(), cert, 50);
+            assert_eq!(c.max_message_size, size, "{limits}");
+            assert_eq!(c.max_recipients, rcpts, "{limits}");
+            assert_eq!(c.starttls, starttls, "{limits}");
+            assert_eq!(c.auth_mode, mailrelay_crds::config::AuthMode::Required);
+            assert_eq!(c.hostname, "mx.test");
+        }
+    }
+
+    #[test]
+    fn envelope_carries_the_session_and_dsn_parameters() {
+        let params = MailParams {
+            smtputf8: true,
+            ret: Some(Ret::Hdrs),
+            envid: Some("ENV1".into()),
+            ..MailParams::default()
+        };
+        let rcpts = vec![
+            (
+                "a@x.test".to_string(),
+                RcptParams {
+                    notify: vec!["SUCCESS".into(), "DELAY".into(), "BOGUS".into()],
+                    orcpt: Some("rfc822;a@x.test".into()),
+                },
+            ),
+            ("b@x.test".to_string(), RcptParams::default()),
+        ];
+        let facts = SessionFacts {
+            service: "submission".into(),
+            client_ip: "192.0.2.1".parse().expect("ip"),
+            helo: Some("client.test".into()),
+            esmtp: true,
+            tls: None,
+            authenticated_as: Some("u@x.test".into()),
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let e = envelope_from("s@x.test", &params, &rcpts, &facts, "submission", ip, now);
+        assert_eq!(e.sender, "s@x.test");
+        assert_eq!(e.received_at, now);
+        assert_eq!(e.client_ip, Some(ip));
+        assert_eq!(e.client_helo.as_deref(), Some("client.test"));
+        assert_eq!(e.authenticated_as.as_deref(), Some("u@x.test"));
+        assert_eq!(e.service, "submission");
+        assert!(e.smtputf8);
+        assert_eq!(e.dsn_ret, Some(DsnRet::Headers));
+        assert_eq!(e.envid.as_deref(), Some("ENV1"));
+        assert_eq!(e.recipients.len(), 2);
+        assert_eq!(
+            e.recipients[0].notify,
+            vec![DsnNotify::Success, DsnNotify::Delay],
+            "unknown keywords are dropped"
+        );
+        assert_eq!(e.recipients[0].orcpt.as_deref(), Some("rfc822;a@x.test"));
+        assert!(e.recipients[1].notify.is_empty());
     }
 }
