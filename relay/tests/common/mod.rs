@@ -42,11 +42,23 @@ pub fn missing_peer(what: &str, install: &str) {
     eprintln!("\n!!!!!!!! SKIPPED: {what} not installed ({install}) !!!!!!!!\n");
 }
 
+/// A port for a relay listener. Taken from 12000-21999, below Linux's ephemeral range
+/// (32768-60999), so an outgoing connection of a test or of a relay never takes it between the
+/// check and the relay's bind (with `bind(0)` that happened now and then under load: the relay
+/// exited with "address in use"). Never the same port twice in one test process; processes
+/// start at different offsets.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let base = std::process::id().wrapping_mul(7919);
+    for _ in 0..10_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 12_000 + (base.wrapping_add(n) % 10_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 12000-21999")
 }
 
 pub struct Ca {
