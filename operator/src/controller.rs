@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt};
 use futures::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, DynamicObject, ListParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, watcher, Event};
@@ -103,42 +102,58 @@ where
     })
 }
 
-/// A reflector whose events become namespace triggers. `by_generation`: ignore updates that do
-/// not change `.metadata.generation` (our own status patches).
-fn watch<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    by_generation: bool,
-    health: &Arc<Health>,
-) -> (Store<K>, BoxStream<'static, Trigger>, (String, Probe))
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let mut seen: HashMap<String, Option<i64>> = HashMap::new();
-    let kind = K::kind(&()).to_string();
-    let health = health.clone();
-    let probe = (kind.clone(), probe(api.clone()));
-    let stream = watcher(api, config)
-        .default_backoff()
-        .reflect(writer)
-        .filter_map(move |ev| {
-            let t = match ev {
-                Ok(ev) => {
-                    health.watch_progress(&kind);
-                    trigger(&ev, &mut seen, by_generation)
-                }
-                Err(e) => {
-                    // The backoff retries; the caches keep their last state meanwhile.
-                    health.watch_failed(&kind);
-                    tracing::warn!(kind = %kind, error = %e, "watch failed; retrying with backoff");
-                    None
-                }
-            };
-            futures::future::ready(t)
-        })
-        .boxed();
-    (reader, stream, probe)
+/// The watches of [`Controller::start`] as they are added: one trigger stream and one probe per
+/// kind, every watch reporting to the same [`Health`].
+struct Watches<'a> {
+    client: &'a Client,
+    scope: &'a Scope,
+    health: &'a Arc<Health>,
+    streams: Vec<BoxStream<'static, Trigger>>,
+    probes: BTreeMap<String, Probe>,
+}
+
+impl Watches<'_> {
+    /// A reflector of kind `K` in the scope whose events become namespace triggers.
+    /// `by_generation`: ignore updates that do not change `.metadata.generation` (our own status
+    /// patches).
+    fn add<K>(&mut self, config: watcher::Config, by_generation: bool) -> Store<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let api: Api<K> = api(self.client, self.scope);
+        let (reader, writer) = reflector::store();
+        let mut seen: HashMap<String, Option<i64>> = HashMap::new();
+        let kind = K::kind(&()).to_string();
+        let health = self.health.clone();
+        self.probes.insert(kind.clone(), probe(api.clone()));
+        let stream = watcher(api, config)
+            .default_backoff()
+            .reflect(writer)
+            .filter_map(move |ev| {
+                let t = match ev {
+                    Ok(ev) => {
+                        health.watch_progress(&kind);
+                        trigger(&ev, &mut seen, by_generation)
+                    }
+                    Err(e) => {
+                        // The backoff retries; the caches keep their last state meanwhile.
+                        health.watch_failed(&kind);
+                        tracing::warn!(kind = %kind, error = %e, "watch failed; retrying with backoff");
+                        None
+                    }
+                };
+                futures::future::ready(t)
+            })
+            .boxed();
+        self.streams.push(stream);
+        reader
+    }
 }
 
 const CERTIFICATE: &str = "Certificate";
@@ -271,22 +286,33 @@ impl Controller {
         health: Arc<Health>,
     ) -> anyhow::Result<Self> {
         let scope = &opts.scope;
+        let mut watches = Watches {
+            client,
+            scope,
+            health: &health,
+            streams: Vec::new(),
+            probes: BTreeMap::new(),
+        };
         let cfg = watcher::Config::default;
-        let h = &health;
-        let (ip_groups, s1, p1) = watch(api(client, scope), cfg(), true, h);
-        let (mail_domains, s2, p2) = watch(api(client, scope), cfg(), true, h);
-        let (smtp_services, s3, p3) = watch(api(client, scope), cfg(), true, h);
-        let (delivery_rules, s4, p4) = watch(api(client, scope), cfg(), true, h);
-        let (access_policies, s5, p5) = watch(api(client, scope), cfg(), true, h);
-        // Every Secret of the scope: referenced ones (accounts, relay auth, TLS) are compiled
-        // or bundled, and a renewed certificate must reach the bundle.
-        let (secrets, s6, p6) = watch::<Secret>(api(client, scope), cfg(), false, h);
         // The objects we own, so a hand edit or deletion is put back.
         let owned = || cfg().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
-        let (config_maps, s7, p7) = watch::<ConfigMap>(api(client, scope), owned(), false, h);
-        let (services, s8, p8) = watch::<Service>(api(client, scope), owned(), false, h);
-        let streams = vec![s1, s2, s3, s4, s5, s6, s7, s8];
-        let mut probes: BTreeMap<String, Probe> = [p1, p2, p3, p4, p5, p6, p7, p8].into();
+        let stores = Stores {
+            ip_groups: watches.add(cfg(), true),
+            mail_domains: watches.add(cfg(), true),
+            smtp_services: watches.add(cfg(), true),
+            delivery_rules: watches.add(cfg(), true),
+            access_policies: watches.add(cfg(), true),
+            // Every Secret of the scope: referenced ones (accounts, relay auth, TLS) are
+            // compiled or bundled, and a renewed certificate must reach the bundle.
+            secrets: watches.add(cfg(), false),
+            config_maps: watches.add(owned(), false),
+            services: watches.add(owned(), false),
+        };
+        let Watches {
+            streams,
+            mut probes,
+            ..
+        } = watches;
         let cert_probe = probe(certificate_api(client, scope));
         let cert_client = client.clone();
         // The Certificate API going away is not a failing watch: the probe accepts it.
@@ -300,16 +326,6 @@ impl Controller {
                 .boxed()
             }),
         );
-        let stores = Stores {
-            ip_groups,
-            mail_domains,
-            smtp_services,
-            delivery_rules,
-            access_policies,
-            secrets,
-            config_maps,
-            services,
-        };
         let (sender, triggers) = mpsc::unbounded_channel();
         let tx = sender.clone();
         let mut merged = futures::stream::select_all(streams);
@@ -339,7 +355,7 @@ impl Controller {
             tasks: vec![pump, certificates, prober],
             resync: opts.resync,
         };
-        wait_ready(&controller.stores).await?;
+        controller.stores.wait_until_ready().await?;
         Ok(controller)
     }
 
@@ -432,18 +448,6 @@ impl Controller {
 pub fn backoff(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(7);
     Duration::from_millis(500 * (1u64 << exp)).min(Duration::from_secs(60))
-}
-
-async fn wait_ready(s: &Stores) -> anyhow::Result<()> {
-    s.ip_groups.wait_until_ready().await?;
-    s.mail_domains.wait_until_ready().await?;
-    s.smtp_services.wait_until_ready().await?;
-    s.delivery_rules.wait_until_ready().await?;
-    s.access_policies.wait_until_ready().await?;
-    s.secrets.wait_until_ready().await?;
-    s.config_maps.wait_until_ready().await?;
-    s.services.wait_until_ready().await?;
-    Ok(())
 }
 
 #[cfg(test)]

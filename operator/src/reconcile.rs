@@ -1,7 +1,12 @@
 //! Reconciling one namespace: read its objects from the watch caches, compile them with the
-//! previously applied policy and credentials (what the relay runs now), write the owned ConfigMap/Secret when (and only when) they
-//! differ, manage Certificates, the TLS bundle Secret and the relay Service, then patch each
-//! object's status where it changed and publish Events for new problems.
+//! previously applied policy and credentials (what the relay runs now), write the owned
+//! ConfigMap/Secret when (and only when) they differ, manage Certificates, the TLS bundle Secret
+//! and the relay Service, then patch each object's status where it changed and publish Events
+//! for new problems.
+//!
+//! The caches themselves ([`Stores`]) are defined here, as what a reconcile reads; the
+//! controller fills them from its watches, and [`Stores::preloaded`] fills them from compiler
+//! inputs for tests that run a reconcile without any watch.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Debug;
@@ -13,7 +18,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use k8s_openapi::NamespaceResourceScope;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{self, store::WriterDropped, Store};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use mailrelay_crds::api::{
     AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, PolicyStatus, SmtpService,
@@ -43,6 +49,51 @@ pub struct Stores {
     pub secrets: Store<Secret>,
     pub config_maps: Store<ConfigMap>,
     pub services: Store<Service>,
+}
+
+impl Stores {
+    /// Waits until every cache holds a complete list, so that a compile never sees half a
+    /// namespace (which would drop rules from the applied policy).
+    pub async fn wait_until_ready(&self) -> Result<(), WriterDropped> {
+        self.ip_groups.wait_until_ready().await?;
+        self.mail_domains.wait_until_ready().await?;
+        self.smtp_services.wait_until_ready().await?;
+        self.delivery_rules.wait_until_ready().await?;
+        self.access_policies.wait_until_ready().await?;
+        self.secrets.wait_until_ready().await?;
+        self.config_maps.wait_until_ready().await?;
+        self.services.wait_until_ready().await?;
+        Ok(())
+    }
+
+    /// Caches holding `inputs` (the five kinds and the Secrets) and no owned ConfigMap or
+    /// Service, as if each watch had just listed them: a reconcile without an API server to
+    /// watch (tests) reads them like the controller's. Each is filled as a complete initial list,
+    /// so it is also ready; the reflector writers are dropped, which leaves a store readable
+    /// (the writer only feeds it).
+    pub fn preloaded(inputs: &Inputs) -> Stores {
+        Stores {
+            ip_groups: listed(&inputs.ip_groups),
+            mail_domains: listed(&inputs.mail_domains),
+            smtp_services: listed(&inputs.smtp_services),
+            delivery_rules: listed(&inputs.delivery_rules),
+            access_policies: listed(&inputs.access_policies),
+            secrets: listed(&inputs.secrets),
+            config_maps: listed(&[]),
+            services: listed(&[]),
+        }
+    }
+}
+
+/// A cache after an initial list of `objects`.
+fn listed<K: Resource<DynamicType = ()> + Clone>(objects: &[K]) -> Store<K> {
+    let (reader, mut writer) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Init);
+    for o in objects {
+        writer.apply_watcher_event(&watcher::Event::InitApply(o.clone()));
+    }
+    writer.apply_watcher_event(&watcher::Event::InitDone);
+    reader
 }
 
 /// Everything a reconcile needs.
@@ -480,5 +531,52 @@ pub fn severity_name(s: Severity) -> &'static str {
         Severity::Invalid => "invalid",
         Severity::Degraded => "degraded",
         Severity::Warning => "warning",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use k8s_openapi::api::core::v1::Secret;
+    use mailrelay_crds::api::IpAddressGroup;
+    use mailrelay_crds::compile::Inputs;
+
+    use super::{inputs, namespaces, Stores};
+
+    #[tokio::test]
+    async fn preloaded_stores_are_ready_and_hold_the_inputs_by_namespace() {
+        let group: IpAddressGroup = serde_json::from_value(serde_json::json!({
+            "apiVersion": "mailrelay.dev/v1alpha1",
+            "kind": "IpAddressGroup",
+            "metadata": {"name": "internal", "namespace": "mail"},
+            "spec": {"addresses": ["10.0.0.0/8"]},
+        }))
+        .expect("IpAddressGroup");
+        let secret = |ns: &str| {
+            let mut s = Secret::default();
+            s.metadata.name = Some("accounts".into());
+            s.metadata.namespace = Some(ns.into());
+            s
+        };
+        let stores = Stores::preloaded(&Inputs {
+            ip_groups: vec![group],
+            secrets: vec![secret("mail"), secret("other")],
+            ..Inputs::default()
+        });
+        // Synced at once: the controller's start-up wait would not block on them.
+        tokio::time::timeout(Duration::from_secs(5), stores.wait_until_ready())
+            .await
+            .expect("ready at once")
+            .expect("ready");
+        let mail = inputs(&stores, "mail");
+        assert_eq!(mail.ip_groups.len(), 1);
+        assert_eq!(mail.secrets.len(), 1);
+        assert!(inputs(&stores, "other").ip_groups.is_empty());
+        assert_eq!(
+            namespaces(&stores).into_iter().collect::<Vec<_>>(),
+            ["mail"]
+        );
+        assert!(stores.config_maps.is_empty() && stores.services.is_empty());
     }
 }

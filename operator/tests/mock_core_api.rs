@@ -12,8 +12,6 @@ use std::time::Duration;
 use http::{Request, Response};
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, store::Writer, Store};
-use kube::runtime::watcher;
 use kube::{Client, Resource};
 use mailrelay_crds::compile::Inputs;
 use mailrelay_operator::certs::CertManager;
@@ -43,39 +41,10 @@ fn example_inputs() -> Inputs {
     inputs
 }
 
-fn fill<K>(objs: &[K]) -> (Store<K>, Writer<K>)
-where
-    K: Resource<DynamicType = ()> + Clone,
-{
-    let (reader, mut writer) = reflector::store();
-    for o in objs {
-        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
-    }
-    (reader, writer)
-}
-
-fn ctx(inputs: &Inputs, client: Client) -> (Ctx, Vec<Box<dyn std::any::Any + Send>>) {
-    let (ip_groups, w1) = fill(&inputs.ip_groups);
-    let (mail_domains, w2) = fill(&inputs.mail_domains);
-    let (smtp_services, w3) = fill(&inputs.smtp_services);
-    let (delivery_rules, w4) = fill(&inputs.delivery_rules);
-    let (access_policies, w5) = fill(&inputs.access_policies);
-    let (secrets, w6) = fill(&inputs.secrets);
-    let (config_maps, w7) = fill(&[]);
-    let (services, w8) = fill(&[]);
-    let stores = Stores {
-        ip_groups,
-        mail_domains,
-        smtp_services,
-        delivery_rules,
-        access_policies,
-        secrets,
-        config_maps,
-        services,
-    };
-    let ctx = Ctx {
+fn ctx(inputs: &Inputs, client: Client) -> Ctx {
+    Ctx {
         client: client.clone(),
-        stores,
+        stores: Stores::preloaded(inputs),
         instance: "mailrelay".into(),
         relay_service: None,
         applied_services: Default::default(),
@@ -89,18 +58,7 @@ fn ctx(inputs: &Inputs, client: Client) -> (Ctx, Vec<Box<dyn std::any::Any + Sen
         certs: CertManager::new(client, Duration::from_secs(30)),
         metrics: Arc::new(Metrics::new()),
         recheck: Duration::from_secs(30),
-    };
-    let writers: Vec<Box<dyn std::any::Any + Send>> = vec![
-        Box::new(w1),
-        Box::new(w2),
-        Box::new(w3),
-        Box::new(w4),
-        Box::new(w5),
-        Box::new(w6),
-        Box::new(w7),
-        Box::new(w8),
-    ];
-    (ctx, writers)
+    }
 }
 
 #[tokio::test]
@@ -119,7 +77,7 @@ async fn api_errors_fail_the_reconcile_for_a_retry_with_mock_core_api() {
         }
     });
     let client = Client::new(svc, "default");
-    let (ctx, _writers) = ctx(&inputs, client);
+    let ctx = ctx(&inputs, client);
     let err = reconcile::reconcile(&ctx, "mail")
         .await
         .expect_err("must fail");
