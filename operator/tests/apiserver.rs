@@ -11,16 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn start(ns: &str, d: &tempfile::TempDir, identity: &str) -> Operator {
-    Operator::start(OperatorOpts {
-        ns,
-        identity,
-        log: &d.path().join(format!("{identity}.log")),
-        lease_seconds: 4,
-        relay_service: None,
-    })
-}
-
 #[test]
 fn policy_lifecycle_statuses_events_and_config() {
     let Some(_) = server() else { return };
@@ -32,7 +22,7 @@ fn policy_lifecycle_statuses_events_and_config() {
     apply_secrets(&secrets, &["partner-smarthost-auth"]);
     let (ok, out) = apply_yaml(&crs);
     assert!(ok, "{out}");
-    let op = start(&ns, &d, "life");
+    let op = start_operator(&ns, &d, "life");
 
     // Missing reference: the rule is Invalid and left out; everything else is applied.
     let rule = wait_condition(
@@ -266,12 +256,8 @@ fn policy_lifecycle_statuses_events_and_config() {
 #[test]
 fn healthz_fails_when_reconciles_keep_failing() {
     let Some(_) = server() else { return };
-    install_crds();
-    let ns = namespace("failing");
+    let Example { ns, .. } = applied_example("failing");
     let d = scratch();
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
     let op = Operator::start_with(
         OperatorOpts {
             ns: &ns,
@@ -332,15 +318,11 @@ fn schema_and_cel_rejections_at_apply_time() {
 #[test]
 fn leader_election_two_operators_only_one_writes() {
     let Some(_) = server() else { return };
-    install_crds();
-    let ns = namespace("lead");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, .. } = applied_example("lead");
     let d = scratch();
-    let mut a = start(&ns, &d, "replica-a");
+    let mut a = start_operator(&ns, &d, "replica-a");
     wait_for("A writes", Duration::from_secs(30), || a.hash(&ns));
-    let b = start(&ns, &d, "replica-b");
+    let b = start_operator(&ns, &d, "replica-b");
     // B follows: it sees A's valid lease and does nothing. Bounded observation window.
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
@@ -361,18 +343,13 @@ fn leader_election_two_operators_only_one_writes() {
         "{}",
         a.log_text()
     );
-    wait_for("B leads", Duration::from_secs(30), || {
-        b.log_text().contains("became the leader").then_some(())
-    });
+    b.wait_log("became the leader");
     let lease = get("lease.coordination.k8s.io", &ns, "mailrelay-operator").expect("lease");
     assert_eq!(lease["spec"]["holderIdentity"], "replica-b");
     assert!(lease["spec"]["leaseTransitions"].as_i64().unwrap_or(0) >= 1);
     eprintln!("failover after SIGTERM took {:?}", stopped.elapsed());
     // B writes: a change now reaches the config.
-    let yaml = format!(
-        "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: direct-mx, namespace: {ns}}}\nspec: {{priority: 3131, action: Direct}}\n"
-    );
-    assert!(apply_yaml(&yaml).0);
+    assert!(apply_yaml(&direct_mx_rule(&ns, 3131)).0);
     wait_for("B applies a change", Duration::from_secs(30), || {
         b.relay_yaml(&ns).contains("priority: 3131").then_some(())
     });
@@ -381,13 +358,9 @@ fn leader_election_two_operators_only_one_writes() {
 #[test]
 fn restart_changes_nothing() {
     let Some(_) = server() else { return };
-    install_crds();
-    let ns = namespace("restart");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, .. } = applied_example("restart");
     let d = scratch();
-    let mut op = start(&ns, &d, "first");
+    let mut op = start_operator(&ns, &d, "first");
     wait_for("written", Duration::from_secs(30), || op.hash(&ns));
     let all = "ipaddressgroups,maildomains,smtpservices,deliveryrules,accesspolicies";
     let versions = || {
@@ -434,10 +407,8 @@ fn restart_changes_nothing() {
         .any(|(n, _)| n.contains("mailrelay-credentials")));
     assert_eq!(op.terminate(), Some(0));
 
-    let op2 = start(&ns, &d, "second");
-    wait_for("second run reconciled", Duration::from_secs(30), || {
-        op2.log_text().contains("reconciled").then_some(())
-    });
+    let op2 = start_operator(&ns, &d, "second");
+    op2.wait_log("reconciled");
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         versions(),
@@ -452,13 +423,9 @@ fn restart_changes_nothing() {
 #[test]
 fn apply_to_status_latency_median_of_20_changes() {
     let Some(_) = server() else { return };
-    install_crds();
-    let ns = namespace("latency");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, .. } = applied_example("latency");
     let d = scratch();
-    let op = start(&ns, &d, "latency");
+    let op = start_operator(&ns, &d, "latency");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cms: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
         kube::Api::namespaced(rt.block_on(client()), &ns);
@@ -475,17 +442,14 @@ fn apply_to_status_latency_median_of_20_changes() {
     let mut kubectl_ms = Vec::new();
     for i in 0..20 {
         let prio = 2000 + i;
-        let yaml = format!(
-            "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: direct-mx, namespace: {ns}}}\nspec: {{priority: {prio}, action: Direct}}\n"
-        );
         let start = Instant::now();
-        let (ok, out) = apply_yaml(&yaml);
+        let (ok, out) = apply_yaml(&direct_mx_rule(&ns, prio));
         assert!(ok, "{out}");
         kubectl_ms.push(start.elapsed().as_secs_f64() * 1000.0);
         let want = format!("priority: {prio}");
         let mut config_at = None;
         let mut status_at = None;
-        let gen = 2 + i64::from(i);
+        let gen = 2 + i;
         while config_at.is_none() || status_at.is_none() {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -506,21 +470,25 @@ fn apply_to_status_latency_median_of_20_changes() {
         let _ = &op;
         status_ms.push(status_at.unwrap_or_default().as_secs_f64() * 1000.0);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[9] + v[10]) / 2.0
-    };
     let after_apply: Vec<f64> = config_ms
         .iter()
         .zip(&kubectl_ms)
         .map(|(c, k)| c - k)
         .collect();
+    let config_p50 = median(&config_ms);
     eprintln!(
-        "LATENCY over 20 changes (medians): kubectl apply -> config written {:.0} ms, -> status observed {:.0} ms; kubectl apply itself {:.0} ms; kubectl returned -> config written {:.0} ms",
-        median(&mut config_ms),
-        median(&mut status_ms),
-        median(&mut kubectl_ms),
-        median(&mut after_apply.clone())
+        "LATENCY over 20 changes (medians): kubectl apply -> config written {config_p50:.0} ms, -> status observed {:.0} ms; kubectl apply itself {:.0} ms; kubectl returned -> config written {:.0} ms",
+        median(&status_ms),
+        median(&kubectl_ms),
+        median(&after_apply)
+    );
+    // About ten times the median measured on a loaded 2-core machine (0.7 to 1.3 s, kubectl
+    // included), so that a miss means changes wait for something (a backoff, a debounce, a
+    // poll) rather than a slow machine; a change that never arrives fails the 30 s limit above.
+    const CONFIG_P50_BOUND_MS: f64 = 10_000.0;
+    assert!(
+        config_p50 < CONFIG_P50_BOUND_MS,
+        "median kubectl apply -> config written {config_p50:.0} ms, bound {CONFIG_P50_BOUND_MS:.0} ms"
     );
 }
 
@@ -568,11 +536,7 @@ fn relay_service_settings(dir: &std::path::Path, extra: &str) -> std::path::Path
 #[test]
 fn relay_service_tls_bundle_and_missing_secrets() {
     let Some(_) = server() else { return };
-    install_crds();
-    let ns = namespace("derived");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, .. } = applied_example("derived");
     let d = scratch();
     let settings = relay_service_settings(d.path(), "");
     let mut op = Operator::start(OperatorOpts {

@@ -69,18 +69,9 @@ fn issuer_ref_creates_an_owned_certificate() {
         "crd/certificates.cert-manager.io",
     ]);
 
-    let ns = namespace("certs");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, crs, .. } = applied_example("certs");
     let d = scratch();
-    let _op = Operator::start(OperatorOpts {
-        ns: &ns,
-        identity: "certs",
-        log: &d.path().join("certs.log"),
-        lease_seconds: 4,
-        relay_service: None,
-    });
+    let _op = start_operator(&ns, &d, "certs");
     let cert = wait_for(
         "Certificate submission-tls",
         Duration::from_secs(30),

@@ -11,16 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn start(ns: &str, d: &tempfile::TempDir, identity: &str) -> Operator {
-    Operator::start(OperatorOpts {
-        ns,
-        identity,
-        log: &d.path().join(format!("{identity}.log")),
-        lease_seconds: 4,
-        relay_service: None,
-    })
-}
-
 /// `credentials.yaml` of the applied credentials Secret, decoded.
 fn credentials_yaml(ns: &str) -> String {
     get("secret", ns, "mailrelay-credentials")
@@ -39,14 +29,9 @@ fn status_reason(obj: &serde_json::Value, type_: &str) -> String {
 #[test]
 fn vanished_secrets_keep_the_last_good_version_live() {
     let Some(_) = server() else { return };
-    install_crds();
-    let ns = namespace("stale");
+    let Example { ns, secrets, .. } = applied_example("stale");
     let d = scratch();
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    let (ok, out) = apply_yaml(&crs);
-    assert!(ok, "{out}");
-    let mut op = start(&ns, &d, "stale-1");
+    let mut op = start_operator(&ns, &d, "stale-1");
     wait_condition(
         "deliveryrule",
         &ns,
@@ -127,10 +112,8 @@ fn vanished_secrets_keep_the_last_good_version_live() {
 
     // The last good version survives an operator restart: it is what is applied.
     assert_eq!(op.terminate(), Some(0));
-    let op2 = start(&ns, &d, "stale-2");
-    wait_for("second run reconciled", Duration::from_secs(30), || {
-        op2.log_text().contains("reconciled").then_some(())
-    });
+    let op2 = start_operator(&ns, &d, "stale-2");
+    op2.wait_log("reconciled");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(op2.relay_yaml(&ns), relay_yaml);
     assert_eq!(credentials_yaml(&ns), credentials);

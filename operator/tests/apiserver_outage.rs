@@ -48,11 +48,7 @@ fn operator_survives_an_apiserver_outage() {
         require_peer("KUBECONFIG is not the kube-lite API server of tests/kube-lite/up.sh, which this test stops and restarts");
         return;
     }
-    install_crds();
-    let ns = namespace("outage");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, .. } = applied_example("outage");
     let d = scratch();
     let mut op = Operator::start(OperatorOpts {
         ns: &ns,
@@ -85,10 +81,7 @@ fn operator_survives_an_apiserver_outage() {
     );
 
     // The watches are live again: a change after the outage is compiled and reported.
-    let yaml = format!(
-        "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: direct-mx, namespace: {ns}}}\nspec: {{priority: 4242, action: Direct}}\n"
-    );
-    assert!(apply_yaml(&yaml).0);
+    assert!(apply_yaml(&direct_mx_rule(&ns, 4242)).0);
     wait_for("change after the outage", Duration::from_secs(60), || {
         op.relay_yaml(&ns).contains("priority: 4242").then_some(())
     });
@@ -111,11 +104,7 @@ fn health_and_readiness_follow_the_watches() {
         require_peer("KUBECONFIG is not the kube-lite API server of tests/kube-lite/up.sh, which this test stops and restarts");
         return;
     }
-    install_crds();
-    let ns = namespace("health");
-    let (crs, secrets) = example(&ns);
-    apply_secrets(&secrets, &[]);
-    assert!(apply_yaml(&crs).0);
+    let Example { ns, .. } = applied_example("health");
     let d = scratch();
     let threshold = 4;
 

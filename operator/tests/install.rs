@@ -15,7 +15,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -476,17 +476,6 @@ fn run_container(
         .expect("start process")
 }
 
-fn http(port: u16, path: &str) -> String {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return String::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 struct Killed(Vec<Child>);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -500,16 +489,8 @@ impl Drop for Killed {
 fn example_dir(ns: &str, dir: &Path) -> PathBuf {
     let out = dir.join("examples");
     std::fs::create_dir_all(&out).expect("mkdir");
-    for e in std::fs::read_dir(repo().join("deploy/examples"))
-        .expect("examples")
-        .flatten()
-    {
-        let text = std::fs::read_to_string(e.path()).expect("read");
-        std::fs::write(
-            out.join(e.file_name()),
-            text.replace("namespace: mail", &format!("namespace: {ns}")),
-        )
-        .expect("write");
+    for (name, text) in example_files(ns) {
+        std::fs::write(out.join(name), text).expect("write");
     }
     out
 }
@@ -582,12 +563,12 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
     )]);
     let relay_text = || std::fs::read_to_string(&relay_log).unwrap_or_default();
     wait_for("relay alive", Duration::from_secs(30), || {
-        http(metrics, "/healthz")
+        http_get(("127.0.0.1", metrics), "/healthz")
             .starts_with("HTTP/1.1 200")
             .then_some(())
     });
     assert!(
-        http(metrics, "/readyz").starts_with("HTTP/1.1 503"),
+        http_get(("127.0.0.1", metrics), "/readyz").starts_with("HTTP/1.1 503"),
         "{}",
         relay_text()
     );
@@ -685,7 +666,7 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
 
     // 6. The kubelet mounts them; the relay binds its listeners without a restart.
     wait_for("relay ready", Duration::from_secs(60), || {
-        http(metrics, "/readyz")
+        http_get(("127.0.0.1", metrics), "/readyz")
             .starts_with("HTTP/1.1 200")
             .then_some(())
     });
@@ -817,18 +798,14 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
         ms.push(start.elapsed().as_secs_f64() * 1000.0);
         after_kubectl.push((start.elapsed() - returned).as_secs_f64() * 1000.0);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        (v[9] + v[10]) / 2.0
-    };
     let (min, max) = (
         ms.iter().copied().fold(f64::MAX, f64::min),
         ms.iter().copied().fold(0.0, f64::max),
     );
     eprintln!(
         "INSTALL LATENCY kubectl apply -> new greeting on the relay, 20 changes: median {:.0} ms (min {min:.0}, max {max:.0}); from kubectl's return: median {:.0} ms. Kubelet emulation polls every 100 ms; relay reloadIntervalMs is the chart default, 1000 ms",
-        median(&mut ms),
-        median(&mut after_kubectl),
+        median(&ms),
+        median(&after_kubectl),
     );
 
     // 11. Delete a CR: the submission service is gone from the relay and from the Service.

@@ -1,6 +1,6 @@
 //! Shared harness of the real-API-server tests (kube-lite, `tests/kube-lite/`, or any cluster in
-//! `KUBECONFIG`): finding the server, kubectl, running operator processes, reading what they
-//! wrote through the API, bounded polling.
+//! `KUBECONFIG`): finding the server, kubectl, the example policy applied in a fresh namespace,
+//! running operator processes, reading what they wrote through the API, bounded polling.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -108,19 +108,36 @@ pub fn install_crds() {
     *installed = true;
 }
 
-/// The example policy for namespace `ns`: (custom resources YAML, Secrets YAML).
-pub fn example(ns: &str) -> (String, String) {
-    let mut crs = String::new();
-    let mut secrets = String::new();
+/// The files of deploy/examples in name order, moved to namespace `ns`: (file name, text).
+pub fn example_files(ns: &str) -> Vec<(String, String)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(repo().join("deploy/examples"))
         .expect("examples")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     files.sort();
-    for f in files {
-        let text = std::fs::read_to_string(&f).expect("read");
+    files
+        .iter()
+        .map(|f| {
+            let name = f
+                .file_name()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned();
+            let text = std::fs::read_to_string(f).expect("read");
+            (
+                name,
+                text.replace("namespace: mail", &format!("namespace: {ns}")),
+            )
+        })
+        .collect()
+}
+
+/// The example policy for namespace `ns`: (custom resources YAML, Secrets YAML).
+pub fn example(ns: &str) -> (String, String) {
+    let mut crs = String::new();
+    let mut secrets = String::new();
+    for (_, text) in example_files(ns) {
         for doc in text.split("\n---\n") {
-            let doc = doc.replace("namespace: mail", &format!("namespace: {ns}"));
             if doc.contains("\nkind: Secret\n") {
                 secrets.push_str(&format!("---\n{doc}\n"));
             } else {
@@ -129,6 +146,47 @@ pub fn example(ns: &str) -> (String, String) {
         }
     }
     (crs, secrets)
+}
+
+/// A namespace with the whole example policy and its Secrets applied: where most tests start.
+pub struct Example {
+    pub ns: String,
+    /// The custom resources applied (YAML), to apply again changed.
+    pub crs: String,
+    /// The Secrets applied (YAML), to apply again after deleting some.
+    pub secrets: String,
+}
+
+/// Installs the CRDs, then applies the example Secrets and policy in a fresh namespace named
+/// after `prefix` (see [`namespace`]).
+pub fn applied_example(prefix: &str) -> Example {
+    install_crds();
+    let ns = namespace(prefix);
+    let (crs, secrets) = example(&ns);
+    apply_secrets(&secrets, &[]);
+    let (ok, out) = apply_yaml(&crs);
+    assert!(ok, "{out}");
+    Example { ns, crs, secrets }
+}
+
+/// The example's `direct-mx` DeliveryRule with another priority: a change that shows in
+/// `relay.yaml` as `priority: <priority>`.
+pub fn direct_mx_rule(ns: &str, priority: i64) -> String {
+    format!(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: DeliveryRule\nmetadata: {{name: direct-mx, namespace: {ns}}}\nspec: {{priority: {priority}, action: Direct}}\n"
+    )
+}
+
+/// The median of `values` (not empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    }
 }
 
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
@@ -213,6 +271,18 @@ pub struct OperatorOpts<'a> {
     pub lease_seconds: u64,
     /// `--relay-service-config` (the operator then owns the relay Service).
     pub relay_service: Option<&'a Path>,
+}
+
+/// An operator in `ns` as most tests run it (4 s lease, no relay Service), logging to
+/// `<identity>.log` in `dir`.
+pub fn start_operator(ns: &str, dir: &tempfile::TempDir, identity: &str) -> Operator {
+    Operator::start(OperatorOpts {
+        ns,
+        identity,
+        log: &dir.path().join(format!("{identity}.log")),
+        lease_seconds: 4,
+        relay_service: None,
+    })
 }
 
 impl Operator {
@@ -310,18 +380,7 @@ impl Operator {
 
     /// `GET path` on the metrics address: the status line and body ("" when unreachable).
     pub fn http(&self, path: &str) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect(self.metrics_addr()) else {
-            return String::new();
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let _ = write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        );
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        http_get(self.metrics_addr(), path)
     }
 
     /// Waits until `GET path` answers with status `code`; returns the response.
@@ -337,6 +396,15 @@ impl Operator {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str) {
+        wait_for(
+            &format!("{needle:?} in the log"),
+            Duration::from_secs(30),
+            || self.log_text().contains(needle).then_some(()),
+        );
+    }
+
     pub fn child_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
@@ -347,6 +415,23 @@ impl Drop for Operator {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A hand-written `GET path` (one request per connection): the status line, headers and body,
+/// or "" when nothing answers.
+pub fn http_get(addr: impl std::net::ToSocketAddrs, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// A kube client for fast polling.
