@@ -1,8 +1,8 @@
 //! mailrelay's relay: the inbound SMTP service and the outbound delivery queue.
 //!
 //! - [`smtp`]: the sans-IO protocol core (commands, replies, DATA/BDAT decoding);
-//! - [`server`]: listeners and the session driver over TCP and TLS ([`tls`], [`proxy`] for
-//!   PROXY-protocol headers); [`limits`] admits connections and enforces per-IP limits;
+//! - [`server`]: listeners and the session driver over TCP and TLS ([`net`] is the stream,
+//!   [`tls`] the certificates, [`proxy`] PROXY-protocol headers); [`limits`] admits connections and enforces per-IP limits;
 //! - [`auth`]: SASL against the compiled verifiers; [`policy`]: relay and sender decisions;
 //! - [`snapshot`] builds the compiled policy from the config directory and [`reload`] swaps it
 //!   in when the files change; [`settings`] is `runtime.yaml`;
@@ -19,6 +19,7 @@ pub mod http;
 pub mod limits;
 pub mod memory;
 pub mod metrics;
+pub mod net;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

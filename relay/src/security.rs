@@ -172,6 +172,17 @@ impl SecurityKind {
     }
 }
 
+impl SecurityKind {
+    /// The `reason` of `mailrelay_connections_refused_total` when this kind turns a connection
+    /// away before any command (a fixed set, documented on the metric).
+    pub const fn refused_reason(self) -> &'static str {
+        match self {
+            SecurityKind::ConnectionRefused => "not_allowed",
+            k => k.as_str(),
+        }
+    }
+}
+
 impl fmt::Display for SecurityKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -11,21 +11,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use mailrelay_crds::config::{OutboundAuthMechanism, OutboundTls};
 use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Recipient};
-use tokio::io::{
-    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf,
-};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
+
+use crate::net::Stream;
 
 use super::data::{DotStuffer, BLOCK};
 use super::status::{is_enhanced_code, Status};
@@ -37,14 +35,16 @@ const MAX_LINE: u64 = 4096;
 /// Most lines in one multi-line reply (EHLO lists are the longest).
 const MAX_REPLY_LINES: usize = 100;
 
-/// A reply from the downstream server.
+/// A reply from the downstream server, as it was sent. Not [`crate::smtp::Reply`], the replies
+/// this relay writes: those carry an enhanced code the relay chose, these are parsed text whose
+/// enhanced code (if any) is read from the first line and checked against the reply class.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Reply {
+pub struct RemoteReply {
     pub code: u16,
     pub lines: Vec<String>,
 }
 
-impl Reply {
+impl RemoteReply {
     /// The enhanced status code of the first line, when the server sent one matching the class.
     pub fn enhanced(&self) -> Option<String> {
         let first = self.lines.first()?;
@@ -108,7 +108,7 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    fn parse(reply: &Reply) -> Capabilities {
+    fn parse(reply: &RemoteReply) -> Capabilities {
         let mut caps = Capabilities::default();
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
@@ -174,49 +174,6 @@ impl HostFailure {
             status,
             auth_rejected: false,
             starttls_failed: false,
-        }
-    }
-}
-
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -341,7 +298,7 @@ impl Connection {
         let mut encrypted = false;
         let stream = if target.tls == OutboundTls::Implicit {
             encrypted = true;
-            Stream::Tls(Box::new(handshake(tcp, target, &opts.tls, true, t).await?))
+            Stream::from(handshake(tcp, target, &opts.tls, true, t).await?)
         } else {
             Stream::Plain(tcp)
         };
@@ -428,7 +385,7 @@ impl Connection {
                 f
             })?;
         Ok(Connection {
-            io: BufReader::new(Stream::Tls(Box::new(tls))),
+            io: BufReader::new(Stream::from(tls)),
             caps: Capabilities::default(),
             remote,
             encrypted: true,
@@ -546,7 +503,7 @@ impl Connection {
         line: &str,
         timeout: u64,
         stage: &'static str,
-    ) -> Result<Reply, HostFailure> {
+    ) -> Result<RemoteReply, HostFailure> {
         let r = async {
             self.write(format!("{line}\r\n").as_bytes(), timeout, stage)
                 .await?;
@@ -572,7 +529,7 @@ impl Connection {
         }
     }
 
-    async fn read(&mut self, timeout: u64, stage: &'static str) -> Result<Reply, Io> {
+    async fn read(&mut self, timeout: u64, stage: &'static str) -> Result<RemoteReply, Io> {
         match tokio::time::timeout(secs(timeout), read_reply(&mut self.io)).await {
             Ok(r) => r,
             Err(_) => Err(Io::Timeout(stage)),
@@ -817,7 +774,7 @@ fn connect_failed(label: &str, why: &str) -> Status {
 }
 
 /// The host name a greeting or EHLO reply starts with.
-fn first_word(reply: &Reply) -> String {
+fn first_word(reply: &RemoteReply) -> String {
     reply
         .lines
         .first()
@@ -876,7 +833,7 @@ fn rcpt_dsn_params(r: &Recipient) -> String {
     p
 }
 
-fn greeting_failed(reply: &Reply, label: &str) -> Status {
+fn greeting_failed(reply: &RemoteReply, label: &str) -> Status {
     // A refusing greeting (554) still only concerns this host: the next MX may accept, and the
     // message is retried later otherwise (RFC 5321 §3.1).
     // The remote's reply stays in `remote_reply`; the code is the relay's decision.
@@ -919,7 +876,7 @@ async fn handshake(
     }
 }
 
-async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Reply, Io> {
+async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<RemoteReply, Io> {
     let mut lines = Vec::new();
     let mut code = None;
     loop {
@@ -955,7 +912,7 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(io: &mut R) -> Result<Re
         }
         lines.push(line.get(4..).unwrap_or("").to_string());
         if bytes.len() == 3 || bytes[3] == b' ' {
-            return Ok(Reply { code: this, lines });
+            return Ok(RemoteReply { code: this, lines });
         }
         if lines.len() >= MAX_REPLY_LINES {
             return Err(Io::Garbage("reply too long".into()));

@@ -28,17 +28,32 @@ pub use crate::security::Refusal;
 
 /// Admission at connect: `Ok` holds the connection slot (if counted).
 ///
+/// A client outside the service's `allowedFrom` groups is refused first, whatever else holds
+/// (exempt groups included: `allowedFrom` says who may connect at all, not who is limited).
+///
 /// Blocks are relay-wide, as in Kerio: an address blocked for directory harvesting or failed
 /// logins on one service is refused on every service, whatever that service's own thresholds
 /// (they decide when a block starts, not where it applies). The service's exempt groups still
 /// decide who is never refused.
 pub async fn admit(
     limiter: &Arc<Limiter>,
+    snap: &Snapshot,
     service: &ServicePolicy,
     exempt: bool,
     auth: &AuthProtection,
     ip: IpAddr,
 ) -> Result<Option<ConnectionGuard>, Refusal> {
+    if !service.allowed_from.is_empty() && !snap.config.in_any_group(&service.allowed_from, ip) {
+        return Err(Refusal::new(
+            Reply::new(
+                554,
+                "5.7.1",
+                "Access denied: connections from your address are not allowed",
+            ),
+            SecurityKind::ConnectionRefused,
+            "client is not in any allowedFrom IP group",
+        ));
+    }
     auth.check_ip().await?;
     if exempt {
         return Ok(None);

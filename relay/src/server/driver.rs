@@ -1,509 +1,51 @@
-//! The network side: one accept loop per service, one task per connection driving a
-//! [`Session`] over TCP or TLS, SASL steps on the blocking pool, and the hand-off of accepted
-//! messages to the spool. Each connection keeps the snapshot it started with; new connections get
-//! whatever is current.
+//! The session driver: feeds a connection's bytes to the sans-IO [`Session`], acts on its
+//! events (limits, STARTTLS, SASL steps, storing messages) and writes its replies. The decisions
+//! it applies live elsewhere (the session core, `limits`, `policy`); what is pure here
+//! ([`session_config`], [`envelope_from`]) is unit-tested below.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use mailrelay_crds::config::{canonical_ip, Protocol, ServicePolicy};
-use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Incoming, Recipient, Spool};
+use mailrelay_crds::config::{Protocol, ServicePolicy};
+use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Incoming, Recipient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tokio::net::TcpStream;
+use tracing::{info, warn};
 
+use super::listeners::tls_accept;
+use super::{refusal_event, security, Relay, DEFAULT_MAX_RECIPIENTS};
 use crate::auth::{AuthContext, AuthFailure, Exchange, Step};
-use crate::dnscheck::DnsChecker;
-use crate::limits::auth::{AuthProtection, VerificationSlots};
-use crate::limits::gate::{admit, SessionLimits};
-use crate::limits::Limiter;
-use crate::metrics::{Metrics, ServiceLabels};
-use crate::policy::PolicyEngine;
-use crate::security::{Refusal, SecurityKind};
-use crate::settings::RuntimeSettings;
+use crate::limits::auth::AuthProtection;
+use crate::limits::gate::SessionLimits;
+use crate::metrics::ServiceLabels;
+use crate::net::Stream;
+use crate::security::SecurityKind;
 use crate::smtp::parser::{BodyType, MailParams, RcptParams, Ret};
 use crate::smtp::received::{received_header, ReceivedInfo};
-use crate::smtp::{
-    Event, Reply, Session, SessionConfig, SessionFacts, StoreFailure, TlsInfo, Transaction,
-};
+use crate::smtp::{Event, Reply, Session, SessionConfig, SessionFacts, StoreFailure, Transaction};
 use crate::snapshot::Snapshot;
-use crate::tls::TlsAcceptors;
-
-/// Everything the tasks share.
-pub struct Relay {
-    pub config_dir: PathBuf,
-    pub settings: RuntimeSettings,
-    pub current: Arc<ArcSwap<Snapshot>>,
-    pub spool: Arc<Spool>,
-    pub metrics: Arc<Metrics>,
-    pub tls: TlsAcceptors,
-    pub ready: AtomicBool,
-    /// Per-IP and per-account limit counters (see `crate::limits`).
-    pub limiter: Arc<Limiter>,
-    /// Resolver for PTR and sender-domain checks; `None` if it could not be built.
-    pub dns_checks: Option<Arc<DnsChecker>>,
-    /// Called with the id of every message stored by a session (the delivery queue's feed).
-    pub on_queued: std::sync::OnceLock<QueuedHook>,
-    /// Bounds the password verifications running at once (memory and CPU of an AUTH flood).
-    pub auth_slots: VerificationSlots,
-    /// Set once on SIGTERM: sessions finish their current message and end (see
-    /// [`Relay::begin_shutdown`]).
-    shutdown: tokio::sync::watch::Sender<bool>,
-    listeners: Mutex<HashMap<String, (u16, JoinHandle<()>)>>,
-}
-
-/// See [`Relay::on_queued`].
-pub type QueuedHook = Box<dyn Fn(mailrelay_spool::MessageId) + Send + Sync>;
-
-impl Relay {
-    pub fn new(
-        config_dir: PathBuf,
-        settings: RuntimeSettings,
-        snapshot: Snapshot,
-        spool: Spool,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
-        let current = Arc::new(ArcSwap::from_pointee(snapshot));
-        let limiter = Limiter::new(&settings.limits, metrics.clone());
-        let dns_checks = match DnsChecker::new(&settings.delivery.dns) {
-            Ok(d) => Some(Arc::new(d)),
-            Err(e) => {
-                warn!(error = %e, "no resolver for DNS checks; PTR and sender-domain checks will fail temporarily");
-                None
-            }
-        };
-        let auth_slots = VerificationSlots::per_cpu(
-            settings.limits.auth_verification_concurrency,
-            Duration::from_secs(settings.limits.auth_verification_queue_seconds.max(1)),
-        );
-        Arc::new(Relay {
-            config_dir,
-            settings,
-            tls: TlsAcceptors::new(current.clone()),
-            current,
-            spool: Arc::new(spool),
-            metrics,
-            ready: AtomicBool::new(false),
-            limiter,
-            dns_checks,
-            on_queued: std::sync::OnceLock::new(),
-            auth_slots,
-            shutdown: tokio::sync::watch::channel(false).0,
-            listeners: Mutex::new(HashMap::new()),
-        })
-    }
-
-    /// Graceful shutdown of the sessions: each one without a transaction in progress gets
-    /// `421 4.3.2` now; one with a transaction finishes its message and gets `421 4.3.2` at its
-    /// next command. Call after [`Relay::stop_listening`]; wait for `sessions_active` to reach 0.
-    pub fn begin_shutdown(&self) {
-        self.shutdown.send_replace(true);
-    }
-
-    /// Stops every accept loop (graceful shutdown); open connections are not affected.
-    pub fn stop_listening(&self) {
-        if let Ok(mut map) = self.listeners.lock() {
-            for (name, (_, handle)) in map.drain() {
-                info!(service = %name, "stopping listener");
-                handle.abort();
-            }
-        }
-    }
-
-    /// Binds listeners for services that have none yet and stops those whose service is gone or
-    /// moved. Open connections are not affected.
-    pub async fn sync_listeners(self: &Arc<Self>) -> anyhow::Result<()> {
-        let snap = self.current.load_full();
-        let wanted: HashMap<String, u16> = snap.listeners().into_iter().collect();
-        let mut to_bind = Vec::new();
-        {
-            let mut map = self
-                .listeners
-                .lock()
-                .map_err(|_| anyhow::anyhow!("listener map poisoned"))?;
-            map.retain(|name, (port, handle)| {
-                let keep = wanted.get(name) == Some(port);
-                if !keep {
-                    info!(service = %name, port = *port, "stopping listener");
-                    handle.abort();
-                }
-                keep
-            });
-            for (name, port) in &wanted {
-                if !map.contains_key(name) {
-                    to_bind.push((name.clone(), *port));
-                }
-            }
-        }
-        let mut first_error = None;
-        for (name, port) in to_bind {
-            let addr = match self.settings.listen_addr(port) {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(service = %name, error = %e, "cannot bind listener");
-                    first_error.get_or_insert(e);
-                    continue;
-                }
-            };
-            match TcpListener::bind(addr).await {
-                Ok(l) => {
-                    info!(service = %name, %addr, "listening");
-                    let relay = self.clone();
-                    let svc = name.clone();
-                    let handle = tokio::spawn(async move { relay.accept_loop(svc, l).await });
-                    if let Ok(mut map) = self.listeners.lock() {
-                        map.insert(name, (port, handle));
-                    }
-                }
-                Err(e) => {
-                    warn!(service = %name, %addr, error = %e, "cannot bind listener");
-                    first_error.get_or_insert(anyhow::anyhow!("binding {addr} for {name}: {e}"));
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
-    }
-
-    async fn accept_loop(self: Arc<Self>, service: String, listener: TcpListener) {
-        loop {
-            match listener.accept().await {
-                Ok((stream, peer)) => {
-                    let relay = self.clone();
-                    let svc = service.clone();
-                    tokio::spawn(async move {
-                        let metrics = relay.metrics.clone();
-                        metrics.sessions_active.inc();
-                        relay.connection(svc, stream, peer).await;
-                        metrics.sessions_active.dec();
-                    });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(service = %service, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    }
-
-    async fn connection(
-        self: Arc<Self>,
-        service_name: String,
-        stream: TcpStream,
-        peer: SocketAddr,
-    ) {
-        let snap = self.current.load_full();
-        let Some(service) = snap.service(&service_name).cloned() else {
-            return;
-        };
-        let mut ip = canonical_ip(peer.ip());
-        let mut stream = stream;
-        let mut refuse_proxy_header = false;
-        if let Some(pp) = &service.proxy_protocol {
-            if snap.config.in_any_group(&pp.trusted_from, ip) {
-                match self.proxy_header(&mut stream, &service.name, ip).await {
-                    Some(real) => ip = real,
-                    None => return,
-                }
-            } else {
-                refuse_proxy_header = true;
-            }
-        }
-        self.metrics
-            .connections
-            .get_or_create(&ServiceLabels {
-                service: service.name.clone(),
-            })
-            .inc();
-        let _ = stream.set_nodelay(true);
-        let conn = Conn::Plain(stream);
-        if !service.allowed_from.is_empty() && !snap.config.in_any_group(&service.allowed_from, ip)
-        {
-            self.metrics.refused(&service.name, "not_allowed");
-            security(
-                &self.metrics,
-                SecurityKind::ConnectionRefused,
-                &service.name,
-                ip,
-                "client is not in any allowedFrom IP group",
-            );
-            let reply = Reply::new(
-                554,
-                "5.7.1",
-                "Access denied: connections from your address are not allowed",
-            );
-            refuse(&self, &service, ip, conn, &reply).await;
-            return;
-        }
-        let limits = SessionLimits::new(
-            self.limiter.clone(),
-            self.dns_checks.clone(),
-            snap.clone(),
-            service.clone(),
-            ip,
-        );
-        let auth = AuthProtection::new(self.limiter.clone(), &snap, &service.auth.brute_force, ip);
-        let _slot = match admit(&self.limiter, &service, limits.exempt, &auth, ip).await {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                refusal_event(&self.metrics, &service.name, ip, &refusal);
-                // The security-event kinds of admission refusals (auth_blocked,
-                // harvest_blocked, connection_limit) are a fixed set: the reason label.
-                self.metrics.refused(&service.name, refusal.kind.as_str());
-                refuse(&self, &service, ip, conn, &refusal.reply).await;
-                return;
-            }
-        };
-        let service_label = ServiceLabels {
-            service: service.name.clone(),
-        };
-        self.metrics.sessions.get_or_create(&service_label).inc();
-        let open = self
-            .metrics
-            .sessions_open
-            .get_or_create(&service_label)
-            .clone();
-        open.inc();
-        let hostname = snap.hostname_for(&service);
-        let cert_loaded = service
-            .tls
-            .as_ref()
-            .is_some_and(|t| snap.certs.contains_key(&t.secret_name));
-        let cfg = session_config(
-            &service,
-            hostname.clone(),
-            cert_loaded,
-            self.settings.max_message_size_bytes,
-        );
-        let facts = SessionFacts {
-            service: service.name.clone(),
-            client_ip: ip,
-            helo: None,
-            esmtp: false,
-            tls: None,
-            authenticated_as: None,
-        };
-        let policy = PolicyEngine {
-            snapshot: snap.clone(),
-            service: service.name.clone(),
-        };
-        let mut session = Session::new(cfg, facts, Box::new(policy));
-        session.enable_mail_check();
-        let mut driver = Driver {
-            relay: self.clone(),
-            snap,
-            service,
-            ip,
-            hostname,
-            exchange: None,
-            limits,
-            auth,
-            auth_delayed: false,
-            refuse_proxy_header,
-            tx_span: None,
-            incoming: None,
-        };
-        let span = tracing::info_span!(
-            "smtp_session",
-            service = %driver.service.name,
-            client_ip = %ip,
-            peer = %peer,
-        );
-        debug!(parent: &span, service = %driver.service.name, client = %ip, "session start");
-        tracing::Instrument::instrument(driver.run(&mut session, conn), span.clone()).await;
-        debug!(parent: &span, service = %driver.service.name, client = %ip, "session end");
-        open.dec();
-    }
-
-    /// Reads the PROXY header of a trusted proxy; `None` closes the connection.
-    async fn proxy_header(
-        &self,
-        stream: &mut TcpStream,
-        service: &str,
-        proxy: IpAddr,
-    ) -> Option<IpAddr> {
-        let wait = Duration::from_secs(self.settings.timeouts.tls_handshake_seconds.max(1));
-        match tokio::time::timeout(wait, crate::proxy::read_header(stream)).await {
-            Ok(Ok(crate::proxy::ProxiedPeer::Client(addr))) => {
-                debug!(service, proxy = %proxy, client = %addr, "PROXY header");
-                Some(canonical_ip(addr.ip()))
-            }
-            Ok(Ok(crate::proxy::ProxiedPeer::Local)) => Some(proxy),
-            Ok(Err(e)) => {
-                security(
-                    &self.metrics,
-                    SecurityKind::ProxyHeaderInvalid,
-                    service,
-                    proxy,
-                    &e.to_string(),
-                );
-                None
-            }
-            Err(_) => {
-                security(
-                    &self.metrics,
-                    SecurityKind::ProxyHeaderInvalid,
-                    service,
-                    proxy,
-                    "no PROXY header from a trusted proxy in time",
-                );
-                None
-            }
-        }
-    }
-}
-
-/// Recipients per transaction when the service sets no limit.
-pub const DEFAULT_MAX_RECIPIENTS: u32 = 1000;
-
-fn refusal_event(metrics: &Metrics, service: &str, ip: IpAddr, r: &Refusal) {
-    metrics.limit_hit(service, r.limit());
-    metrics.rejected(service, r.limit());
-    security(metrics, r.kind, service, ip, &r.detail);
-}
-
-fn security(metrics: &Metrics, kind: SecurityKind, service: &str, ip: IpAddr, detail: &str) {
-    metrics.security(kind);
-    warn!(target: "security", kind = kind.as_str(), service, client_ip = %ip, detail);
-}
-
-/// Plain TCP or TLS.
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-    /// Moved out during the STARTTLS upgrade; only seen if the upgrade failed.
-    Gone,
-}
-
-fn gone() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::NotConnected, "connection closed")
-}
-
-/// Server-side TLS handshake on a service's certificate, bounded by the handshake timeout.
-async fn tls_accept(
-    relay: &Relay,
-    service: &ServicePolicy,
-    ip: IpAddr,
-    tcp: TcpStream,
-) -> Option<Conn> {
-    let hs = Duration::from_secs(relay.settings.timeouts.tls_handshake_seconds.max(1));
-    let secret = service.tls.as_ref()?.secret_name.clone();
-    let acceptor = match relay.tls.acceptor(&secret) {
-        Ok(a) => a,
-        Err(e) => {
-            warn!(service = %service.name, error = %e, "no TLS acceptor");
-            return None;
-        }
-    };
-    let result = tokio::time::timeout(hs, acceptor.accept(tcp)).await;
-    let version = match &result {
-        Ok(Ok(s)) => s.get_ref().1.protocol_version(),
-        _ => None,
-    };
-    relay.metrics.tls_handshake(&service.name, version);
-    match result {
-        Ok(Ok(s)) => Some(Conn::Tls(Box::new(s))),
-        Ok(Err(e)) => {
-            debug!(service = %service.name, client = %ip, error = %e, "TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            debug!(service = %service.name, client = %ip, "TLS handshake timed out");
-            None
-        }
-    }
-}
-
-/// Refuses a connection at connect with `reply`. On SMTPS the reply goes inside TLS (a client
-/// that speaks TLS from the first byte could not read it otherwise), so a refusal there costs a
-/// handshake, bounded by the handshake timeout.
-async fn refuse(relay: &Relay, service: &ServicePolicy, ip: IpAddr, conn: Conn, reply: &Reply) {
-    relay.metrics.reply(&service.name, reply.code);
-    let mut conn = match conn {
-        Conn::Plain(tcp) if service.protocol == Protocol::Smtps => {
-            match tls_accept(relay, service, ip, tcp).await {
-                Some(c) => c,
-                None => return,
-            }
-        }
-        other => other,
-    };
-    let _ = conn.write_all(&reply.to_bytes()).await;
-    let _ = conn.shutdown().await;
-}
-
-impl Conn {
-    async fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Conn::Plain(s) => s.read(buf).await,
-            Conn::Tls(s) => s.read(buf).await,
-            Conn::Gone => Err(gone()),
-        }
-    }
-    async fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.write_all(buf).await,
-            Conn::Tls(s) => {
-                s.write_all(buf).await?;
-                s.flush().await
-            }
-            Conn::Gone => Err(gone()),
-        }
-    }
-    async fn shutdown(&mut self) -> std::io::Result<()> {
-        match self {
-            Conn::Plain(s) => s.shutdown().await,
-            Conn::Tls(s) => s.shutdown().await,
-            Conn::Gone => Ok(()),
-        }
-    }
-}
-
-fn tls_info(s: &tokio_rustls::server::TlsStream<TcpStream>) -> TlsInfo {
-    let (_, c) = s.get_ref();
-    TlsInfo {
-        version: c
-            .protocol_version()
-            .and_then(|v| v.as_str())
-            .unwrap_or("TLS")
-            .to_string(),
-        cipher: c
-            .negotiated_cipher_suite()
-            .and_then(|s| s.suite().as_str())
-            .unwrap_or("unknown")
-            .to_string(),
-    }
-}
 
 /// Per-connection state around the session.
-struct Driver {
-    relay: Arc<Relay>,
-    snap: Arc<Snapshot>,
-    service: ServicePolicy,
-    ip: IpAddr,
-    hostname: String,
-    exchange: Option<Exchange>,
-    limits: SessionLimits,
+pub(super) struct Driver {
+    pub(super) relay: Arc<Relay>,
+    pub(super) snap: Arc<Snapshot>,
+    pub(super) service: ServicePolicy,
+    pub(super) ip: IpAddr,
+    pub(super) hostname: String,
+    pub(super) exchange: Option<Exchange>,
+    pub(super) limits: SessionLimits,
     /// Failed-login protection of this client on this service.
-    auth: AuthProtection,
+    pub(super) auth: AuthProtection,
     /// The current AUTH exchange was already held back for its account.
-    auth_delayed: bool,
+    pub(super) auth_delayed: bool,
     /// An untrusted peer on a PROXY-protocol listener: a PROXY header from it is refused.
-    refuse_proxy_header: bool,
+    pub(super) refuse_proxy_header: bool,
     /// The open transaction's span (MAIL to stored message).
-    tx_span: Option<tracing::Span>,
+    pub(super) tx_span: Option<tracing::Span>,
     /// A large message being written to the spool as it arrives, with its envelope and the
     /// session's serial of its body.
-    incoming: Option<(Incoming, Envelope, u64)>,
+    pub(super) incoming: Option<(Incoming, Envelope, u64)>,
 }
 
 /// Message data is handed to the spool in pieces of at least this size while it arrives, so a
@@ -513,6 +55,8 @@ const STREAM_CHUNK: usize = 64 * 1024;
 
 enum Flow {
     Continue,
+    /// Upgrade the connection: the replies so far go out in plain text first.
+    StartTls,
     Close,
 }
 
@@ -526,21 +70,21 @@ impl Driver {
         )
     }
 
-    async fn handshake(&self, tcp: TcpStream) -> Option<Conn> {
+    async fn handshake(&self, tcp: TcpStream) -> Option<Stream> {
         tls_accept(&self.relay, &self.service, self.ip, tcp).await
     }
 
-    async fn run(&mut self, session: &mut Session, mut conn: Conn) {
+    pub(super) async fn run(&mut self, session: &mut Session, mut conn: Stream) {
         let (idle, total, _) = self.timeouts();
         let deadline = Instant::now() + total;
         if self.service.protocol == Protocol::Smtps {
-            let Conn::Plain(tcp) = conn else { return };
+            let Stream::Plain(tcp) = conn else { return };
             conn = match self.handshake(tcp).await {
                 Some(c) => c,
                 None => return,
             };
-            if let Conn::Tls(s) = &conn {
-                session.tls_established(tls_info(s));
+            if let Some(info) = conn.tls_info() {
+                session.tls_established(info);
             }
         }
         session.greeting();
@@ -557,10 +101,26 @@ impl Driver {
         let mut data_started: Option<(Instant, u64)> = None;
         loop {
             while let Some(ev) = session.poll_event() {
-                if let Flow::Close = self.event(session, ev, &mut conn).await {
-                    self.flush(session, &mut conn).await;
-                    let _ = conn.shutdown().await;
-                    return;
+                match self.event(session, ev).await {
+                    Flow::Continue => {}
+                    Flow::StartTls => {
+                        if !self.flush(session, &mut conn).await {
+                            return;
+                        }
+                        let Stream::Plain(tcp) = conn else { return };
+                        conn = match self.handshake(tcp).await {
+                            Some(c) => c,
+                            None => return,
+                        };
+                        if let Some(info) = conn.tls_info() {
+                            session.tls_established(info);
+                        }
+                    }
+                    Flow::Close => {
+                        self.flush(session, &mut conn).await;
+                        let _ = conn.shutdown().await;
+                        return;
+                    }
                 }
             }
             // Refused, reset or abandoned: the partial file goes, before a piece of the next
@@ -631,9 +191,10 @@ impl Driver {
                     if std::mem::take(&mut self.refuse_proxy_header)
                         && crate::proxy::looks_like_header(&buf[..n])
                     {
-                        self.relay
-                            .metrics
-                            .refused(&self.service.name, "proxy_header_untrusted");
+                        self.relay.metrics.refused(
+                            &self.service.name,
+                            SecurityKind::ProxyHeaderUntrusted.refused_reason(),
+                        );
                         security(
                             &self.relay.metrics,
                             SecurityKind::ProxyHeaderUntrusted,
@@ -673,7 +234,7 @@ impl Driver {
     }
 
     /// Writes pending replies; false when the client is gone.
-    async fn flush(&self, session: &mut Session, conn: &mut Conn) -> bool {
+    async fn flush(&self, session: &mut Session, conn: &mut Stream) -> bool {
         for code in session.take_reply_codes() {
             self.relay.metrics.reply(&self.service.name, code);
         }
@@ -681,11 +242,12 @@ impl Driver {
             return true;
         }
         let out = session.take_output();
-        conn.write_all(&out).await.is_ok()
+        // TLS buffers records until flushed; plain TCP's flush is free.
+        conn.write_all(&out).await.is_ok() && conn.flush().await.is_ok()
     }
 
-    /// Handles one event; the connection may be upgraded to TLS in place.
-    async fn event(&mut self, session: &mut Session, ev: Event, conn: &mut Conn) -> Flow {
+    /// Handles one event.
+    async fn event(&mut self, session: &mut Session, ev: Event) -> Flow {
         match ev {
             Event::Close => Flow::Close,
             Event::MailCheck { sender } => {
@@ -731,24 +293,7 @@ impl Driver {
                 }
                 Flow::Continue
             }
-            Event::StartTls => {
-                if !self.flush(session, conn).await {
-                    return Flow::Close;
-                }
-                let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
-                    return Flow::Close;
-                };
-                match self.handshake(tcp).await {
-                    Some(c) => {
-                        *conn = c;
-                        if let Conn::Tls(s) = conn {
-                            session.tls_established(tls_info(s));
-                        }
-                        Flow::Continue
-                    }
-                    None => Flow::Close,
-                }
-            }
+            Event::StartTls => Flow::StartTls,
             Event::AuthStart { mechanism, initial } => {
                 self.auth_delayed = false;
                 if let Err(r) = self.auth.check_ip().await {
@@ -1052,7 +597,7 @@ impl Driver {
 /// service sets no size (or 0); [`DEFAULT_MAX_RECIPIENTS`] when it sets no recipient limit
 /// (RFC 5321 §4.5.3.1.8 asks for at least 100; without a limit one transaction could grow
 /// without bound).
-fn session_config(
+pub(super) fn session_config(
     service: &ServicePolicy,
     hostname: String,
     cert_loaded: bool,
