@@ -38,6 +38,7 @@
 //! <dir>/msg/<id>.upd             newer envelope record of <id>.msg (after update_envelope)
 //! <dir>/msg/<id>.msg.tmp         message being stored; never valid
 //! <dir>/msg/<id>.upd.<nonce>.tmp envelope update being written; never valid
+//! <dir>/msg/<n>.free            a spent file kept for reuse (see `pool`); never valid
 //! <dir>/corrupt/                 unreadable or inconsistent files moved aside by recovery
 //!
 //! Written by relays before message files (read, updated and removed, never created, now):
@@ -51,7 +52,7 @@
 //! (magic `mrspool\n`, format version, envelope record length, data length; little-endian), the
 //! envelope record, then the data; [`Spool::data_offset`] says where the data starts.
 //!
-//! Storing a message writes `<id>.msg.tmp` as a new file, `fdatasync`s it, renames it to
+//! Storing a message writes `<id>.msg.tmp` (a new file, or a spent one taken over: see [`pool`]), `fdatasync`s it, renames it to
 //! `<id>.msg` and syncs the directory. **The appearance of `<id>.msg` is the commit point**; it
 //! is complete and flushed before it has that name. Updating an envelope writes a new temporary
 //! file, flushes it, renames it over `<id>.upd` and syncs the directory; the envelope in
@@ -65,7 +66,8 @@
 //! upgraded in place keeps its spool; one downgraded again sees `.msg`/`.upd` files as unknown
 //! and leaves them alone.
 //!
-//! Recovery ([`Spool::open`]) therefore deletes `*.tmp` files, `.upd` files without a `.msg`
+//! Recovery ([`Spool::open`]) therefore takes back free files (`*.free`, up to the pool's bound),
+//! deletes `*.tmp` files, `.upd` files without a `.msg`
 //! and `.eml` files without an `.env` (leftovers of interrupted stores and removals); moves a
 //! message whose file has a damaged header, a format version this relay does not read (0 is
 //! damage; a newer one is a newer relay's after a downgrade — move it back after upgrading), a
@@ -88,6 +90,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod id;
+pub mod pool;
 mod recovery;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -108,6 +111,7 @@ pub use id::{MessageId, ParseMessageIdError};
 
 use envelope::EnvelopeRecord;
 use format::{Header, HEADER_LEN};
+use pool::FilePool;
 
 const MSG_DIR: &str = "msg";
 const CORRUPT_DIR: &str = "corrupt";
@@ -121,6 +125,12 @@ const DATA_EXT: &str = "eml";
 /// Old layout: envelope record.
 const ENV_EXT: &str = "env";
 const TMP_EXT: &str = "tmp";
+
+/// Free files kept for reuse in `msg/` (see [`pool`]): the backlog a burst leaves (deliveries
+/// trail acceptance by about a second at 1,000 msg/s), each keeping at most [`FREE_KEEP_BYTES`]
+/// (16 MiB of disk at most).
+const FREE_FILES: usize = 1024;
+const FREE_KEEP_BYTES: u64 = 16 * 1024;
 
 /// Bounds how long the first waiter of a batch waits for the directory sync.
 const MAX_BATCH: usize = 4096;
@@ -203,6 +213,8 @@ struct Shared {
     msg_dir: PathBuf,
     fsync: bool,
     index: Mutex<Index>,
+    /// Spent message and update files, reused for new ones.
+    pool: FilePool,
     /// Set when a directory sync fails: what is on disk is then unknown, so the spool stops
     /// accepting changes until a restart recovers from the disk itself.
     poisoned: OnceLock<String>,
@@ -299,6 +311,7 @@ impl Spool {
             }
         }
         let shared = Arc::new(Shared {
+            pool: FilePool::new(&msg_dir, FREE_FILES, FREE_KEEP_BYTES),
             dir,
             msg_dir,
             fsync: opts.fsync,
@@ -444,7 +457,7 @@ impl Spool {
             let target = shared.envelope_path(id, layout);
             let tmp = tmp_path(&target);
             let record = EnvelopeRecord::encode(&envelope, data_len);
-            match write_file(&tmp, &[&record], shared.fsync) {
+            match shared.pool.write(&tmp, &[&record], shared.fsync) {
                 Ok(_) => {
                     let op = Op::Replace {
                         id,
@@ -785,8 +798,10 @@ impl Shared {
                 &tmp,
             )
         })?;
-        if let Err(e) = write_file(&tmp, &[&header.encode(), record, data], self.fsync) {
-            remove_quietly(&tmp);
+        if let Err(e) = self
+            .pool
+            .write(&tmp, &[&header.encode(), record, data], self.fsync)
+        {
             return Err(context(e, "writing message", &tmp).into());
         }
         Ok((tmp, header.data_offset()))
@@ -835,11 +850,17 @@ impl Shared {
                         Some(layout) if !removed.contains(id) => {
                             // The commit point of a removal: the file whose name commits the
                             // message.
-                            let path = match layout {
-                                Layout::Single { .. } => self.file(*id, MSG_EXT),
-                                Layout::Split => self.file(*id, ENV_EXT),
+                            let (gone, path) = match layout {
+                                Layout::Single { .. } => {
+                                    let path = self.file(*id, MSG_EXT);
+                                    (self.pool.release(&path), path)
+                                }
+                                Layout::Split => {
+                                    let path = self.file(*id, ENV_EXT);
+                                    (fs::remove_file(&path), path)
+                                }
                             };
-                            let r = fs::remove_file(&path)
+                            let r = gone
                                 .map_err(|e| Error::from(context(e, "removing message", &path)));
                             if r.is_ok() {
                                 removed.insert(*id);
@@ -901,8 +922,8 @@ impl Shared {
                         if let Some(entry) = index.entries.remove(id) {
                             index.bytes -= entry.data_len;
                             unlink.push(match entry.layout {
-                                Layout::Single { .. } => self.file(*id, UPD_EXT),
-                                Layout::Split => self.file(*id, DATA_EXT),
+                                Layout::Single { .. } => (self.file(*id, UPD_EXT), true),
+                                Layout::Split => (self.file(*id, DATA_EXT), false),
                             });
                         }
                     }
@@ -912,8 +933,12 @@ impl Shared {
         // The messages are already gone for good; a file that survives a crash here is an
         // orphan that recovery deletes, so this needs no sync. Done before waking the waiters
         // (unlinking is cheap) so that a finished `remove` leaves no file behind.
-        for path in unlink {
-            if let Err(e) = fs::remove_file(&path) {
+        for (path, reuse) in unlink {
+            let gone = match reuse {
+                true if path.exists() => self.pool.release(&path),
+                _ => fs::remove_file(&path),
+            };
+            if let Err(e) = gone {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(file = %path.display(), error = %e, "removing message leftover");
                 }
@@ -936,20 +961,6 @@ fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
         }
         shared.commit_batch(dir, batch);
     }
-}
-
-fn write_file(path: &Path, parts: &[&[u8]], fsync: bool) -> io::Result<File> {
-    // create_new: a name collision must fail, never overwrite someone else's message.
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    for part in parts {
-        f.write_all(part)?;
-    }
-    if fsync {
-        // fdatasync also flushes the size and block map, which reading the data back needs;
-        // only timestamps are left out.
-        f.sync_data()?;
-    }
-    Ok(f)
 }
 
 /// A fresh temporary name per write next to `target`, so concurrent updates of one message

@@ -24,6 +24,10 @@ impl Shared {
                     .push(entry.file_name().to_string_lossy().into_owned());
                 continue;
             };
+            if FilePool::is_free_name(&name) {
+                self.pool.adopt(entry.path());
+                continue;
+            }
             if name.ends_with(&format!(".{TMP_EXT}")) {
                 let path = entry.path();
                 fs::remove_file(&path).map_err(|e| context(e, "removing leftover", &path))?;

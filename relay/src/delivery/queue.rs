@@ -34,6 +34,7 @@ use arc_swap::ArcSwap;
 use mailrelay_crds::config::{
     OutboundAuthMechanism, OutboundTls, RelayAuth, RelayTarget, RetryOverride,
 };
+use mailrelay_spool::pool::FilePool;
 use mailrelay_spool::{DsnRet, Envelope, MessageId, Recipient, RecipientStatus, Spool};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn, Instrument};
@@ -87,6 +88,8 @@ impl JobOutcome {
 pub const DEFAULT_MAX_HOPS: usize = 100;
 /// Directory of in-flight markers inside the spool directory.
 const INFLIGHT_DIR: &str = "inflight";
+/// Spent in-flight markers kept for reuse: more than the deliveries in progress at once.
+const MARKER_FILES: usize = 1024;
 
 struct Dest {
     target: Target,
@@ -169,6 +172,9 @@ pub struct Queue {
     listen_address: OnceLock<IpAddr>,
     /// `<spool>/inflight`, when it could be created.
     inflight: Option<PathBuf>,
+    /// Spent markers, reused for the next ones: a marker per delivered message would otherwise
+    /// allocate an inode per message (see `mailrelay_spool::pool`).
+    markers: Option<Arc<FilePool>>,
 }
 
 struct ActiveGuard<'a>(&'a Queue);
@@ -225,6 +231,9 @@ impl Queue {
             active: AtomicUsize::new(0),
             quiet: Notify::new(),
             listen_address: OnceLock::new(),
+            markers: inflight
+                .as_deref()
+                .map(|d| Arc::new(FilePool::new(d, MARKER_FILES, 4096))),
             inflight,
         }))
     }
@@ -279,8 +288,14 @@ impl Queue {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
+            if FilePool::is_free_name(&name) {
+                if let Some(pool) = &self.markers {
+                    pool.adopt(path);
+                }
+                continue;
+            }
             let Some((id, n)) = name.split_once('.') else {
-                remove_marker(&path);
+                self.remove_marker(&path);
                 continue;
             };
             let (Ok(id), Some(env)) = (
@@ -289,7 +304,7 @@ impl Queue {
                     .ok()
                     .and_then(|id| self.spool.envelope(id)),
             ) else {
-                remove_marker(&path);
+                self.remove_marker(&path);
                 continue;
             };
             let listed = std::fs::read_to_string(&path).unwrap_or_default();
@@ -299,7 +314,7 @@ impl Queue {
                 .filter(|i| env.recipients.get(*i).is_some_and(|r| !r.status.is_final()))
                 .collect();
             if pending.is_empty() {
-                remove_marker(&path);
+                self.remove_marker(&path);
                 continue;
             }
             let kept = if n.starts_with('r') {
@@ -337,8 +352,35 @@ impl Queue {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        if let Err(e) = tokio::fs::write(path, list).await {
+        let Some(pool) = self.markers.clone() else {
+            return;
+        };
+        let target = path.to_path_buf();
+        let written = tokio::task::spawn_blocking(move || {
+            match pool.write(&target, &[list.as_bytes()], false) {
+                // A marker an unrecorded earlier attempt left under this name: replace it.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::write(&target, list)
+                }
+                r => r.map(drop),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = written {
             debug!(path = %path.display(), error = %e, "cannot write in-flight marker");
+        }
+    }
+
+    /// The marker's name goes (its file is kept for reuse).
+    fn remove_marker(&self, path: &Path) {
+        let gone = match &self.markers {
+            Some(pool) => pool.release(path),
+            None => std::fs::remove_file(path),
+        };
+        if let Err(e) = gone {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                debug!(path = %path.display(), error = %e, "cannot remove in-flight marker");
+            }
         }
     }
 
@@ -1082,7 +1124,7 @@ impl Queue {
         };
         if recorded {
             for m in done_markers {
-                remove_marker(&m);
+                self.remove_marker(&m);
             }
         } else {
             // The markers stay: after a crash these recipients count as possible re-sends.
@@ -1147,7 +1189,9 @@ impl Queue {
                     }
                 };
                 if let Some(m) = self.lock().msgs.remove(&id) {
-                    m.recovered_markers.iter().for_each(|p| remove_marker(p));
+                    m.recovered_markers
+                        .iter()
+                        .for_each(|p| self.remove_marker(p));
                 }
                 removed
             }
@@ -1302,7 +1346,9 @@ impl Queue {
         }
         let r = self.spool.remove(id).await;
         if let Some(m) = self.lock().msgs.remove(&id) {
-            m.recovered_markers.iter().for_each(|p| remove_marker(p));
+            m.recovered_markers
+                .iter()
+                .for_each(|p| self.remove_marker(p));
         }
         match r {
             Ok(()) => {
@@ -1443,12 +1489,4 @@ fn loop_status(label: &str, why: &str) -> Status {
 /// An address assigned to this machine (binding to it succeeds).
 fn is_local_address(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || std::net::UdpSocket::bind((ip, 0)).is_ok()
-}
-
-fn remove_marker(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            debug!(path = %path.display(), error = %e, "cannot remove in-flight marker");
-        }
-    }
 }
