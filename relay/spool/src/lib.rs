@@ -93,7 +93,7 @@ mod id;
 pub mod pool;
 mod recovery;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, SeekFrom, Write};
 use std::os::unix::io::AsRawFd;
@@ -131,6 +131,11 @@ const TMP_EXT: &str = "tmp";
 /// (16 MiB of disk at most).
 const FREE_FILES: usize = 1024;
 const FREE_KEEP_BYTES: u64 = 16 * 1024;
+
+/// Bodies of recently stored messages kept in memory for their delivery (see [`DataCache`]).
+const CACHE_BYTES: usize = 2 * 1024 * 1024;
+/// Larger messages are always read from their file.
+const CACHE_MAX_MESSAGE: usize = 64 * 1024;
 
 /// Bounds how long the first waiter of a batch waits for the directory sync.
 const MAX_BATCH: usize = 4096;
@@ -215,6 +220,7 @@ struct Shared {
     index: Mutex<Index>,
     /// Spent message and update files, reused for new ones.
     pool: FilePool,
+    cache: Mutex<DataCache>,
     /// Set when a directory sync fails: what is on disk is then unknown, so the spool stops
     /// accepting changes until a restart recovers from the disk itself.
     poisoned: OnceLock<String>,
@@ -312,6 +318,7 @@ impl Spool {
         }
         let shared = Arc::new(Shared {
             pool: FilePool::new(&msg_dir, FREE_FILES, FREE_KEEP_BYTES),
+            cache: Mutex::new(DataCache::default()),
             dir,
             msg_dir,
             fsync: opts.fsync,
@@ -319,6 +326,7 @@ impl Spool {
             poisoned: OnceLock::new(),
         });
         let (recovered, report) = shared.recover()?;
+        shared.pool.fill(FREE_FILES / 4);
         let mut messages = Vec::with_capacity(recovered.len());
         {
             let mut index = shared.lock_index();
@@ -365,6 +373,8 @@ impl Spool {
         self.inner.shared.check_usable()?;
         envelope.normalize();
         let id = MessageId::generate();
+        let cached: Option<Arc<[u8]>> =
+            (data.as_ref().len() <= CACHE_MAX_MESSAGE).then(|| Arc::from(data.as_ref()));
         let (done, wait) = oneshot::channel();
         let shared = self.inner.shared.clone();
         let tx = self.inner.tx.clone();
@@ -390,7 +400,19 @@ impl Spool {
             }
         });
         wait.await.map_err(|_| committer_gone())??;
+        if let Some(data) = cached {
+            // Unless delivery already took and removed it meanwhile.
+            if self.inner.shared.contains(id) {
+                self.inner.shared.lock_cache().insert(id, data);
+            }
+        }
         Ok(id)
+    }
+
+    /// The data of a recently stored small message, if it is still held in memory; otherwise
+    /// read it from the file ([`Spool::open_data`]).
+    pub fn cached_data(&self, id: MessageId) -> Option<Arc<[u8]>> {
+        self.inner.shared.lock_cache().map.get(&id).cloned()
     }
 
     /// Starts storing a message whose data arrives in pieces (a large DATA or BDAT), so that
@@ -735,6 +757,10 @@ impl Shared {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn lock_cache(&self) -> MutexGuard<'_, DataCache> {
+        // Whole-statement updates only, as for the index.
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
     fn contains(&self, id: MessageId) -> bool {
         self.lock_index().entries.contains_key(&id)
     }
@@ -919,6 +945,7 @@ impl Shared {
                         }
                     }
                     Op::Remove { id } => {
+                        self.lock_cache().remove(*id);
                         if let Some(entry) = index.entries.remove(id) {
                             index.bytes -= entry.data_len;
                             unlink.push(match entry.layout {
@@ -953,13 +980,53 @@ impl Shared {
 fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        let drain = |batch: &mut Vec<Job>| {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+        };
+        drain(&mut batch);
+        shared.commit_batch(dir, batch);
+    }
+}
+
+/// Bodies of recently stored small messages, so that their delivery, which usually follows
+/// within a second, reads neither the file nor the disk. Bounded in bytes, oldest out first; an
+/// entry goes when its message is removed.
+#[derive(Default)]
+struct DataCache {
+    map: HashMap<MessageId, Arc<[u8]>>,
+    order: std::collections::VecDeque<MessageId>,
+    bytes: usize,
+}
+
+impl DataCache {
+    fn insert(&mut self, id: MessageId, data: Arc<[u8]>) {
+        self.bytes += data.len();
+        self.map.insert(id, data);
+        self.order.push_back(id);
+        while self.bytes > CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(d) = self.map.remove(&old) {
+                self.bytes -= d.len();
             }
         }
-        shared.commit_batch(dir, batch);
+    }
+
+    fn remove(&mut self, id: MessageId) {
+        if let Some(d) = self.map.remove(&id) {
+            self.bytes -= d.len();
+            // Its place in `order` is skipped when it comes up.
+        }
+        if self.order.len() > 2 * self.map.len() + 64 {
+            let map = &self.map;
+            self.order.retain(|i| map.contains_key(i));
+        }
     }
 }
 

@@ -70,6 +70,19 @@ impl FilePool {
         }
     }
 
+    /// Creates empty free files until the pool holds `count` (at start: the first burst then
+    /// finds files to take over instead of allocating inodes while clients wait). Best effort.
+    pub fn fill(&self, count: usize) {
+        while self.len() < count.min(self.max) {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let free = self.dir.join(format!("{n:016x}.{FREE_EXT}"));
+            match OpenOptions::new().write(true).create_new(true).open(&free) {
+                Ok(_) => self.lock().push(free),
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Number of free files held.
     pub fn len(&self) -> usize {
         self.lock().len()

@@ -583,10 +583,14 @@ impl Queue {
             .map(|m| m as usize)
             .unwrap_or(DEFAULT_MAX_HOPS);
         let len = self.spool.data_len(id)?;
-        let mut file = self.spool.open_data(id).await.ok()?;
-        let (headers, _) = data::read_headers(&mut file, len, dsn::HEADERS_MAX)
-            .await
-            .ok()?;
+        let (headers, _) = match self.spool.cached_data(id) {
+            Some(bytes) => data::read_headers(&mut &bytes[..], len, dsn::HEADERS_MAX).await,
+            None => {
+                let mut file = self.spool.open_data(id).await.ok()?;
+                data::read_headers(&mut file, len, dsn::HEADERS_MAX).await
+            }
+        }
+        .ok()?;
         let hops = data::count_received(&headers);
         (hops > limit + 1).then(|| {
             warn!(id = %id, hops, limit, "mail loop: too many Received headers; bouncing");
@@ -805,16 +809,15 @@ impl Queue {
                 return JobOutcome::default();
             };
             record_connection(job.id, c);
-            let file = match self.spool.open_data(job.id).await {
-                Ok(f) => f,
-                Err(e) => return local_error(e.to_string()),
-            };
             debug!(id = %job.id, remote = %c.remote, recipients = rcpts.len(), size, "sending");
-            let sent = c
-                .send(&env, &rcpts, file, size, || {
-                    self.write_marker(marker.as_deref(), &job.rcpts)
-                })
-                .await;
+            let before_end = || self.write_marker(marker.as_deref(), &job.rcpts);
+            let sent = match self.spool.cached_data(job.id) {
+                Some(bytes) => c.send(&env, &rcpts, &bytes[..], size, before_end).await,
+                None => match self.spool.open_data(job.id).await {
+                    Ok(file) => c.send(&env, &rcpts, file, size, before_end).await,
+                    Err(e) => return local_error(e.to_string()),
+                },
+            };
             // A cached connection that the server dropped while it sat idle fails with a
             // temporary error that says nothing about this message: send it again at once on a
             // fresh connection instead of delaying it by a whole retry interval.
