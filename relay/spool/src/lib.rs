@@ -14,7 +14,14 @@
 //! * A crash before `store` returns may leave the message committed anyway (the client will then
 //!   send it again: a duplicate), or leave an uncommitted temporary file, which recovery deletes.
 //!   It never leaves a committed envelope without its complete data.
-//! * [`Spool::update_envelope`] and [`Spool::remove`] are atomic and durable when they return.
+//! * [`Spool::update_envelope`] is atomic and durable when it returns.
+//! * [`Spool::remove`] is atomic when it returns, and durable with the next directory sync: the
+//!   next store or update, or [`REMOVAL_SYNC_DELAY`] later at the latest. Nothing waits for a
+//!   removal on the SMTP path, and a removal cannot lose mail: a power loss before that sync
+//!   brings the message back, and it is delivered again (at-least-once, as after any crash
+//!   between the next hop's `250` and the removal). A killed process loses nothing: the name
+//!   change is already in the kernel. Without this, each delivered message cost a directory
+//!   sync of its own, which the stores behind it waited for.
 //!
 //! With [`SpoolOptions::fsync`] off none of this holds past an OS crash or power loss; it exists
 //! only for tests and benchmarks that opt out explicitly.
@@ -131,6 +138,10 @@ const TMP_EXT: &str = "tmp";
 /// (16 MiB of disk at most).
 const FREE_FILES: usize = 1024;
 const FREE_KEEP_BYTES: u64 = 16 * 1024;
+
+/// The longest a removal waits for a directory sync of its own when nothing else syncs the
+/// directory (see the crate's guarantees).
+pub const REMOVAL_SYNC_DELAY: Duration = Duration::from_secs(1);
 
 /// Bodies of recently stored messages kept in memory for their delivery (see [`DataCache`]).
 const CACHE_BYTES: usize = 2 * 1024 * 1024;
@@ -434,11 +445,9 @@ impl Spool {
         let shared = self.inner.shared.clone();
         let tmp = shared.file(id, &format!("{MSG_EXT}.{TMP_EXT}"));
         let path = tmp.clone();
+        let pool_owner = shared.clone();
         let file = tokio::task::spawn_blocking(move || -> io::Result<File> {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)?;
+            let mut f = pool_owner.pool.create(&path)?;
             // Header and record are written for real at commit; until then the file is never
             // valid (and never named `.msg`).
             f.write_all(&vec![0u8; HEADER_LEN + reserved])?;
@@ -498,7 +507,8 @@ impl Spool {
         wait.await.map_err(|_| committer_gone())?
     }
 
-    /// Durably removes a message. Fails with [`Error::NotFound`] if it is not there.
+    /// Removes a message: gone when this returns, durably so within [`REMOVAL_SYNC_DELAY`] (see
+    /// the crate's guarantees). Fails with [`Error::NotFound`] if it is not there.
     pub async fn remove(&self, id: MessageId) -> Result<()> {
         self.inner.shared.check_usable()?;
         let (done, wait) = oneshot::channel();
@@ -704,6 +714,8 @@ impl Incoming {
             use std::os::unix::fs::FileExt;
             file.write_all_at(&header.encode(), 0)?;
             file.write_all_at(&record, HEADER_LEN as u64)?;
+            // The file may be a reused longer one (see `pool`).
+            file.set_len(header.data_offset() + data_len)?;
             if fsync {
                 file.sync_data()?;
             }
@@ -842,13 +854,14 @@ impl Shared {
         }
     }
 
-    fn commit_batch(&self, dir: &File, batch: Vec<Job>) {
+    /// Commits a batch; returns what it left for a later directory sync.
+    fn commit_batch(&self, dir: &File, batch: Vec<Job>) -> SyncState {
         if let Some(reason) = self.poisoned.get() {
             for job in batch {
                 self.discard(&job.op);
                 let _ = job.done.send(Err(poisoned_error(reason)));
             }
-            return;
+            return SyncState::Unchanged;
         }
 
         let mut results = Vec::with_capacity(batch.len());
@@ -903,14 +916,23 @@ impl Shared {
             results.push(result);
         }
 
-        if self.fsync && results.iter().any(Result::is_ok) {
+        // Removals alone do not sync (see the crate's guarantees): the caller syncs later.
+        let unsynced_removals = batch
+            .iter()
+            .zip(&results)
+            .any(|(j, r)| r.is_ok() && matches!(j.op, Op::Remove { .. }));
+        let must_sync = batch
+            .iter()
+            .zip(&results)
+            .any(|(j, r)| r.is_ok() && !matches!(j.op, Op::Remove { .. }));
+        if self.fsync && must_sync {
             if let Err(e) = dir.sync_all() {
                 self.poison(&e);
                 for (job, result) in batch.into_iter().zip(results) {
                     let result = result.and_then(|()| Err(self.sync_failed(&e).into()));
                     let _ = job.done.send(result);
                 }
-                return;
+                return SyncState::Unchanged;
             }
         }
 
@@ -974,11 +996,50 @@ impl Shared {
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.done.send(result);
         }
+        match (self.fsync, must_sync, unsynced_removals) {
+            (false, _, _) => SyncState::Unchanged,
+            (true, true, _) => SyncState::Synced,
+            (true, false, true) => SyncState::Unsynced,
+            (true, false, false) => SyncState::Unchanged,
+        }
     }
 }
 
+/// What a committed batch leaves for the committer's next directory sync.
+enum SyncState {
+    /// The directory was synced: everything before is durable.
+    Synced,
+    /// Removals were applied and not synced.
+    Unsynced,
+    /// Nothing changed on disk (or the spool does not sync).
+    Unchanged,
+}
+
 fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
+    // Removals applied since the last directory sync (see the crate's guarantees).
+    let mut unsynced = false;
+    loop {
+        let next = if unsynced {
+            rx.recv_timeout(REMOVAL_SYNC_DELAY)
+        } else {
+            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        };
+        let first = match next {
+            Ok(job) => job,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = dir.sync_all() {
+                    shared.poison(&e);
+                }
+                unsynced = false;
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if unsynced {
+                    let _ = dir.sync_all();
+                }
+                return;
+            }
+        };
         let mut batch = vec![first];
         let drain = |batch: &mut Vec<Job>| {
             while batch.len() < MAX_BATCH {
@@ -989,7 +1050,12 @@ fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
             }
         };
         drain(&mut batch);
-        shared.commit_batch(dir, batch);
+        match shared.commit_batch(dir, batch) {
+            // A batch that synced covered every earlier removal.
+            SyncState::Synced => unsynced = false,
+            SyncState::Unsynced => unsynced = true,
+            SyncState::Unchanged => {}
+        }
     }
 }
 

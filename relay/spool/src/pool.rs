@@ -125,8 +125,8 @@ impl FilePool {
     }
 
     /// Opens a file at `target` for writing from offset 0: a free file renamed there, or a new
-    /// one. Fails if `target` exists.
-    fn create(&self, target: &Path) -> io::Result<File> {
+    /// one. Fails if `target` exists. The caller overwrites it and sets its final length.
+    pub fn create(&self, target: &Path) -> io::Result<File> {
         loop {
             let Some(free) = self.lock().pop() else {
                 // create_new: a name collision must fail, never overwrite another file.

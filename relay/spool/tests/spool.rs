@@ -791,3 +791,23 @@ async fn small_message_data_is_cached_until_removed() {
     assert!(spool.cached_data(large).is_none());
     assert_eq!(spool.read_data(large).await.unwrap().len(), 100 * 1024);
 }
+
+/// A streamed message written into a reused, longer file is read back exactly.
+#[tokio::test]
+async fn streamed_message_in_a_reused_file_has_its_own_length() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = open(tmp.path()).await;
+    let a = spool
+        .store(envelope(1), vec![b'z'; 12 * 1024])
+        .await
+        .unwrap();
+    spool.remove(a).await.unwrap();
+    let mut incoming = spool.begin(&envelope(2)).await.unwrap();
+    incoming.write(b"short body\r\n".to_vec()).await.unwrap();
+    let id = incoming.commit(envelope(2)).await.unwrap();
+    assert_eq!(spool.read_data(id).await.unwrap(), b"short body\r\n");
+    drop(spool);
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(spool.read_data(id).await.unwrap(), b"short body\r\n");
+}
