@@ -235,6 +235,8 @@ struct Shared {
     /// Set when a directory sync fails: what is on disk is then unknown, so the spool stops
     /// accepting changes until a restart recovers from the disk itself.
     poisoned: OnceLock<String>,
+    /// Directory syncs done by the committer (see [`Spool::directory_syncs`]).
+    dir_syncs: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -335,6 +337,7 @@ impl Spool {
             fsync: opts.fsync,
             index: Mutex::new(Index::default()),
             poisoned: OnceLock::new(),
+            dir_syncs: std::sync::atomic::AtomicU64::new(0),
         });
         let (recovered, report) = shared.recover()?;
         shared.pool.fill(FREE_FILES / 4);
@@ -639,6 +642,15 @@ impl Spool {
         &self.inner.report
     }
 
+    /// How many directory syncs the spool has done since it was opened (each one makes every
+    /// name change before it durable).
+    pub fn directory_syncs(&self) -> u64 {
+        self.inner
+            .shared
+            .dir_syncs
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.inner.shared.dir
@@ -926,6 +938,8 @@ impl Shared {
             .zip(&results)
             .any(|(j, r)| r.is_ok() && !matches!(j.op, Op::Remove { .. }));
         if self.fsync && must_sync {
+            self.dir_syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = dir.sync_all() {
                 self.poison(&e);
                 for (job, result) in batch.into_iter().zip(results) {
@@ -1016,44 +1030,53 @@ enum SyncState {
 }
 
 fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
-    // Removals applied since the last directory sync (see the crate's guarantees).
-    let mut unsynced = false;
+    // When the oldest removal that no directory sync covers yet was applied (see the crate's
+    // guarantees): it is synced at most REMOVAL_SYNC_DELAY later, even while removal-only
+    // batches keep coming (a queue draining a backlog with nothing arriving).
+    let mut unsynced_since: Option<std::time::Instant> = None;
+    let sync_removals = |unsynced_since: &mut Option<std::time::Instant>| {
+        shared
+            .dir_syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = dir.sync_all() {
+            shared.poison(&e);
+        }
+        *unsynced_since = None;
+    };
     loop {
-        let next = if unsynced {
-            rx.recv_timeout(REMOVAL_SYNC_DELAY)
-        } else {
-            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        let next = match unsynced_since {
+            Some(t) => rx.recv_timeout(REMOVAL_SYNC_DELAY.saturating_sub(t.elapsed())),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
         };
         let first = match next {
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Err(e) = dir.sync_all() {
-                    shared.poison(&e);
-                }
-                unsynced = false;
+                sync_removals(&mut unsynced_since);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                if unsynced {
-                    let _ = dir.sync_all();
+                if unsynced_since.is_some() {
+                    sync_removals(&mut unsynced_since);
                 }
                 return;
             }
         };
         let mut batch = vec![first];
-        let drain = |batch: &mut Vec<Job>| {
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
-                }
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
             }
-        };
-        drain(&mut batch);
+        }
         match shared.commit_batch(dir, batch) {
             // A batch that synced covered every earlier removal.
-            SyncState::Synced => unsynced = false,
-            SyncState::Unsynced => unsynced = true,
+            SyncState::Synced => unsynced_since = None,
+            SyncState::Unsynced => {
+                let since = *unsynced_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= REMOVAL_SYNC_DELAY {
+                    sync_removals(&mut unsynced_since);
+                }
+            }
             SyncState::Unchanged => {}
         }
     }

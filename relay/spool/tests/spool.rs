@@ -811,3 +811,34 @@ async fn streamed_message_in_a_reused_file_has_its_own_length() {
     assert_eq!(recovered.len(), 1);
     assert_eq!(spool.read_data(id).await.unwrap(), b"short body\r\n");
 }
+
+/// Removals do not sync the directory each, but never stay unsynced longer than
+/// `REMOVAL_SYNC_DELAY`, even while more removals keep coming with nothing else to sync.
+#[tokio::test]
+async fn a_stream_of_removals_is_synced_within_the_delay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = open(tmp.path()).await;
+    let mut ids = Vec::new();
+    for n in 0..300 {
+        ids.push(spool.store(envelope(n), data(n)).await.unwrap());
+    }
+    let before = spool.directory_syncs();
+    let started = std::time::Instant::now();
+    for id in ids {
+        spool.remove(id).await.unwrap();
+        if started.elapsed() > mailrelay_spool::REMOVAL_SYNC_DELAY * 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let synced = spool.directory_syncs() - before;
+    assert!(
+        synced >= 1,
+        "no directory sync during {:?} of removals",
+        started.elapsed()
+    );
+    assert!(
+        synced < 50,
+        "{synced} syncs: removals are synced one by one"
+    );
+}
