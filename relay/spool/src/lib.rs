@@ -997,9 +997,11 @@ impl Shared {
         // orphan that recovery deletes, so this needs no sync. Done before waking the waiters
         // (unlinking is cheap) so that a finished `remove` leaves no file behind.
         for (path, reuse) in unlink {
-            let gone = match reuse {
-                true if path.exists() => self.pool.release(&path),
-                _ => fs::remove_file(&path),
+            // Most messages have no `.upd`: the failed rename (NotFound) is the whole cost.
+            let gone = if reuse {
+                self.pool.release(&path)
+            } else {
+                fs::remove_file(&path)
             };
             if let Err(e) = gone {
                 if e.kind() != io::ErrorKind::NotFound {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 use mailrelay_crds::config::{Protocol, ServicePolicy};
 use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Incoming, Recipient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tracing::{info, warn};
 
 use super::listeners::tls_accept;
@@ -70,22 +69,27 @@ impl Driver {
         )
     }
 
-    async fn handshake(&self, tcp: TcpStream) -> Option<Stream> {
-        tls_accept(&self.relay, &self.service, self.ip, tcp).await
+    /// TLS on a plain connection (SMTPS at connect, or after STARTTLS); the session learns the
+    /// negotiated parameters. `None` closes the connection.
+    async fn handshake(&self, session: &mut Session, conn: Stream) -> Option<Stream> {
+        let Stream::Plain(tcp) = conn else {
+            return None;
+        };
+        let conn = tls_accept(&self.relay, &self.service, self.ip, tcp).await?;
+        if let Some(info) = conn.tls_info() {
+            session.tls_established(info);
+        }
+        Some(conn)
     }
 
     pub(super) async fn run(&mut self, session: &mut Session, mut conn: Stream) {
         let (idle, total, _) = self.timeouts();
         let deadline = Instant::now() + total;
         if self.service.protocol == Protocol::Smtps {
-            let Stream::Plain(tcp) = conn else { return };
-            conn = match self.handshake(tcp).await {
+            conn = match self.handshake(session, conn).await {
                 Some(c) => c,
                 None => return,
             };
-            if let Some(info) = conn.tls_info() {
-                session.tls_established(info);
-            }
         }
         session.greeting();
         // Sized for memory, not speed: every idle session holds one, and a whole pipelined
@@ -107,14 +111,10 @@ impl Driver {
                         if !self.flush(session, &mut conn).await {
                             return;
                         }
-                        let Stream::Plain(tcp) = conn else { return };
-                        conn = match self.handshake(tcp).await {
+                        conn = match self.handshake(session, conn).await {
                             Some(c) => c,
                             None => return,
                         };
-                        if let Some(info) = conn.tls_info() {
-                            session.tls_established(info);
-                        }
                     }
                     Flow::Close => {
                         self.flush(session, &mut conn).await;
