@@ -58,7 +58,7 @@ async fn start(
 ) -> Env {
     trace();
     let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(dir.path(), SpoolOptions { fsync: false })
+    let (spool, _) = Spool::open(dir.path(), SpoolOptions::without_fsync())
         .await
         .unwrap();
     let spool = Arc::new(spool);

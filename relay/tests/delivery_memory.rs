@@ -129,7 +129,7 @@ async fn delivering_and_bouncing_large_messages_needs_a_constant_amount_of_memor
     )
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let (spool, _) = Spool::open(dir.path(), SpoolOptions { fsync: false })
+    let (spool, _) = Spool::open(dir.path(), SpoolOptions::without_fsync())
         .await
         .unwrap();
     let spool = Arc::new(spool);

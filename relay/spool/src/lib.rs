@@ -97,6 +97,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod id;
+mod log;
 pub mod pool;
 mod recovery;
 
@@ -118,6 +119,7 @@ pub use id::{MessageId, ParseMessageIdError};
 
 use envelope::EnvelopeRecord;
 use format::{Header, HEADER_LEN};
+use log::{Log, LogLoc};
 use pool::FilePool;
 
 const MSG_DIR: &str = "msg";
@@ -160,11 +162,32 @@ pub struct SpoolOptions {
     /// were acknowledged can be lost or their envelopes can be missing. Only for tests and
     /// benchmarks that say so.
     pub fsync: bool,
+    /// Messages stored whole ([`Spool::store`]) with at most this many bytes of data go to the
+    /// message log, where one flush commits a whole batch; larger ones, and streamed ones
+    /// ([`Spool::begin`]), get a message file of their own. 0 puts every message in a file.
+    /// Default [`LOG_MAX_MESSAGE`]; capped at 1 MiB.
+    pub log_max_message: usize,
 }
+
+/// Default of [`SpoolOptions::log_max_message`]: the relay streams larger bodies to a file.
+pub const LOG_MAX_MESSAGE: usize = 64 * 1024;
 
 impl Default for SpoolOptions {
     fn default() -> SpoolOptions {
-        SpoolOptions { fsync: true }
+        SpoolOptions {
+            fsync: true,
+            log_max_message: LOG_MAX_MESSAGE,
+        }
+    }
+}
+
+impl SpoolOptions {
+    /// Default options without flushes (see [`SpoolOptions::fsync`]).
+    pub fn without_fsync() -> SpoolOptions {
+        SpoolOptions {
+            fsync: false,
+            ..SpoolOptions::default()
+        }
     }
 }
 
@@ -228,6 +251,9 @@ struct Shared {
     dir: PathBuf,
     msg_dir: PathBuf,
     fsync: bool,
+    /// See [`SpoolOptions::log_max_message`].
+    log_max: usize,
+    log_dir: PathBuf,
     index: Mutex<Index>,
     /// Spent message and update files, reused for new ones.
     pool: FilePool,
@@ -235,8 +261,8 @@ struct Shared {
     /// Set when a directory sync fails: what is on disk is then unknown, so the spool stops
     /// accepting changes until a restart recovers from the disk itself.
     poisoned: OnceLock<String>,
-    /// Directory syncs done by the committer (see [`Spool::directory_syncs`]).
-    dir_syncs: std::sync::atomic::AtomicU64,
+    /// Directory syncs and log flushes done by the committer (see [`Spool::syncs`]).
+    syncs: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Default)]
@@ -258,6 +284,8 @@ enum Layout {
     Single { data_offset: u64 },
     /// Stored by an earlier version: `<id>.eml` (data only) and `<id>.env`.
     Split,
+    /// A record in the message log, envelope updates in `<id>.upd`.
+    Log(LogLoc),
 }
 
 impl Layout {
@@ -265,6 +293,7 @@ impl Layout {
         match self {
             Layout::Single { data_offset } => data_offset,
             Layout::Split => 0,
+            Layout::Log(loc) => loc.data_offset,
         }
     }
 }
@@ -281,6 +310,13 @@ struct Job {
 }
 
 enum Op {
+    /// A message record (from `log::message_record`) to append to the log.
+    Append {
+        id: MessageId,
+        envelope: Envelope,
+        data_len: u64,
+        record: Vec<u8>,
+    },
     /// The message file is written and flushed under its temporary name `tmp`.
     Store {
         id: MessageId,
@@ -318,7 +354,8 @@ impl Spool {
     fn open_blocking(dir: PathBuf, opts: SpoolOptions) -> Result<(Spool, Vec<StoredMessage>)> {
         let msg_dir = dir.join(MSG_DIR);
         let corrupt_dir = dir.join(CORRUPT_DIR);
-        for d in [&msg_dir, &corrupt_dir] {
+        let log_dir = dir.join(log::LOG_DIR);
+        for d in [&msg_dir, &corrupt_dir, &log_dir] {
             fs::create_dir_all(d).map_err(|e| context(e, "creating spool directory", d))?;
         }
         let lock = lock_spool(&dir)?;
@@ -335,11 +372,15 @@ impl Spool {
             dir,
             msg_dir,
             fsync: opts.fsync,
+            log_max: opts.log_max_message.min(1 << 20),
+            log_dir: log_dir.clone(),
             index: Mutex::new(Index::default()),
             poisoned: OnceLock::new(),
-            dir_syncs: std::sync::atomic::AtomicU64::new(0),
+            syncs: std::sync::atomic::AtomicU64::new(0),
         });
-        let (recovered, report) = shared.recover()?;
+        let (mut log, found) = Log::recover(&log_dir, &corrupt_dir, opts.fsync)
+            .map_err(|e| context(e, "recovering message log", &log_dir))?;
+        let (recovered, report) = shared.recover(found, &mut log)?;
         shared.pool.fill(FREE_FILES / 4);
         let mut messages = Vec::with_capacity(recovered.len());
         {
@@ -363,7 +404,7 @@ impl Spool {
         let committer = shared.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || run_committer(&committer, &dir_file, rx))?;
+            .spawn(move || run_committer(&committer, &dir_file, log, rx))?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 shared,
@@ -389,6 +430,34 @@ impl Spool {
         let id = MessageId::generate();
         let cached: Option<Arc<[u8]>> =
             (data.as_ref().len() <= CACHE_MAX_MESSAGE).then(|| Arc::from(data.as_ref()));
+        if data.as_ref().len() <= self.inner.shared.log_max {
+            // Encoded here, written and flushed by the committer with the rest of its batch.
+            let data_len = data.as_ref().len() as u64;
+            let record = log::message_record(
+                id,
+                &EnvelopeRecord::encode(&envelope, data_len),
+                data.as_ref(),
+            );
+            drop(data);
+            let (done, wait) = oneshot::channel();
+            let op = Op::Append {
+                id,
+                envelope,
+                data_len,
+                record,
+            };
+            self.inner
+                .tx
+                .send(Job { op, done })
+                .map_err(|_| committer_gone())?;
+            wait.await.map_err(|_| committer_gone())??;
+            if let Some(data) = cached {
+                if self.inner.shared.contains(id) {
+                    self.inner.shared.lock_cache().insert(id, data);
+                }
+            }
+            return Ok(id);
+        }
         let (done, wait) = oneshot::channel();
         let shared = self.inner.shared.clone();
         let tx = self.inner.tx.clone();
@@ -528,49 +597,84 @@ impl Spool {
     /// The message data.
     pub async fn read_data(&self, id: MessageId) -> Result<Vec<u8>> {
         use tokio::io::AsyncReadExt;
-        let (mut file, data_len) = self.open_positioned(id).await?;
+        let mut reader = self.open_data(id).await?;
+        let data_len = self.data_len(id).unwrap_or(0);
         // Capacity only: a length that does not fit memory fails in the read, not here.
         let mut data = Vec::with_capacity(usize::try_from(data_len).unwrap_or(0).min(1 << 30));
-        file.read_to_end(&mut data)
+        reader
+            .read_to_end(&mut data)
             .await
             .map_err(|e| context(e, "reading message data", &self.data_path(id)))?;
         Ok(data)
     }
 
-    /// The message data as a file, for streaming large messages.
-    ///
-    /// The file is positioned at the start of the data, and the data runs to the end of the file
-    /// (the file may hold more than the data before that position; see [`Spool::data_offset`]).
-    pub async fn open_data(&self, id: MessageId) -> Result<tokio::fs::File> {
-        Ok(self.open_positioned(id).await?.0)
-    }
-
-    async fn open_positioned(&self, id: MessageId) -> Result<(tokio::fs::File, u64)> {
+    /// The message data, for streaming large messages: exactly the `data_len` bytes.
+    pub async fn open_data(&self, id: MessageId) -> Result<Data> {
         use tokio::io::AsyncSeekExt;
-        let (layout, data_len) = {
-            let index = self.inner.shared.lock_index();
-            let entry = index.entries.get(&id).ok_or_else(|| not_found(id))?;
-            (entry.layout, entry.data_len)
-        };
-        let path = self.inner.shared.data_path(id, Some(layout));
-        let mut file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| context(e, "opening message data", &path))?;
-        let offset = layout.data_offset();
-        if offset != 0 {
-            file.seek(SeekFrom::Start(offset))
+        // A message in the log is read whole and checked: compaction may move it meanwhile,
+        // and its old place be reused (then the check fails and the index has the new place).
+        for _ in 0..4 {
+            let (layout, data_len) = {
+                let index = self.inner.shared.lock_index();
+                let entry = index.entries.get(&id).ok_or_else(|| not_found(id))?;
+                (entry.layout, entry.data_len)
+            };
+            let path = self.inner.shared.data_path(id, Some(layout));
+            if let Layout::Log(loc) = layout {
+                let read = tokio::task::spawn_blocking(move || -> io::Result<Vec<u8>> {
+                    use std::os::unix::fs::FileExt;
+                    let file = File::open(&path)?;
+                    let mut rec = vec![0u8; loc.record_len as usize];
+                    file.read_exact_at(&mut rec, loc.record)?;
+                    Ok(rec)
+                })
+                .await
+                .map_err(io::Error::other)?
+                .map_err(|e| context(e, "reading message data", &self.data_path(id)))?;
+                if log::verify(&read, id, &loc) {
+                    let mut data = io::Cursor::new(read);
+                    data.set_position(loc.data_offset - loc.record);
+                    return Ok(Data::Memory(data));
+                }
+                if self
+                    .inner
+                    .shared
+                    .lock_index()
+                    .entries
+                    .get(&id)
+                    .map(|e| e.layout)
+                    == Some(layout)
+                {
+                    return Err(context(
+                        io::Error::new(io::ErrorKind::InvalidData, "log record does not check"),
+                        "reading message data",
+                        &self.data_path(id),
+                    )
+                    .into());
+                }
+                continue;
+            }
+            let mut file = tokio::fs::File::open(&path)
                 .await
                 .map_err(|e| context(e, "opening message data", &path))?;
+            let offset = layout.data_offset();
+            if offset != 0 {
+                file.seek(SeekFrom::Start(offset))
+                    .await
+                    .map_err(|e| context(e, "opening message data", &path))?;
+            }
+            return Ok(Data::File(tokio::io::AsyncReadExt::take(file, data_len)));
         }
-        Ok((file, data_len))
+        Err(not_found(id))
     }
 
     /// The file holding the data of `id` (or where it would be). Read-only use; the spool owns
     /// the file.
     ///
     /// The data is the `data_len` bytes starting at [`Spool::data_offset`], which for messages
-    /// stored by this version is past a header and the envelope record (the data runs to the
-    /// end of the file). Prefer [`Spool::open_data`], which handles the offset.
+    /// stored by this version is past a header and the envelope record: in a message file the
+    /// data runs to its end; a log segment holds other records too, and is reused once spent.
+    /// Prefer [`Spool::open_data`], which handles both.
     pub fn data_path(&self, id: MessageId) -> PathBuf {
         let layout = self
             .inner
@@ -642,18 +746,39 @@ impl Spool {
         &self.inner.report
     }
 
-    /// How many directory syncs the spool has done since it was opened (each one makes every
-    /// name change before it durable).
-    pub fn directory_syncs(&self) -> u64 {
+    /// How many syncs the spool has done since it was opened: directory syncs (each makes every
+    /// name change before it durable) and flushes of the message log.
+    pub fn syncs(&self) -> u64 {
         self.inner
             .shared
-            .dir_syncs
+            .syncs
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The spool directory.
     pub fn dir(&self) -> &Path {
         &self.inner.shared.dir
+    }
+}
+
+/// The data of a stored message ([`Spool::open_data`]): exactly its bytes.
+pub enum Data {
+    /// Read from its file.
+    File(tokio::io::Take<tokio::fs::File>),
+    /// Read whole (a message in the log): its record, positioned at the data.
+    Memory(io::Cursor<Vec<u8>>),
+}
+
+impl tokio::io::AsyncRead for Data {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Data::File(f) => std::pin::Pin::new(f).poll_read(cx, buf),
+            Data::Memory(c) => std::pin::Pin::new(c).poll_read(cx, buf),
+        }
     }
 }
 
@@ -821,6 +946,7 @@ impl Shared {
     fn data_path(&self, id: MessageId, layout: Option<Layout>) -> PathBuf {
         match layout {
             Some(Layout::Split) => self.file(id, DATA_EXT),
+            Some(Layout::Log(loc)) => log::segment_path(&self.log_dir, loc.slot),
             Some(Layout::Single { .. }) | None => self.file(id, MSG_EXT),
         }
     }
@@ -829,7 +955,7 @@ impl Shared {
     /// its own (for message files: the update, which may not exist yet).
     fn envelope_path(&self, id: MessageId, layout: Layout) -> PathBuf {
         match layout {
-            Layout::Single { .. } => self.file(id, UPD_EXT),
+            Layout::Single { .. } | Layout::Log(_) => self.file(id, UPD_EXT),
             Layout::Split => self.file(id, ENV_EXT),
         }
     }
@@ -862,26 +988,43 @@ impl Shared {
         match op {
             Op::Store { tmp, .. } => remove_quietly(tmp),
             Op::Replace { tmp, .. } => remove_quietly(tmp),
-            Op::Remove { .. } => {}
+            Op::Append { .. } | Op::Remove { .. } => {}
         }
     }
 
-    /// Commits a batch; returns what it left for a later directory sync.
-    fn commit_batch(&self, dir: &File, batch: Vec<Job>) -> SyncState {
+    /// Commits a batch; returns what it left for a later sync.
+    fn commit_batch(&self, dir: &File, log: &mut Log, mut batch: Vec<Job>) -> Synced {
         if let Some(reason) = self.poisoned.get() {
             for job in batch {
                 self.discard(&job.op);
                 let _ = job.done.send(Err(poisoned_error(reason)));
             }
-            return SyncState::Unchanged;
+            return Synced::default();
         }
 
         let mut results = Vec::with_capacity(batch.len());
+        let mut locs: Vec<Option<LogLoc>> = Vec::with_capacity(batch.len());
+        // An I/O error of the log leaves its state unknown, like a failed directory sync.
+        let mut log_failed: Option<io::Error> = None;
         // Removals are applied to the index only after the sync, so later ops of this batch
         // check this set as well.
         let mut removed = HashSet::new();
-        for job in &batch {
-            let result: Result<()> = match &job.op {
+        for job in &mut batch {
+            let mut loc = None;
+            let result: Result<()> = match &mut job.op {
+                Op::Append { id, record, .. } => {
+                    match log.append_message(*id, std::mem::take(record)) {
+                        Ok(l) => {
+                            loc = Some(l);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let err = io::Error::new(e.kind(), e.to_string());
+                            log_failed.get_or_insert(e);
+                            Err(err.into())
+                        }
+                    }
+                }
                 // Complete and flushed: naming it commits the message (once the name is durable).
                 Op::Store { id, tmp, .. } => {
                     rename(tmp, &self.file(*id, MSG_EXT)).map_err(Error::from)
@@ -900,7 +1043,7 @@ impl Shared {
                     match layout {
                         Some(layout) if !removed.contains(id) => {
                             // The commit point of a removal: the file whose name commits the
-                            // message.
+                            // message, or a removal record.
                             let (gone, path) = match layout {
                                 Layout::Single { .. } => {
                                     let path = self.file(*id, MSG_EXT);
@@ -909,6 +1052,14 @@ impl Shared {
                                 Layout::Split => {
                                     let path = self.file(*id, ENV_EXT);
                                     (fs::remove_file(&path), path)
+                                }
+                                Layout::Log(l) => {
+                                    let r = log.append_removal(*id, &l);
+                                    if let Err(e) = &r {
+                                        log_failed
+                                            .get_or_insert(io::Error::new(e.kind(), e.to_string()));
+                                    }
+                                    (r, log.dir().to_path_buf())
                                 }
                             };
                             let r = gone
@@ -926,38 +1077,79 @@ impl Shared {
                 self.discard(&job.op);
             }
             results.push(result);
+            locs.push(loc);
         }
 
+        let ok = |pred: fn(&Op, &Index) -> bool| {
+            let index = self.lock_index();
+            batch
+                .iter()
+                .zip(&results)
+                .any(|(j, r)| r.is_ok() && pred(&j.op, &index))
+        };
+        let appended = ok(|op, _| matches!(op, Op::Append { .. }));
+        let named = ok(|op, _| matches!(op, Op::Store { .. } | Op::Replace { .. }));
+        let removed_files = ok(|op, index| match op {
+            Op::Remove { id } => !matches!(
+                index.entries.get(id).map(|e| e.layout),
+                Some(Layout::Log(_)) | None
+            ),
+            _ => false,
+        });
+        // The batch's records are written; flushed when it stored messages (a removal alone
+        // waits, see the crate's guarantees).
+        if log_failed.is_none() {
+            match log.commit(appended) {
+                Ok(true) => {
+                    self.syncs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(e) => log_failed = Some(e),
+            }
+        }
+        let mut failure = log_failed.map(|e| context(e, "writing message log", log.dir()));
         // Removals alone do not sync (see the crate's guarantees): the caller syncs later.
-        let unsynced_removals = batch
-            .iter()
-            .zip(&results)
-            .any(|(j, r)| r.is_ok() && matches!(j.op, Op::Remove { .. }));
-        let must_sync = batch
-            .iter()
-            .zip(&results)
-            .any(|(j, r)| r.is_ok() && !matches!(j.op, Op::Remove { .. }));
-        if self.fsync && must_sync {
-            self.dir_syncs
+        if failure.is_none() && self.fsync && named {
+            self.syncs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Err(e) = dir.sync_all() {
-                self.poison(&e);
-                for (job, result) in batch.into_iter().zip(results) {
-                    let result = result.and_then(|()| Err(self.sync_failed(&e).into()));
-                    let _ = job.done.send(result);
-                }
-                return SyncState::Unchanged;
+                failure = Some(e);
             }
+        }
+        if let Some(e) = failure {
+            self.poison(&e);
+            for (job, result) in batch.into_iter().zip(results) {
+                let result = result.and_then(|()| Err(self.sync_failed(&e).into()));
+                let _ = job.done.send(result);
+            }
+            return Synced::default();
         }
 
         let mut unlink = Vec::new();
         {
             let mut index = self.lock_index();
-            for (job, result) in batch.iter().zip(&results) {
+            for ((job, result), loc) in batch.iter().zip(&results).zip(&locs) {
                 if result.is_err() {
                     continue;
                 }
                 match &job.op {
+                    Op::Append {
+                        id,
+                        envelope,
+                        data_len,
+                        ..
+                    } => {
+                        if let Some(loc) = loc {
+                            index.bytes += data_len;
+                            let entry = Entry {
+                                envelope: envelope.clone(),
+                                data_len: *data_len,
+                                layout: Layout::Log(*loc),
+                            };
+                            index.entries.insert(*id, entry);
+                        }
+                    }
                     Op::Store {
                         id,
                         envelope,
@@ -985,7 +1177,9 @@ impl Shared {
                         if let Some(entry) = index.entries.remove(id) {
                             index.bytes -= entry.data_len;
                             unlink.push(match entry.layout {
-                                Layout::Single { .. } => (self.file(*id, UPD_EXT), true),
+                                Layout::Single { .. } | Layout::Log(_) => {
+                                    (self.file(*id, UPD_EXT), true)
+                                }
                                 Layout::Split => (self.file(*id, DATA_EXT), false),
                             });
                         }
@@ -1012,54 +1206,147 @@ impl Shared {
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.done.send(result);
         }
-        match (self.fsync, must_sync, unsynced_removals) {
-            (false, _, _) => SyncState::Unchanged,
-            (true, true, _) => SyncState::Synced,
-            (true, false, true) => SyncState::Unsynced,
-            (true, false, false) => SyncState::Unchanged,
+        if let Err(e) = self.compact(log) {
+            self.poison(&context(e, "compacting message log", log.dir()));
         }
+        if !self.fsync {
+            return Synced::default();
+        }
+        Synced {
+            dir: match (named, removed_files) {
+                (true, _) => SyncState::Synced,
+                (false, true) => SyncState::Unsynced,
+                (false, false) => SyncState::Unchanged,
+            },
+            log: if log.has_unsynced() {
+                SyncState::Unsynced
+            } else if appended {
+                SyncState::Synced
+            } else {
+                SyncState::Unchanged
+            },
+        }
+    }
+
+    /// Copies the live messages of the oldest log segment forward when it is due (see `log`),
+    /// so that it and the segments behind it can be reused.
+    fn compact(&self, log: &mut Log) -> io::Result<()> {
+        let Some((_, _, ids)) = log.compaction_due() else {
+            return Ok(());
+        };
+        let mut moved = Vec::new();
+        for id in ids {
+            let Some((envelope, data_len, old)) =
+                self.lock_index()
+                    .entries
+                    .get(&id)
+                    .and_then(|e| match e.layout {
+                        Layout::Log(loc) => Some((e.envelope.clone(), e.data_len, loc)),
+                        _ => None,
+                    })
+            else {
+                continue;
+            };
+            let rec = log.read_record(&old)?;
+            let Some((_, data)) = log::message_parts(&rec).filter(|_| log::verify(&rec, id, &old))
+            else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("record of {id} does not check"),
+                ));
+            };
+            let record =
+                log::message_record(id, &EnvelopeRecord::encode(&envelope, data_len), data);
+            let new = log.append_message(id, record)?;
+            moved.push((id, old, new));
+        }
+        log.commit(true)?;
+        self.syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut index = self.lock_index();
+        for (id, old, new) in moved {
+            log.forget_at(id, &old);
+            if let Some(entry) = index.entries.get_mut(&id) {
+                entry.layout = Layout::Log(new);
+            }
+        }
+        drop(index);
+        log.recycle()
     }
 }
 
-/// What a committed batch leaves for the committer's next directory sync.
+/// What a committed batch leaves for the committer's next sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 enum SyncState {
-    /// The directory was synced: everything before is durable.
+    /// Synced: everything before is durable.
     Synced,
     /// Removals were applied and not synced.
     Unsynced,
     /// Nothing changed on disk (or the spool does not sync).
+    #[default]
     Unchanged,
 }
 
-fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
-    // When the oldest removal that no directory sync covers yet was applied (see the crate's
-    // guarantees): it is synced at most REMOVAL_SYNC_DELAY later, even while removal-only
-    // batches keep coming (a queue draining a backlog with nothing arriving).
-    let mut unsynced_since: Option<std::time::Instant> = None;
-    let sync_removals = |unsynced_since: &mut Option<std::time::Instant>| {
-        shared
-            .dir_syncs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Err(e) = dir.sync_all() {
-            shared.poison(&e);
+/// What a batch left for the directory and for the log.
+#[derive(Default)]
+struct Synced {
+    dir: SyncState,
+    log: SyncState,
+}
+
+fn run_committer(shared: &Shared, dir: &File, mut log: Log, rx: mpsc::Receiver<Job>) {
+    // When the oldest removal that no sync covers yet was applied, for the directory and for
+    // the log (see the crate's guarantees): it is synced at most REMOVAL_SYNC_DELAY later, even
+    // while removal-only batches keep coming (a queue draining a backlog with nothing arriving).
+    let mut dir_since: Option<std::time::Instant> = None;
+    let mut log_since: Option<std::time::Instant> = None;
+    let sync_removals = |dir_since: &mut Option<std::time::Instant>,
+                         log_since: &mut Option<std::time::Instant>,
+                         log: &mut Log| {
+        if dir_since.take().is_some() {
+            shared
+                .syncs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Err(e) = dir.sync_all() {
+                shared.poison(&e);
+            }
         }
-        *unsynced_since = None;
+        if log_since.take().is_some() {
+            match log.sync() {
+                Ok(true) => {
+                    shared
+                        .syncs
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(false) => {}
+                Err(e) => shared.poison(&context(e, "syncing message log", log.dir())),
+            }
+        }
+    };
+    let track = |since: &mut Option<std::time::Instant>, state: SyncState| match state {
+        SyncState::Synced => *since = None,
+        SyncState::Unsynced => {
+            since.get_or_insert_with(std::time::Instant::now);
+        }
+        SyncState::Unchanged => {}
     };
     loop {
-        let next = match unsynced_since {
+        let oldest = match (dir_since, log_since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let next = match oldest {
             Some(t) => rx.recv_timeout(REMOVAL_SYNC_DELAY.saturating_sub(t.elapsed())),
             None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
         };
         let first = match next {
             Ok(job) => job,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                sync_removals(&mut unsynced_since);
+                sync_removals(&mut dir_since, &mut log_since, &mut log);
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
-                if unsynced_since.is_some() {
-                    sync_removals(&mut unsynced_since);
-                }
+                sync_removals(&mut dir_since, &mut log_since, &mut log);
                 return;
             }
         };
@@ -1070,16 +1357,15 @@ fn run_committer(shared: &Shared, dir: &File, rx: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        match shared.commit_batch(dir, batch) {
-            // A batch that synced covered every earlier removal.
-            SyncState::Synced => unsynced_since = None,
-            SyncState::Unsynced => {
-                let since = *unsynced_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() >= REMOVAL_SYNC_DELAY {
-                    sync_removals(&mut unsynced_since);
-                }
-            }
-            SyncState::Unchanged => {}
+        let synced = shared.commit_batch(dir, &mut log, batch);
+        track(&mut dir_since, synced.dir);
+        track(&mut log_since, synced.log);
+        let due = [dir_since, log_since]
+            .into_iter()
+            .flatten()
+            .any(|t| t.elapsed() >= REMOVAL_SYNC_DELAY);
+        if due {
+            sync_removals(&mut dir_since, &mut log_since, &mut log);
         }
     }
 }

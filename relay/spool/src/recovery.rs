@@ -8,8 +8,16 @@
 use super::*;
 
 impl Shared {
-    pub(crate) fn recover(&self) -> Result<(Vec<Recovered>, RecoveryReport)> {
+    pub(crate) fn recover(
+        &self,
+        found: log::LogRecovery,
+        log: &mut Log,
+    ) -> Result<(Vec<Recovered>, RecoveryReport)> {
         let mut report = RecoveryReport::default();
+        report.unknown.extend(found.unknown);
+        for (file, reason) in found.quarantined {
+            report.quarantined.push(SkippedFile { file, reason });
+        }
         let mut msg_files = BTreeSet::new();
         let mut upd_files = HashSet::new();
         let mut data_files = HashSet::new();
@@ -79,6 +87,69 @@ impl Shared {
                 }
             }
         }
+        // Messages in the log: their updates are `.upd` files as for message files.
+        let mut dropped = false;
+        for m in found.messages {
+            let has_upd = upd_files.remove(&m.id);
+            let record = match m.envelope {
+                Ok(record) => record,
+                Err(problem) => {
+                    // The record checked, so this is not damage on disk: written by a relay
+                    // that got the envelope wrong. Kept in corrupt/ for an operator.
+                    let name = format!("{}.log-record", m.id);
+                    let bytes = log
+                        .read_record(&m.loc)
+                        .map_err(|e| context(e, "reading log record", log.dir()))?;
+                    let path = self.dir.join(CORRUPT_DIR).join(&name);
+                    fs::write(&path, bytes).map_err(|e| context(e, "quarantining", &path))?;
+                    tracing::error!(id = %m.id, problem = %problem, "quarantining logged message");
+                    log.append_removal(m.id, &m.loc)
+                        .map_err(|e| context(e, "writing message log", log.dir()))?;
+                    dropped = true;
+                    if has_upd {
+                        self.quarantine(&format!("{}.{UPD_EXT}", m.id))?;
+                    }
+                    report.quarantined.push(SkippedFile {
+                        file: name,
+                        reason: problem,
+                    });
+                    continue;
+                }
+            };
+            let mut envelope = record.envelope;
+            if has_upd {
+                let upd = format!("{}.{UPD_EXT}", m.id);
+                let update = fs::read(self.msg_dir.join(&upd))
+                    .map_err(|e| Skip::Corrupt(upd.clone(), format!("unreadable: {e}")))
+                    .and_then(|bytes| decode_record(&upd, &bytes, m.data_len));
+                match update {
+                    Ok(update) => envelope = update.envelope,
+                    Err(Skip::Corrupt(file, problem)) => {
+                        // The message itself is intact: it stays, with the envelope it was
+                        // stored with (recipients done since may get it again).
+                        tracing::error!(file = %file, problem = %problem, "quarantining envelope update; the message keeps its stored envelope");
+                        self.quarantine(&upd)?;
+                        report.quarantined.push(SkippedFile {
+                            file,
+                            reason: problem,
+                        });
+                    }
+                }
+            }
+            messages.push(Recovered {
+                message: StoredMessage {
+                    id: m.id,
+                    envelope,
+                    data_len: m.data_len,
+                },
+                layout: Layout::Log(m.loc),
+            });
+        }
+        if dropped {
+            log.sync()
+                .map_err(|e| context(e, "writing message log", log.dir()))?;
+        }
+
         // Updates of removed messages (removal deletes the message file first).
         for id in upd_files {
             let name = format!("{id}.{UPD_EXT}");

@@ -33,6 +33,19 @@ async fn open(dir: &Path) -> (Spool, Vec<StoredMessage>) {
     Spool::open(dir, SpoolOptions::default()).await.unwrap()
 }
 
+/// A spool that gives every message a file of its own (no message log), for the tests of the
+/// message file layout.
+fn files_only() -> SpoolOptions {
+    SpoolOptions {
+        log_max_message: 0,
+        ..SpoolOptions::default()
+    }
+}
+
+async fn open_files(dir: &Path) -> (Spool, Vec<StoredMessage>) {
+    Spool::open(dir, files_only()).await.unwrap()
+}
+
 /// The files of `dir` that hold something: free files kept for reuse are left out.
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)
@@ -144,7 +157,7 @@ async fn second_open_of_a_spool_in_use_is_refused() {
 #[tokio::test]
 async fn uncommitted_leftovers_are_deleted() {
     let tmp = tempfile::tempdir().unwrap();
-    let (spool, _) = open(tmp.path()).await;
+    let (spool, _) = open_files(tmp.path()).await;
     let kept = spool.store(envelope(1), data(1)).await.unwrap();
     drop(spool);
 
@@ -174,7 +187,7 @@ async fn uncommitted_leftovers_are_deleted() {
     .unwrap();
     fs::write(msg.join("README.txt"), b"not ours").unwrap();
 
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].id, kept);
     assert_eq!(recovered[0].envelope, spool.envelope(kept).unwrap());
@@ -206,7 +219,7 @@ fn patch(path: &Path, offset: usize, bytes: &[u8]) {
 #[tokio::test]
 async fn corrupt_messages_are_quarantined_not_deleted() {
     let tmp = tempfile::tempdir().unwrap();
-    let (spool, _) = open(tmp.path()).await;
+    let (spool, _) = open_files(tmp.path()).await;
     let mut ids = Vec::new();
     for n in 0..9 {
         ids.push(spool.store(envelope(n), data(n)).await.unwrap());
@@ -255,7 +268,7 @@ async fn corrupt_messages_are_quarantined_not_deleted() {
     let future_env = b"{\"version\":7,\"somethingNew\":true}\n";
     fs::write(file(future_update, "upd"), future_env).unwrap();
 
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(
         recovered.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![good]
@@ -434,7 +447,7 @@ async fn data_via_open(spool: &Spool, id: MessageId) -> Vec<u8> {
 async fn one_file_per_message_and_updates_override_it_after_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let msg = tmp.path().join("msg");
-    let (spool, _) = open(tmp.path()).await;
+    let (spool, _) = open_files(tmp.path()).await;
     let id = spool.store(envelope(3), data(3)).await.unwrap();
     let other = spool.store(envelope(4), data(4)).await.unwrap();
     assert_eq!(
@@ -473,7 +486,7 @@ async fn one_file_per_message_and_updates_override_it_after_restart() {
     );
     drop(spool);
 
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(recovered.len(), 2);
     assert_eq!(recovered[0].envelope, env);
     assert_eq!(spool.envelope(id).unwrap(), env);
@@ -485,7 +498,7 @@ async fn one_file_per_message_and_updates_override_it_after_restart() {
     spool.remove(id).await.unwrap();
     assert_eq!(names(&msg), vec![format!("{other}.msg")]);
     drop(spool);
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(recovered.len(), 1);
     assert!(spool.recovery_report().removed_uncommitted.is_empty());
 }
@@ -500,7 +513,7 @@ async fn spool_of_the_split_layout_is_read_updated_and_drained() {
     let old = write_split_layout(&msg, &env, &data(1));
     let old_updated = write_split_layout(&msg, &envelope(2), &data(2));
 
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(
         recovered.iter().map(|m| m.id).collect::<Vec<_>>(),
         vec![old, old_updated]
@@ -532,7 +545,7 @@ async fn spool_of_the_split_layout_is_read_updated_and_drained() {
     assert_eq!(names(&msg), expected);
     drop(spool);
 
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(recovered.len(), 3);
     assert_eq!(spool.envelope(old_updated).unwrap(), env2);
     assert_eq!(spool.read_data(new).await.unwrap(), data(3));
@@ -650,7 +663,7 @@ async fn racing_update_and_remove_never_resurrect_a_message() {
 #[tokio::test]
 async fn fsync_off_still_round_trips() {
     let tmp = tempfile::tempdir().unwrap();
-    let opts = SpoolOptions { fsync: false };
+    let opts = SpoolOptions::without_fsync();
     let (spool, _) = Spool::open(tmp.path(), opts.clone()).await.unwrap();
     let id = spool.store(envelope(9), data(9)).await.unwrap();
     drop(spool);
@@ -733,7 +746,7 @@ async fn spent_message_files_are_reused_and_read_back_exactly() {
     use std::os::unix::fs::MetadataExt;
     let tmp = tempfile::tempdir().unwrap();
     let msg_dir = tmp.path().join("msg");
-    let (spool, _) = open(tmp.path()).await;
+    let (spool, _) = open_files(tmp.path()).await;
     let long = vec![b'x'; 12 * 1024];
     let a = spool.store(envelope(1), long).await.unwrap();
     let inode = fs::metadata(msg_dir.join(format!("{a}.msg")))
@@ -758,7 +771,7 @@ async fn spent_message_files_are_reused_and_read_back_exactly() {
     assert!(free.contains(&inode));
 
     // The free files survive a restart and are used again.
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert!(recovered.is_empty());
     assert!(spool.recovery_report().unknown.is_empty());
     let c = spool.store(envelope(3), data(3)).await.unwrap();
@@ -766,7 +779,7 @@ async fn spent_message_files_are_reused_and_read_back_exactly() {
     let c_inode = fs::metadata(&c_path).unwrap().ino();
     assert!(free.contains(&c_inode), "reused after restart");
     drop(spool);
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert_eq!(recovered.len(), 1);
     assert_eq!(spool.read_data(c).await.unwrap(), data(3));
 }
@@ -822,7 +835,7 @@ async fn a_stream_of_removals_is_synced_within_the_delay() {
     for n in 0..300 {
         ids.push(spool.store(envelope(n), data(n)).await.unwrap());
     }
-    let before = spool.directory_syncs();
+    let before = spool.syncs();
     let started = std::time::Instant::now();
     for id in ids {
         spool.remove(id).await.unwrap();
@@ -831,7 +844,7 @@ async fn a_stream_of_removals_is_synced_within_the_delay() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let synced = spool.directory_syncs() - before;
+    let synced = spool.syncs() - before;
     assert!(
         synced >= 1,
         "no directory sync during {:?} of removals",
