@@ -8,9 +8,11 @@
 //!
 //! # Guarantees
 //!
-//! * [`Spool::store`] returns only after the message (data and envelope, one file) is on stable
-//!   storage: file `fdatasync`, rename into place, then a directory `fsync` that persists the
-//!   name. The caller answers `250` after that, never before.
+//! * [`Spool::store`] returns only after the message (data and envelope) is on stable storage:
+//!   for a small message, a record appended to the message log and covered by the log's
+//!   `fdatasync`; for a large or streamed one, its own file: `fdatasync`, rename into place, then
+//!   a directory `fsync` that persists the name. The caller answers `250` after that, never
+//!   before.
 //! * A crash before `store` returns may leave the message committed anyway (the client will then
 //!   send it again: a duplicate), or leave an uncommitted temporary file, which recovery deletes.
 //!   It never leaves a committed envelope without its complete data.
@@ -28,21 +30,28 @@
 //!
 //! # Group commit
 //!
-//! Each `store` writes its message file under a temporary name and `fdatasync`s it on the
-//! blocking thread pool, so concurrent sessions' flushes run in parallel (the filesystem journal
-//! merges concurrent flushes into a few commits). The rest is shared: one committer thread takes
-//! every operation that is waiting, renames all their files into place (and applies removals,
-//! checking the index), syncs the directory once, and then wakes all waiters. A message costs
-//! one `fdatasync` of its own; a batch of any size costs one directory sync. (Renaming in the
-//! committer rather than right after each flush measured faster: the renames then land in one
-//! journal transaction, the one the directory sync commits.)
+//! One committer thread takes every operation that is waiting (a batch) and commits them
+//! together, then wakes all their waiters:
+//!
+//! * Small messages ([`SpoolOptions::log_max_message`], 64 KiB by default: everything the relay
+//!   does not stream) are encoded by the storing task and appended by the committer to the
+//!   message log ([`log`]): one `pwrite` and one `fdatasync` for the whole batch, into a
+//!   preallocated segment, so the flush carries no metadata. Their removals are removal records.
+//! * Large and streamed messages are written to a file of their own under a temporary name and
+//!   `fdatasync`ed on the blocking pool (concurrent flushes run in parallel); the committer
+//!   renames all of a batch's files into place and syncs the directory once.
+//!
+//! Measured at 20 sessions of 1 KiB messages, the log took acceptance from about 1,390 to about
+//! 1,940 messages per second on the same disk (the relay on tmpfs, with no flush cost at all:
+//! about 1,760 before the log).
 //!
 //! # On-disk layout
 //!
 //! ```text
 //! <dir>/lock                     flock(2)ed while a process has the spool open
+//! <dir>/log/<slot>.seg           message log segment: records of small messages and removals
 //! <dir>/msg/<id>.msg             the message: fixed header, envelope record, data (see below)
-//! <dir>/msg/<id>.upd             newer envelope record of <id>.msg (after update_envelope)
+//! <dir>/msg/<id>.upd             newer envelope record of <id>.msg or of a logged message
 //! <dir>/msg/<id>.msg.tmp         message being stored; never valid
 //! <dir>/msg/<id>.upd.<nonce>.tmp envelope update being written; never valid
 //! <dir>/msg/<n>.free            a spent file kept for reuse (see `pool`); never valid
@@ -67,13 +76,20 @@
 //! gone once that is durable, so a crash can never bring it back with a stale envelope) and then
 //! `<id>.upd`.
 //!
+//! A message in the log is committed by its record, once a flush covers it, and removed by a
+//! removal record; the log's own rules (segments, reuse, compaction, torn tails) are in [`log`].
+//! Its envelope updates are `<id>.upd` files like a message file's. A relay from before the
+//! log does not read `log/`: drain the spool before downgrading past it.
+//!
 //! Messages stored by earlier versions (`<id>.eml` + `<id>.env`, committed by the appearance of
 //! `<id>.env`) are loaded as they are and drained by normal delivery: updates rename over
 //! `<id>.env`, removal deletes `<id>.env` and then `<id>.eml`, as those versions did. A relay
 //! upgraded in place keeps its spool; one downgraded again sees `.msg`/`.upd` files as unknown
 //! and leaves them alone.
 //!
-//! Recovery ([`Spool::open`]) therefore takes back free files (`*.free`, up to the pool's bound),
+//! Recovery ([`Spool::open`]) reads the log first (a damaged record is copied to `corrupt/` and
+//! reported; a damaged `.upd` of a logged message is quarantined and the message kept with its
+//! stored envelope), then takes back free files (`*.free`, up to the pool's bound),
 //! deletes `*.tmp` files, `.upd` files without a `.msg`
 //! and `.eml` files without an `.env` (leftovers of interrupted stores and removals); moves a
 //! message whose file has a damaged header, a format version this relay does not read (0 is
@@ -97,7 +113,7 @@ mod format;
 #[doc(hidden)]
 pub mod fuzzing;
 mod id;
-mod log;
+pub mod log;
 pub mod pool;
 mod recovery;
 
@@ -381,7 +397,8 @@ impl Spool {
         let (mut log, found) = Log::recover(&log_dir, &corrupt_dir, opts.fsync)
             .map_err(|e| context(e, "recovering message log", &log_dir))?;
         let (recovered, report) = shared.recover(found, &mut log)?;
-        shared.pool.fill(FREE_FILES / 4);
+        // Message files are for large and streamed messages now: a few ready ones suffice.
+        shared.pool.fill(FREE_FILES / 32);
         let mut messages = Vec::with_capacity(recovered.len());
         {
             let mut index = shared.lock_index();
@@ -1096,6 +1113,36 @@ impl Shared {
             ),
             _ => false,
         });
+        // Removals are complete once their records are written (a killed process keeps what
+        // the kernel has): their waiters (delivery workers) need not wait for the flushes.
+        if log_failed.is_none() {
+            if let Err(e) = log.commit(false) {
+                log_failed = Some(e);
+            }
+        }
+        let (batch, results, locs) = if log_failed.is_none() {
+            let n = batch.len();
+            let mut rest = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let mut removals = Vec::new();
+            for ((job, result), loc) in batch.into_iter().zip(results).zip(locs) {
+                match (&job.op, result) {
+                    (Op::Remove { id }, Ok(())) => removals.push((job.done, *id)),
+                    (_, result) => {
+                        rest.0.push(job);
+                        rest.1.push(result);
+                        rest.2.push(loc);
+                    }
+                }
+            }
+            self.apply_removals(removals);
+            rest
+        } else {
+            (batch, results, locs)
+        };
         // The batch's records are written; flushed when it stored messages (a removal alone
         // waits, see the crate's guarantees).
         if log_failed.is_none() {
@@ -1126,7 +1173,7 @@ impl Shared {
             return Synced::default();
         }
 
-        let mut unlink = Vec::new();
+        let mut removals: Vec<(Option<oneshot::Sender<Result<()>>>, MessageId)> = Vec::new();
         {
             let mut index = self.lock_index();
             for ((job, result), loc) in batch.iter().zip(&results).zip(&locs) {
@@ -1172,37 +1219,11 @@ impl Shared {
                             entry.envelope = envelope.clone();
                         }
                     }
-                    Op::Remove { id } => {
-                        self.lock_cache().remove(*id);
-                        if let Some(entry) = index.entries.remove(id) {
-                            index.bytes -= entry.data_len;
-                            unlink.push(match entry.layout {
-                                Layout::Single { .. } | Layout::Log(_) => {
-                                    (self.file(*id, UPD_EXT), true)
-                                }
-                                Layout::Split => (self.file(*id, DATA_EXT), false),
-                            });
-                        }
-                    }
+                    Op::Remove { id } => removals.push((None, *id)),
                 }
             }
         }
-        // The messages are already gone for good; a file that survives a crash here is an
-        // orphan that recovery deletes, so this needs no sync. Done before waking the waiters
-        // (unlinking is cheap) so that a finished `remove` leaves no file behind.
-        for (path, reuse) in unlink {
-            // Most messages have no `.upd`: the failed rename (NotFound) is the whole cost.
-            let gone = if reuse {
-                self.pool.release(&path)
-            } else {
-                fs::remove_file(&path)
-            };
-            if let Err(e) = gone {
-                if e.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(file = %path.display(), error = %e, "removing message leftover");
-                }
-            }
-        }
+        self.apply_removals(removals);
         for (job, result) in batch.into_iter().zip(results) {
             let _ = job.done.send(result);
         }
@@ -1225,6 +1246,53 @@ impl Shared {
             } else {
                 SyncState::Unchanged
             },
+        }
+    }
+
+    /// Applies committed removals to the index, deletes what is left of the messages, and
+    /// answers their waiters (`None`: answered by the caller).
+    fn apply_removals<W: Into<Option<oneshot::Sender<Result<()>>>>>(
+        &self,
+        removals: Vec<(W, MessageId)>,
+    ) {
+        if removals.is_empty() {
+            return;
+        }
+        let mut unlink = Vec::with_capacity(removals.len());
+        let mut waiters = Vec::with_capacity(removals.len());
+        {
+            let mut index = self.lock_index();
+            let mut cache = self.lock_cache();
+            for (done, id) in removals {
+                cache.remove(id);
+                if let Some(entry) = index.entries.remove(&id) {
+                    index.bytes -= entry.data_len;
+                    unlink.push(match entry.layout {
+                        Layout::Single { .. } | Layout::Log(_) => (self.file(id, UPD_EXT), true),
+                        Layout::Split => (self.file(id, DATA_EXT), false),
+                    });
+                }
+                waiters.extend(done.into());
+            }
+        }
+        // The messages are already gone for good; a file that survives a crash here is an
+        // orphan that recovery deletes, so this needs no sync. Done before waking the waiters
+        // (unlinking is cheap) so that a finished `remove` leaves no file behind.
+        for (path, reuse) in unlink {
+            // Most messages have no `.upd`: the failed rename (NotFound) is the whole cost.
+            let gone = if reuse {
+                self.pool.release(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            if let Err(e) = gone {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(file = %path.display(), error = %e, "removing message leftover");
+                }
+            }
+        }
+        for done in waiters {
+            let _ = done.send(Ok(()));
         }
     }
 

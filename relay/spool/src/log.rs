@@ -8,7 +8,7 @@
 //! written, so the flush carries no metadata.
 //!
 //! This module owns `<spool>/log/` and its format; the committer thread (in `lib.rs`) owns the
-//! one [`Log`] and calls it, so nothing here locks.
+//! one `Log` and calls it, so nothing here locks.
 //!
 //! # Format
 //!
@@ -48,8 +48,9 @@
 //!   recovery, appends start in a fresh segment, never behind a torn tail.
 //! * Segments are recycled oldest first, and only once every message in them is removed: a
 //!   removal record may kill a message in an older segment, so recycling a younger segment
-//!   before an older one could bring that message back. A spare keeps its old records until its
-//!   header is rewritten with a new sequence number, which invalidates all of them at once.
+//!   before an older one could bring that message back. A recycled segment's header is blanked
+//!   and flushed before anything younger is deleted or reused (which invalidates all its
+//!   records at once); it is then a spare, or deleted when there are enough spares.
 //! * A long-deferred message would keep the oldest segment, and everything after it, from being
 //!   recycled: when [`COMPACT_SEGMENTS`] segments are sealed and the oldest holds little, its
 //!   live messages are copied forward (with their current envelopes) and it is recycled.
@@ -63,10 +64,10 @@ use std::path::{Path, PathBuf};
 use crate::envelope::EnvelopeRecord;
 use crate::MessageId;
 
-pub(crate) const LOG_DIR: &str = "log";
+pub const LOG_DIR: &str = "log";
 const SEG_EXT: &str = "seg";
 /// Size of every segment file.
-pub(crate) const SEGMENT_BYTES: u64 = 4 << 20;
+pub const SEGMENT_BYTES: u64 = 4 << 20;
 const SEG_MAGIC: [u8; 8] = *b"mrseglg\n";
 const SEG_VERSION: u32 = 1;
 const SEG_HEADER_LEN: u64 = 64;
@@ -77,7 +78,7 @@ const KIND_REMOVE: u8 = 2;
 /// Spent segments kept for reuse; more are deleted.
 const SPARES: usize = 4;
 /// Sealed segments before the oldest is compacted (if it holds less than a quarter of a segment).
-pub(crate) const COMPACT_SEGMENTS: usize = 8;
+pub const COMPACT_SEGMENTS: usize = 8;
 /// The largest record a segment takes (the header aside).
 pub(crate) const MAX_RECORD: u64 = SEGMENT_BYTES - SEG_HEADER_LEN;
 
@@ -93,7 +94,7 @@ pub(crate) struct LogLoc {
     pub data_offset: u64,
 }
 
-/// Encodes a message record; the sequence number and CRC are filled in by [`Log::append`].
+/// Encodes a message record; the sequence number and CRC are filled in by [`Log::append_message`].
 pub(crate) fn message_record(id: MessageId, envelope_record: &[u8], data: &[u8]) -> Vec<u8> {
     let payload_len = 4 + envelope_record.len() + data.len();
     let mut rec = Vec::with_capacity(REC_HEADER_LEN + payload_len);
@@ -670,6 +671,13 @@ impl Log {
                 break;
             };
             if self.spares.len() < SPARES {
+                // Blanked, durably, before anything younger goes: a spare that kept a valid
+                // header would bring its messages back once the younger segments holding their
+                // removal records are deleted or reused.
+                seg.file.write_all_at(&[0u8; SEG_HEADER_LEN as usize], 0)?;
+                if self.fsync {
+                    seg.file.sync_data()?;
+                }
                 self.spares.push_back((seg.slot, seg.file));
             } else {
                 drop(seg.file);

@@ -26,8 +26,15 @@ const KILL_AFTER: usize = 400;
 
 fn payload(n: usize) -> Vec<u8> {
     let mut v = format!("Message-Id: <{n}@crash.test>\r\n\r\n").into_bytes();
-    // Sizes vary so a torn or truncated data file cannot pass for a complete one.
-    v.extend((0..(n * 37) % 9000 + 100).map(|i| b'a' + ((i + n) % 26) as u8));
+    // Sizes vary so a torn or truncated record or file cannot pass for a complete one. Most
+    // messages go to the message log, filling several segments before the kill; every tenth is
+    // over the log's limit and gets a file of its own.
+    let len = if n % 10 == 9 {
+        mailrelay_spool::LOG_MAX_MESSAGE + 1 + n % 1000
+    } else {
+        (n * 7919) % 40_000 + 100
+    };
+    v.extend((0..len).map(|i| b'a' + ((i + n) % 26) as u8));
     v
 }
 
@@ -220,8 +227,9 @@ async fn acknowledged_operations_survive_sigkill() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let mut all = HashMap::new();
-    // Twice, so the second child also runs on a spool recovered from a crash.
-    for _ in 0..2 {
+    // Three times, so later children run on a spool recovered from a crash: their appends go
+    // to fresh log segments behind the recovered ones.
+    for _ in 0..3 {
         let seen = run_and_kill(tmp.path());
         all.extend(seen);
         let present = check(tmp.path(), &all).await;
