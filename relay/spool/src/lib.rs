@@ -257,8 +257,26 @@ struct Inner {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Job>,
     report: RecoveryReport,
+    /// Closed by the committer thread when it ends.
+    committer_done: Mutex<mpsc::Receiver<()>>,
     // Held for the flock; closing the file releases it.
     _lock: File,
+}
+
+/// How long dropping the last handle waits for the committer to finish its work.
+const COMMITTER_DRAIN: Duration = Duration::from_secs(10);
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the queue and let the committer finish (the last removals' sync, a compaction)
+        // before the lock goes: a spool opened again right away must not meet a committer still
+        // writing. An `Incoming` outliving every handle keeps the queue open; hence the bound.
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.tx, closed));
+        if let Ok(done) = self.committer_done.get_mut() {
+            let _ = done.recv_timeout(COMMITTER_DRAIN);
+        }
+    }
 }
 
 /// State the committer thread shares with the handles. The thread owns no `Sender`, so it ends
@@ -418,15 +436,20 @@ impl Spool {
         let dir_file = File::open(&shared.msg_dir)
             .map_err(|e| context(e, "opening spool directory", &shared.msg_dir))?;
         let (tx, rx) = mpsc::channel();
+        let (done_tx, committer_done) = mpsc::channel::<()>();
         let committer = shared.clone();
         std::thread::Builder::new()
             .name("spool-commit".into())
-            .spawn(move || run_committer(&committer, &dir_file, log, rx))?;
+            .spawn(move || {
+                run_committer(&committer, &dir_file, log, rx);
+                drop(done_tx);
+            })?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 shared,
                 tx,
                 report,
+                committer_done: Mutex::new(committer_done),
                 _lock: lock,
             }),
         };
@@ -547,7 +570,7 @@ impl Spool {
         .map_err(|e| context(e, "creating message", &tmp))?;
         Ok(Incoming {
             shared,
-            tx: self.inner.tx.clone(),
+            spool: Arc::downgrade(&self.inner),
             id,
             tmp,
             file: Some(file),
@@ -806,7 +829,8 @@ pub const INCOMING_SLACK: usize = 64;
 /// A message being stored piece by piece; see [`Spool::begin`].
 pub struct Incoming {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Job>,
+    /// Not a handle of its own: an abandoned `Incoming` must not keep the spool open.
+    spool: std::sync::Weak<Inner>,
     id: MessageId,
     tmp: PathBuf,
     /// `None` only while a write runs on the blocking pool (or after a failed one).
@@ -890,7 +914,10 @@ impl Incoming {
         };
         // From here the committer owns the temporary file (it renames or discards it).
         self.tmp = PathBuf::new();
-        self.tx
+        self.spool
+            .upgrade()
+            .ok_or_else(committer_gone)?
+            .tx
             .send(Job { op, done })
             .map_err(|_| committer_gone())?;
         wait.await.map_err(|_| committer_gone())??;
