@@ -309,6 +309,8 @@ struct Entry {
     envelope: Envelope,
     data_len: u64,
     layout: Layout,
+    /// Whether `<id>.upd` exists: a removal of a message without one touches no file.
+    updated: bool,
 }
 
 /// Which files hold a message.
@@ -336,6 +338,8 @@ impl Layout {
 struct Recovered {
     message: StoredMessage,
     layout: Layout,
+    /// Has an `<id>.upd` in use.
+    updated: bool,
 }
 
 struct Job {
@@ -420,7 +424,12 @@ impl Spool {
         let mut messages = Vec::with_capacity(recovered.len());
         {
             let mut index = shared.lock_index();
-            for Recovered { message: m, layout } in recovered {
+            for Recovered {
+                message: m,
+                layout,
+                updated,
+            } in recovered
+            {
                 index.bytes += m.data_len;
                 index.entries.insert(
                     m.id,
@@ -428,6 +437,7 @@ impl Spool {
                         envelope: m.envelope.clone(),
                         data_len: m.data_len,
                         layout,
+                        updated,
                     },
                 );
                 messages.push(m);
@@ -1220,6 +1230,7 @@ impl Shared {
                                 envelope: envelope.clone(),
                                 data_len: *data_len,
                                 layout: Layout::Log(*loc),
+                                updated: false,
                             };
                             index.entries.insert(*id, entry);
                         }
@@ -1238,12 +1249,14 @@ impl Shared {
                             layout: Layout::Single {
                                 data_offset: *data_offset,
                             },
+                            updated: false,
                         };
                         index.entries.insert(*id, entry);
                     }
                     Op::Replace { id, envelope, .. } => {
                         if let Some(entry) = index.entries.get_mut(id) {
                             entry.envelope = envelope.clone();
+                            entry.updated = true;
                         }
                     }
                     Op::Remove { id } => removals.push((None, *id)),
@@ -1294,10 +1307,13 @@ impl Shared {
                 cache.remove(id);
                 if let Some(entry) = index.entries.remove(&id) {
                     index.bytes -= entry.data_len;
-                    unlink.push(match entry.layout {
-                        Layout::Single { .. } | Layout::Log(_) => (self.file(id, UPD_EXT), true),
-                        Layout::Split => (self.file(id, DATA_EXT), false),
-                    });
+                    match entry.layout {
+                        Layout::Single { .. } | Layout::Log(_) if entry.updated => {
+                            unlink.push((self.file(id, UPD_EXT), true));
+                        }
+                        Layout::Single { .. } | Layout::Log(_) => {}
+                        Layout::Split => unlink.push((self.file(id, DATA_EXT), false)),
+                    }
                 }
                 waiters.extend(done.into());
             }
@@ -1306,7 +1322,6 @@ impl Shared {
         // orphan that recovery deletes, so this needs no sync. Done before waking the waiters
         // (unlinking is cheap) so that a finished `remove` leaves no file behind.
         for (path, reuse) in unlink {
-            // Most messages have no `.upd`: the failed rename (NotFound) is the whole cost.
             let gone = if reuse {
                 self.pool.release(&path)
             } else {

@@ -117,13 +117,17 @@ impl Shared {
                 }
             };
             let mut envelope = record.envelope;
+            let mut updated = false;
             if has_upd {
                 let upd = format!("{}.{UPD_EXT}", m.id);
                 let update = fs::read(self.msg_dir.join(&upd))
                     .map_err(|e| Skip::Corrupt(upd.clone(), format!("unreadable: {e}")))
                     .and_then(|bytes| decode_record(&upd, &bytes, m.data_len));
                 match update {
-                    Ok(update) => envelope = update.envelope,
+                    Ok(update) => {
+                        envelope = update.envelope;
+                        updated = true;
+                    }
                     Err(Skip::Corrupt(file, problem)) => {
                         // The message itself is intact: it stays, with the envelope it was
                         // stored with (recipients done since may get it again).
@@ -143,6 +147,7 @@ impl Shared {
                     data_len: m.data_len,
                 },
                 layout: Layout::Log(m.loc),
+                updated,
             });
         }
         if dropped {
@@ -185,6 +190,7 @@ impl Shared {
                                         data_len: record.data_len,
                                     },
                                     layout: Layout::Split,
+                                    updated: false,
                                 });
                                 continue;
                             }
@@ -273,6 +279,7 @@ impl Shared {
             layout: Layout::Single {
                 data_offset: header.data_offset(),
             },
+            updated: has_upd,
         })
     }
 
