@@ -33,12 +33,12 @@
 //! One committer thread takes every operation that is waiting (a batch) and commits them
 //! together, then wakes all their waiters:
 //!
-//! * Small messages ([`SpoolOptions::log_max_message`], 64 KiB by default: everything the relay
-//!   does not stream) are encoded by the storing task and appended by the committer to the
-//!   message log ([`log`]): one `pwrite` and one `fdatasync` for the whole batch, into a
+//! * Messages up to [`SpoolOptions::log_max_message`] (256 KiB by default; streamed ones are
+//!   held in memory until then) are encoded by the storing task and appended by the committer
+//!   to the message log ([`log`]): one `pwrite` and one `fdatasync` for the whole batch, into a
 //!   preallocated segment, so the flush carries no metadata. Their removals are removal records.
-//! * Large and streamed messages are written to a file of their own under a temporary name and
-//!   `fdatasync`ed on the blocking pool (concurrent flushes run in parallel); the committer
+//! * Larger messages are written to a file of their own under a temporary name as they arrive
+//!   and `fdatasync`ed on the blocking pool (concurrent flushes run in parallel); the committer
 //!   renames all of a batch's files into place and syncs the directory once.
 //!
 //! Measured at 20 sessions of 1 KiB messages, the log took acceptance from about 1,390 to about
@@ -178,15 +178,17 @@ pub struct SpoolOptions {
     /// were acknowledged can be lost or their envelopes can be missing. Only for tests and
     /// benchmarks that say so.
     pub fsync: bool,
-    /// Messages stored whole ([`Spool::store`]) with at most this many bytes of data go to the
-    /// message log, where one flush commits a whole batch; larger ones, and streamed ones
-    /// ([`Spool::begin`]), get a message file of their own. 0 puts every message in a file.
+    /// Messages with at most this many bytes of data go to the message log, where one flush
+    /// commits a whole batch (streamed ones, [`Spool::begin`], are held in memory until then,
+    /// within [`INCOMING_MEMORY`]); larger ones get a message file of their own. 0 puts every
+    /// message in a file.
     /// Default [`LOG_MAX_MESSAGE`]; capped at 1 MiB.
     pub log_max_message: usize,
 }
 
-/// Default of [`SpoolOptions::log_max_message`]: the relay streams larger bodies to a file.
-pub const LOG_MAX_MESSAGE: usize = 64 * 1024;
+/// Default of [`SpoolOptions::log_max_message`]: most mail is smaller; a segment holds at least
+/// fifteen of the largest.
+pub const LOG_MAX_MESSAGE: usize = 256 * 1024;
 
 impl Default for SpoolOptions {
     fn default() -> SpoolOptions {
@@ -295,6 +297,8 @@ struct Shared {
     /// Set when a directory sync fails: what is on disk is then unknown, so the spool stops
     /// accepting changes until a restart recovers from the disk itself.
     poisoned: OnceLock<String>,
+    /// Data held in memory by [`Incoming`] messages (see [`INCOMING_MEMORY`]).
+    buffered: std::sync::atomic::AtomicUsize,
     /// Directory syncs and log flushes done by the committer (see [`Spool::syncs`]).
     syncs: std::sync::atomic::AtomicU64,
 }
@@ -415,6 +419,7 @@ impl Spool {
             index: Mutex::new(Index::default()),
             poisoned: OnceLock::new(),
             syncs: std::sync::atomic::AtomicU64::new(0),
+            buffered: std::sync::atomic::AtomicUsize::new(0),
         });
         let (mut log, found) = Log::recover(&log_dir, &corrupt_dir, opts.fsync)
             .map_err(|e| context(e, "recovering message log", &log_dir))?;
@@ -551,8 +556,12 @@ impl Spool {
     /// Starts storing a message whose data arrives in pieces (a large DATA or BDAT), so that
     /// memory per message stays bounded: write the data with [`Incoming::write`], then
     /// [`Incoming::commit`] with the final envelope. Nothing is committed before `commit`
-    /// returns; dropping the `Incoming` (or a crash) leaves only a temporary file that is
+    /// returns; dropping the `Incoming` (or a crash) leaves at most a temporary file that is
     /// deleted.
+    ///
+    /// Data up to [`SpoolOptions::log_max_message`] is held in memory (within a spool-wide
+    /// budget of [`INCOMING_MEMORY`] bytes) and committed to the message log like
+    /// [`Spool::store`]; past that it goes to a message file of its own as it arrives.
     ///
     /// `envelope` must be the message's envelope as far as it is known; `commit` may change its
     /// `size` and `body`, and anything else only as long as its record does not grow by more
@@ -563,29 +572,13 @@ impl Spool {
         widest.normalize();
         widest.size = u64::MAX;
         let reserved = EnvelopeRecord::encode(&widest, u64::MAX).len() + INCOMING_SLACK;
-        let id = MessageId::generate();
-        let shared = self.inner.shared.clone();
-        let tmp = shared.file(id, &format!("{MSG_EXT}.{TMP_EXT}"));
-        let path = tmp.clone();
-        let pool_owner = shared.clone();
-        let file = tokio::task::spawn_blocking(move || -> io::Result<File> {
-            let mut f = pool_owner.pool.create(&path)?;
-            // Header and record are written for real at commit; until then the file is never
-            // valid (and never named `.msg`).
-            f.write_all(&vec![0u8; HEADER_LEN + reserved])?;
-            Ok(f)
-        })
-        .await
-        .map_err(io::Error::other)?
-        .map_err(|e| context(e, "creating message", &tmp))?;
         Ok(Incoming {
-            shared,
+            shared: self.inner.shared.clone(),
             spool: Arc::downgrade(&self.inner),
-            id,
-            tmp,
-            file: Some(file),
+            id: MessageId::generate(),
             reserved,
             data_len: 0,
+            body: Pending::Memory(Vec::new()),
         })
     }
 
@@ -836,18 +829,31 @@ impl tokio::io::AsyncRead for Data {
 /// [`Spool::begin`] and [`Incoming::commit`].
 pub const INCOMING_SLACK: usize = 64;
 
+/// Bytes all [`Incoming`] messages of a spool may hold in memory at once; past that, new data
+/// goes to message files.
+pub const INCOMING_MEMORY: usize = 32 * 1024 * 1024;
+
 /// A message being stored piece by piece; see [`Spool::begin`].
 pub struct Incoming {
     shared: Arc<Shared>,
     /// Not a handle of its own: an abandoned `Incoming` must not keep the spool open.
     spool: std::sync::Weak<Inner>,
     id: MessageId,
-    tmp: PathBuf,
-    /// `None` only while a write runs on the blocking pool (or after a failed one).
-    file: Option<File>,
     /// Space for the envelope record between the header and the data.
     reserved: usize,
     data_len: u64,
+    body: Pending,
+}
+
+/// Where the data of an [`Incoming`] is so far.
+enum Pending {
+    /// In memory, counted in `Shared::buffered`, bound for the log.
+    Memory(Vec<u8>),
+    /// In `tmp`; `file` is `None` only while a write runs on the blocking pool (or after a
+    /// failed one).
+    File { tmp: PathBuf, file: Option<File> },
+    /// Handed to the committer (or given up).
+    Gone,
 }
 
 impl Incoming {
@@ -858,17 +864,59 @@ impl Incoming {
 
     /// Appends data (exactly as it will be relayed).
     pub async fn write(&mut self, chunk: Vec<u8>) -> Result<()> {
-        let Some(mut file) = self.file.take() else {
+        if let Pending::Memory(mem) = &mut self.body {
+            let fits = mem.len() + chunk.len() <= self.shared.log_max
+                && self.shared.reserve_buffer(chunk.len());
+            if fits {
+                mem.extend_from_slice(&chunk);
+                self.data_len += chunk.len() as u64;
+                return Ok(());
+            }
+            // Too large for the log (or memory is short): the data so far goes to a file.
+            let held = std::mem::take(mem);
+            self.shared.release_buffer(held.len());
+            self.body = Pending::Gone;
+            let tmp = self.shared.file(self.id, &format!("{MSG_EXT}.{TMP_EXT}"));
+            let path = tmp.clone();
+            let shared = self.shared.clone();
+            let reserved = self.reserved;
+            let file = tokio::task::spawn_blocking(move || -> io::Result<File> {
+                let mut f = shared.pool.create(&path)?;
+                // Header and record are written for real at commit; until then the file is
+                // never valid (and never named `.msg`).
+                f.write_all(&vec![0u8; HEADER_LEN + reserved])?;
+                f.write_all(&held)?;
+                Ok(f)
+            })
+            .await
+            .map_err(io::Error::other)?;
+            match file {
+                Ok(file) => {
+                    self.body = Pending::File {
+                        tmp,
+                        file: Some(file),
+                    }
+                }
+                Err(e) => {
+                    remove_quietly(&tmp);
+                    return Err(context(e, "creating message", &tmp).into());
+                }
+            }
+        }
+        let Pending::File { tmp, file } = &mut self.body else {
             return Err(Error::Abandoned);
         };
-        let (file, result) = tokio::task::spawn_blocking(move || {
-            let r = file.write_all(&chunk).map(|_| chunk.len());
-            (file, r)
+        let Some(mut f) = file.take() else {
+            return Err(Error::Abandoned);
+        };
+        let (f, result) = tokio::task::spawn_blocking(move || {
+            let r = f.write_all(&chunk).map(|_| chunk.len());
+            (f, r)
         })
         .await
         .map_err(io::Error::other)?;
-        let n = result.map_err(|e| context(e, "writing message", &self.tmp))?;
-        self.file = Some(file);
+        let n = result.map_err(|e| context(e, "writing message", tmp))?;
+        *file = Some(f);
         self.data_len += n as u64;
         Ok(())
     }
@@ -877,9 +925,6 @@ impl Incoming {
     /// once the message is on stable storage.
     pub async fn commit(mut self, mut envelope: Envelope) -> Result<MessageId> {
         self.shared.check_usable()?;
-        let Some(file) = self.file.take() else {
-            return Err(Error::Abandoned);
-        };
         envelope.normalize();
         let data_len = self.data_len;
         let mut record = EnvelopeRecord::encode(&envelope, data_len);
@@ -890,40 +935,63 @@ impl Incoming {
                 self.reserved
             )));
         }
-        // JSON allows trailing white space: pad the record to its reserved size.
-        record.pop();
-        record.resize(self.reserved - 1, b' ');
-        record.push(b'\n');
-        let header =
-            Header::new(record.len(), data_len).map_err(|e| Error::Invalid(e.to_string()))?;
-        let fsync = self.shared.fsync;
-        let tmp = self.tmp.clone();
-        let written = tokio::task::spawn_blocking(move || -> io::Result<File> {
-            use std::os::unix::fs::FileExt;
-            file.write_all_at(&header.encode(), 0)?;
-            file.write_all_at(&record, HEADER_LEN as u64)?;
-            // The file may be a reused longer one (see `pool`).
-            file.set_len(header.data_offset() + data_len)?;
-            if fsync {
-                file.sync_data()?;
+        let op = match std::mem::replace(&mut self.body, Pending::Gone) {
+            Pending::Gone => return Err(Error::Abandoned),
+            Pending::Memory(mem) => {
+                let record = log::message_record(self.id, &record, &mem);
+                self.shared.release_buffer(mem.len());
+                Op::Append {
+                    id: self.id,
+                    envelope,
+                    data_len,
+                    record,
+                }
             }
-            Ok(file)
-        })
-        .await
-        .map_err(io::Error::other)?;
-        if let Err(e) = written {
-            return Err(context(e, "writing message", &tmp).into());
-        }
-        let (done, wait) = oneshot::channel();
-        let op = Op::Store {
-            id: self.id,
-            envelope,
-            data_len,
-            data_offset: header.data_offset(),
-            tmp: self.tmp.clone(),
+            Pending::File { tmp, file } => {
+                let Some(file) = file else {
+                    remove_quietly(&tmp);
+                    return Err(Error::Abandoned);
+                };
+                // JSON allows trailing white space: pad the record to its reserved size.
+                record.pop();
+                record.resize(self.reserved - 1, b' ');
+                record.push(b'\n');
+                let header = match Header::new(record.len(), data_len) {
+                    Ok(header) => header,
+                    Err(e) => {
+                        remove_quietly(&tmp);
+                        return Err(Error::Invalid(e.to_string()));
+                    }
+                };
+                let fsync = self.shared.fsync;
+                let written = tokio::task::spawn_blocking(move || -> io::Result<()> {
+                    use std::os::unix::fs::FileExt;
+                    file.write_all_at(&header.encode(), 0)?;
+                    file.write_all_at(&record, HEADER_LEN as u64)?;
+                    // The file may be a reused longer one (see `pool`).
+                    file.set_len(header.data_offset() + data_len)?;
+                    if fsync {
+                        file.sync_data()?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(io::Error::other)?;
+                if let Err(e) = written {
+                    remove_quietly(&tmp);
+                    return Err(context(e, "writing message", &tmp).into());
+                }
+                // From here the committer owns the temporary file (it renames or discards it).
+                Op::Store {
+                    id: self.id,
+                    envelope,
+                    data_len,
+                    data_offset: header.data_offset(),
+                    tmp,
+                }
+            }
         };
-        // From here the committer owns the temporary file (it renames or discards it).
-        self.tmp = PathBuf::new();
+        let (done, wait) = oneshot::channel();
         self.spool
             .upgrade()
             .ok_or_else(committer_gone)?
@@ -937,8 +1005,10 @@ impl Incoming {
 
 impl Drop for Incoming {
     fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            remove_quietly(&self.tmp);
+        match &self.body {
+            Pending::Memory(mem) => self.shared.release_buffer(mem.len()),
+            Pending::File { tmp, .. } => remove_quietly(tmp),
+            Pending::Gone => {}
         }
     }
 }
@@ -966,6 +1036,21 @@ impl Shared {
     }
     fn contains(&self, id: MessageId) -> bool {
         self.lock_index().entries.contains_key(&id)
+    }
+
+    /// Takes `n` bytes of the [`INCOMING_MEMORY`] budget, if that many are left.
+    fn reserve_buffer(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.buffered
+            .fetch_update(Relaxed, Relaxed, |held| {
+                (held + n <= INCOMING_MEMORY).then_some(held + n)
+            })
+            .is_ok()
+    }
+
+    fn release_buffer(&self, n: usize) {
+        self.buffered
+            .fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -1072,7 +1157,11 @@ impl Shared {
                             loc = Some(l);
                             Ok(())
                         }
-                        Err(e) => {
+                        // This store fails; the spool goes on (it may work once there is room).
+                        Err(log::AppendError::NoSegment(e)) => {
+                            Err(context(e, "creating message log segment", log.dir()).into())
+                        }
+                        Err(log::AppendError::Io(e)) => {
                             let err = io::Error::new(e.kind(), e.to_string());
                             log_failed.get_or_insert(e);
                             Err(err.into())
@@ -1109,11 +1198,14 @@ impl Shared {
                                 }
                                 Layout::Log(l) => {
                                     let r = log.append_removal(*id, &l);
-                                    if let Err(e) = &r {
+                                    if let Err(log::AppendError::Io(e)) = &r {
                                         log_failed
                                             .get_or_insert(io::Error::new(e.kind(), e.to_string()));
                                     }
-                                    (r, log.dir().to_path_buf())
+                                    (
+                                        r.map_err(log::AppendError::into_io),
+                                        log.dir().to_path_buf(),
+                                    )
                                 }
                             };
                             let r = gone
@@ -1367,7 +1459,9 @@ impl Shared {
             };
             let record =
                 log::message_record(id, &EnvelopeRecord::encode(&envelope, data_len), data);
-            let new = log.append_message(id, record)?;
+            let new = log
+                .append_message(id, record)
+                .map_err(log::AppendError::into_io)?;
             moved.push((id, old, new));
         }
         log.commit(true)?;

@@ -322,6 +322,24 @@ struct Segment {
     live_bytes: u64,
 }
 
+/// Why an append failed.
+#[derive(Debug)]
+pub(crate) enum AppendError {
+    /// No segment to put it in (a new one could not be created: the disk is full): nothing
+    /// changed, a later append may work.
+    NoSegment(io::Error),
+    /// Writing or flushing failed: what is on disk is unknown.
+    Io(io::Error),
+}
+
+impl AppendError {
+    pub(crate) fn into_io(self) -> io::Error {
+        match self {
+            AppendError::NoSegment(e) | AppendError::Io(e) => e,
+        }
+    }
+}
+
 /// The log's state; owned by the committer thread.
 pub(crate) struct Log {
     dir: PathBuf,
@@ -505,7 +523,11 @@ impl Log {
     }
 
     /// Queues a message record (from [`message_record`]); returns where it will be.
-    pub(crate) fn append_message(&mut self, id: MessageId, mut rec: Vec<u8>) -> io::Result<LogLoc> {
+    pub(crate) fn append_message(
+        &mut self,
+        id: MessageId,
+        mut rec: Vec<u8>,
+    ) -> Result<LogLoc, AppendError> {
         let env_len = message_parts(&rec).map_or(0, |(e, _)| e.len());
         let (slot, seq, at) = self.reserve(rec.len() as u64)?;
         seal_record(&mut rec, seq);
@@ -527,7 +549,11 @@ impl Log {
     }
 
     /// Queues a removal record for a message at `loc`.
-    pub(crate) fn append_removal(&mut self, id: MessageId, loc: &LogLoc) -> io::Result<()> {
+    pub(crate) fn append_removal(
+        &mut self,
+        id: MessageId,
+        loc: &LogLoc,
+    ) -> Result<(), AppendError> {
         let mut rec = removal_record(id);
         let (_, seq, _) = self.reserve(rec.len() as u64)?;
         seal_record(&mut rec, seq);
@@ -551,12 +577,12 @@ impl Log {
 
     /// Room for `len` bytes in the active segment, switching segments if needed: slot,
     /// sequence number and offset of the record.
-    fn reserve(&mut self, len: u64) -> io::Result<(u32, u64, u64)> {
+    fn reserve(&mut self, len: u64) -> Result<(u32, u64, u64), AppendError> {
         if len > MAX_RECORD {
-            return Err(io::Error::new(
+            return Err(AppendError::NoSegment(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("log record of {len} bytes exceeds a segment"),
-            ));
+            )));
         }
         if self.active.is_none() || self.end + len > SEGMENT_BYTES {
             self.roll()?;
@@ -564,27 +590,32 @@ impl Log {
         let seg = self
             .active
             .as_ref()
-            .ok_or_else(|| io::Error::other("no active segment"))?;
+            .ok_or_else(|| AppendError::Io(io::Error::other("no active segment")))?;
         let at = self.end;
         self.end += len;
         Ok((seg.slot, seg.seq, at))
     }
 
     /// Seals the active segment (written and flushed) and starts the next one.
-    fn roll(&mut self) -> io::Result<()> {
-        if let Some(seg) = self.active.take() {
-            self.write_pending(&seg)?;
-            if self.fsync {
-                seg.file.sync_data()?;
-            }
-            self.unsynced = false;
-            self.sealed.push_back(seg);
-        }
-        self.recycle()?;
+    fn roll(&mut self) -> Result<(), AppendError> {
+        self.recycle().map_err(AppendError::Io)?;
+        // The next segment first: a disk too full for a new one changes nothing, and the
+        // append can be tried again later.
         let (slot, file) = match self.spares.pop_front() {
             Some(spare) => spare,
-            None => self.create()?,
+            None => self.create().map_err(AppendError::NoSegment)?,
         };
+        if let Some(seg) = self.active.take() {
+            let sealed = self.write_pending(&seg).and_then(|()| {
+                if self.fsync {
+                    seg.file.sync_data()?;
+                }
+                Ok(())
+            });
+            self.unsynced = false;
+            self.sealed.push_back(seg);
+            sealed.map_err(AppendError::Io)?;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.pending = segment_header(seq);
@@ -611,15 +642,24 @@ impl Log {
             .write(true)
             .create_new(true)
             .open(&path)?;
-        let zeros = vec![0u8; 1 << 20];
-        let mut at = 0;
-        while at < SEGMENT_BYTES {
-            file.write_all_at(&zeros, at)?;
-            at += zeros.len() as u64;
-        }
-        if self.fsync {
-            file.sync_all()?;
-            File::open(&self.dir)?.sync_all()?;
+        let filled = (|| {
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = 0;
+            while at < SEGMENT_BYTES {
+                file.write_all_at(&zeros, at)?;
+                at += zeros.len() as u64;
+            }
+            if self.fsync {
+                file.sync_all()?;
+                File::open(&self.dir)?.sync_all()?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = filled {
+            // Recovery would delete a short one too (a blank header, a wrong length).
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(e);
         }
         Ok((slot, file))
     }

@@ -104,7 +104,7 @@ impl Shared {
                     fs::write(&path, bytes).map_err(|e| context(e, "quarantining", &path))?;
                     tracing::error!(id = %m.id, problem = %problem, "quarantining logged message");
                     log.append_removal(m.id, &m.loc)
-                        .map_err(|e| context(e, "writing message log", log.dir()))?;
+                        .map_err(|e| context(e.into_io(), "writing message log", log.dir()))?;
                     dropped = true;
                     if has_upd {
                         self.quarantine(&format!("{}.{UPD_EXT}", m.id))?;

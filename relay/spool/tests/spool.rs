@@ -694,6 +694,8 @@ async fn incoming_message_round_trip_and_recovery() {
     let id = incoming.commit(env.clone()).await.unwrap();
     assert_eq!(spool.read_data(id).await.unwrap(), expected);
     assert_eq!(spool.envelope(id).unwrap().body, Body::EightBitMime);
+    // Past the log's limit: a message file of its own.
+    assert_eq!(names(&tmp.path().join("msg")), vec![format!("{id}.msg")]);
     drop(spool);
     let (spool, recovered) = open(tmp.path()).await;
     assert_eq!(recovered.len(), 1);
@@ -708,7 +710,7 @@ async fn incoming_message_round_trip_and_recovery() {
 #[tokio::test]
 async fn incoming_message_not_committed_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
-    let (spool, _) = open(tmp.path()).await;
+    let (spool, _) = open_files(tmp.path()).await;
     let mut dropped = spool.begin(&envelope(1)).await.unwrap();
     dropped.write(b"half a message".to_vec()).await.unwrap();
     drop(dropped);
@@ -718,7 +720,7 @@ async fn incoming_message_not_committed_leaves_nothing() {
     std::mem::forget(crashed);
     assert_eq!(names(&tmp.path().join("msg")).len(), 1);
     drop(spool);
-    let (spool, recovered) = open(tmp.path()).await;
+    let (spool, recovered) = open_files(tmp.path()).await;
     assert!(recovered.is_empty());
     assert_eq!(spool.recovery_report().removed_uncommitted.len(), 1);
     assert!(names(&tmp.path().join("msg")).is_empty());
@@ -853,5 +855,81 @@ async fn a_stream_of_removals_is_synced_within_the_delay() {
     assert!(
         synced < 50,
         "{synced} syncs: removals are synced one by one"
+    );
+}
+
+/// A streamed message within the log's limit is held in memory and committed to the log: no
+/// message file, and it survives a restart like any other.
+#[tokio::test]
+async fn small_streamed_message_goes_to_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (spool, _) = open(tmp.path()).await;
+    let env = envelope(8);
+    let mut incoming = spool.begin(&env).await.unwrap();
+    let mut expected = Vec::new();
+    for i in 0..6u8 {
+        let chunk = vec![b'k' + i; 10_000];
+        expected.extend_from_slice(&chunk);
+        incoming.write(chunk).await.unwrap();
+    }
+    assert!(names(&tmp.path().join("msg")).is_empty(), "held in memory");
+    let id = incoming.commit(env.clone()).await.unwrap();
+    assert!(
+        names(&tmp.path().join("msg")).is_empty(),
+        "committed to the log"
+    );
+    assert_eq!(spool.read_data(id).await.unwrap(), expected);
+    drop(spool);
+    let (spool, recovered) = open(tmp.path()).await;
+    assert_eq!(recovered.len(), 1);
+    assert_eq!(spool.read_data(id).await.unwrap(), expected);
+}
+
+/// Streamed messages hold at most INCOMING_MEMORY in memory together; the ones that would
+/// exceed it go to files as their data arrives, and every one commits intact.
+#[tokio::test]
+async fn streamed_messages_beyond_the_memory_budget_go_to_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = SpoolOptions {
+        log_max_message: 1 << 20,
+        ..SpoolOptions::default()
+    };
+    let (spool, _) = Spool::open(tmp.path(), opts).await.unwrap();
+    let per = 1 << 20;
+    let count = mailrelay_spool::INCOMING_MEMORY / per + 4;
+    let mut open_ones = Vec::new();
+    for n in 0..count {
+        let mut incoming = spool.begin(&envelope(n)).await.unwrap();
+        incoming
+            .write(vec![b'0' + (n % 10) as u8; per])
+            .await
+            .unwrap();
+        open_ones.push(incoming);
+    }
+    let spilled = names(&tmp.path().join("msg"))
+        .iter()
+        .filter(|n| n.ends_with(".tmp"))
+        .count();
+    assert_eq!(spilled, 4, "only what exceeds the budget goes to files");
+    let mut ids = Vec::new();
+    for (n, incoming) in open_ones.into_iter().enumerate() {
+        let id = incoming.commit(envelope(n)).await.unwrap();
+        ids.push((id, n));
+    }
+    for (id, n) in ids {
+        assert_eq!(
+            spool.read_data(id).await.unwrap(),
+            vec![b'0' + (n % 10) as u8; per]
+        );
+    }
+    // The budget is free again: the next one is held in memory.
+    let mut next = spool.begin(&envelope(0)).await.unwrap();
+    next.write(vec![b'x'; 1000]).await.unwrap();
+    assert_eq!(
+        names(&tmp.path().join("msg"))
+            .iter()
+            .filter(|n| n.ends_with(".tmp"))
+            .count(),
+        0
     );
 }
