@@ -318,30 +318,36 @@ fn config_hash_reload_state_and_certificate_expiry_follow_the_live_config() {
 
 #[test]
 fn quarantined_spool_files_are_counted_at_start() {
-    // Delivery to a closed port: the message stays in the spool (deferred).
+    // Delivery to a closed port: the messages stay in the spool (deferred).
     let closed = common::free_port();
     let mut r = extra::start_custom("", move |cfg, _| {
         cfg.delivery_rules.push(relay_rule("nowhere", closed));
     });
-    submit(&r, &["someone@example.net"]);
+    submit(&r, &["first@example.net"]);
+    submit(&r, &["second@example.net"]);
     r.wait_metric(
-        "mailrelay_delivery_attempts_by_destination_total{destination=\"relay:nowhere\",result=\"delayed\"} 1",
+        "mailrelay_delivery_attempts_by_destination_total{destination=\"relay:nowhere\",result=\"delayed\"} 2",
     );
     assert_eq!(
         sample(&metrics(&r), "mailrelay_spool_quarantined_total"),
         Some(0.0)
     );
     r.kill9();
-    // Damage the spooled message's header, as a bad disk would.
-    let msg_dir = r.path().join("spool/msg");
-    let file = std::fs::read_dir(&msg_dir)
+    // Damage the first message's data in the message log, as a bad disk would (the second
+    // message's record behind it shows this is damage, not a write cut short by the kill).
+    let log_dir = r.path().join("spool/log");
+    let (segment, mut bytes, at) = std::fs::read_dir(&log_dir)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "msg"))
-        .expect("spooled message file");
-    let mut bytes = std::fs::read(&file).unwrap();
-    bytes[..7].copy_from_slice(b"MRSPOOL");
-    std::fs::write(&file, bytes).unwrap();
+        .find_map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            let rcpt = find(&bytes, b"first@example.net")?;
+            let body = rcpt + find(&bytes[rcpt..], b"hello")?;
+            Some((p, bytes, body))
+        })
+        .expect("segment holding the first message");
+    bytes[at] ^= 0x20;
+    std::fs::write(&segment, bytes).unwrap();
     r.spawn();
     let text = metrics(&r);
     assert_eq!(
@@ -349,12 +355,14 @@ fn quarantined_spool_files_are_counted_at_start() {
         Some(1.0),
         "{text}"
     );
-    let corrupt: Vec<_> = std::fs::read_dir(r.path().join("spool/corrupt"))
+    let corrupt: Vec<String> = std::fs::read_dir(r.path().join("spool/corrupt"))
         .unwrap()
-        .map(|e| e.unwrap().file_name())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert!(
-        corrupt.contains(&file.file_name().unwrap().to_owned()),
-        "{corrupt:?}"
-    );
+    assert!(corrupt.iter().any(|n| n.ends_with(".rec")), "{corrupt:?}");
+    assert_eq!(sample(&text, "mailrelay_spool_depth"), Some(1.0), "{text}");
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
