@@ -174,21 +174,28 @@ fn header_crc(h: &[u8]) -> u32 {
 pub(crate) enum SegmentHeader {
     /// In use, with this sequence number.
     Seq(u64),
-    /// Never used (zeros), or a header write that did not complete: nothing in it counts.
+    /// Zeros: never used, or blanked when recycled. Nothing in it counts.
     Blank,
     /// A format version this relay does not read (a newer relay's).
     Unsupported(u32),
+    /// Neither zeros nor a header that checks: damage (a header is one sector, written whole).
+    Damaged(&'static str),
 }
 
 pub(crate) fn read_segment_header(b: &[u8]) -> SegmentHeader {
-    if b.len() < SEG_HEADER_LEN as usize || b[..8] != SEG_MAGIC {
+    let Some(h) = b.get(..SEG_HEADER_LEN as usize) else {
+        return SegmentHeader::Blank;
+    };
+    if h.iter().all(|&x| x == 0) {
         return SegmentHeader::Blank;
     }
-    if u32_at(b, 12) != header_crc(b) {
-        return SegmentHeader::Blank;
+    if h[..8] != SEG_MAGIC {
+        return SegmentHeader::Damaged("not a log segment header (bad magic)");
     }
-    match u32_at(b, 8) {
-        SEG_VERSION => SegmentHeader::Seq(u64_at(b, 16)),
+    match u32_at(h, 8) {
+        SEG_VERSION if u32_at(h, 12) == header_crc(h) => SegmentHeader::Seq(u64_at(h, 16)),
+        SEG_VERSION => SegmentHeader::Damaged("segment header checksum mismatch"),
+        0 => SegmentHeader::Damaged("segment format version 0"),
         v => SegmentHeader::Unsupported(v),
     }
 }
@@ -400,12 +407,19 @@ impl Log {
                         fs::remove_file(&path)?;
                     }
                 }
-                SegmentHeader::Unsupported(v) => {
-                    let why = format!(
-                        "log segment format version {v} is not one this relay reads (1 to \
-                         {SEG_VERSION}): written by a newer relay (move it back into log/ after \
-                         upgrading)"
-                    );
+                header @ (SegmentHeader::Unsupported(_) | SegmentHeader::Damaged(_)) => {
+                    let why = match header {
+                        SegmentHeader::Unsupported(v) => format!(
+                            "log segment format version {v} is not one this relay reads (1 to \
+                             {SEG_VERSION}): written by a newer relay (move it back into log/ \
+                             after upgrading)"
+                        ),
+                        SegmentHeader::Damaged(why) => format!(
+                            "{why}: the messages in this segment are not delivered; it needs an \
+                             operator"
+                        ),
+                        _ => String::new(),
+                    };
                     tracing::error!(file = %path.display(), problem = %why, "quarantining log segment");
                     fs::rename(&path, unique(corrupt, &name))?;
                     found.quarantined.push((format!("{LOG_DIR}/{name}"), why));
@@ -864,11 +878,17 @@ mod tests {
     }
 
     #[test]
-    fn a_header_that_does_not_check_is_blank() {
+    fn only_a_zero_header_is_blank() {
         let mut h = segment_header(9);
         h[17] ^= 1;
-        assert_eq!(read_segment_header(&h), SegmentHeader::Blank);
+        assert!(matches!(read_segment_header(&h), SegmentHeader::Damaged(_)));
         assert_eq!(read_segment_header(&[0u8; 64]), SegmentHeader::Blank);
+        let mut v0 = segment_header(9);
+        v0[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(matches!(
+            read_segment_header(&v0),
+            SegmentHeader::Damaged(_)
+        ));
         let mut v2 = segment_header(9);
         v2[8..12].copy_from_slice(&2u32.to_le_bytes());
         let crc = header_crc(&v2);
