@@ -509,8 +509,9 @@ fn hidden_clients_leave_no_address_or_helo_name_in_received() {
     assert!(!received.contains("127.0.0.1"), "{received}");
 }
 
-/// A spool file whose format version is damaged to 0 is quarantined at start (not left unseen in
-/// `msg/`) and counted in `mailrelay_spool_quarantined_total`, so an alert can fire.
+/// A spool file whose format version is damaged to 0 (here the message log segment holding the
+/// message) is quarantined at start (not left unseen, not taken for an empty one) and counted
+/// in `mailrelay_spool_quarantined_total`, so an alert can fire.
 #[test]
 fn damaged_spool_file_is_quarantined_and_counted() {
     let mut relay = Relay::start_with(|_| {}, NO_DELIVERY);
@@ -527,13 +528,13 @@ fn damaged_spool_file_is_quarantined_and_counted() {
         250
     );
     relay.kill9();
-    let msg_dir = relay.path().join("spool/msg");
-    let file = std::fs::read_dir(&msg_dir)
+    let log_dir = relay.path().join("spool/log");
+    let file = std::fs::read_dir(&log_dir)
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "msg"))
-        .expect("a message file");
+        .find(|p| std::fs::read(p).is_ok_and(|b| b.starts_with(b"mrseglg\n")))
+        .expect("a log segment in use");
     let mut bytes = std::fs::read(&file).unwrap();
     bytes[8..12].copy_from_slice(&0u32.to_le_bytes());
     std::fs::write(&file, bytes).unwrap();
