@@ -111,16 +111,19 @@ fn a_crash_after_the_final_dot_resends_once_and_is_counted() {
     let mut r = relay(sink.addr.port());
     send(r.ports.smtp, "bob@dest.test");
     wait("the data at the sink", || sink.messages().len() == 1);
-    let inflight = r.path().join("spool/inflight");
-    // Spent markers are kept as free files for reuse; only named markers count.
+    let journal = r.path().join("spool/inflight/journal");
+    // Live markers: the journal's `+name` lines not followed by a `-name` line.
     let markers = || {
-        std::fs::read_dir(&inflight)
-            .map(|d| {
-                d.flatten()
-                    .filter(|e| !e.file_name().to_string_lossy().ends_with(".free"))
-                    .count()
-            })
-            .unwrap_or(0)
+        let text = std::fs::read_to_string(&journal).unwrap_or_default();
+        let mut live = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            if let Some((name, _)) = line.strip_prefix('+').and_then(|l| l.split_once(' ')) {
+                live.insert(name.to_owned());
+            } else if let Some(name) = line.strip_prefix('-') {
+                live.remove(name);
+            }
+        }
+        live.len()
     };
     assert_eq!(markers(), 1, "a marker is written before the final dot");
     r.kill9();

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod client;
 pub mod data;
 pub mod dsn;
+pub mod markers;
 pub mod mx;
 pub mod oauth2;
 pub mod plan;

@@ -11,12 +11,13 @@
 //! produces one delay DSN, give-up-after turns what is still pending into failures.
 //!
 //! Delivery is at-least-once: a crash after the remote's `250` and before the envelope records
-//! it sends the message again after the restart. To count those re-sends, a small marker file
-//! (`<spool>/inflight/<id>.<n>`, the recipient indices of the transaction) is written right
-//! before the final dot and removed once the outcome is recorded. Markers found at start name
-//! the recipients that may already have the message; each of them accepted again counts in
-//! `mailrelay_delivery_resent_after_recovery_total`. Markers are not fsynced (they must not put
-//! a disk flush on the delivery path): they survive a killed process, not a power loss.
+//! it sends the message again after the restart. To count those re-sends, a marker (`<id>.<n>`:
+//! the recipient indices of the transaction, in the journal `<spool>/inflight/journal`, see
+//! [`super::markers`]) is written right before the final dot and removed once the outcome is
+//! recorded. Markers found at start name the recipients that may already have the message; each
+//! of them accepted again counts in `mailrelay_delivery_resent_after_recovery_total`. Markers
+//! are not fsynced (they must not put a disk flush on the delivery path): they survive a killed
+//! process, not a power loss.
 //!
 //! Mail loops on the way out are bounced with `5.4.6` instead of being sent: a message with more
 //! `Received:` headers than the accepting service allows (plus the one this relay added; 100
@@ -25,7 +26,6 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -34,10 +34,11 @@ use arc_swap::ArcSwap;
 use mailrelay_crds::config::{
     OutboundAuthMechanism, OutboundTls, RelayAuth, RelayTarget, RetryOverride,
 };
-use mailrelay_spool::pool::FilePool;
 use mailrelay_spool::{DsnRet, Envelope, MessageId, Recipient, RecipientStatus, Spool};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn, Instrument};
+
+use super::markers::Markers;
 
 use super::client::{AuthSecret, ClientOptions, Connection, HostTarget};
 use super::data;
@@ -71,7 +72,7 @@ struct JobOutcome {
     /// The next hop took the DSN parameters and reports on these recipients itself.
     dsn_passed_on: bool,
     /// The in-flight marker written before the final dot; removed once the results are recorded.
-    marker: Option<PathBuf>,
+    marker: Option<String>,
 }
 
 impl JobOutcome {
@@ -88,8 +89,6 @@ impl JobOutcome {
 pub const DEFAULT_MAX_HOPS: usize = 100;
 /// Directory of in-flight markers inside the spool directory.
 const INFLIGHT_DIR: &str = "inflight";
-/// Spent in-flight markers kept for reuse: more than the deliveries in progress at once.
-const MARKER_FILES: usize = 1024;
 
 struct Dest {
     target: Target,
@@ -117,7 +116,7 @@ struct Msg {
     /// the message already.
     suspects: BTreeSet<usize>,
     /// The markers that named `suspects`, removed when none is left.
-    recovered_markers: Vec<PathBuf>,
+    recovered_markers: Vec<String>,
 }
 
 impl Msg {
@@ -170,11 +169,10 @@ pub struct Queue {
     quiet: Notify,
     /// Address the SMTP listeners bind to, for the loop check (unknown: any local address).
     listen_address: OnceLock<IpAddr>,
-    /// `<spool>/inflight`, when it could be created.
-    inflight: Option<PathBuf>,
-    /// Spent markers, reused for the next ones: a marker per delivered message would otherwise
-    /// allocate an inode per message (see `mailrelay_spool::pool`).
-    markers: Option<Arc<FilePool>>,
+    /// The in-flight marker journal, when it could be opened.
+    markers: Option<Markers>,
+    /// What the journal held at start, for [`Queue::start`].
+    leftover_markers: Mutex<Vec<(String, String)>>,
 }
 
 struct ActiveGuard<'a>(&'a Queue);
@@ -200,11 +198,11 @@ impl Queue {
         let dns = Dns::new(&settings.dns)?;
         let tls = ClientTls::new(extra_ca)?;
         let inflight = spool.dir().join(INFLIGHT_DIR);
-        let inflight = match std::fs::create_dir_all(&inflight) {
-            Ok(()) => Some(inflight),
+        let (markers, leftover_markers) = match Markers::open(&inflight) {
+            Ok((markers, leftovers)) => (Some(markers), leftovers),
             Err(e) => {
-                warn!(dir = %inflight.display(), error = %e, "cannot create the in-flight marker directory; re-sends after a crash will not be counted");
-                None
+                warn!(dir = %inflight.display(), error = %e, "cannot open the in-flight marker journal; re-sends after a crash will not be counted");
+                (None, Vec::new())
             }
         };
         let client = ClientOptions {
@@ -231,10 +229,8 @@ impl Queue {
             active: AtomicUsize::new(0),
             quiet: Notify::new(),
             listen_address: OnceLock::new(),
-            markers: inflight
-                .as_deref()
-                .map(|d| Arc::new(FilePool::new(d, MARKER_FILES, 4096))),
-            inflight,
+            markers,
+            leftover_markers: Mutex::new(leftover_markers),
         }))
     }
 
@@ -273,29 +269,24 @@ impl Queue {
         tokio::spawn(async move { q.scheduler().await });
     }
 
-    /// Reads the in-flight markers a previous run left: the recipients (still pending) whose
-    /// transfer may have completed unrecorded. Markers of messages that are gone, or whose
-    /// recipients are all recorded, are deleted; the others are renamed `<id>.r<n>` so that new
-    /// markers of the same message never overwrite them.
-    fn recover_markers(&self) -> HashMap<MessageId, (BTreeSet<usize>, Vec<PathBuf>)> {
-        let mut out: HashMap<MessageId, (BTreeSet<usize>, Vec<PathBuf>)> = HashMap::new();
-        let Some(dir) = &self.inflight else {
+    /// The in-flight markers a previous run left: the recipients (still pending) whose transfer
+    /// may have completed unrecorded. Markers of messages that are gone, or whose recipients are
+    /// all recorded, are removed; the others are renamed `<id>.r<n>` so that new markers of the
+    /// same message never replace them.
+    fn recover_markers(&self) -> HashMap<MessageId, (BTreeSet<usize>, Vec<String>)> {
+        let mut out: HashMap<MessageId, (BTreeSet<usize>, Vec<String>)> = HashMap::new();
+        let Some(markers) = &self.markers else {
             return out;
         };
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return out;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if FilePool::is_free_name(&name) {
-                if let Some(pool) = &self.markers {
-                    pool.adopt(path);
-                }
-                continue;
-            }
+        let leftovers = std::mem::take(
+            &mut *self
+                .leftover_markers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (name, listed) in leftovers {
             let Some((id, n)) = name.split_once('.') else {
-                self.remove_marker(&path);
+                self.remove_marker(&name);
                 continue;
             };
             let (Ok(id), Some(env)) = (
@@ -304,26 +295,28 @@ impl Queue {
                     .ok()
                     .and_then(|id| self.spool.envelope(id)),
             ) else {
-                self.remove_marker(&path);
+                self.remove_marker(&name);
                 continue;
             };
-            let listed = std::fs::read_to_string(&path).unwrap_or_default();
             let pending: BTreeSet<usize> = listed
                 .split(',')
                 .filter_map(|i| i.trim().parse::<usize>().ok())
                 .filter(|i| env.recipients.get(*i).is_some_and(|r| !r.status.is_final()))
                 .collect();
             if pending.is_empty() {
-                self.remove_marker(&path);
+                self.remove_marker(&name);
                 continue;
             }
             let kept = if n.starts_with('r') {
-                path
+                name
             } else {
-                let to = dir.join(format!("{id}.r{n}"));
-                match std::fs::rename(&path, &to) {
-                    Ok(()) => to,
-                    Err(_) => path,
+                let to = format!("{id}.r{n}");
+                match markers.write(&to, &listed) {
+                    Ok(()) => {
+                        self.remove_marker(&name);
+                        to
+                    }
+                    Err(_) => name,
                 }
             };
             let e = out.entry(id).or_default();
@@ -343,8 +336,8 @@ impl Queue {
 
     /// Writes the in-flight marker of a job: from the final dot on, the next hop may accept
     /// the message before this relay can record it.
-    async fn write_marker(&self, path: Option<&Path>, rcpts: &[usize]) {
-        let Some(path) = path else {
+    async fn write_marker(&self, name: Option<&str>, rcpts: &[usize]) {
+        let (Some(name), Some(markers)) = (name, &self.markers) else {
             return;
         };
         let list = rcpts
@@ -352,41 +345,24 @@ impl Queue {
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let Some(pool) = self.markers.clone() else {
-            return;
-        };
-        let target = path.to_path_buf();
-        let written = tokio::task::spawn_blocking(move || {
-            match pool.write(&target, &[list.as_bytes()], false) {
-                // A marker an unrecorded earlier attempt left under this name: replace it.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    std::fs::write(&target, list)
-                }
-                r => r.map(drop),
-            }
-        })
-        .await;
-        if let Ok(Err(e)) = written {
-            debug!(path = %path.display(), error = %e, "cannot write in-flight marker");
+        // A small append to the page cache: cheaper than a hop to the blocking pool.
+        if let Err(e) = markers.write(name, &list) {
+            debug!(marker = name, error = %e, "cannot write in-flight marker");
         }
     }
 
-    /// The marker's name goes (its file is kept for reuse).
-    fn remove_marker(&self, path: &Path) {
-        let gone = match &self.markers {
-            Some(pool) => pool.release(path),
-            None => std::fs::remove_file(path),
-        };
-        if let Err(e) = gone {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                debug!(path = %path.display(), error = %e, "cannot remove in-flight marker");
+    fn remove_marker(&self, name: &str) {
+        if let Some(markers) = &self.markers {
+            if let Err(e) = markers.remove(name) {
+                debug!(marker = name, error = %e, "cannot remove in-flight marker");
             }
         }
     }
 
-    fn marker_path(&self, job: &Job) -> Option<PathBuf> {
+    fn marker_name(&self, job: &Job) -> Option<String> {
         let first = job.rcpts.first()?;
-        Some(self.inflight.as_ref()?.join(format!("{}.{first}", job.id)))
+        self.markers.as_ref()?;
+        Some(format!("{}.{first}", job.id))
     }
 
     /// A new message is in the spool (called by the inbound side after the `250`).
@@ -801,7 +777,7 @@ impl Queue {
                 }
             }
         }
-        let marker = self.marker_path(job);
+        let marker = self.marker_name(job);
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -1098,7 +1074,7 @@ impl Queue {
                 }
             }
             m.outstanding = m.outstanding.saturating_sub(1);
-            let mut done_markers: Vec<PathBuf> = marker.into_iter().collect();
+            let mut done_markers: Vec<String> = marker.into_iter().collect();
             if m.suspects.is_empty() {
                 done_markers.append(&mut m.recovered_markers);
             }
