@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use mailrelay_crds::config::Mechanism;
 use mailrelay_relay::proxy::{encode_v2, V2_SIGNATURE};
-use mailrelay_spool::fuzzing::{encode_envelope_record, encode_message_header};
+use mailrelay_spool::fuzzing::{encode_envelope_record, encode_log_segment, encode_message_header};
 use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, MessageId, Recipient, RecipientStatus};
 
 use crate::{auth, session, spool};
@@ -332,7 +332,19 @@ fn spool_seeds() -> Vec<Seed> {
     file.extend_from_slice(&record);
     file.extend_from_slice(data);
     let legacy = br#"{"version":1,"dataLen":3,"envelope":{"sender":"","recipients":[{"address":"x@y"}],"addedLater":true}}"#;
+    let segment = encode_log_segment(
+        7,
+        &[
+            (MessageId::from_u128(1), record.clone(), data.to_vec()),
+            (MessageId::from_u128(2), record.clone(), Vec::new()),
+        ],
+    );
     vec![
+        seed(
+            "spool",
+            "log-segment",
+            spool::encode(spool::LOG_SEGMENT, &segment),
+        ),
         seed(
             "spool",
             "envelope-record",

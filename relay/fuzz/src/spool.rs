@@ -8,14 +8,17 @@
 //! * a message file (header, record, data) is accepted only when its lengths agree, and then
 //!   yields the record's envelope;
 //! * a header round-trips, and a file length is only given when it does not overflow;
-//! * a message id that parses prints back as the same name.
+//! * a message id that parses prints back as the same name;
+//! * a message log segment is read without panics, its valid and damaged records lie inside
+//!   the file in order without overlapping, a message record's envelope record and data lie
+//!   inside the record, and the records end where the scan says.
 //!
 //! Input layout: byte 0 picks the case (0–2 envelope record, 3 message file, 4 header, 5
-//! message id), the rest is the record, file, header or name.
+//! message id, 6 log segment), the rest is the record, file, header, name or segment.
 
 use mailrelay_spool::fuzzing::{
     check_message_record, decode_envelope_record, decode_message_header, encode_envelope_record,
-    encode_message_header, MESSAGE_HEADER_LEN,
+    encode_message_header, scan_log_segment, MESSAGE_HEADER_LEN,
 };
 use mailrelay_spool::MessageId;
 
@@ -23,6 +26,7 @@ pub const RECORD: u8 = 0;
 pub const MESSAGE_FILE: u8 = 3;
 pub const HEADER: u8 = 4;
 pub const MESSAGE_ID: u8 = 5;
+pub const LOG_SEGMENT: u8 = 6;
 
 pub fn encode(case: u8, bytes: &[u8]) -> Vec<u8> {
     let mut v = vec![case];
@@ -96,14 +100,55 @@ fn message_id(bytes: &[u8]) {
     }
 }
 
+/// What recovery does with a log segment file read into memory.
+fn log_segment(bytes: &[u8]) {
+    let scan = scan_log_segment(bytes);
+    if scan.seq.is_none() {
+        assert!(scan.records.is_empty() && scan.damaged.is_empty());
+        return;
+    }
+    let mut spans: Vec<(u64, u64)> = scan
+        .records
+        .iter()
+        .map(|(at, len, _)| (*at, *len as u64))
+        .chain(scan.damaged.iter().copied())
+        .collect();
+    spans.sort();
+    let mut next = 0;
+    for (at, len) in spans {
+        assert!(at >= next, "records overlap");
+        next = at.checked_add(len).expect("record end overflows");
+        assert!(
+            next <= bytes.len() as u64,
+            "record past the end of the file"
+        );
+    }
+    assert_eq!(
+        scan.end,
+        next.max(scan.end),
+        "records after the end of the log"
+    );
+    for (at, len, parts) in &scan.records {
+        if let Some((envelope, data)) = parts {
+            let record = *at as usize..*at as usize + *len as usize;
+            assert!(record.start < envelope.start && envelope.end <= data.start);
+            assert_eq!(
+                data.end, record.end,
+                "data does not run to the end of its record"
+            );
+        }
+    }
+}
+
 pub fn fuzz_one(data: &[u8]) {
     let Some((&case, rest)) = data.split_first() else {
         return;
     };
-    match case % 6 {
+    match case % 7 {
         0..=2 => record(rest),
         3 => message_file(rest),
         4 => header(rest),
-        _ => message_id(rest),
+        5 => message_id(rest),
+        _ => log_segment(rest),
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::envelope::{Envelope, EnvelopeError, EnvelopeRecord};
 use crate::format::{Header, HEADER_LEN};
+use crate::MessageId;
 
 /// Length of a message file's fixed header.
 pub const MESSAGE_HEADER_LEN: usize = HEADER_LEN;
@@ -40,4 +41,58 @@ pub fn check_message_record(bytes: &[u8], data_len: u64) -> Result<Envelope, Str
         Ok(r) => Ok(r.envelope),
         Err(crate::recovery::Skip::Corrupt(_, why)) => Err(why),
     }
+}
+
+/// What recovery reads from one message log segment file.
+#[derive(Debug, Default)]
+pub struct LogScan {
+    /// The header's verdict: `Some(seq)` for a segment in use.
+    pub seq: Option<u64>,
+    /// Valid records in order: offset, length, and for a message record the envelope record's
+    /// and the data's ranges within the file.
+    pub records: Vec<(
+        u64,
+        u32,
+        Option<(std::ops::Range<usize>, std::ops::Range<usize>)>,
+    )>,
+    /// Damaged records skipped: offset and length.
+    pub damaged: Vec<(u64, u64)>,
+    /// Where the valid records end.
+    pub end: u64,
+}
+
+/// Reads a segment file as recovery does (header, then records).
+pub fn scan_log_segment(bytes: &[u8]) -> LogScan {
+    use crate::log::{message_parts, read_segment_header, scan, RecordKind, SegmentHeader};
+    let SegmentHeader::Seq(seq) = read_segment_header(bytes) else {
+        return LogScan::default();
+    };
+    let found = scan(bytes, seq);
+    let base = bytes.as_ptr() as usize;
+    let range = |s: &[u8]| {
+        let start = s.as_ptr() as usize - base;
+        start..start + s.len()
+    };
+    LogScan {
+        seq: Some(seq),
+        records: found
+            .records
+            .iter()
+            .map(|r| {
+                let rec = &bytes[r.offset as usize..r.offset as usize + r.len as usize];
+                let parts = (r.kind == RecordKind::Message)
+                    .then(|| message_parts(rec).map(|(e, d)| (range(e), range(d))))
+                    .flatten();
+                (r.offset, r.len, parts)
+            })
+            .collect(),
+        damaged: found.damaged.iter().map(|d| (d.0, d.1)).collect(),
+        end: found.end,
+    }
+}
+
+/// A segment file as the spool writes it (shortened): header with `seq`, then a message record
+/// per `(id, envelope record, data)`.
+pub fn encode_log_segment(seq: u64, messages: &[(MessageId, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    crate::log::encode_segment(seq, messages)
 }

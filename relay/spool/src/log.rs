@@ -200,6 +200,18 @@ pub(crate) fn read_segment_header(b: &[u8]) -> SegmentHeader {
     }
 }
 
+/// A segment with `seq` holding `messages` (id, envelope record, data), as far as they go; for
+/// the fuzz targets' seeds.
+pub(crate) fn encode_segment(seq: u64, messages: &[(MessageId, Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut b = segment_header(seq);
+    for (id, env, data) in messages {
+        let mut rec = message_record(*id, env, data);
+        seal_record(&mut rec, seq);
+        b.extend_from_slice(&rec);
+    }
+    b
+}
+
 /// A record found by [`scan`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Scanned {
