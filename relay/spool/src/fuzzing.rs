@@ -4,6 +4,7 @@
 use crate::envelope::{Envelope, EnvelopeError, EnvelopeRecord};
 use crate::format::{Header, HEADER_LEN};
 use crate::MessageId;
+use std::ops::Range;
 
 /// Length of a message file's fixed header.
 pub const MESSAGE_HEADER_LEN: usize = HEADER_LEN;
@@ -43,18 +44,17 @@ pub fn check_message_record(bytes: &[u8], data_len: u64) -> Result<Envelope, Str
     }
 }
 
+/// A valid record of a segment: offset, length, and for a message record the ranges of its
+/// envelope record and its data within the file.
+pub type LogRecord = (u64, u32, Option<(Range<usize>, Range<usize>)>);
+
 /// What recovery reads from one message log segment file.
 #[derive(Debug, Default)]
 pub struct LogScan {
     /// The header's verdict: `Some(seq)` for a segment in use.
     pub seq: Option<u64>,
-    /// Valid records in order: offset, length, and for a message record the envelope record's
-    /// and the data's ranges within the file.
-    pub records: Vec<(
-        u64,
-        u32,
-        Option<(std::ops::Range<usize>, std::ops::Range<usize>)>,
-    )>,
+    /// Valid records in order.
+    pub records: Vec<LogRecord>,
     /// Damaged records skipped: offset and length.
     pub damaged: Vec<(u64, u64)>,
     /// Where the valid records end.
