@@ -506,11 +506,7 @@ impl Spool {
                 .send(Job { op, done })
                 .map_err(|_| committer_gone())?;
             wait.await.map_err(|_| committer_gone())??;
-            if let Some(data) = cached {
-                if self.inner.shared.contains(id) {
-                    self.inner.shared.lock_cache().insert(id, data);
-                }
-            }
+            self.inner.shared.cache_stored(id, cached);
             return Ok(id);
         }
         let (done, wait) = oneshot::channel();
@@ -538,12 +534,7 @@ impl Spool {
             }
         });
         wait.await.map_err(|_| committer_gone())??;
-        if let Some(data) = cached {
-            // Unless delivery already took and removed it meanwhile.
-            if self.inner.shared.contains(id) {
-                self.inner.shared.lock_cache().insert(id, data);
-            }
-        }
+        self.inner.shared.cache_stored(id, cached);
         Ok(id)
     }
 
@@ -1038,6 +1029,16 @@ impl Shared {
         self.lock_index().entries.contains_key(&id)
     }
 
+    /// Keeps the body of a message just stored for its delivery, unless delivery already took
+    /// and removed it meanwhile.
+    fn cache_stored(&self, id: MessageId, data: Option<Arc<[u8]>>) {
+        if let Some(data) = data {
+            if self.contains(id) {
+                self.lock_cache().insert(id, data);
+            }
+        }
+    }
+
     /// Takes `n` bytes of the [`INCOMING_MEMORY`] budget, if that many are left.
     fn reserve_buffer(&self, n: usize) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
@@ -1469,7 +1470,7 @@ impl Shared {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut index = self.lock_index();
         for (id, old, new) in moved {
-            log.forget_at(id, &old);
+            log.forget(id, &old);
             if let Some(entry) = index.entries.get_mut(&id) {
                 entry.layout = Layout::Log(new);
             }

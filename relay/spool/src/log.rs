@@ -543,11 +543,6 @@ impl Log {
         Ok((log, found))
     }
 
-    /// Forgets a message that recovery found but the spool does not keep (quarantined).
-    pub(crate) fn forget_at(&mut self, id: MessageId, loc: &LogLoc) {
-        self.forget(id, loc);
-    }
-
     /// Queues a message record (from [`message_record`]); returns where it will be.
     pub(crate) fn append_message(
         &mut self,
@@ -588,7 +583,8 @@ impl Log {
         Ok(())
     }
 
-    fn forget(&mut self, id: MessageId, loc: &LogLoc) {
+    /// Forgets a message's record at `loc` (removed, or copied elsewhere by compaction).
+    pub(crate) fn forget(&mut self, id: MessageId, loc: &LogLoc) {
         let seg = self
             .sealed
             .iter_mut()
@@ -793,7 +789,7 @@ impl Log {
 }
 
 /// `dir/name`, or `dir/name.N` if that exists.
-fn unique(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn unique(dir: &Path, name: &str) -> PathBuf {
     let mut to = dir.join(name);
     let mut n = 1;
     while to.exists() {

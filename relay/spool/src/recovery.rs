@@ -285,15 +285,8 @@ impl Shared {
 
     /// Moves a message directory entry to `corrupt/`, never overwriting an earlier one.
     fn quarantine(&self, name: &str) -> Result<()> {
-        let from = self.msg_dir.join(name);
-        let corrupt = self.dir.join(CORRUPT_DIR);
-        let mut to = corrupt.join(name);
-        let mut n = 1;
-        while to.exists() {
-            to = corrupt.join(format!("{name}.{n}"));
-            n += 1;
-        }
-        Ok(rename(&from, &to)?)
+        let to = log::unique(&self.dir.join(CORRUPT_DIR), name);
+        Ok(rename(&self.msg_dir.join(name), &to)?)
     }
 }
 
