@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod delivery;
+pub mod handoff;
 pub mod dns;
 pub mod dnscheck;
 pub mod http;

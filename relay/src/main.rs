@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         action: mailrelay_relay::delivery::admin::QueueAction,
     },
+    /// Hand every message of a spool no relay serves any more (a scaled-down pod's volume) to
+    /// other relays' hand-off listeners; exit 0 once the spool is empty. Run by the operator's
+    /// drain Job: `relay drain --spool /var/spool/mailrelay --to <headless service>:10024
+    /// --tls-dir /etc/mailrelay/handoff`.
+    Drain(mailrelay_relay::handoff::drain::DrainArgs),
 }
 
 /// Where `relay queue` finds the administration listener and its token.
@@ -118,6 +123,12 @@ async fn async_main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::Drain(d)) = &args.command {
+        let _telemetry =
+            mailrelay_relay::telemetry::init(&mailrelay_relay::settings::LoggingSettings::default());
+        install_crypto_provider();
+        return std::process::ExitCode::from(mailrelay_relay::handoff::drain::run(d).await);
     }
     // Logging needs runtime.yaml's `logging` section; a broken file is reported by `run`.
     let logging = args
@@ -202,6 +213,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!(%addr, token = token.is_some(), "administration listener");
         tokio::spawn(http::serve_admin(listener, admin_queue, token));
     }
+    let handoff = match mailrelay_relay::handoff::receiver::bind(&relay).await? {
+        Some((listener, tls_dir)) => Some(tokio::spawn(mailrelay_relay::handoff::receiver::serve(
+            relay.clone(),
+            listener,
+            tls_dir,
+        ))),
+        None => None,
+    };
     tokio::spawn(reload::watch(relay.clone(), self_signed));
     mailrelay_relay::memory::spawn_trimmer();
     relay.ready.store(true, Ordering::Relaxed);
@@ -213,6 +232,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // ones at once; deliveries in flight run in parallel with that, for the whole grace period.
     // The process exits as soon as both are done; whatever is unfinished stays in the spool.
     relay.stop_listening();
+    if let Some(h) = &handoff {
+        h.abort();
+    }
     relay.begin_shutdown();
     let grace = std::time::Duration::from_secs(relay.settings.delivery.shutdown_grace_seconds);
     let deadline = tokio::time::Instant::now() + grace;

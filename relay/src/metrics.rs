@@ -247,6 +247,11 @@ pub struct Metrics {
     /// Outbound: messages waiting for delivery (spool depth as the queue sees it).
     pub queue_depth: Gauge,
     pub queue_oldest_age_seconds: Gauge,
+    /// Hand-off listener: messages taken over from another relay's spool.
+    pub handoff_received: Counter,
+    /// Hand-off listener: messages offered again after they were taken over (answered `250`,
+    /// not stored twice).
+    pub handoff_duplicates: Counter,
     /// Outbound: per-recipient attempt outcomes (`delivered`, `delayed`, `bounced`).
     pub delivery_attempts: Family<ResultLabels, Counter>,
     /// Outbound: DSNs generated, by kind (`failure`, `delay`).
@@ -307,6 +312,8 @@ impl Metrics {
             spool_quarantined: Counter::default(),
             queue_depth: Gauge::default(),
             queue_oldest_age_seconds: Gauge::default(),
+            handoff_received: Counter::default(),
+            handoff_duplicates: Counter::default(),
             delivery_attempts: Family::default(),
             dsn_generated: Family::default(),
             sessions: Family::default(),
@@ -425,6 +432,16 @@ impl Metrics {
             "queue_oldest_age_seconds",
             "Age of the oldest message in the delivery queue",
             m.queue_oldest_age_seconds.clone(),
+        );
+        registry.register(
+            "handoff_received",
+            "Messages taken over from another relay's spool on the hand-off listener",
+            m.handoff_received.clone(),
+        );
+        registry.register(
+            "handoff_duplicates",
+            "Messages offered again on the hand-off listener after they were taken over (not stored twice)",
+            m.handoff_duplicates.clone(),
         );
         registry.register(
             "delivery_attempts",

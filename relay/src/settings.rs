@@ -70,6 +70,22 @@ pub struct RuntimeSettings {
     pub limits: LimitSettings,
     #[serde(default)]
     pub logging: LoggingSettings,
+    /// The queue hand-off listener (see [`crate::handoff`]); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffSettings>,
+}
+
+/// `handoff`: the mutual-TLS listener other relay pods (and `relay drain`) hand their queued
+/// mail to when they go away for good.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HandoffSettings {
+    /// Address the hand-off listener binds (e.g. `0.0.0.0:10024`).
+    pub listen_address: SocketAddr,
+    /// Directory with `ca.crt`, `tls.crt` and `tls.key` (the hand-off Secret the operator
+    /// writes); relative paths resolve against the config directory. Only clients with a
+    /// certificate from `ca.crt` get a session.
+    pub tls_dir: PathBuf,
 }
 
 /// Where per-IP limit counters live.
@@ -454,6 +470,7 @@ impl Default for RuntimeSettings {
             delivery: DeliverySettings::default(),
             limits: LimitSettings::default(),
             logging: LoggingSettings::default(),
+            handoff: None,
         }
     }
 }

@@ -105,6 +105,9 @@ pub struct Capabilities {
     /// RFC 3461 DSN: the server takes NOTIFY, ORCPT, RET and ENVID.
     pub dsn: bool,
     pub auth: Vec<String>,
+    /// A hand-off listener (see [`crate::handoff`]): it takes the envelope's arrival time,
+    /// attempts and warning flag as `X…` parameters.
+    pub handoff: bool,
 }
 
 impl Capabilities {
@@ -121,6 +124,7 @@ impl Capabilities {
                 "STARTTLS" => caps.starttls = true,
                 "DSN" => caps.dsn = true,
                 "AUTH" => caps.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
+                crate::handoff::EXTENSION => caps.handoff = true,
                 _ => {}
             }
         }
@@ -242,6 +246,8 @@ pub struct Connection {
     pub transactions: u32,
     /// The connection broke or is in an unknown state; do not reuse.
     pub broken: bool,
+    /// Sent as `XORIGIN` with the next message to a hand-off listener (duplicate detection).
+    pub handoff_origin: Option<String>,
 }
 
 fn secs(s: u64) -> Duration {
@@ -313,6 +319,7 @@ impl Connection {
             timeouts: t.clone(),
             transactions: 0,
             broken: false,
+            handoff_origin: None,
         };
         let greeting = conn
             .read(t.command_seconds, "the greeting")
@@ -395,6 +402,7 @@ impl Connection {
             timeouts,
             transactions: 0,
             broken: false,
+            handoff_origin: None,
         })
     }
 
@@ -630,15 +638,24 @@ impl Connection {
         if self.caps.dsn {
             mail.push_str(&mail_dsn_params(env));
         }
+        if self.caps.handoff {
+            mail.push_str(&crate::handoff::mail_params(
+                env,
+                self.handoff_origin.take().as_deref(),
+            ));
+        }
         mail.push_str("\r\n");
         let rcpt_lines: Vec<String> = recipients
             .iter()
             .map(|r| {
-                let params = if self.caps.dsn {
+                let mut params = if self.caps.dsn {
                     rcpt_dsn_params(r)
                 } else {
                     String::new()
                 };
+                if self.caps.handoff {
+                    params.push_str(&crate::handoff::rcpt_params(r));
+                }
                 format!("RCPT TO:<{}>{params}\r\n", r.address)
             })
             .collect();

@@ -212,7 +212,7 @@ pub fn valid_mailbox(addr: &str) -> bool {
 }
 
 /// Decodes RFC 3461 xtext (`+XX` hex escapes).
-fn xtext(s: &str) -> Option<String> {
+pub fn xtext_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -267,7 +267,7 @@ fn parse_mail(rest: &str) -> Result<Command, ParseError> {
                 })
             }
             ("ENVID", Some(v)) => {
-                p.envid = Some(xtext(v).ok_or_else(|| syntax("Syntax error: bad ENVID xtext"))?)
+                p.envid = Some(xtext_decode(v).ok_or_else(|| syntax("Syntax error: bad ENVID xtext"))?)
             }
             ("AUTH", Some(v)) => p.auth = Some(v.to_string()),
             _ => return Err(unknown_param(word)),
@@ -299,7 +299,7 @@ fn parse_rcpt(rest: &str) -> Result<Command, ParseError> {
                 p.notify = kws;
             }
             "ORCPT" => {
-                p.orcpt = Some(xtext(v).ok_or_else(|| syntax("Syntax error: bad ORCPT xtext"))?)
+                p.orcpt = Some(xtext_decode(v).ok_or_else(|| syntax("Syntax error: bad ORCPT xtext"))?)
             }
             _ => return Err(unknown_param(word)),
         }

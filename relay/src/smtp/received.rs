@@ -51,7 +51,7 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-fn ip_literal(ip: IpAddr) -> String {
+pub fn ip_literal(ip: IpAddr) -> String {
     match mailrelay_crds::config::canonical_ip(ip) {
         IpAddr::V4(v4) => format!("[{v4}]"),
         IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
