@@ -57,3 +57,81 @@ proxyProtocol:
   trustedProxiesGroup: {{ .Release.Name }}-load-balancers
   {{- end }}
 {{- end -}}
+
+{{- /* The relay image (the StatefulSet's, and the drain Job's: `relay drain` is a subcommand of
+the same binary). */ -}}
+{{- define "mailrelay.relayImage" -}}
+{{- include "mailrelay.image" (merge (dict "appVersion" .Chart.AppVersion) .Values.image.relay) -}}
+{{- end -}}
+
+{{- /* delivery.shutdownGraceSeconds of runtime.yaml: the user's, or terminationGracePeriodSeconds
+- 10 so the relay stops its deliveries and exits by itself before the kubelet's SIGKILL. Fails the
+render when the two cannot agree. */ -}}
+{{- define "mailrelay.shutdownGraceSeconds" -}}
+{{- $tgps := int .Values.relay.terminationGracePeriodSeconds -}}
+{{- $delivery := .Values.relay.runtime.delivery | default dict -}}
+{{- if hasKey $delivery "shutdownGraceSeconds" -}}
+{{- $grace := int $delivery.shutdownGraceSeconds -}}
+{{- if gt (add $grace 5) $tgps -}}
+{{- fail (printf "relay.runtime.delivery.shutdownGraceSeconds (%d) must be at most relay.terminationGracePeriodSeconds - 5 (%d): the relay needs those seconds to exit before the kubelet kills it, or deliveries in flight are cut off" $grace (sub $tgps 5)) -}}
+{{- end -}}
+{{- $grace -}}
+{{- else -}}
+{{- if lt $tgps 15 -}}
+{{- fail (printf "relay.terminationGracePeriodSeconds is %d; it must be at least 15 (the relay's delivery.shutdownGraceSeconds is derived as terminationGracePeriodSeconds - 10), or set relay.runtime.delivery.shutdownGraceSeconds explicitly to at most terminationGracePeriodSeconds - 5" $tgps) -}}
+{{- end -}}
+{{- sub $tgps 10 -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* runtime.yaml's relay.runtime values with the derived shutdown grace. */ -}}
+{{- define "mailrelay.relayRuntime" -}}
+{{- $rt := deepCopy .Values.relay.runtime -}}
+{{- $delivery := deepCopy ($rt.delivery | default dict) -}}
+{{- $_ := set $delivery "shutdownGraceSeconds" (int (include "mailrelay.shutdownGraceSeconds" .)) -}}
+{{- $_ := set $rt "delivery" $delivery -}}
+{{- toYaml $rt -}}
+{{- end -}}
+
+{{- /* host:port of the hand-off listener, on the SMTP listeners' address. */ -}}
+{{- define "mailrelay.handoffListenAddress" -}}
+{{- $ip := .Values.relay.runtime.listenAddress | default "0.0.0.0" -}}
+{{- if contains ":" $ip -}}
+{{- printf "[%s]:%d" $ip (int .Values.relay.handoff.port) -}}
+{{- else -}}
+{{- printf "%s:%d" $ip (int .Values.relay.handoff.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{- /* Mount path of the hand-off TLS Secret, in the relay pods and in the drain Jobs. */ -}}
+{{- define "mailrelay.handoffMount" -}}/etc/mailrelay/handoff{{- end -}}
+
+{{- /* The spool adoption settings handed to the operator (`operator run --spools-config`). */ -}}
+{{- define "mailrelay.spoolsConfig" -}}
+{{- $r := .Values.relay -}}
+{{- $s := $r.scaleDown -}}
+{{- if lt (int $s.retry.maxSeconds) (int $s.retry.initialSeconds) -}}
+{{- fail "relay.scaleDown.retry.maxSeconds must not be below relay.scaleDown.retry.initialSeconds" -}}
+{{- end -}}
+statefulSet: {{ .Release.Name }}-relay
+volumeClaimTemplate: spool
+pvcRetention: {{ $s.pvcRetention }}
+checkSeconds: {{ int $s.checkSeconds }}
+retry:
+  initialSeconds: {{ int $s.retry.initialSeconds }}
+  maxSeconds: {{ int $s.retry.maxSeconds }}
+handoffSecret: {{ .Release.Name }}-handoff
+relayMetricsPort: {{ int $r.metricsPort }}
+drainJob:
+  image: {{ include "mailrelay.relayImage" . | toJson }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  imagePullSecrets: {{ toJson .Values.imagePullSecrets }}
+  target: {{ .Release.Name }}-relay-headless:{{ int $r.handoff.port }}
+  spoolDir: {{ toJson $r.runtime.spoolDir }}
+  activeDeadlineSeconds: {{ int $s.drainJob.activeDeadlineSeconds }}
+  podSecurityContext: {{ toJson $r.podSecurityContext }}
+  securityContext: {{ toJson $r.securityContext }}
+  resources: {{ toJson $s.drainJob.resources }}
+  tolerations: {{ toJson $r.tolerations }}
+  nodeSelector: {{ toJson $r.nodeSelector }}
+{{- end -}}
