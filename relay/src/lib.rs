@@ -13,9 +13,9 @@
 
 pub mod auth;
 pub mod delivery;
-pub mod handoff;
 pub mod dns;
 pub mod dnscheck;
+pub mod handoff;
 pub mod http;
 pub mod limits;
 pub mod memory;

@@ -125,8 +125,9 @@ async fn async_main() -> std::process::ExitCode {
         };
     }
     if let Some(Command::Drain(d)) = &args.command {
-        let _telemetry =
-            mailrelay_relay::telemetry::init(&mailrelay_relay::settings::LoggingSettings::default());
+        let _telemetry = mailrelay_relay::telemetry::init(
+            &mailrelay_relay::settings::LoggingSettings::default(),
+        );
         install_crypto_provider();
         return std::process::ExitCode::from(mailrelay_relay::handoff::drain::run(d).await);
     }
@@ -213,14 +214,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!(%addr, token = token.is_some(), "administration listener");
         tokio::spawn(http::serve_admin(listener, admin_queue, token));
     }
-    let handoff = match mailrelay_relay::handoff::receiver::bind(&relay).await? {
-        Some((listener, tls_dir)) => Some(tokio::spawn(mailrelay_relay::handoff::receiver::serve(
-            relay.clone(),
-            listener,
-            tls_dir,
-        ))),
-        None => None,
-    };
+    let handoff =
+        mailrelay_relay::handoff::receiver::bind(&relay)
+            .await?
+            .map(|(listener, tls_dir)| {
+                tokio::spawn(mailrelay_relay::handoff::receiver::serve(
+                    relay.clone(),
+                    listener,
+                    tls_dir,
+                ))
+            });
     tokio::spawn(reload::watch(relay.clone(), self_signed));
     mailrelay_relay::memory::spawn_trimmer();
     relay.ready.store(true, Ordering::Relaxed);

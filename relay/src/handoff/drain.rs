@@ -45,7 +45,12 @@ pub struct DrainArgs {
     pub spool: PathBuf,
     /// Hand-off listener(s) as `host:port`; every address a name resolves to is tried, afresh
     /// in each round (a headless Service names every relay pod).
-    #[arg(long = "to", required = true, env = "MAILRELAY_DRAIN_TO", value_delimiter = ',')]
+    #[arg(
+        long = "to",
+        required = true,
+        env = "MAILRELAY_DRAIN_TO",
+        value_delimiter = ','
+    )]
     pub to: Vec<String>,
     /// Directory with `ca.crt`, `tls.crt` and `tls.key` (the hand-off Secret).
     #[arg(long, env = "MAILRELAY_HANDOFF_TLS_DIR")]
@@ -83,10 +88,7 @@ pub async fn run(args: &DrainArgs) -> u8 {
     let mut summary = Summary::default();
     let code = match drain(args, &mut summary).await {
         Ok(()) if summary.remaining == 0 => {
-            summary.message = format!(
-                "spool empty: {} message(s) handed off",
-                summary.handed_off
-            );
+            summary.message = format!("spool empty: {} message(s) handed off", summary.handed_off);
             0
         }
         Ok(()) => 1,
@@ -110,8 +112,8 @@ fn report(summary: &Summary, termination_log: Option<&Path>) {
 }
 
 async fn drain(args: &DrainArgs, summary: &mut Summary) -> anyhow::Result<()> {
-    let tls = load_tls(&args.tls_dir)
-        .map_err(|e| anyhow::anyhow!("hand-off certificates: {e:#}"))?;
+    let tls =
+        load_tls(&args.tls_dir).map_err(|e| anyhow::anyhow!("hand-off certificates: {e:#}"))?;
     let (spool, _) = Spool::open(&args.spool, SpoolOptions::default())
         .await
         .map_err(|e| anyhow::anyhow!("opening spool {}: {e}", args.spool.display()))?;
@@ -276,9 +278,7 @@ async fn hand_off(
     let resent = journal.contains(id);
     journal.record(id);
     conn.handoff_origin = Some(format!("{}/{id}", args.origin));
-    let sent = conn
-        .send(&env, &recipients, data, size, || async {})
-        .await;
+    let sent = conn.send(&env, &recipients, data, size, || async {}).await;
     if sent.statuses.iter().all(|s| s.is_success()) {
         spool
             .remove(id)

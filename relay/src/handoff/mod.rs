@@ -45,9 +45,8 @@ fn files(dir: &Path) -> [PathBuf; 3] {
 /// certificate from that CA, and the client accepts only a server with one.
 pub fn load_tls(dir: &Path) -> anyhow::Result<HandoffTls> {
     let [ca, crt, key] = files(dir);
-    let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))
-    };
+    let read =
+        |p: &Path| std::fs::read(p).map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()));
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&read(&ca)?) {
         let c = c.map_err(|e| anyhow::anyhow!("{}: {e}", ca.display()))?;
@@ -117,10 +116,7 @@ pub fn mail_params(env: &Envelope, origin: Option<&str>) -> String {
         p.push_str(" XWARNED=1");
     }
     if let Some(o) = origin {
-        p.push_str(&format!(
-            " XORIGIN={}",
-            crate::delivery::client::xtext(o)
-        ));
+        p.push_str(&format!(" XORIGIN={}", crate::delivery::client::xtext(o)));
     }
     p
 }

@@ -229,7 +229,7 @@ impl Session<'_> {
                 Line::Text(l) => l,
             };
             let verb = line
-                .split(|c: char| c == ' ' || c == ':')
+                .split([' ', ':'])
                 .next()
                 .unwrap_or("")
                 .to_ascii_uppercase();

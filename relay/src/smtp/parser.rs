@@ -267,7 +267,8 @@ fn parse_mail(rest: &str) -> Result<Command, ParseError> {
                 })
             }
             ("ENVID", Some(v)) => {
-                p.envid = Some(xtext_decode(v).ok_or_else(|| syntax("Syntax error: bad ENVID xtext"))?)
+                p.envid =
+                    Some(xtext_decode(v).ok_or_else(|| syntax("Syntax error: bad ENVID xtext"))?)
             }
             ("AUTH", Some(v)) => p.auth = Some(v.to_string()),
             _ => return Err(unknown_param(word)),
@@ -299,7 +300,8 @@ fn parse_rcpt(rest: &str) -> Result<Command, ParseError> {
                 p.notify = kws;
             }
             "ORCPT" => {
-                p.orcpt = Some(xtext_decode(v).ok_or_else(|| syntax("Syntax error: bad ORCPT xtext"))?)
+                p.orcpt =
+                    Some(xtext_decode(v).ok_or_else(|| syntax("Syntax error: bad ORCPT xtext"))?)
             }
             _ => return Err(unknown_param(word)),
         }
