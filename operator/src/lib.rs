@@ -12,6 +12,8 @@
 //! - [`leader`]: Lease-based leader election.
 //! - [`health`]: liveness and readiness (`/healthz`, `/readyz`) from the controller's state.
 //! - [`metrics`]: the operator's `/metrics`, serving `/healthz` and `/readyz` too.
+//! - [`spools`]: adoption of orphaned spool volumes (drain Jobs, the hand-off Secret, the
+//!   cluster queue view).
 //! - [`run`]: `operator run`, wiring all of the above.
 
 pub mod certs;
@@ -25,6 +27,7 @@ pub mod reconcile;
 pub mod relay_service;
 pub mod render;
 pub mod run;
+pub mod spools;
 pub mod status;
 pub mod tls_bundle;
 pub mod write;

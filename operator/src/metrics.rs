@@ -31,6 +31,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PodLabel {
+    pub pod: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabel {
     pub object: String,
 }
@@ -43,6 +48,17 @@ pub struct Metrics {
     pub duration: Histogram,
     pub writes: Family<WriteLabel, Counter>,
     pub leader: Gauge,
+    /// Spool adoption (`crate::spools`): orphaned volumes not drained yet.
+    pub orphaned_spools: Gauge,
+    /// Seconds the oldest of them has been orphaned (as seen by this leader).
+    pub orphaned_spool_oldest_seconds: Gauge,
+    /// Finished drains by result (succeeded, failed, cancelled).
+    pub spool_drains: Family<ResultLabel, Counter>,
+    pub spool_messages_handed_off: Counter,
+    pub drain_possible_duplicates: Counter,
+    /// Per relay pod, from its `/metrics`: messages in the spool and the oldest one's age.
+    pub relay_queue_messages: Family<PodLabel, Gauge>,
+    pub relay_queue_oldest_age_seconds: Family<PodLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -87,6 +103,48 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let orphaned_spools = Gauge::default();
+        let orphaned_spool_oldest_seconds = Gauge::default();
+        let spool_drains = Family::<ResultLabel, Counter>::default();
+        let spool_messages_handed_off = Counter::default();
+        let drain_possible_duplicates = Counter::default();
+        let relay_queue_messages = Family::<PodLabel, Gauge>::default();
+        let relay_queue_oldest_age_seconds = Family::<PodLabel, Gauge>::default();
+        registry.register(
+            "orphaned_spools",
+            "Spool volumes no relay pod serves that are not drained yet (mail sitting on them)",
+            orphaned_spools.clone(),
+        );
+        registry.register(
+            "orphaned_spool_oldest_seconds",
+            "How long the oldest orphaned, undrained spool volume has been orphaned",
+            orphaned_spool_oldest_seconds.clone(),
+        );
+        registry.register(
+            "spool_drains",
+            "Finished drains of orphaned spool volumes by result (succeeded, failed, cancelled)",
+            spool_drains.clone(),
+        );
+        registry.register(
+            "spool_messages_handed_off",
+            "Messages drain Jobs handed off from orphaned spools to serving relays",
+            spool_messages_handed_off.clone(),
+        );
+        registry.register(
+            "drain_possible_duplicates",
+            "Messages drain Jobs resent after a hand-off with unknown outcome (possible duplicates)",
+            drain_possible_duplicates.clone(),
+        );
+        registry.register(
+            "relay_queue_messages",
+            "Messages in each ready relay pod's spool (scraped from the pod)",
+            relay_queue_messages.clone(),
+        );
+        registry.register(
+            "relay_queue_oldest_age_seconds",
+            "Age of the oldest message queued in each ready relay pod (scraped from the pod)",
+            relay_queue_oldest_age_seconds.clone(),
+        );
         Metrics {
             registry,
             reconciles,
@@ -94,6 +152,13 @@ impl Metrics {
             duration,
             writes,
             leader,
+            orphaned_spools,
+            orphaned_spool_oldest_seconds,
+            spool_drains,
+            spool_messages_handed_off,
+            drain_possible_duplicates,
+            relay_queue_messages,
+            relay_queue_oldest_age_seconds,
         }
     }
 

@@ -18,6 +18,7 @@ use crate::manifests::FIELD_MANAGER;
 use crate::metrics::{self, Metrics};
 use crate::reconcile::Ctx;
 use crate::relay_service::RelayServiceConfig;
+use crate::spools::{SpoolSettings, Spools};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
@@ -68,6 +69,13 @@ pub struct RunArgs {
     /// (`<instance>-relay`, one port per SmtpService); without it no Service is managed.
     #[arg(long, env = "MAILRELAY_RELAY_SERVICE_CONFIG")]
     pub relay_service_config: Option<PathBuf>,
+    /// The spool adoption settings file (YAML, see `spools::settings::SpoolSettings`). With it
+    /// the leader drains spool volumes no relay pod serves any more (scale-down, or the
+    /// `mailrelay.dev/drain: "true"` label), keeps the hand-off Secret and publishes the
+    /// `<instance>-queue-status` view; without it none of that happens. The namespace is
+    /// `--namespace`, else the pod's own.
+    #[arg(long, env = "MAILRELAY_SPOOLS_CONFIG")]
+    pub spools_config: Option<PathBuf>,
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
@@ -118,6 +126,10 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     // A broken settings file is a start-up error, not something to find at the first reconcile.
     let relay_service = match &args.relay_service_config {
         Some(p) => Some(RelayServiceConfig::load(p)?),
+        None => None,
+    };
+    let spools = match &args.spools_config {
+        Some(p) => Some(SpoolSettings::load(p)?),
         None => None,
     };
     let client = Client::try_default().await?;
@@ -192,6 +204,31 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
     });
     tracing::info!("caches synced; reconciling");
     health.set_ready(true);
+    // Spool adoption runs beside the controller for as long as this replica leads.
+    let adoption = spools.map(|settings| {
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| args.lease_namespace.clone());
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity.clone()),
+            },
+        );
+        tokio::spawn(
+            Spools::new(
+                client.clone(),
+                settings,
+                namespace,
+                args.instance.clone(),
+                recorder,
+                metrics.clone(),
+            )
+            .run(),
+        )
+    });
     let lost = async {
         match &lock {
             Some(l) => l.hold(renew).await,
@@ -207,6 +244,9 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
             }
         })
         .await;
+    if let Some(a) = adoption {
+        a.abort();
+    }
     metrics.leader.set(0);
     if lost_lease {
         // Another replica may be writing already: stop at once, let the pod restart as follower.
