@@ -75,7 +75,7 @@ helm template mail "$chart" --namespace mail --set relay.terminationGracePeriodS
 helm template mail "$chart" --namespace mail --set relay.terminationGracePeriodSeconds=10 \
   --set relay.runtime.delivery.shutdownGraceSeconds=5 > "$out/explicit.yaml"
 python3 - "$d" "$p" "$out/custom.yaml" "$out/explicit.yaml" <<'PY' || fail "scale-down settings (see above)"
-import sys, yaml
+import posixpath, sys, yaml
 
 def load(path):
     return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(open(path)) if o}
@@ -135,8 +135,13 @@ def rendered(path, port, grace, listen, retention):
     check(sts["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"},
           f"{where} PVC retention")
     runtime = yaml.safe_load(objs[("ConfigMap", "mail-runtime")]["data"]["runtime.yaml"])
-    check(runtime["handoff"] == {"listenAddress": listen, "tlsDir": "/etc/mailrelay/handoff"},
-          f"{where} runtime handoff {runtime.get('handoff')}")
+    handoff = runtime["handoff"]
+    check(set(handoff) == {"listenAddress", "tlsDir"} and handoff["listenAddress"] == listen,
+          f"{where} runtime handoff {handoff}")
+    # Relative paths in runtime.yaml resolve against the config directory.
+    config = [m for m in relay["volumeMounts"] if m["name"] == "config"][0]["mountPath"]
+    check(posixpath.normpath(posixpath.join(config, handoff["tlsDir"])) == "/etc/mailrelay/handoff",
+          f"{where} handoff tlsDir {handoff['tlsDir']} is not the Secret's mount")
     tgps = pod["terminationGracePeriodSeconds"]
     check(runtime["delivery"]["shutdownGraceSeconds"] == grace, f"{where} shutdownGraceSeconds "
           f"{runtime['delivery'].get('shutdownGraceSeconds')}, want {grace} (terminationGracePeriodSeconds {tgps})")

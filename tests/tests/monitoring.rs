@@ -74,6 +74,12 @@ fn operator_exports_every_metric_the_chart_uses() {
     m.reconciled(true, 0.01);
     m.reconciled(false, 0.02);
     m.wrote("policy");
+    // A label family is exported once it has a child (drains by result).
+    m.spool_drains
+        .get_or_create(&mailrelay_operator::metrics::ResultLabel {
+            result: "failed".into(),
+        })
+        .inc();
     let text = m.encode();
     let exported = exported_names(&text);
     let used = operator_names_used_by_chart();
