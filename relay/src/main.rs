@@ -232,8 +232,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     relay.ready.store(false, Ordering::Relaxed);
     info!("shutting down");
     // Stop accepting; sessions finish the message they are receiving and get `421 4.3.2`, idle
-    // ones at once; deliveries in flight run in parallel with that, for the whole grace period.
-    // The process exits as soon as both are done; whatever is unfinished stays in the spool.
+    // ones at once; the queue works on in parallel for the grace period (deliveries in flight,
+    // and messages that come due). The process exits as soon as both are done; whatever is
+    // unfinished stays in the spool (for the next start, or the drain Job after a scale-down).
     relay.stop_listening();
     if let Some(h) = &handoff {
         h.abort();

@@ -210,3 +210,74 @@ fn sigterm_gives_deliveries_in_flight_the_grace_period() {
     let left = common::spool_messages(&r.path().join("spool"));
     assert!(left.is_empty(), "delivered message still in the spool");
 }
+
+/// SIGTERM while a message waits for its retry, due within the grace period: the relay keeps
+/// working through the grace period, tries it again, delivers it and only then exits, so a pod
+/// removed by a scale-down leaves its drain Job only what could not be delivered. A message due
+/// after the grace period does not hold the exit up.
+#[test]
+fn sigterm_tries_what_comes_due_within_the_grace_period() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let behavior = Behavior {
+        final_reply: std::sync::Arc::new(|n| {
+            if n == 0 {
+                "451 4.3.0 try again".to_string()
+            } else {
+                "250 2.0.0 taken".to_string()
+            }
+        }),
+        ..Behavior::default()
+    };
+    let sink = rt.block_on(Sink::start("127.0.0.1", behavior));
+    let mut r = extra::start_custom(
+        "delivery:\n  shutdownGraceSeconds: 30\n  retryScheduleSeconds: [2]\n",
+        {
+            let port = sink.addr.port();
+            move |cfg, _| {
+                extra::service(cfg, "smtp").relay_control = RelayControl::Restricted {
+                    ip_group: Some("loopback".into()),
+                    authenticated: false,
+                };
+                cfg.delivery_rules = vec![relay_rule("everything", 1, "*@*", port)];
+            }
+        },
+    );
+    send(r.ports.smtp, "someone@far.example");
+    wait("the first, refused attempt", || {
+        sink.commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("MAIL"))
+            .count()
+            >= 1
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(r.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+    let child = r.child.as_mut().unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(25),
+            "relay did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "the retry due within the grace period was made"
+    );
+    r.child = None;
+    let left = common::spool_messages(&r.path().join("spool"));
+    assert!(left.is_empty(), "delivered message still in the spool");
+}

@@ -164,6 +164,9 @@ pub struct Queue {
     wake: Notify,
     global: Arc<Semaphore>,
     stopping: AtomicBool,
+    /// SIGTERM came: the queue works on through the grace period (what is in flight and what
+    /// comes due), but idle connections are not kept waiting for more.
+    closing: AtomicBool,
     /// Workers and attempts in progress, for graceful shutdown.
     active: AtomicUsize,
     quiet: Notify,
@@ -226,6 +229,7 @@ impl Queue {
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             stopping: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             active: AtomicUsize::new(0),
             quiet: Notify::new(),
             listen_address: OnceLock::new(),
@@ -619,6 +623,9 @@ impl Queue {
                 let dest = st.dests.get_mut(key)?;
                 if let Some(job) = dest.jobs.pop_front() {
                     return Some((job, dest.target.clone()));
+                }
+                if self.closing.load(Ordering::Acquire) {
+                    return None;
                 }
                 dest.idle += 1;
                 dest.notify.clone()
@@ -1384,9 +1391,30 @@ impl Queue {
         );
     }
 
-    /// Graceful shutdown: no new attempts start; running ones get until `grace` to finish. What
-    /// is not finished stays in the spool for the next start.
+    /// Graceful shutdown: for up to `grace`, attempts in flight finish and messages that come
+    /// due are still tried; it returns as soon as nothing is in flight or due within the grace
+    /// period. What is not finished stays in the spool (for the next start, or the drain Job
+    /// when the pod is gone for good).
     pub async fn shutdown(&self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        // Work on through the grace period: deliveries in flight finish and messages that come
+        // due are still tried, so a pod that goes away for good hands the drain Job only what
+        // could not be delivered. Idle connections close at once.
+        self.closing.store(true, Ordering::Release);
+        {
+            let st = self.lock();
+            for d in st.dests.values() {
+                d.notify.notify_waiters();
+            }
+        }
+        loop {
+            let quiet = self.quiet.notified();
+            if !self.work_before(deadline) || Instant::now() >= deadline {
+                break;
+            }
+            let tick = (Instant::now() + Duration::from_millis(250)).min(deadline);
+            let _ = tokio::time::timeout_at(tick.into(), quiet).await;
+        }
         self.stopping.store(true, Ordering::Release);
         self.wake.notify_one();
         {
@@ -1395,24 +1423,32 @@ impl Queue {
                 d.notify.notify_waiters();
             }
         }
-        let deadline = Instant::now() + grace;
-        loop {
-            let quiet = self.quiet.notified();
-            if self.active.load(Ordering::Acquire) == 0 {
-                info!("delivery queue stopped; nothing in flight");
-                return;
-            }
-            if tokio::time::timeout_at(deadline.into(), quiet)
-                .await
-                .is_err()
-            {
-                warn!(
-                    in_flight = self.active.load(Ordering::Acquire),
-                    "delivery shutdown deadline reached; unfinished messages stay in the spool"
-                );
-                return;
-            }
+        let in_flight = self.active.load(Ordering::Acquire);
+        if in_flight == 0 {
+            info!("delivery queue stopped; nothing in flight");
+        } else {
+            warn!(
+                in_flight,
+                "delivery shutdown deadline reached; unfinished messages stay in the spool"
+            );
         }
+    }
+
+    /// Something is in flight, waiting for a worker, or due before `deadline`.
+    fn work_before(&self, deadline: Instant) -> bool {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return true;
+        }
+        if !self.snapshot.load().policy_loaded {
+            return false;
+        }
+        let st = self.lock();
+        st.dests.values().any(|d| !d.jobs.is_empty())
+            || st
+                .timers
+                .iter()
+                .take_while(|(at, _)| *at <= deadline)
+                .any(|(at, id)| st.msgs.get(id).is_some_and(|m| m.due == Some(*at)))
     }
 }
 
