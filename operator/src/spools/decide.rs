@@ -255,21 +255,26 @@ fn condition_true(job: &Job, type_: &str) -> Option<(String, String)> {
         })
 }
 
-/// The pods of `job`: owned by it, or labelled with its name (as the Job controller does).
+/// The pods of `job`: owned by it (as the Job controller makes them). A pod owned by no Job
+/// counts when it carries the Job's name label; the name alone is not enough otherwise, since
+/// the pod of an earlier attempt (a Job of the same name) may linger until garbage collection.
 fn job_pods<'a>(job: &Job, pods: &'a [Pod]) -> Vec<&'a Pod> {
     let name = job.name_any();
     let uid = job.uid();
     let mut v: Vec<&Pod> = pods
         .iter()
         .filter(|p| {
-            let owned = uid.is_some()
-                && p.owner_references()
-                    .iter()
-                    .any(|o| Some(&o.uid) == uid.as_ref());
+            let jobs: Vec<&str> = p
+                .owner_references()
+                .iter()
+                .filter(|o| o.kind == "Job")
+                .map(|o| o.uid.as_str())
+                .collect();
+            if !jobs.is_empty() {
+                return uid.as_deref().is_some_and(|u| jobs.contains(&u));
+            }
             let l = p.labels();
-            owned
-                || l.get("batch.kubernetes.io/job-name") == Some(&name)
-                || l.get("job-name") == Some(&name)
+            l.get("batch.kubernetes.io/job-name") == Some(&name) || l.get("job-name") == Some(&name)
         })
         .collect();
     // Newest last.
@@ -1369,6 +1374,17 @@ mod tests {
             .contains("DeadlineExceeded"));
         assert_eq!(annotations[ATTEMPTS].as_deref(), Some("2"));
         w.apply(&p);
+        assert_eq!(w.plan().actions, vec![]);
+    }
+
+    #[test]
+    fn the_pod_of_an_earlier_attempt_is_not_the_new_jobs() {
+        let mut w = World::scaled_down();
+        w.pvcs[2] = with_state(P2, "Pending", 2);
+        let mut old = job_pod(P2, "Running", None);
+        old.metadata.owner_references.as_mut().expect("owner")[0].uid = "previous-job".into();
+        w.pods.push(old);
+        w.jobs = vec![job(P2, 2, None)];
         assert_eq!(w.plan().actions, vec![]);
     }
 

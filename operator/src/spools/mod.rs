@@ -46,6 +46,8 @@ pub use settings::SpoolSettings;
 
 /// How long one relay pod's `/metrics` may take.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the queue view is rewritten when only its ages changed.
+const VIEW_REFRESH: Duration = Duration::from_secs(60);
 
 /// The adoption loop of one namespace.
 pub struct Spools {
@@ -57,8 +59,9 @@ pub struct Spools {
     metrics: Arc<Metrics>,
     /// When this leader first saw each volume orphaned (for the "oldest" gauge and the view).
     first_seen: BTreeMap<String, Timestamp>,
-    /// The queue view last written, so an unchanged view is not written again.
-    last_view: Option<String>,
+    /// The queue view last written (without its ages) and when, so an unchanged view is not
+    /// written again at every look.
+    last_view: Option<(String, std::time::Instant)>,
 }
 
 fn not_found(e: &kube::Error) -> bool {
@@ -363,21 +366,48 @@ impl Spools {
                     .set(i64::try_from(a).unwrap_or(i64::MAX));
             }
         }
+        // Ages grow at every look; rewriting the ConfigMap for that alone every few seconds
+        // would be API churn. Any other change is written at once, ages at most every
+        // VIEW_REFRESH.
+        let ageless: Vec<queue::PodQueue> = queues
+            .iter()
+            .map(|q| queue::PodQueue {
+                oldest_age_seconds: None,
+                ..q.clone()
+            })
+            .collect();
+        let key = queue::status_yaml(
+            None,
+            &self.settings,
+            replicas,
+            &ageless,
+            &plan.volumes,
+            &BTreeMap::new(),
+        );
+        let fresh = self
+            .last_view
+            .as_ref()
+            .is_some_and(|(k, at)| *k == key && at.elapsed() < VIEW_REFRESH);
+        if fresh {
+            return;
+        }
+        let now = Timestamp::now();
+        let updated = Timestamp::from_second(now.as_second())
+            .unwrap_or(now)
+            .to_string();
         let yaml = queue::status_yaml(
+            Some(&updated),
             &self.settings,
             replicas,
             &queues,
             &plan.volumes,
             orphaned_for,
         );
-        if self.last_view.as_deref() == Some(yaml.as_str()) {
-            return;
-        }
-        let cm = queue::config_map(&self.namespace, &self.instance, yaml.clone());
+        let cm = queue::config_map(&self.namespace, &self.instance, yaml);
         match crate::write::apply(&self.client, &self.namespace, &cm).await {
             Ok(_) => {
                 self.metrics.wrote("queue-status");
-                self.last_view = Some(yaml);
+                self.last_view = Some((key, std::time::Instant::now()));
             }
             Err(e) => tracing::warn!(error = %e, "cannot write the queue-status ConfigMap"),
         }

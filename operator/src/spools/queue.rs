@@ -184,6 +184,8 @@ struct OrphanedVolume<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Status<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    updated: Option<&'a str>,
     stateful_set: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     replicas: Option<i32>,
@@ -191,8 +193,10 @@ struct Status<'a> {
     orphaned_volumes: Vec<OrphanedVolume<'a>>,
 }
 
-/// The `status.yaml` document. `orphaned_for`: seconds each volume has been seen orphaned.
+/// The `status.yaml` document. `orphaned_for`: seconds each volume has been seen orphaned;
+/// `updated`: when the view was taken (RFC 3339).
 pub fn status_yaml(
+    updated: Option<&str>,
     s: &SpoolSettings,
     replicas: Option<i32>,
     pods: &[PodQueue],
@@ -200,6 +204,7 @@ pub fn status_yaml(
     orphaned_for: &BTreeMap<String, u64>,
 ) -> String {
     let doc = Status {
+        updated,
         stateful_set: &s.stateful_set,
         replicas,
         pods,
