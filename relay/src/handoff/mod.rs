@@ -148,7 +148,7 @@ fn from_unix(v: &str) -> Option<SystemTime> {
 /// through the relay's strict command parser. `Err` names a malformed one.
 pub fn split_params(line: &str) -> Result<(String, Vec<(String, String)>), String> {
     // Parameters follow the path's closing bracket; a quoted local part may contain spaces.
-    let Some(end) = line.rfind('>') else {
+    let Some(end) = line.find('>') else {
         return Ok((line.to_string(), Vec::new()));
     };
     let (head, tail) = line.split_at(end + 1);

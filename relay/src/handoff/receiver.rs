@@ -33,6 +33,8 @@ const MAX_LINE: usize = 4096;
 const RECENT_ORIGINS: usize = 100_000;
 /// Longest origin accepted (a volume name and a message id).
 const MAX_ORIGIN: usize = 512;
+/// Room for the trace headers added since the message was first accepted.
+const TRACE_SLACK: u64 = 64 * 1024;
 
 type Stamp = Vec<(SystemTime, u64)>;
 
@@ -189,6 +191,22 @@ enum Line {
 }
 
 impl Session<'_> {
+    /// The largest message taken over: whatever any service of this policy (or the hard cap)
+    /// accepts, plus trace headers — a message the cluster accepted must not get stuck here.
+    fn max_size(&self) -> u64 {
+        let relay = &self.shared.relay;
+        let services = relay
+            .current
+            .load()
+            .config
+            .services
+            .iter()
+            .filter_map(|s| s.limits.max_message_size_bytes)
+            .max()
+            .unwrap_or(0);
+        relay.settings.max_message_size_bytes.max(services) + TRACE_SLACK
+    }
+
     async fn reply(&mut self, text: &str) -> anyhow::Result<()> {
         let w = self.io.get_mut();
         w.write_all(text.as_bytes()).await?;
@@ -238,7 +256,7 @@ impl Session<'_> {
                     self.helo = Some(line[4..].trim().to_string());
                     self.mail = None;
                     self.rcpts.clear();
-                    let max = self.shared.relay.settings.max_message_size_bytes;
+                    let max = self.max_size();
                     let text = format!(
                         "250-{}\r\n250-PIPELINING\r\n250-SIZE {max}\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-DSN\r\n250-ENHANCEDSTATUSCODES\r\n250 {EXTENSION}",
                         self.host
@@ -300,7 +318,7 @@ impl Session<'_> {
             Ok(_) => return "501 5.5.4 Syntax: MAIL FROM:<address>".into(),
             Err(e) => return render(&e.reply),
         };
-        let max = self.shared.relay.settings.max_message_size_bytes;
+        let max = self.max_size();
         if params.size.is_some_and(|s| s > max) {
             return format!("552 5.3.4 Message size exceeds the limit of {max} bytes");
         }
@@ -363,11 +381,27 @@ impl Session<'_> {
         "250 2.1.5 Ok".into()
     }
 
-    /// Reads the message up to the final dot (dot-unstuffed), then stores it; the reply.
+    /// Reads the message up to the final dot (dot-unstuffed) into the spool as it arrives and
+    /// commits it; the reply.
     async fn data(&mut self) -> anyhow::Result<String> {
-        let max = self.shared.relay.settings.max_message_size_bytes;
-        let mut data = Vec::new();
-        let mut too_big = false;
+        let max = self.max_size();
+        let (mut env, extras) = self
+            .mail
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("DATA without MAIL"))?;
+        env.recipients = std::mem::take(&mut self.rcpts);
+        let relay = self.shared.relay.clone();
+        let duplicate = extras.origin.as_ref().is_some_and(|o| self.shared.seen(o));
+        let mut failed: Option<mailrelay_spool::Error> = None;
+        let mut incoming = None;
+        if !duplicate {
+            match relay.spool.begin(&env).await {
+                Ok(i) => incoming = Some(i),
+                Err(e) => failed = Some(e),
+            }
+        }
+        let mut pending = self.trace_header(extras.origin.as_deref()).into_bytes();
+        let mut total = 0u64;
         let mut line = Vec::new();
         // Lines are read in pieces of at most 64 KiB; only a piece that starts a line can be
         // the final dot or carry a stuffed dot.
@@ -391,38 +425,45 @@ impl Session<'_> {
                 Some(rest) if starts => rest,
                 _ => &line[..],
             };
-            if data.len() as u64 + content.len() as u64 > max {
-                too_big = true;
-                data.clear();
+            total += content.len() as u64;
+            if total > max {
+                // Too large: read on to the final dot, keep nothing.
+                incoming = None;
+                continue;
             }
-            if !too_big {
-                data.extend_from_slice(content);
+            let Some(inc) = incoming.as_mut() else {
+                continue;
+            };
+            pending.extend_from_slice(content);
+            if pending.len() >= 64 * 1024 {
+                if let Err(e) = inc.write(std::mem::take(&mut pending)).await {
+                    failed = Some(e);
+                    incoming = None;
+                }
             }
         }
-        let (mut env, extras) = match self.mail.take() {
-            Some(m) => m,
-            None => return Ok("503 5.5.1 MAIL first".into()),
-        };
-        let rcpts = std::mem::take(&mut self.rcpts);
-        if too_big {
+        if total > max {
             return Ok(format!(
                 "552 5.3.4 Message size exceeds the limit of {max} bytes"
             ));
         }
-        let relay = &self.shared.relay;
-        if let Some(o) = &extras.origin {
-            if self.shared.seen(o) {
-                relay.metrics.handoff_duplicates.inc();
-                info!(origin = %o, peer = %self.peer, "hand-off: already taken over; not stored again");
-                return Ok("250 2.0.0 Ok: already taken over".into());
-            }
+        if duplicate {
+            relay.metrics.handoff_duplicates.inc();
+            info!(origin = ?extras.origin, peer = %self.peer, "hand-off: already taken over; not stored again");
+            return Ok("250 2.0.0 Ok: already taken over".into());
         }
-        env.recipients = rcpts;
-        let mut message = self.trace_header(extras.origin.as_deref()).into_bytes();
-        message.extend_from_slice(&data);
-        drop(data);
-        env.size = message.len() as u64;
-        match relay.spool.store(env, message).await {
+        let stored = match (incoming, failed) {
+            (Some(mut inc), None) => match inc.write(pending).await {
+                Ok(()) => {
+                    env.size = inc.data_len();
+                    inc.commit(env).await
+                }
+                Err(e) => Err(e),
+            },
+            (_, Some(e)) => Err(e),
+            (None, None) => Err(mailrelay_spool::Error::Abandoned),
+        };
+        match stored {
             Ok(id) => {
                 relay.metrics.handoff_received.inc();
                 relay.metrics.spool_depth.set(relay.spool.len() as i64);
