@@ -1,7 +1,7 @@
 //! The decision rules of spool adoption (contract section 4), as one pure function: from the
 //! settings, the StatefulSet's replica count and the namespace's PVCs, Jobs and Pods at one
 //! instant to the list of actions that moves every volume one step on. Nothing here does I/O,
-//! so every case is a unit test; [`super::run`] executes the actions.
+//! so every case is a unit test; [`super::Spools`] executes the actions.
 //!
 //! The state of each volume lives in its PVC's annotations (so it survives operator restarts
 //! and leader changes, and `kubectl describe pvc` shows it); a drain Job's own result
