@@ -7,8 +7,12 @@
 //! the ConfigMap, Secrets and Service are written by real SSA → the test materialises the pod's
 //! volumes from the API (as the kubelet's atomic writer does) → the relay binds its listeners
 //! without a restart, serves the policy, and mail flows to a sink → a changed CR changes the
-//! relay's behaviour → a deleted CR's effect is gone. Prints the median of 20 `kubectl apply` →
-//! new behaviour measurements (`INSTALL LATENCY`).
+//! relay's behaviour → a deleted CR's effect is gone → scale-down with queued mail: the relay
+//! pod stops within its shutdown grace, its spool is left behind, the operator (with the chart's
+//! `spools.yaml`) creates the drain Job, the test runs that Job's container (`relay drain` with
+//! the operator's hand-off Secret as the chart mounts it) against the remaining relay's hand-off
+//! port, and the stranded message reaches the sink exactly once, the volume deleted after.
+//! Prints the median of 20 `kubectl apply` → new behaviour measurements (`INSTALL LATENCY`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -486,6 +490,79 @@ impl Drop for Killed {
     }
 }
 
+/// SIGTERM to `child`; how long it took to exit (panics after `limit`).
+fn sigterm(child: &mut Child, limit: Duration) -> (Duration, Option<i32>) {
+    let start = Instant::now();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    while start.elapsed() < limit {
+        if let Ok(Some(s)) = child.try_wait() {
+            return (start.elapsed(), s.code());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!(
+        "process {} still running {limit:?} after SIGTERM",
+        child.id()
+    );
+}
+
+/// Opens the hand-off listener at `port` (implicit TLS, server name
+/// `handoff.mailrelay.internal`) trusting `dir/ca.crt`; with `client_cert`, presents
+/// `dir/tls.crt` + `dir/tls.key`. Returns the greeting and EHLO reply, or why it failed.
+fn handoff_ehlo(port: u16, dir: &Path, client_cert: bool) -> Result<String, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let read = |f: &str| std::fs::read(dir.join(f)).map_err(|e| format!("{f}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(&read("ca.crt")?) {
+        roots
+            .add(c.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    let cfg = if client_cert {
+        let chain = CertificateDer::pem_slice_iter(&read("tls.crt")?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let key = PrivateKeyDer::from_pem_slice(&read("tls.key")?).map_err(|e| e.to_string())?;
+        builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| e.to_string())?
+    } else {
+        builder.with_no_client_auth()
+    };
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from("handoff.mailrelay.internal").map_err(|e| e.to_string())?;
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).map_err(|e| e.to_string())?;
+    let mut r = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+    let reply = |r: &mut BufReader<_>| -> Result<String, String> {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) => return Err(format!("closed after {all:?}")),
+                Ok(_) => all.push_str(&line),
+                Err(e) => return Err(format!("{e} after {all:?}")),
+            }
+            if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                return Ok(all);
+            }
+        }
+    };
+    let greeting = reply(&mut r)?;
+    r.get_mut()
+        .write_all(b"EHLO install.test\r\n")
+        .map_err(|e| e.to_string())?;
+    let ehlo = reply(&mut r)?;
+    let _ = r.get_mut().write_all(b"QUIT\r\n");
+    Ok(format!("{greeting}{ehlo}"))
+}
+
 fn example_dir(ns: &str, dir: &Path) -> PathBuf {
     let out = dir.join("examples");
     std::fs::create_dir_all(&out).expect("mkdir");
@@ -511,6 +588,7 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
     let root = tmp.path();
     let offset = offset();
     let metrics = free_port();
+    let handoff = free_port();
     let spool = root.join("spool");
 
     // 1. helm install. Only what a test machine needs differs from the defaults: loopback,
@@ -528,6 +606,9 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
             &format!("relay.runtime.spoolDir={}", spool.display()),
         ])
         .args(["--set", "relay.runtime.hostname=relay.example.test"])
+        .args(["--set", &format!("relay.handoff.port={handoff}")])
+        // A deferred message is retried every second (step 12 strands one on a closed port).
+        .args(["--set", "relay.runtime.delivery.retryScheduleSeconds={1}"])
         .output()
         .expect("helm");
     assert!(
@@ -587,9 +668,31 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
     );
     let _op_kubelet = Kubelet::start(&ns, op_volumes.into_iter().map(|(_, v)| v).collect());
     let op_settings = mapped(root, "/etc/mailrelay-operator/relay-service.yaml");
+    let spools_settings = mapped(root, "/etc/mailrelay-operator/spools.yaml");
     wait_for("operator settings mounted", Duration::from_secs(30), || {
-        op_settings.exists().then_some(())
+        (op_settings.exists() && spools_settings.exists()).then_some(())
     });
+    assert!(
+        op_template
+            .to_string()
+            .contains("--spools-config=/etc/mailrelay-operator/spools.yaml"),
+        "the chart passes the spool adoption settings"
+    );
+    // The spool adoption settings name this release's relay: its StatefulSet, image, spool and
+    // hand-off port (the drain Jobs are built from them).
+    let spools: Value =
+        serde_norway::from_str(&std::fs::read_to_string(&spools_settings).expect("spools.yaml"))
+            .expect("spools.yaml parses");
+    assert_eq!(spools["statefulSet"], format!("{RELEASE}-relay"));
+    assert_eq!(
+        spools["drainJob"]["target"],
+        format!("{RELEASE}-relay-headless:{handoff}")
+    );
+    assert_eq!(
+        spools["drainJob"]["image"],
+        relay_template["spec"]["containers"][0]["image"]
+    );
+    assert_eq!(spools["drainJob"]["spoolDir"], spool.display().to_string());
     let op_log = root.join("operator.log");
     procs.0.push(run_container(
         Path::new(env!("CARGO_BIN_EXE_operator")),
@@ -823,6 +926,270 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
     });
     assert!(Smtp::connect(smtp).is_ok(), "port 25 stays");
 
+    // 12. Scale-down with queued mail. The operator has created the hand-off Secret; the
+    //     kubelet mounts it where the chart says, and the relay's hand-off listener takes only
+    //     clients with its certificate.
+    let handoff_dir = mapped(root, "/etc/mailrelay/handoff");
+    wait_for("hand-off Secret", Duration::from_secs(30), || {
+        get("secret", &ns, &format!("{RELEASE}-handoff"))
+    });
+    wait_for("hand-off Secret mounted", Duration::from_secs(30), || {
+        handoff_dir.join("tls.key").exists().then_some(())
+    });
+    let ehlo = wait_for("hand-off listener", Duration::from_secs(30), || {
+        handoff_ehlo(handoff, &handoff_dir, true).ok()
+    });
+    assert!(
+        ehlo.starts_with("220") && ehlo.contains("XHANDOFF"),
+        "{ehlo}"
+    );
+    let refused = handoff_ehlo(handoff, &handoff_dir, false);
+    assert!(refused.is_err(), "no client certificate: {refused:?}");
+
+    // A message for a destination that is down stays in the queue of the pod that goes away.
+    let dead = free_port();
+    assert!(apply_yaml(&rule(dead)).0);
+    wait_for(
+        "rule to the closed port mounted",
+        Duration::from_secs(60),
+        || {
+            std::fs::read_to_string(config_dir.join("relay.yaml"))
+                .ok()?
+                .contains(&format!("port: {dead}"))
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // one relay reload interval
+    let (code, text) = send(
+        smtp,
+        "sender@[127.0.0.1]",
+        "postmaster@example.com",
+        "stranded",
+    );
+    assert_eq!(code, 250, "{text}");
+    std::thread::sleep(Duration::from_secs(2)); // a delivery attempt or two, deferred
+
+    // The pod is removed: SIGTERM; it stops within the shutdown grace the chart derived from
+    // its terminationGracePeriodSeconds, long before the kubelet's SIGKILL.
+    let grace_period = relay_template["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .expect("terminationGracePeriodSeconds");
+    let runtime: Value = serde_norway::from_str(
+        &std::fs::read_to_string(config_dir.join("runtime.yaml")).expect("runtime.yaml"),
+    )
+    .expect("runtime.yaml parses");
+    let shutdown_grace = runtime["delivery"]["shutdownGraceSeconds"]
+        .as_u64()
+        .expect("shutdownGraceSeconds");
+    assert_eq!(shutdown_grace, grace_period - 10);
+    let mut removed = procs.0.remove(0);
+    let (took, code) = sigterm(&mut removed, Duration::from_secs(grace_period));
+    assert_eq!(code, Some(0), "{}", relay_text());
+    assert!(
+        took < Duration::from_secs(shutdown_grace),
+        "stopped after {took:?}"
+    );
+    assert!(
+        sink1
+            .messages()
+            .iter()
+            .all(|(_, d)| !d.contains("stranded"))
+            && sink2
+                .messages()
+                .iter()
+                .all(|(_, d)| !d.contains("stranded")),
+        "the stranded message must still be queued"
+    );
+    // Its spool is now the volume no pod serves (ordinal 1 after a scale from 2 to 1); the
+    // remaining pod (ordinal 0) runs with its own spool, the destination is back.
+    let orphan = root.join("spool-orphaned");
+    std::fs::rename(&spool, &orphan).expect("move the spool aside");
+    assert!(apply_yaml(&rule(sink1.port)).0);
+    wait_for("rule to sink 1 mounted", Duration::from_secs(60), || {
+        std::fs::read_to_string(config_dir.join("relay.yaml"))
+            .ok()?
+            .contains(&format!("port: {}", sink1.port))
+            .then_some(())
+    });
+    procs.0.push(run_container(
+        &relay,
+        &relay_template,
+        root,
+        &relay_mounts,
+        &[("RUST_LOG", "info".into())],
+        &|a| a,
+        &root.join("relay-0.log"),
+    ));
+    wait_for("remaining relay ready", Duration::from_secs(60), || {
+        http_get(("127.0.0.1", metrics), "/readyz")
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    });
+    wait_for(
+        "remaining relay's hand-off listener",
+        Duration::from_secs(30),
+        || handoff_ehlo(handoff, &handoff_dir, true).ok(),
+    );
+
+    // The StatefulSet controller's part: replicas 2 -> 1, pod 1 gone, its PVC left behind.
+    let pvc = format!("spool-{RELEASE}-relay-1");
+    let job_name = format!("{pvc}-drain");
+    assert!(
+        apply_yaml(&format!(
+            "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {pvc}\n  namespace: {ns}\n  labels: {{app.kubernetes.io/name: mailrelay, app.kubernetes.io/instance: {RELEASE}, app.kubernetes.io/component: relay}}\nspec:\n  accessModes: [ReadWriteOnce]\n  resources: {{requests: {{storage: 1Gi}}}}\n"
+        ))
+        .0
+    );
+    kubectl_ok(&[
+        "patch",
+        "statefulset",
+        &format!("{RELEASE}-relay"),
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"replicas":1}}"#,
+    ]);
+    // The operator creates the drain Job from the chart's settings.
+    let job = wait_for("drain Job", Duration::from_secs(60), || {
+        get("job", &ns, &job_name)
+    });
+    let job_pod = job["spec"]["template"].clone();
+    let c = &job_pod["spec"]["containers"][0];
+    assert_eq!(c["image"], spools["drainJob"]["image"]);
+    let vols = pod_volumes(&job_pod, root);
+    assert!(
+        vols.iter().any(|(p, v)| p == "/etc/mailrelay/handoff"
+            && matches!(&v.sources[..], [Source::Secret { name, .. }] if name == &format!("{RELEASE}-handoff"))),
+        "the Job mounts the hand-off Secret: {vols:?}"
+    );
+    // The Job controller's and kubelet's part: the Job's pod, running its container with the
+    // volumes in place (the PVC is the orphaned spool; the Service name resolves to loopback).
+    let pod_name = format!("{job_name}-x1");
+    assert!(
+        apply_yaml(
+            &serde_json::json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {
+                    "name": pod_name, "namespace": ns,
+                    "labels": {"batch.kubernetes.io/job-name": job_name, "job-name": job_name,
+                        "app.kubernetes.io/component": "spool-drain"},
+                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": job_name,
+                        "uid": job["metadata"]["uid"], "controller": true}]
+                },
+                "spec": job_pod["spec"].clone()
+            })
+            .to_string()
+        )
+        .0
+    );
+    let spool_dir = spools["drainJob"]["spoolDir"]
+        .as_str()
+        .expect("spoolDir")
+        .to_string();
+    let target = format!("{RELEASE}-relay-headless:{handoff}");
+    let term_log = root.join("termination-log");
+    let (orphan_s, handoff_s, term_s) = (
+        orphan.display().to_string(),
+        handoff_dir.display().to_string(),
+        term_log.display().to_string(),
+    );
+    let drain_log = root.join("drain.log");
+    procs.0.push(run_container(
+        &relay,
+        &job_pod,
+        root,
+        &[],
+        &[("RUST_LOG", "info".into())],
+        &|a| {
+            if a == spool_dir {
+                orphan_s.clone()
+            } else if a == "/etc/mailrelay/handoff" {
+                handoff_s.clone()
+            } else if a == target {
+                format!("127.0.0.1:{handoff}")
+            } else if a == "/dev/termination-log" {
+                term_s.clone()
+            } else {
+                a
+            }
+        },
+        &drain_log,
+    ));
+    let status = wait_for("drain finished", Duration::from_secs(120), || {
+        procs.0.last_mut().and_then(|d| d.try_wait().ok().flatten())
+    });
+    let summary = std::fs::read_to_string(&term_log).unwrap_or_default();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{summary}\n{}",
+        std::fs::read_to_string(&drain_log).unwrap_or_default()
+    );
+    let v: Value = serde_json::from_str(summary.trim()).expect("drain summary JSON");
+    assert_eq!(
+        (v["handedOff"].as_u64(), v["remaining"].as_u64()),
+        (Some(1), Some(0)),
+        "{summary}"
+    );
+    for (kind, name, body) in [
+        (
+            "pod",
+            &pod_name,
+            serde_json::json!({"status": {"phase": "Succeeded", "containerStatuses": [{
+            "name": c["name"], "image": c["image"], "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 0, "message": summary.trim(),
+                "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:01:00Z"}}}]}}),
+        ),
+        (
+            "job",
+            &job_name,
+            serde_json::json!({"status": {"succeeded": 1, "conditions": [
+            {"type": "Complete", "status": "True", "reason": "CompletionsReached",
+             "message": "Reached expected number of succeeded pods"}]}}),
+        ),
+    ] {
+        kubectl_ok(&[
+            "patch",
+            kind,
+            name,
+            "-n",
+            &ns,
+            "--type",
+            "merge",
+            "-p",
+            &body.to_string(),
+        ]);
+    }
+
+    // The mail arrives once, through the remaining relay; the drained volume is deleted.
+    wait_for(
+        "stranded message delivered",
+        Duration::from_secs(60),
+        || {
+            sink1
+                .messages()
+                .iter()
+                .any(|(_, d)| d.contains("stranded"))
+                .then_some(())
+        },
+    );
+    wait_for("drained volume deleted", Duration::from_secs(60), || {
+        get("pvc", &ns, &pvc).is_none().then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let got: Vec<_> = sink1
+        .messages()
+        .into_iter()
+        .chain(sink2.messages())
+        .filter(|(_, d)| d.contains("stranded"))
+        .collect();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0, ["postmaster@example.com"]);
+    assert!(got[0].1.contains("mailrelay hand-off"), "{}", got[0].1);
+
+    drop(removed);
     drop(procs);
     let _ = Command::new(&helm)
         .args(["uninstall", RELEASE, "-n", &ns])
