@@ -1,10 +1,12 @@
 //! Fuzz targets for the relay's parsers that read what the network (or, for spool records,
-//! the disk) hands them: the SMTP session core, the SASL exchanges, the PROXY header and the
-//! spool's records. Each target is a `fuzz_one(&[u8])` that panics on a broken invariant; the
-//! binaries in `src/bin` run them under AFL (`cargo afl build`), and `tests/replay.rs` replays
-//! the committed corpora and crash regressions through them in an ordinary `cargo test`.
+//! the disk) hands them: the SMTP session core, the SASL exchanges, the PROXY header, the
+//! spool's records and the hand-off listener's parameters. Each target is a `fuzz_one(&[u8])`
+//! that panics on a broken invariant; the binaries in `src/bin` run them under AFL (`cargo afl
+//! build`), and `tests/replay.rs` replays the committed corpora and crash regressions through
+//! them in an ordinary `cargo test`.
 
 pub mod auth;
+pub mod handoff;
 pub mod proxy;
 pub mod seeds;
 pub mod session;

@@ -12,7 +12,7 @@ use mailrelay_relay::proxy::{encode_v2, V2_SIGNATURE};
 use mailrelay_spool::fuzzing::{encode_envelope_record, encode_log_segment, encode_message_header};
 use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, MessageId, Recipient, RecipientStatus};
 
-use crate::{auth, session, spool};
+use crate::{auth, handoff, session, spool};
 
 /// One seed file: target, file name, content.
 pub struct Seed {
@@ -42,6 +42,7 @@ pub fn all() -> Vec<Seed> {
     v.extend(auth_seeds());
     v.extend(proxy_seeds());
     v.extend(spool_seeds());
+    v.extend(handoff_seeds());
     v
 }
 
@@ -374,6 +375,69 @@ fn spool_seeds() -> Vec<Seed> {
                     .to_string()
                     .as_bytes(),
             ),
+        ),
+    ]
+}
+
+/// Lines as `relay drain` writes them to a hand-off listener, and some it must refuse.
+fn handoff_seeds() -> Vec<Seed> {
+    use handoff::{encode, Values, DSN, NEXT, ORIGIN, SENDER_SHIFT, WARNED};
+    let values = Values {
+        received: 1_764_500_000,
+        next: 1_764_500_300,
+        attempts: 3,
+        flags: NEXT | WARNED | ORIGIN | DSN | 1 << SENDER_SHIFT,
+        origin: b"spool-relay-2/0193-8c2e+5a1b=7000",
+        dsn: b"rfc822;carol@example.org",
+    };
+    let none = Values {
+        received: 0,
+        next: 0,
+        attempts: 0,
+        flags: 2 << SENDER_SHIFT,
+        origin: b"",
+        dsn: b"",
+    };
+    vec![
+        seed(
+            "handoff",
+            "mail-all-parameters",
+            encode(
+                "MAIL FROM:<alice@example.com> SIZE=1234 BODY=8BITMIME RET=HDRS ENVID=QQ314159 \
+                 XRECEIVED=1764500000 XNEXT=1764500300 XWARNED=1 XORIGIN=spool-relay-2/0193+2B5a1b+3D7",
+                &values,
+            ),
+        ),
+        seed(
+            "handoff",
+            "mail-null-sender",
+            encode("mail from:<> xreceived=1700000000", &none),
+        ),
+        seed(
+            "handoff",
+            "mail-quoted-local-part",
+            encode(
+                "MAIL FROM:<\"a b\"@example.test>  SMTPUTF8 XRECEIVED=0 XWARNED=0",
+                &none,
+            ),
+        ),
+        seed(
+            "handoff",
+            "rcpt-attempts",
+            encode(
+                "RCPT TO:<bob@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob@example.net XATTEMPTS=4",
+                &values,
+            ),
+        ),
+        seed(
+            "handoff",
+            "rcpt-bad-attempts",
+            encode("RCPT TO:<c@d.test> XATTEMPTS=-1", &none),
+        ),
+        seed(
+            "handoff",
+            "mail-parameter-without-value",
+            encode("MAIL FROM:<a@b.test> XWARNED", &none),
         ),
     ]
 }

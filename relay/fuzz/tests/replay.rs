@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mailrelay_fuzz::{auth, files, proxy, seeds, session, spool};
+use mailrelay_fuzz::{auth, files, handoff, proxy, seeds, session, spool};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -55,6 +55,14 @@ fn proxy_corpus_replays() {
 #[test]
 fn spool_corpus_replays() {
     assert!(replay("spool", spool::fuzz_one) > 0, "no spool corpus");
+}
+
+#[test]
+fn handoff_corpus_replays() {
+    assert!(
+        replay("handoff", handoff::fuzz_one) > 0,
+        "no handoff corpus"
+    );
 }
 
 #[test]
