@@ -244,4 +244,12 @@ mod tests {
         // No bracket: nothing to split, the command parser reports the syntax error.
         assert_eq!(split_params("MAIL FROM:a").unwrap().0, "MAIL FROM:a");
     }
+
+    #[test]
+    fn parameters_start_after_the_first_closing_bracket() {
+        // xtext leaves `>` as it is; the path ends at the first `>`, as in the command parser.
+        let (rest, extras) = split_params("MAIL FROM:<a@b.test> ENVID=a>b XRECEIVED=1").unwrap();
+        assert_eq!(rest, "MAIL FROM:<a@b.test> ENVID=a>b");
+        assert_eq!(extras, vec![("XRECEIVED".to_string(), "1".to_string())]);
+    }
 }

@@ -219,6 +219,10 @@ pub fn xtext_decode(s: &str) -> Option<String> {
     while i < b.len() {
         if b[i] == b'+' {
             let hex = s.get(i + 1..i + 3)?;
+            // `from_str_radix` would take a sign (`++4`); xtext is exactly two hex digits.
+            if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
             out.push(u8::from_str_radix(hex, 16).ok()?);
             i += 3;
         } else {
@@ -376,6 +380,12 @@ mod tests {
         assert_eq!(p("EHLO").unwrap_err().reply.code, 501);
         assert_eq!(p("BDAT x").unwrap_err().reply.code, 501);
         assert_eq!(p("MAIL FROM:<a@b\u{1}.test>").unwrap_err().reply.code, 500);
+        // xtext escapes are two hex digits; a sign is not one.
+        assert_eq!(
+            p("MAIL FROM:<a@b.test> ENVID=++41").unwrap_err().reply.code,
+            501
+        );
+        assert_eq!(xtext_decode("a+2Bb"), Some("a+b".into()));
     }
 
     #[test]
