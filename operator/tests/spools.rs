@@ -1,4 +1,4 @@
-//! Spool adoption (issue 14) against a real API server (kube-lite): the operator binary runs
+//! Spool adoption against a real API server (kube-lite): the operator binary runs
 //! with `--spools-config`, and the test plays every controller kube-lite does not run — the
 //! StatefulSet controller (scales, deletes and recreates relay pods), the Job controller (makes
 //! the drain Job's pod, writes its termination message, sets the Job's Complete/Failed

@@ -1,4 +1,4 @@
-//! The decision rules of spool adoption (contract section 4), as one pure function: from the
+//! The decision rules of spool adoption, as one pure function: from the
 //! settings, the StatefulSet's replica count and the namespace's PVCs, Jobs and Pods at one
 //! instant to the list of actions that moves every volume one step on. Nothing here does I/O,
 //! so every case is a unit test; [`super::Spools`] executes the actions.
@@ -68,7 +68,7 @@ impl DrainState {
     }
 }
 
-/// The JSON line `relay drain` leaves as its termination message (contract section 3).
+/// The JSON line `relay drain` leaves as its termination message (see the relay README, "Queue hand-off").
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Summary {
@@ -399,7 +399,7 @@ impl Record {
     }
 }
 
-/// Plans one look. See the module docs and contract section 4 for the rules.
+/// Plans one look. See the module docs for the rules.
 pub fn decide(i: &Inputs<'_>) -> Plan {
     let s = i.settings;
     let mut plan = Plan::default();

@@ -1,4 +1,4 @@
-//! The hand-off TLS Secret (contract section 1): a private CA and one leaf certificate that
+//! The hand-off TLS Secret: a private CA and one leaf certificate that
 //! every relay and every drain Job presents and checks, so only pods holding the Secret can
 //! hand mail to the relays' hand-off listener. The operator creates it when missing and never
 //! replaces a Secret whose keys parse (rotation is someone else's choice); no key material is

@@ -1,5 +1,5 @@
 //! The drain Job of one orphaned spool volume: its name and the complete object the operator
-//! creates (contract section 4), built purely from the settings so tests can compare it field by
+//! creates, built purely from the settings so tests can compare it field by
 //! field.
 
 use std::collections::BTreeMap;

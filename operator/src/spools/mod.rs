@@ -1,4 +1,4 @@
-//! Spool adoption (issue 14, contract sections 1 and 4): the leader looks at the relay
+//! Spool adoption: the leader looks at the relay
 //! StatefulSet every `checkSeconds`, finds spool volumes no relay pod serves any more (scaled
 //! down, or labelled `mailrelay.dev/drain: "true"`), drains each with a Job running
 //! `relay drain` that hands its mail to the serving relays, records every step in the PVC's
