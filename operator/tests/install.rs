@@ -607,8 +607,11 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
         ])
         .args(["--set", "relay.runtime.hostname=relay.example.test"])
         .args(["--set", &format!("relay.handoff.port={handoff}")])
-        // A deferred message is retried every second (step 12 strands one on a closed port).
+        // Step 12 strands a message on a closed port: it is retried every second, and the
+        // pod's grace period is the shortest the chart allows (15 s: the relay's shutdown
+        // grace is 5 s).
         .args(["--set", "relay.runtime.delivery.retryScheduleSeconds={1}"])
+        .args(["--set", "relay.terminationGracePeriodSeconds=15"])
         .output()
         .expect("helm");
     assert!(
@@ -969,8 +972,9 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
     assert_eq!(code, 250, "{text}");
     std::thread::sleep(Duration::from_secs(2)); // a delivery attempt or two, deferred
 
-    // The pod is removed: SIGTERM; it stops within the shutdown grace the chart derived from
-    // its terminationGracePeriodSeconds, long before the kubelet's SIGKILL.
+    // The pod is removed: SIGTERM. It stops accepting, keeps trying its queue (the message is
+    // due every second) for the shutdown grace the chart derived from the pod's
+    // terminationGracePeriodSeconds, and exits on its own before the kubelet's SIGKILL would.
     let grace_period = relay_template["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .expect("terminationGracePeriodSeconds");
@@ -981,13 +985,20 @@ fn helm_install_operator_relay_mail_flow_change_and_delete() {
     let shutdown_grace = runtime["delivery"]["shutdownGraceSeconds"]
         .as_u64()
         .expect("shutdownGraceSeconds");
-    assert_eq!(shutdown_grace, grace_period - 10);
+    assert_eq!((grace_period, shutdown_grace), (15, 5));
     let mut removed = procs.0.remove(0);
     let (took, code) = sigterm(&mut removed, Duration::from_secs(grace_period));
+    eprintln!("SCALE-DOWN relay stopped {took:?} after SIGTERM (shutdown grace {shutdown_grace} s, terminationGracePeriodSeconds {grace_period} s)");
     assert_eq!(code, Some(0), "{}", relay_text());
     assert!(
-        took < Duration::from_secs(shutdown_grace),
-        "stopped after {took:?}"
+        took >= Duration::from_millis(shutdown_grace * 1000 - 1500)
+            && took < Duration::from_secs(grace_period - 5),
+        "stopped after {took:?}: it should try its queue for the grace period (it stops when \
+         nothing more is due before the deadline: the last 1 s retry), then exit"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", smtp)).is_err(),
+        "listeners closed"
     );
     assert!(
         sink1
