@@ -106,6 +106,13 @@ impl Metrics {
         let orphaned_spools = Gauge::default();
         let orphaned_spool_oldest_seconds = Gauge::default();
         let spool_drains = Family::<ResultLabel, Counter>::default();
+        // Exported at 0 from the start: `increase()` in the drain-failure alert sees the first
+        // failure after an operator restart only if the series existed before it.
+        for result in ["succeeded", "failed", "cancelled"] {
+            spool_drains.get_or_create(&ResultLabel {
+                result: result.into(),
+            });
+        }
         let spool_messages_handed_off = Counter::default();
         let drain_possible_duplicates = Counter::default();
         let relay_queue_messages = Family::<PodLabel, Gauge>::default();
@@ -312,5 +319,14 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 200"), "{r}");
         let r = get(addr, &["GET /nothing HTTP/1.1\r\n", close]).await;
         assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+    }
+
+    #[test]
+    fn drain_results_are_exported_before_the_first_drain() {
+        let text = Metrics::new().encode();
+        for result in ["succeeded", "failed", "cancelled"] {
+            let line = format!("mailrelay_operator_spool_drains_total{{result=\"{result}\"}} 0");
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
     }
 }
