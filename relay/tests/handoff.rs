@@ -5,15 +5,17 @@
 //! - Every message accepted by A arrives at the sink, across `kill -9` of the drain and of B,
 //!   and the arrivals beyond one per message stay within what the drains (`possibleDuplicates`)
 //!   and B (`mailrelay_handoff_duplicates_total`, `mailrelay_delivery_resent_after_recovery_total`)
-//!   report; an already delivered recipient is not sent again; the envelope (null sender, DSN
-//!   parameters, SMTPUTF8) and the data arrive intact, with a `Received:` header of the hand-off.
+//!   report; recipients A already delivered or failed are not sent again; the envelope (null
+//!   sender, DSN parameters, SMTPUTF8) and the data arrive intact, with a `Received:` header of
+//!   the hand-off.
 //! - Handed-off mail keeps its arrival time, next attempt time, attempts and delay-warning flag.
 //! - The hand-off listener speaks SMTP only to clients with a certificate from the hand-off CA,
-//!   and applies no relay control to them (B's ordinary listener still does); it takes rotated
+//!   and applies neither relay control (B's ordinary listener still does) nor the hop limit to
+//!   them; an origin offered again is answered `250` and counted, not stored twice; it takes rotated
 //!   certificate files without a restart and closes connections while they are missing.
 //! - `relay drain` refuses a spool a running relay holds (exit 2) and exits 1 with the messages
 //!   kept when no receiver answers before its deadline, also when a receiver takes the
-//!   connection and never speaks.
+//!   connection and never speaks; without its certificates it exits 2.
 //!
 //! The drains reach B through a small TCP proxy of the test that can stop passing B's replies
 //! on: that is how a drain (and B) are killed at a known point, while the drain waits for the
@@ -635,6 +637,8 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
                 "SMTPUTF8".into(),
                 "DSN".into(),
             ],
+            // A recipient that fails for good (at A, before the hand-off).
+            rcpt: Arc::new(|a| (a == "gone@live.test").then(|| "550 5.1.1 No such user".into())),
             hang_after_data: Arc::new(move |n| {
                 if n == HANG_AT {
                     flag.store(true, Ordering::SeqCst);
@@ -687,6 +691,13 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
             "one delivered, one queued",
             3_000,
         ),
+        msg(
+            "failed@handoff.test",
+            "MAIL FROM:<owner@live.test>",
+            &[("gone@live.test", ""), ("three@dead.test", "")],
+            "one failed, one queued",
+            1_200,
+        ),
     ];
     for i in 0..PLAIN {
         let size = if i == 7 {
@@ -710,9 +721,15 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
     }
     c.expect("QUIT", 221);
     eprintln!("[{:?}] A took {n} messages", t0.elapsed());
-    wait("A's delivery to the live recipient", || {
-        sink.messages().iter().any(|m| m.rcpts == ["one@live.test"])
-    });
+    wait(
+        "A's delivery to the live recipient, and its bounce for the failed one",
+        || {
+            let m = sink.messages();
+            m.iter().any(|m| m.rcpts == ["one@live.test"])
+                && m.iter()
+                    .any(|m| m.from.is_empty() && m.rcpts == ["owner@live.test"])
+        },
+    );
     wait("A's failed attempts", || {
         metric(&a, "mailrelay_delivery_attempts_total{result=\"delayed\"}") >= n as u64
     });
@@ -736,6 +753,12 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
         "{split:?}"
     );
     assert_eq!(split.recipients[1].status, RecipientStatus::Pending);
+    let failed = &in_a["failed@handoff.test"].0;
+    assert!(
+        matches!(failed.recipients[0].status, RecipientStatus::Failed { .. }),
+        "{failed:?}"
+    );
+    assert_eq!(failed.recipients[1].status, RecipientStatus::Pending);
 
     // Relay B, with its hand-off listener, relaying everything to the sink.
     let pki = Pki::new("cluster");
@@ -833,9 +856,10 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
     let resent_b2 = metric(&b, "mailrelay_delivery_resent_after_recovery_total");
 
     let all = sink.messages();
+    // A delivered only to `@live.test` (a recipient and a bounce); B had none of those.
     let from_b: Vec<_> = all
         .iter()
-        .filter(|m| m.rcpts != ["one@live.test"])
+        .filter(|m| !m.rcpts.iter().all(|r| r.ends_with("@live.test")))
         .collect();
     let mut arrivals: BTreeMap<String, Vec<&common::delivery_support::Received>> = BTreeMap::new();
     for m in &from_b {
@@ -871,6 +895,16 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
             .count(),
         1,
         "the recipient A delivered is not delivered again"
+    );
+    assert_eq!(
+        sink.commands
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("RCPT TO:<gone@live.test>"))
+            .count(),
+        1,
+        "the recipient that failed at A is not tried again"
     );
     assert!(
         arrivals["null@handoff.test"]
@@ -1169,14 +1203,27 @@ fn handoff_listener_requires_a_client_certificate() {
     assert_eq!(code, 220, "{text}");
     let ehlo = c.expect("EHLO relay-a.test", 250);
     assert!(ehlo.contains("XHANDOFF"), "{ehlo}");
-    c.expect("MAIL FROM:<stranger@far.example> XORIGIN=stranger/1", 250);
-    c.expect("RCPT TO:<someone@elsewhere.example>", 250);
-    c.expect("DATA", 354);
-    c.send(b"Subject: handed over\r\n\r\nhello\r\n.\r\n");
-    let (code, text) = c.reply().unwrap();
-    assert_eq!(code, 250, "{text}");
-    c.expect("QUIT", 221);
+    // More Received headers than B's listeners allow (30): the hop limit was applied where the
+    // mail first arrived.
+    let hops: String = (0..35)
+        .map(|i| format!("Received: from hop{i}.example by hop{}.example; Tue, 1 Dec 2026 00:00:00 +0000\r\n", i + 1))
+        .collect();
+    let message = format!("{hops}Subject: handed over\r\n\r\nhello\r\n.\r\n");
+    let hand_over = |c: &mut TlsSmtp| {
+        c.expect("MAIL FROM:<stranger@far.example> XORIGIN=stranger/1", 250);
+        c.expect("RCPT TO:<someone@elsewhere.example>", 250);
+        c.expect("DATA", 354);
+        c.send(message.as_bytes());
+        let (code, text) = c.reply().unwrap();
+        assert_eq!(code, 250, "{text}");
+    };
+    hand_over(&mut c);
     wait_metric(&b, "mailrelay_handoff_received_total", 1);
+    // The same origin again (a drain killed before it saw the 250): taken, not stored twice.
+    hand_over(&mut c);
+    c.expect("QUIT", 221);
+    wait_metric(&b, "mailrelay_handoff_duplicates_total", 1);
+    assert_eq!(metric(&b, "mailrelay_handoff_received_total"), 1);
     wait_metric(&b, "mailrelay_spool_depth", 1);
 
     // The same on B's ordinary SMTP listener is refused.
@@ -1305,4 +1352,22 @@ fn drain_exits_1_when_no_receiver_answers() {
 fn drain_keeps_its_deadline_when_a_receiver_stays_silent() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     drain_gives_up(&[silent.local_addr().unwrap().to_string()]);
+}
+
+#[test]
+fn drain_exits_2_without_its_certificates() {
+    let mut a = relay_with_three_queued();
+    stop(&mut a);
+    let empty = tempfile::tempdir().unwrap();
+    let d = Drain::start(
+        &a.path().join("spool"),
+        &[format!("127.0.0.1:{}", common::free_port())],
+        empty.path(),
+        &["--deadline-seconds", "3"],
+    )
+    .finish();
+    assert_eq!(d.code, Some(2), "{}\n{}", d.stdout, d.stderr);
+    let said = format!("{}{}", d.stdout, d.stderr);
+    assert!(said.contains("ca.crt"), "names what is missing: {said}");
+    assert_eq!(common::spool_messages(&a.path().join("spool")).len(), 3);
 }
