@@ -11,8 +11,8 @@
 //! - Handed-off mail keeps its arrival time, next attempt time, attempts and delay-warning flag.
 //! - The hand-off listener speaks SMTP only to clients with a certificate from the hand-off CA,
 //!   and applies neither relay control (B's ordinary listener still does) nor the hop limit to
-//!   them; an origin offered again is answered `250` and counted, not stored twice; it takes rotated
-//!   certificate files without a restart and closes connections while they are missing.
+//!   them; an origin offered again is answered `250` and counted, not stored twice; it takes
+//!   rotated certificate files without a restart and closes connections while they are missing.
 //! - `relay drain` refuses a spool a running relay holds (exit 2) and exits 1 with the messages
 //!   kept when no receiver answers before its deadline, also when a receiver takes the
 //!   connection and never speaks; without its certificates it exits 2.
