@@ -484,12 +484,18 @@ impl Drop for Drain {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A TCP relay between the drain and B that can stop passing B's replies on, so that the drain
-// can be killed while it waits for an answer it will never see (the receiver may have stored
-// the message: the outcome is unknown to the drain).
+// A TCP relay between the drain and B that can stop passing B's replies on, so that a drain is
+// caught waiting for the answer to a message it sent (B may have stored it: the outcome is
+// unknown to the drain). TLS stays end to end; the proxy sees only sizes.
+
+/// The size of a read from the drain that can only be message data (commands are shorter).
+const DATA_CHUNK: usize = 1500;
 
 struct Proxy {
     port: u16,
+    /// Armed: the next chunk of message data from the drain sets `hold` before it goes on.
+    arm: Arc<AtomicBool>,
+    /// B's replies are kept back while set.
     hold: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 }
@@ -499,11 +505,15 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let hold = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (h, s) = (hold.clone(), stop.clone());
+        let p = Proxy {
+            port,
+            arm: Arc::new(AtomicBool::new(false)),
+            hold: Arc::new(AtomicBool::new(false)),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let (arm, hold, stop) = (p.arm.clone(), p.hold.clone(), p.stop.clone());
         std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
+            while !stop.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         client.set_nonblocking(false).unwrap();
@@ -511,20 +521,43 @@ impl Proxy {
                             continue;
                         };
                         let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
-                        let stop_up = s.clone();
-                        std::thread::spawn(move || pump(client, server, None, stop_up));
-                        let (hold_down, stop_down) = (h.clone(), s.clone());
-                        std::thread::spawn(move || pump(s2, c2, Some(hold_down), stop_down));
+                        let up = Gate {
+                            arm: Some(arm.clone()),
+                            hold: hold.clone(),
+                            stop: stop.clone(),
+                            held: false,
+                        };
+                        std::thread::spawn(move || pump(client, server, up));
+                        let down = Gate {
+                            arm: None,
+                            hold: hold.clone(),
+                            stop: stop.clone(),
+                            held: true,
+                        };
+                        std::thread::spawn(move || pump(s2, c2, down));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Proxy { port, hold, stop }
+        p
     }
 
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Arms the proxy and waits until it holds B's replies (a message's data went to B).
+    fn hold_after_next_data(&self) {
+        self.arm.store(true, Ordering::SeqCst);
+        wait("message data through the proxy", || {
+            self.hold.load(Ordering::SeqCst)
+        });
+    }
+
+    fn release(&self) {
+        self.arm.store(false, Ordering::SeqCst);
+        self.hold.store(false, Ordering::SeqCst);
     }
 }
 
@@ -534,33 +567,46 @@ impl Drop for Proxy {
     }
 }
 
-fn pump(
-    mut from: TcpStream,
-    mut to: TcpStream,
-    hold: Option<Arc<AtomicBool>>,
+/// What one direction of the proxy obeys.
+struct Gate {
+    arm: Option<Arc<AtomicBool>>,
+    hold: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-) {
+    /// This direction waits while `hold` is set.
+    held: bool,
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, gate: Gate) {
     from.set_read_timeout(Some(Duration::from_millis(50)))
         .unwrap();
     let mut buf = vec![0u8; 64 * 1024];
-    while !stop.load(Ordering::SeqCst) {
-        if hold.as_ref().is_some_and(|h| h.load(Ordering::SeqCst)) {
-            std::thread::sleep(Duration::from_millis(20));
-            continue;
-        }
-        match from.read(&mut buf) {
+    while !gate.stop.load(Ordering::SeqCst) {
+        let n = match from.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
+            Ok(n) => n,
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
+                ) =>
+            {
+                continue
+            }
             Err(_) => break,
+        };
+        if n >= DATA_CHUNK {
+            if let Some(arm) = &gate.arm {
+                if arm.swap(false, Ordering::SeqCst) {
+                    gate.hold.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        // What was read while held waits too.
+        while gate.held && gate.hold.load(Ordering::SeqCst) && !gate.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
         }
     }
     let _ = to.shutdown(Shutdown::Write);
@@ -777,16 +823,22 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
     wait("B to take over some messages", || {
         metric(&b, "mailrelay_handoff_received_total") >= 10
     });
-    proxy.hold.store(true, Ordering::SeqCst);
+    proxy.hold_after_next_data();
     std::thread::sleep(Duration::from_millis(300));
     assert!(drain1.kill9(), "drain 1 was still waiting when killed");
     let taken1 = metric(&b, "mailrelay_handoff_received_total");
+    let left = common::spool_messages(&a_spool).len() as u64;
     eprintln!(
-        "[{:?}] drain 1 killed after B took {taken1} messages",
+        "[{:?}] drain 1 killed after B took {taken1} messages; {left} left in A's spool",
         t0.elapsed()
     );
     assert!(taken1 < n as u64, "drain 1 was killed partway");
-    proxy.hold.store(false, Ordering::SeqCst);
+    assert_eq!(
+        taken1 + left,
+        n as u64 + 1,
+        "one message B took is still in A's spool (its 250 was held back)"
+    );
+    proxy.release();
 
     // Drain 2: once it handed over some more, and B's delivery is held by the sink after the
     // final dot, B is killed (drain 2 waiting for an answer) and started again.
@@ -799,14 +851,14 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
     wait("B held by the sink and drain 2 under way", || {
         hung.load(Ordering::SeqCst) && metric(&b, "mailrelay_handoff_received_total") >= taken1 + 10
     });
-    proxy.hold.store(true, Ordering::SeqCst);
+    proxy.hold_after_next_data();
     std::thread::sleep(Duration::from_millis(300));
     let dup_b1 = metric(&b, "mailrelay_handoff_duplicates_total");
     let resent_b1 = metric(&b, "mailrelay_delivery_resent_after_recovery_total");
     assert!(drain2.running(), "drain 2 is under way when B is killed");
     b.kill9();
     eprintln!("[{:?}] B killed", t0.elapsed());
-    proxy.hold.store(false, Ordering::SeqCst);
+    proxy.release();
     b.spawn();
     eprintln!("[{:?}] B restarted", t0.elapsed());
     let d2 = drain2.finish();
