@@ -191,7 +191,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let queue = mailrelay_relay::delivery::for_relay(&relay, &relay.config_dir)?;
     {
         let q = queue.clone();
-        let _ = relay.on_queued.set(Box::new(move |id| q.notify(id)));
+        let _ = relay
+            .on_queued
+            .set(Box::new(move |id, not_before| q.notify_at(id, not_before)));
     }
     queue.start();
     relay.sync_listeners().await?;

@@ -371,14 +371,24 @@ impl Queue {
 
     /// A new message is in the spool (called by the inbound side after the `250`).
     pub fn notify(&self, id: MessageId) {
+        self.notify_at(id, None);
+    }
+
+    /// Like [`Queue::notify`], with the first attempt not before `not_before` (mail taken over
+    /// from another relay keeps the retry time that relay had planned).
+    pub fn notify_at(&self, id: MessageId, not_before: Option<SystemTime>) {
         let now = Instant::now();
+        let due = not_before
+            .and_then(|t| t.duration_since(SystemTime::now()).ok())
+            .map(|d| now + d)
+            .unwrap_or(now);
         {
             let mut st = self.lock();
             if st.msgs.contains_key(&id) {
                 return;
             }
-            st.msgs.insert(id, Msg::new(now));
-            st.timers.insert((now, id));
+            st.msgs.insert(id, Msg::new(due));
+            st.timers.insert((due, id));
         }
         self.wake.notify_one();
     }

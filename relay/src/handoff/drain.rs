@@ -120,7 +120,15 @@ async fn drain(args: &DrainArgs, summary: &mut Summary) -> anyhow::Result<()> {
     let mut journal = Journal::open(&args.spool)?;
     let opts = ClientOptions {
         helo: args.origin.clone(),
-        timeouts: ClientTimeouts::default(),
+        // Receivers are pods of the same cluster: a wedged one is given up on much sooner than
+        // an Internet MTA (RFC 5321's minutes), and every wait is also bounded by the deadline.
+        timeouts: ClientTimeouts {
+            connect_seconds: 10,
+            command_seconds: 30,
+            data_init_seconds: 30,
+            data_block_seconds: 60,
+            data_term_seconds: 120,
+        },
         tls: ClientTls {
             verified: tls.client.clone(),
             unverified: tls.client.clone(),
@@ -136,7 +144,7 @@ async fn drain(args: &DrainArgs, summary: &mut Summary) -> anyhow::Result<()> {
             break;
         }
         info!(messages = ids.len(), "drain round");
-        match round(args, &spool, &opts, &ids, &mut journal, summary).await {
+        match round(args, &spool, &opts, &ids, deadline, &mut journal, summary).await {
             Ok(()) => {}
             Err(problem) => last_problem = problem,
         }
@@ -197,6 +205,7 @@ async fn round(
     spool: &Spool,
     opts: &ClientOptions,
     ids: &[MessageId],
+    deadline: Instant,
     journal: &mut Journal,
     summary: &mut Summary,
 ) -> Result<(), String> {
@@ -212,12 +221,21 @@ async fn round(
             tls: OutboundTls::Implicit,
             auth: None,
         };
-        let mut conn = match Connection::open(&target, opts).await {
-            Ok(c) => c,
-            Err(f) => {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            problems.push("the deadline was reached".into());
+            break;
+        }
+        let mut conn = match tokio::time::timeout(left, Connection::open(&target, opts)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(f)) => {
                 problems.push(format!("{to} ({addr}): {}", f.status.text));
                 warn!(%addr, reason = %f.status.text, "hand-off receiver unusable");
                 continue;
+            }
+            Err(_) => {
+                problems.push(format!("{to} ({addr}): no answer before the deadline"));
+                break;
             }
         };
         if !conn.caps.handoff {
@@ -225,12 +243,27 @@ async fn round(
             conn.quit().await;
             continue;
         }
+        let mut timed_out = false;
         while next < ids.len() && !conn.broken {
             let id = ids[next];
             next += 1;
-            if let Err(p) = hand_off(args, spool, &mut conn, id, journal, summary).await {
-                problems.push(p);
+            let left = deadline.saturating_duration_since(Instant::now());
+            let attempt = hand_off(args, spool, &mut conn, id, journal, summary);
+            match tokio::time::timeout(left, attempt).await {
+                Ok(Ok(())) => {}
+                Ok(Err(p)) => problems.push(p),
+                Err(_) => {
+                    // The connection is in an unknown state: dropped, not reused.
+                    problems.push(format!(
+                        "{to} ({addr}): the deadline was reached handing off {id}"
+                    ));
+                    timed_out = true;
+                    break;
+                }
             }
+        }
+        if timed_out {
+            break;
         }
         if !conn.broken {
             conn.quit().await;

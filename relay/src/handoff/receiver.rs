@@ -152,6 +152,7 @@ pub async fn serve(relay: Arc<Relay>, listener: TcpListener, dir: PathBuf) {
 
 async fn connection(shared: &Shared, tcp: TcpStream, peer: SocketAddr) -> anyhow::Result<()> {
     let tls = shared.tls()?;
+    let _ = tcp.set_nodelay(true);
     let t = &shared.relay.settings.timeouts;
     let handshake = TlsAcceptor::from(tls.server.clone()).accept(tcp);
     let stream = tokio::time::timeout(Duration::from_secs(t.tls_handshake_seconds), handshake)
@@ -208,9 +209,13 @@ impl Session<'_> {
     }
 
     async fn reply(&mut self, text: &str) -> anyhow::Result<()> {
+        // One write, one TLS record: with a separate CRLF the peer's delayed ACK held every
+        // reply ~40 ms (Nagle).
+        let mut line = Vec::with_capacity(text.len() + 2);
+        line.extend_from_slice(text.as_bytes());
+        line.extend_from_slice(b"\r\n");
         let w = self.io.get_mut();
-        w.write_all(text.as_bytes()).await?;
-        w.write_all(b"\r\n").await?;
+        w.write_all(&line).await?;
         w.flush().await?;
         Ok(())
     }
@@ -452,6 +457,7 @@ impl Session<'_> {
             info!(origin = ?extras.origin, peer = %self.peer, "hand-off: already taken over; not stored again");
             return Ok("250 2.0.0 Ok: already taken over".into());
         }
+        let not_before = env.next_attempt_at;
         let stored = match (incoming, failed) {
             (Some(mut inc), None) => match inc.write(pending).await {
                 Ok(()) => {
@@ -471,7 +477,7 @@ impl Session<'_> {
                     self.shared.remember(o);
                 }
                 if let Some(hook) = relay.on_queued.get() {
-                    hook(id);
+                    hook(id, not_before);
                 }
                 info!(%id, origin = ?extras.origin, peer = %self.peer, "hand-off: message taken over");
                 Ok(format!("250 2.0.0 Ok: queued as {id}"))

@@ -568,7 +568,7 @@ impl Driver {
         match stored {
             Ok(id) => {
                 if let Some(hook) = self.relay.on_queued.get() {
-                    hook(id);
+                    hook(id, None);
                 }
                 self.relay
                     .metrics

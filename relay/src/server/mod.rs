@@ -51,7 +51,11 @@ pub struct Relay {
 }
 
 /// See [`Relay::on_queued`].
-pub type QueuedHook = Box<dyn Fn(mailrelay_spool::MessageId) + Send + Sync>;
+///
+/// The second argument is the earliest time of the first attempt (`None`: at once); mail taken
+/// over from another relay keeps the time that relay had planned.
+pub type QueuedHook =
+    Box<dyn Fn(mailrelay_spool::MessageId, Option<std::time::SystemTime>) + Send + Sync>;
 
 impl Relay {
     pub fn new(

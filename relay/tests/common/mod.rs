@@ -380,7 +380,12 @@ impl Relay {
             return String::new();
         };
         let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-        let _ = write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        // Without `Connection: close` the server keeps the connection and the read waits for its
+        // idle timeout.
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         out
