@@ -109,7 +109,7 @@ impl Metrics {
         // Exported at 0 from the start: `increase()` in the drain-failure alert sees the first
         // failure after an operator restart only if the series existed before it.
         for result in ["succeeded", "failed", "cancelled"] {
-            spool_drains.get_or_create(&ResultLabel {
+            let _ = spool_drains.get_or_create(&ResultLabel {
                 result: result.into(),
             });
         }
