@@ -32,7 +32,8 @@ pub struct ResultLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PodLabel {
-    pub pod: String,
+    /// The relay pod (not `pod`: a scrape sets `pod` to the operator's own pod).
+    pub relay_pod: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

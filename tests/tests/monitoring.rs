@@ -74,12 +74,17 @@ fn operator_exports_every_metric_the_chart_uses() {
     m.reconciled(true, 0.01);
     m.reconciled(false, 0.02);
     m.wrote("policy");
-    // A label family is exported once it has a child (drains by result).
+    // A label family is exported once it has a child (drains by result, the per-pod queue view).
     m.spool_drains
         .get_or_create(&mailrelay_operator::metrics::ResultLabel {
             result: "failed".into(),
         })
         .inc();
+    let pod = mailrelay_operator::metrics::PodLabel {
+        relay_pod: "mail-relay-0".into(),
+    };
+    m.relay_queue_messages.get_or_create(&pod).set(3);
+    m.relay_queue_oldest_age_seconds.get_or_create(&pod).set(42);
     let text = m.encode();
     let exported = exported_names(&text);
     let used = operator_names_used_by_chart();

@@ -353,7 +353,7 @@ impl Spools {
         m.relay_queue_oldest_age_seconds.clear();
         for q in &queues {
             let l = PodLabel {
-                pod: q.name.clone(),
+                relay_pod: q.name.clone(),
             };
             if let Some(n) = q.messages {
                 m.relay_queue_messages
