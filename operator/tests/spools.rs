@@ -397,7 +397,9 @@ fn scale_down_with_queued_mail_drains_and_deletes_the_volume() {
     assert_eq!(v["pods"][0]["messages"], 5);
     assert_eq!(v["pods"][0]["oldestAgeSeconds"], 12);
     c.wait_metric("mailrelay_operator_relay_queue_messages{relay_pod=\"mail-relay-1\"} 5");
-    c.wait_metric("mailrelay_operator_relay_queue_oldest_age_seconds{relay_pod=\"mail-relay-1\"} 12");
+    c.wait_metric(
+        "mailrelay_operator_relay_queue_oldest_age_seconds{relay_pod=\"mail-relay-1\"} 12",
+    );
     // Nothing is orphaned while all three pods run.
     assert!(c.job(2).is_none());
     c.wait_metric("mailrelay_operator_orphaned_spools 0");
