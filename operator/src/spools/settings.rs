@@ -137,8 +137,8 @@ impl SpoolSettings {
         }
         for (field, v) in [
             ("checkSeconds", self.check_seconds),
-            ("retry.initialSeconds", self.retry.initial_seconds),
-            ("retry.maxSeconds", self.retry.max_seconds),
+            ("initialSeconds (retry)", self.retry.initial_seconds),
+            ("maxSeconds (retry)", self.retry.max_seconds),
         ] {
             // Also bounds them for Duration::from_secs_f64, which panics on huge values.
             if !(v.is_finite() && v > 0.0 && v <= 365.0 * 86400.0) {
@@ -148,7 +148,7 @@ impl SpoolSettings {
             }
         }
         if self.retry.initial_seconds > self.retry.max_seconds {
-            anyhow::bail!("retry.initialSeconds must not exceed retry.maxSeconds");
+            anyhow::bail!("retry: initialSeconds must not exceed maxSeconds");
         }
         if let Some(p) = &self.drain_job.image_pull_policy {
             if !["Always", "IfNotPresent", "Never"].contains(&p.as_str()) {
