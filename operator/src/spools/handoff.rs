@@ -1,8 +1,10 @@
 //! The hand-off TLS Secret: a private CA and one leaf certificate that
 //! every relay and every drain Job presents and checks, so only pods holding the Secret can
-//! hand mail to the relays' hand-off listener. The operator creates it when missing and never
-//! replaces a Secret whose keys parse (rotation is someone else's choice); no key material is
-//! logged.
+//! hand mail to the relays' hand-off listener. The operator creates it when missing and
+//! replaces it when its keys do not parse or a certificate expires within [`RENEW_BEFORE_DAYS`]
+//! (a new CA and leaf at once: for the minute or two the kubelet takes to update every mounted
+//! copy, hand-offs between pods with different copies fail and drains retry); a usable Secret is
+//! never touched. No key material is logged.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +27,8 @@ pub const TLS_CRT: &str = "tls.crt";
 pub const TLS_KEY: &str = "tls.key";
 
 const YEAR: i64 = 365 * 86400;
+/// A Secret whose CA or leaf expires within this many days is replaced.
+pub const RENEW_BEFORE_DAYS: i64 = 30;
 
 /// The PEM files of the Secret.
 pub struct Material {
@@ -79,9 +83,10 @@ pub fn generate(now: i64) -> anyhow::Result<Material> {
     })
 }
 
-/// Why the Secret's keys are not usable, or `None` when they all parse (the CA and leaf as
-/// certificates, the key as a private key rustls can sign with).
-pub fn problem(secret: &Secret) -> Option<String> {
+/// Why the Secret must be replaced, or `None` when its keys all parse (the CA and leaf as
+/// certificates, the key as a private key rustls can sign with) and neither certificate expires
+/// within [`RENEW_BEFORE_DAYS`] of `now` (Unix seconds).
+pub fn problem(secret: &Secret, now: i64) -> Option<String> {
     let empty = BTreeMap::new();
     let data = secret.data.as_ref().unwrap_or(&empty);
     let get = |k: &str| {
@@ -94,9 +99,22 @@ pub fn problem(secret: &Secret) -> Option<String> {
             return Some(format!("key {k} is missing"));
         };
         let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
-        match certs {
-            Ok(c) if !c.is_empty() => {}
+        let first = match certs {
+            Ok(c) if !c.is_empty() => c.into_iter().next(),
             _ => return Some(format!("key {k} holds no PEM certificate")),
+        };
+        let not_after = first.and_then(|der| {
+            let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+            Some(cert.validity().not_after.timestamp())
+        });
+        match not_after {
+            None => return Some(format!("key {k} holds a certificate that does not parse")),
+            Some(t) if t < now + RENEW_BEFORE_DAYS * 86400 => {
+                return Some(format!(
+                    "the certificate in {k} expires within {RENEW_BEFORE_DAYS} days"
+                ))
+            }
+            Some(_) => {}
         }
     }
     let Some(pem) = get(TLS_KEY) else {
@@ -248,7 +266,7 @@ mod tests {
     fn secret_validity_is_about_parseable_keys() {
         let m = generate(now()).expect("generate");
         let mut s = secret("mail-handoff", "mail", "mailrelay", &m);
-        assert_eq!(problem(&s), None);
+        assert_eq!(problem(&s, now()), None);
         assert_eq!(s.type_.as_deref(), Some("Opaque"));
         assert_eq!(
             s.metadata.labels.as_ref().expect("labels")["app.kubernetes.io/managed-by"],
@@ -256,9 +274,20 @@ mod tests {
         );
         let data = s.data.as_mut().expect("data");
         data.insert(TLS_KEY.into(), ByteString(b"garbage".to_vec()));
-        assert!(problem(&s).expect("problem").contains("tls.key"));
+        assert!(problem(&s, now()).expect("problem").contains("tls.key"));
         s.data.as_mut().expect("data").remove(CA_CRT);
-        assert!(problem(&s).expect("problem").contains("ca.crt"));
-        assert!(problem(&Secret::default()).is_some());
+        assert!(problem(&s, now()).expect("problem").contains("ca.crt"));
+        assert!(problem(&Secret::default(), now()).is_some());
+    }
+
+    #[test]
+    fn a_secret_close_to_expiry_is_replaced() {
+        let m = generate(now()).expect("generate");
+        let s = secret("mail-handoff", "mail", "mailrelay", &m);
+        // The leaf (5 years) expires first: 20 days before its end it is due for renewal.
+        let late = now() + 5 * YEAR - 20 * 86400;
+        let why = problem(&s, late).expect("renewal due");
+        assert!(why.contains("tls.crt") && why.contains("expires"), "{why}");
+        assert_eq!(problem(&s, now() + 5 * YEAR - 40 * 86400), None);
     }
 }

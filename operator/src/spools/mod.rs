@@ -414,19 +414,20 @@ impl Spools {
     }
 
     /// Creates the hand-off Secret when it is missing, or replaces it when its keys do not
-    /// parse; a usable one is never touched.
+    /// parse or a certificate is close to expiry (see [`handoff::problem`]); a usable one is
+    /// never touched.
     async fn ensure_handoff_secret(&self) -> anyhow::Result<()> {
         let name = &self.settings.handoff_secret;
         let api = Api::<Secret>::namespaced(self.client.clone(), &self.namespace);
         let existing = api.get_opt(name).await?;
+        let now = Timestamp::now().as_second();
         let why = match &existing {
             None => "missing".to_string(),
-            Some(s) => match handoff::problem(s) {
+            Some(s) => match handoff::problem(s, now) {
                 None => return Ok(()),
                 Some(p) => p,
             },
         };
-        let now = Timestamp::now().as_second();
         let m = handoff::generate(now)?;
         let secret = handoff::secret(name, &self.namespace, &self.instance, &m);
         if existing.is_none() {
