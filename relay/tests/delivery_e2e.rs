@@ -13,29 +13,8 @@ use common::extra;
 
 use std::time::{Duration, Instant};
 
-use mailrelay_crds::address::AddressPattern;
-use mailrelay_crds::config::{
-    OutboundTls, RelayControl, RelayHost, RelayTarget, RouteAction, RoutePolicy,
-};
+use mailrelay_crds::config::RelayControl;
 use support::{Behavior, Sink};
-
-fn relay_rule(name: &str, priority: i32, rcpt: &str, port: u16) -> RoutePolicy {
-    RoutePolicy {
-        name: name.into(),
-        priority,
-        senders: vec![],
-        recipients: vec![AddressPattern::new(rcpt.to_string())],
-        action: RouteAction::Relay(RelayTarget {
-            hosts: vec![RelayHost {
-                host: "127.0.0.1".into(),
-                port,
-            }],
-            tls: OutboundTls::Opportunistic,
-            auth: None,
-        }),
-        retry: None,
-    }
-}
 
 /// A relay whose loopback clients may relay, with `*@loop.test` routed to its own SMTP port
 /// and everything else to the sink.
@@ -46,8 +25,8 @@ fn relay(sink_port: u16) -> common::Relay {
             authenticated: false,
         };
         cfg.delivery_rules = vec![
-            relay_rule("back-to-me", 1, "*@loop.test", ports.smtp),
-            relay_rule("everything-else", 2, "*@*", sink_port),
+            extra::relay_rule("back-to-me", 1, "*@loop.test", ports.smtp),
+            extra::relay_rule("everything-else", 2, "*@*", sink_port),
         ];
     })
 }
@@ -57,6 +36,26 @@ fn wait(what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn sigterm(r: &common::Relay) {
+    // SAFETY: signalling our own child.
+    assert_eq!(
+        unsafe { libc::kill(r.pid() as libc::pid_t, libc::SIGTERM) },
+        0
+    );
+}
+
+/// The relay's exit status, once it has exited (within `limit` of `started`).
+fn wait_exit(r: &mut common::Relay, started: Instant, limit: Duration) -> std::process::ExitStatus {
+    let child = r.child.as_mut().unwrap();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(started.elapsed() < limit, "relay did not exit");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -174,7 +173,7 @@ fn sigterm_gives_deliveries_in_flight_the_grace_period() {
                 ip_group: Some("loopback".into()),
                 authenticated: false,
             };
-            cfg.delivery_rules = vec![relay_rule("everything", 1, "*@*", port)];
+            cfg.delivery_rules = vec![extra::relay_rule("everything", 1, "*@*", port)];
         }
     });
     let mut idle = extra::session(r.ports.smtp);
@@ -184,25 +183,11 @@ fn sigterm_gives_deliveries_in_flight_the_grace_period() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let started = Instant::now();
-    // SAFETY: signalling our own child.
-    assert_eq!(
-        unsafe { libc::kill(r.pid() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
+    sigterm(&r);
     let (code, text) = idle.reply();
     assert_eq!(code, 421, "{text}");
     assert!(text.starts_with("421 4.3.2"), "{text}");
-    let child = r.child.as_mut().unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "relay did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut r, started, Duration::from_secs(15));
     assert!(status.success());
     eprintln!("exited {:?} after SIGTERM", started.elapsed());
     assert_eq!(sink.messages().len(), 1, "the delivery in flight finished");
@@ -238,7 +223,7 @@ fn sigterm_tries_what_comes_due_within_the_grace_period() {
                     ip_group: Some("loopback".into()),
                     authenticated: false,
                 };
-                cfg.delivery_rules = vec![relay_rule("everything", 1, "*@*", port)];
+                cfg.delivery_rules = vec![extra::relay_rule("everything", 1, "*@*", port)];
             }
         },
     );
@@ -254,22 +239,8 @@ fn sigterm_tries_what_comes_due_within_the_grace_period() {
     });
     std::thread::sleep(Duration::from_millis(200));
     let started = Instant::now();
-    // SAFETY: signalling our own child.
-    assert_eq!(
-        unsafe { libc::kill(r.pid() as libc::pid_t, libc::SIGTERM) },
-        0
-    );
-    let child = r.child.as_mut().unwrap();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(25),
-            "relay did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    sigterm(&r);
+    let status = wait_exit(&mut r, started, Duration::from_secs(25));
     assert!(status.success());
     eprintln!("exited {:?} after SIGTERM", started.elapsed());
     assert_eq!(

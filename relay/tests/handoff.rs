@@ -36,10 +36,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use mailrelay_crds::address::AddressPattern;
-use mailrelay_crds::config::{
-    OutboundTls, RelayControl, RelayHost, RelayTarget, RouteAction, RoutePolicy,
-};
+use mailrelay_crds::config::{RelayControl, RoutePolicy};
 use mailrelay_spool::{Envelope, RecipientStatus};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 
@@ -125,24 +122,6 @@ fn client_config(server_ca: &Pki, client: Option<&Pki>) -> Arc<rustls::ClientCon
 // ---------------------------------------------------------------------------------------------
 // Relays
 
-fn relay_rule(name: &str, priority: i32, rcpt: &str, port: u16) -> RoutePolicy {
-    RoutePolicy {
-        name: name.into(),
-        priority,
-        senders: vec![],
-        recipients: vec![AddressPattern::new(rcpt.to_string())],
-        action: RouteAction::Relay(RelayTarget {
-            hosts: vec![RelayHost {
-                host: "127.0.0.1".into(),
-                port,
-            }],
-            tls: OutboundTls::Opportunistic,
-            auth: None,
-        }),
-        retry: None,
-    }
-}
-
 /// `delivery:` runtime settings with `extra` lines (two-space indented keys), the test's
 /// resolver that answers nothing, and the given retry schedule.
 fn delivery_yaml(retry: &str, extra: &str) -> String {
@@ -171,7 +150,7 @@ fn relay_b(handoff_port: u16, tls_dir: &Path, next_hop: u16) -> common::Relay {
         tls_dir.display()
     );
     let r = extra::start_custom(&runtime, move |cfg, _| {
-        cfg.delivery_rules = vec![relay_rule("everything", 1, "*@*", next_hop)];
+        cfg.delivery_rules = vec![extra::relay_rule("everything", 1, "*@*", next_hop)];
     });
     wait("the hand-off listener", || {
         TcpStream::connect(("127.0.0.1", handoff_port)).is_ok()
@@ -704,8 +683,8 @@ fn drain_hands_every_message_over_exactly_once_or_counts_duplicates() {
     let mut a = relay_a(
         &delivery_yaml("[1]", "  shutdownGraceSeconds: 1\n"),
         vec![
-            relay_rule("live", 1, "*@live.test", sink_port),
-            relay_rule("dead", 2, "*@*", dead),
+            extra::relay_rule("live", 1, "*@live.test", sink_port),
+            extra::relay_rule("dead", 2, "*@*", dead),
         ],
     );
     let mut msgs = vec![
@@ -1028,9 +1007,9 @@ fn handed_off_mail_keeps_its_arrival_time_and_attempts() {
     let mut a = relay_a(
         &delivery_yaml("[1, 3600]", "  warnAfterSeconds: 0\n"),
         vec![
-            relay_rule("senders", 1, "*@senders.test", live.addr.port()),
-            relay_rule("live", 2, "*@live.test", live.addr.port()),
-            relay_rule("dead", 3, "*@*", dead),
+            extra::relay_rule("senders", 1, "*@senders.test", live.addr.port()),
+            extra::relay_rule("live", 2, "*@live.test", live.addr.port()),
+            extra::relay_rule("dead", 3, "*@*", dead),
         ],
     );
     let msgs = [
@@ -1330,7 +1309,7 @@ fn handoff_listener_takes_rotated_certificates_without_a_restart() {
 fn relay_with_three_queued() -> common::Relay {
     let a = relay_a(
         &delivery_yaml("[3600]", ""),
-        vec![relay_rule("dead", 1, "*@*", common::free_port())],
+        vec![extra::relay_rule("dead", 1, "*@*", common::free_port())],
     );
     let mut c = extra::session(a.ports.smtp);
     for i in 0..3 {

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Recipient};
+use mailrelay_spool::{Body, Envelope, Recipient};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use super::{load_tls, mail_extras, rcpt_attempts, split_params, stamp, HandoffTls, EXTENSION};
 use crate::server::Relay;
-use crate::smtp::parser::{parse_command, BodyType, Command, Ret};
+use crate::smtp::parser::{parse_command, BodyType, Command};
 use crate::smtp::received::rfc5322_date;
 
 /// Longest command line read (the parameters make MAIL longer than RFC 5321's 512).
@@ -340,10 +340,7 @@ impl Session<'_> {
                 Some(BodyType::EightBitMime) => Body::EightBitMime,
                 _ => Body::SevenBit,
             },
-            dsn_ret: params.ret.map(|r| match r {
-                Ret::Full => DsnRet::Full,
-                Ret::Hdrs => DsnRet::Headers,
-            }),
+            dsn_ret: params.ret.map(crate::server::dsn_ret),
             envid: params.envid,
             ..Envelope::default()
         };
@@ -368,20 +365,8 @@ impl Session<'_> {
             Ok(_) => return "501 5.5.4 Syntax: RCPT TO:<address>".into(),
             Err(e) => return render(&e.reply),
         };
-        let mut r = Recipient::new(address);
+        let mut r = crate::server::recipient(&address, &params);
         r.attempts = attempts;
-        r.orcpt = params.orcpt;
-        r.notify = params
-            .notify
-            .iter()
-            .filter_map(|n| match n.as_str() {
-                "NEVER" => Some(DsnNotify::Never),
-                "SUCCESS" => Some(DsnNotify::Success),
-                "FAILURE" => Some(DsnNotify::Failure),
-                "DELAY" => Some(DsnNotify::Delay),
-                _ => None,
-            })
-            .collect();
         self.rcpts.push(r);
         "250 2.1.5 Ok".into()
     }

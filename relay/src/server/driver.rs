@@ -624,6 +624,32 @@ pub(super) fn session_config(
     }
 }
 
+/// The spool recipient of one `RCPT TO` with its DSN parameters (RFC 3461), still pending.
+pub(crate) fn recipient(address: &str, p: &RcptParams) -> Recipient {
+    let mut r = Recipient::new(address);
+    r.orcpt = p.orcpt.clone();
+    r.notify = p
+        .notify
+        .iter()
+        .filter_map(|n| match n.as_str() {
+            "NEVER" => Some(DsnNotify::Never),
+            "SUCCESS" => Some(DsnNotify::Success),
+            "FAILURE" => Some(DsnNotify::Failure),
+            "DELAY" => Some(DsnNotify::Delay),
+            _ => None,
+        })
+        .collect();
+    r
+}
+
+/// The spool's form of a `RET=` parameter.
+pub(crate) fn dsn_ret(r: Ret) -> DsnRet {
+    match r {
+        Ret::Full => DsnRet::Full,
+        Ret::Hdrs => DsnRet::Headers,
+    }
+}
+
 /// The spool envelope of a transaction received now; `size` and `body` are set when the data is
 /// complete.
 fn envelope_from(
@@ -637,22 +663,7 @@ fn envelope_from(
 ) -> Envelope {
     let recipients = recipients
         .iter()
-        .map(|(addr, p)| {
-            let mut r = Recipient::new(addr.clone());
-            r.orcpt = p.orcpt.clone();
-            r.notify = p
-                .notify
-                .iter()
-                .filter_map(|n| match n.as_str() {
-                    "NEVER" => Some(DsnNotify::Never),
-                    "SUCCESS" => Some(DsnNotify::Success),
-                    "FAILURE" => Some(DsnNotify::Failure),
-                    "DELAY" => Some(DsnNotify::Delay),
-                    _ => None,
-                })
-                .collect();
-            r
-        })
+        .map(|(addr, p)| recipient(addr, p))
         .collect();
     Envelope {
         sender: sender.to_string(),
@@ -663,10 +674,7 @@ fn envelope_from(
         authenticated_as: facts.authenticated_as.clone(),
         service: service.to_string(),
         smtputf8: params.smtputf8,
-        dsn_ret: params.ret.map(|r| match r {
-            Ret::Full => DsnRet::Full,
-            Ret::Hdrs => DsnRet::Headers,
-        }),
+        dsn_ret: params.ret.map(dsn_ret),
         envid: params.envid.clone(),
         ..Envelope::default()
     }

@@ -4,6 +4,7 @@
 //! whatever is current.
 
 mod driver;
+pub(crate) use driver::{dsn_ret, recipient};
 mod listeners;
 
 use std::collections::HashMap;

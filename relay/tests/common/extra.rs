@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::{A, MX, PTR};
 use hickory_proto::rr::{Name, RData, Record};
-use mailrelay_crds::config::RelayConfig;
+use mailrelay_crds::address::AddressPattern;
+use mailrelay_crds::config::{
+    OutboundTls, RelayConfig, RelayHost, RelayTarget, RouteAction, RoutePolicy,
+};
 
 use super::{credentials, free_port, relay_config, write, Ca, Ports, Relay, DEFAULT_RECIPIENTS};
 
@@ -387,5 +390,25 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A delivery rule sending recipients matching `rcpt` to `127.0.0.1:port` (opportunistic TLS,
+/// no AUTH).
+pub fn relay_rule(name: &str, priority: i32, rcpt: &str, port: u16) -> RoutePolicy {
+    RoutePolicy {
+        name: name.into(),
+        priority,
+        senders: vec![],
+        recipients: vec![AddressPattern::new(rcpt.to_string())],
+        action: RouteAction::Relay(RelayTarget {
+            hosts: vec![RelayHost {
+                host: "127.0.0.1".into(),
+                port,
+            }],
+            tls: OutboundTls::Opportunistic,
+            auth: None,
+        }),
+        retry: None,
     }
 }
