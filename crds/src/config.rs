@@ -175,8 +175,9 @@ pub struct DomainPolicy {
     /// counts them for directory-harvest protection. `postmaster` is always accepted. Unused for
     /// non-local domains.
     pub recipients: RecipientPolicy,
-    /// NetBIOS domain name for NTLM, as the `MailDomain` states it. Carried for NTLM support;
-    /// the relay does not offer NTLM yet and ignores it.
+    /// NT domain for NTLM, as the `MailDomain` states it (normally the NetBIOS name). An NTLM
+    /// client must present this domain (compared case-insensitively), or a login of this mail
+    /// domain; a domain without it takes no NTLM logins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows_nt_domain: Option<String>,
     /// Kerberos realm for GSSAPI. Carried for Kerberos support; the relay does not offer GSSAPI
@@ -234,6 +235,11 @@ pub enum Mechanism {
     /// cannot use it.
     #[serde(rename = "CRAM-MD5")]
     CramMd5,
+    /// NTLM ([MS-SMTPNTLM], NTLMv2 responses; NTLMv1 only under
+    /// [`AuthPolicy::allow_ntlm_v1`]), checked against [`Account::nt_hash`]; only accounts of
+    /// domains with a `windows_nt_domain` have one.
+    #[serde(rename = "NTLM")]
+    Ntlm,
 }
 
 impl Mechanism {
@@ -244,6 +250,7 @@ impl Mechanism {
             Mechanism::Login => "LOGIN",
             Mechanism::ScramSha256 => "SCRAM-SHA-256",
             Mechanism::CramMd5 => "CRAM-MD5",
+            Mechanism::Ntlm => "NTLM",
         }
     }
 
@@ -279,6 +286,9 @@ pub struct AuthPolicy {
     /// Failed-login throttling; on by default.
     #[serde(default)]
     pub brute_force: BruteForce,
+    /// NTLM accepts NTLMv1 responses (DES over the NT hash, crackable offline) besides NTLMv2.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_ntlm_v1: bool,
 }
 
 /// Failed-login throttling of a listener. The counters and blocks themselves are relay-wide.
@@ -625,6 +635,11 @@ pub struct Account {
     /// CRAM-MD5 needs the shared secret itself; present only when a service enables CRAM-MD5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cram_md5_secret: Option<SecretString>,
+    /// NT hash (MD4 of the UTF-16LE primary password, hex) for NTLM. Password-equivalent for
+    /// NTLM, so present only for accounts of domains with a `windows_nt_domain` while a service
+    /// offers NTLM, and never for two-factor accounts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nt_hash: Option<SecretString>,
     /// Application passwords; each authenticates the account like the primary password.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub app_passwords: Vec<AppPassword>,

@@ -1,6 +1,6 @@
 //! Password verifiers: what the relay stores instead of passwords. PLAIN and LOGIN are checked
 //! against an argon2id PHC string; SCRAM-SHA-256 (RFC 5802/7677) against the salted stored and
-//! server keys, which is all a SCRAM server needs. Derivation lives here so that the compiler and
+//! server keys, which is all a SCRAM server needs; NTLM against the NT hash. Derivation lives here so that the compiler and
 //! the relay agree byte for byte.
 
 use std::fmt;
@@ -15,6 +15,14 @@ use sha2::{Digest, Sha256};
 
 /// SCRAM iteration count for derived keys (RFC 7677 recommends at least 4096).
 pub const SCRAM_ITERATIONS: u32 = 4096;
+
+/// The NT hash of MS-NLMP §3.3.1 (`NTOWFv1`): MD4 over the UTF-16LE password, as lower-case
+/// hex. Unsalted and password-equivalent for NTLM: whoever holds it can log in with NTLM.
+pub fn nt_hash(password: &str) -> SecretString {
+    use md4::Md4;
+    let utf16: Vec<u8> = password.encode_utf16().flat_map(u16::to_le_bytes).collect();
+    SecretString::new(hex::encode(Md4::digest(&utf16)))
+}
 
 /// A string that must never appear in logs: `Debug` and `Display` print a placeholder.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,5 +230,14 @@ mod tests {
     #[test]
     fn secrets_are_redacted() {
         assert_eq!(format!("{:?}", SecretString::new("hunter2")), "<redacted>");
+    }
+
+    #[test]
+    fn nt_hash_matches_ms_nlmp() {
+        // MS-NLMP §4.2.2.1.2: NTOWFv1("Password").
+        assert_eq!(
+            nt_hash("Password").expose(),
+            "a4f49c406510bdcab6824ee7c30fd852"
+        );
     }
 }

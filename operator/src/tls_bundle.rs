@@ -157,6 +157,7 @@ mod tests {
                 mechanisms: vec![],
                 allow_plaintext_without_tls: false,
                 brute_force: Default::default(),
+                allow_ntlm_v1: false,
             },
             allowed_from: vec![],
             relay_control: RelayControl::Open,

@@ -163,6 +163,7 @@ pub struct AuthenticationSpec {
     pub mode: Option<AuthModeSpec>,
     /// Offered SASL mechanisms. Default `PLAIN`, `LOGIN`, `SCRAM-SHA-256`. `CRAM-MD5` is legacy
     /// and needs plain-text passwords in the credentials Secret; enable only when a client needs it.
+    /// `NTLM` is off unless listed, and needs `windowsNtDomain` on the MailDomains it serves.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 8))]
     pub mechanisms: Vec<MechanismSpec>,
@@ -178,6 +179,9 @@ pub struct AuthenticationSpec {
     /// store), not per service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub brute_force_protection: Option<BruteForceSpec>,
+    /// NTLM settings; used when `mechanisms` lists `NTLM`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ntlm: Option<NtlmSpec>,
 }
 
 /// Failed-login throttling for a listener.
@@ -256,6 +260,25 @@ pub enum MechanismSpec {
     /// text. Enable only for a client that needs it.
     #[serde(rename = "CRAM-MD5")]
     CramMd5,
+    /// NTLM ([MS-SMTPNTLM]), what domain-joined Windows tools (PowerShell `Send-MailMessage`,
+    /// SQL mail, monitoring) use by default. Works for accounts of MailDomains with
+    /// `windowsNtDomain` whose password is given in plain text and that have no `mfa`: the
+    /// operator then stores the account's NT hash, which is password-equivalent for NTLM, in the
+    /// relay's credentials Secret. NTLMv2 only unless `ntlm.allowNtlmV1`.
+    #[serde(rename = "NTLM")]
+    Ntlm,
+}
+
+/// NTLM settings of a listener.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NtlmSpec {
+    /// Also accept NTLMv1 responses (Windows `LmCompatibilityLevel` below 3, very old
+    /// devices). NTLMv1 is DES over the NT hash and can be cracked from a captured exchange;
+    /// turning it on raises a Warning condition (`NtlmV1Allowed`). LM responses are never
+    /// accepted. Default `false`.
+    #[serde(default)]
+    pub allow_ntlm_v1: bool,
 }
 
 /// Relay control (the seeds' SMTP Server › Relay Control). Everybody may send to local domains;

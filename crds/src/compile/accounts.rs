@@ -14,11 +14,21 @@ use super::{report, sorted, Ctx, LivePolicy};
 use crate::address::AddressPattern;
 use crate::api::{AccountEntry, AccountsFile, MailDomain, ACCOUNTS_KEY, RECIPIENTS_KEY};
 use crate::config::{Account, AppPassword, Credentials, DomainPolicy, RecipientPolicy};
-use crate::verifier::{PasswordVerifier, ScramVerifier, SecretString, SCRAM_ITERATIONS};
+use crate::verifier::{nt_hash, PasswordVerifier, ScramVerifier, SecretString, SCRAM_ITERATIONS};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 
 type Policies<'a> = BTreeMap<String, LivePolicy<'a>>;
+
+/// Which password-equivalent secrets the relay needs: each exists in the credentials only while
+/// a service offers the mechanism that uses it.
+#[derive(Clone, Copy, Debug)]
+pub struct Secrets {
+    /// A service offers CRAM-MD5: accounts carry their plain-text password.
+    pub cram_md5: bool,
+    /// A service offers NTLM: accounts of domains with `windowsNtDomain` carry their NT hash.
+    pub nt_hash: bool,
+}
 
 /// One MailDomain compiled on its own (without the duplicate-domain check).
 struct Compiled {
@@ -34,7 +44,7 @@ pub fn compile(
     objs: &[MailDomain],
     policies: &Policies<'_>,
     all_policy_names: &BTreeSet<String>,
-    cram_enabled: bool,
+    secrets: Secrets,
     previous_output: &Previous,
 ) -> (Vec<DomainPolicy>, Vec<Account>, Vec<ObjectReport>) {
     let previous = Some(&previous_output.credentials);
@@ -49,11 +59,17 @@ pub fn compile(
                 .push(Problem::invalid("spec.domain", "InvalidDomain", m));
         }
         if let Some(nt) = &s.windows_nt_domain {
-            if nt.contains('.') {
-                r.problems.push(Problem::invalid(
+            if nt.contains('.')
+                && nt
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            {
+                // Kerio accepts this form and then refuses every Windows client; so does the
+                // relay (with Kerio's log line), but says why up front.
+                r.problems.push(Problem::warning(
                     "spec.windowsNtDomain",
-                    "InvalidNtDomain",
-                    format!("{nt:?} looks like a DNS name; NTLM clients present the short NetBIOS name (e.g. {:?}); set that here and put the DNS form in kerberosRealm", nt.split('.').next().unwrap_or(nt).to_ascii_uppercase()),
+                    "NtDomainLooksLikeDnsName",
+                    format!("{nt:?} looks like a DNS name, but Windows clients present the short NetBIOS name (`echo %USERDOMAIN%` on a domain-joined host shows it, e.g. {:?}), so NTLM logins fail with \"performed NTLM authentication in NT domain …, this domain is not valid\"; set the NetBIOS name here and keep the DNS form in kerberosRealm", nt.split('.').next().unwrap_or(nt).to_ascii_uppercase()),
                 ));
             } else if nt.is_empty()
                 || nt.len() > 15
@@ -163,7 +179,10 @@ pub fn compile(
                                 &name,
                                 policies,
                                 all_policy_names,
-                                cram_enabled,
+                                Secrets {
+                                    nt_hash: secrets.nt_hash && s.windows_nt_domain.is_some(),
+                                    ..secrets
+                                },
                                 previous,
                             ) {
                                 Ok(a) => domain_accounts.push(a),
@@ -177,6 +196,9 @@ pub fn compile(
                     }
                 },
             }
+        }
+        if secrets.nt_hash && s.windows_nt_domain.is_some() {
+            ntlm_warnings(&mut r, &domain_accounts);
         }
         if s.local
             && !accept_all
@@ -224,9 +246,36 @@ pub fn compile(
         });
     }
     let (domains, mut accounts, reports) =
-        settle(compiled, policies, cram_enabled, previous_output);
+        settle(compiled, policies, secrets, previous_output);
     accounts.sort_by(|a: &Account, b: &Account| a.login.cmp(&b.login));
     (domains, accounts, reports)
+}
+
+/// The accounts of an NTLM domain that NTLM will refuse, and what their clients must do instead
+/// (the two causes the NTLM troubleshooting document names besides the NT domain itself).
+fn ntlm_warnings(r: &mut ObjectReport, accounts: &[Account]) {
+    let list = |pick: &dyn Fn(&Account) -> bool| {
+        let names: Vec<&str> = accounts
+            .iter()
+            .filter(|a| pick(a))
+            .map(|a| a.login.as_str())
+            .collect();
+        (!names.is_empty()).then(|| names.join(", "))
+    };
+    if let Some(names) = list(&|a| a.mfa) {
+        r.problems.push(Problem::warning(
+            "spec.accountsSecretRef",
+            "NtlmRefusesMfaAccounts",
+            format!("NTLM refuses two-factor accounts (\"Only application passwords are allowed since 2FA is enabled\"): {names}; their tools must use PLAIN or LOGIN over TLS with an app password (PowerShell Send-MailMessage cannot choose the mechanism: use MailKit or another client that can)"),
+        ));
+    }
+    if let Some(names) = list(&|a| !a.mfa && a.nt_hash.is_none()) {
+        r.problems.push(Problem::warning(
+            "spec.accountsSecretRef",
+            "NtlmNeedsPlainPassword",
+            format!("NTLM needs the NT hash, which cannot be derived from a passwordHash; these accounts cannot use NTLM: {names}; give their password in plain text or use PLAIN/LOGIN over TLS"),
+        ));
+    }
 }
 
 /// Settles domain names between MailDomains (a live one keeps its name) and puts back the last
@@ -234,7 +283,7 @@ pub fn compile(
 fn settle(
     compiled: Vec<Compiled>,
     policies: &Policies<'_>,
-    cram_enabled: bool,
+    secrets: Secrets,
     previous: &Previous,
 ) -> (Vec<DomainPolicy>, Vec<Account>, Vec<ObjectReport>) {
     let claimants: Vec<Claimant<String>> = compiled
@@ -293,9 +342,12 @@ fn settle(
                             continue;
                         }
                         let mut a = a.clone();
-                        if !cram_enabled {
+                        if !secrets.cram_md5 {
                             // Plain-text secrets exist only while a service offers CRAM-MD5.
                             a.cram_md5_secret = None;
+                        }
+                        if !secrets.nt_hash || last.windows_nt_domain.is_none() {
+                            a.nt_hash = None;
                         }
                         accounts.push(a);
                     }
@@ -396,7 +448,7 @@ fn account(
     domain_object: &str,
     policies: &Policies<'_>,
     all_policy_names: &BTreeSet<String>,
-    cram_enabled: bool,
+    secrets: Secrets,
     previous: Option<&Credentials>,
 ) -> Result<Account, String> {
     let lp = local_part_of(&e.name, domain)?;
@@ -407,6 +459,7 @@ fn account(
         password: None,
         scram_sha256: None,
         cram_md5_secret: None,
+        nt_hash: None,
         app_passwords: Vec::new(),
         mfa: e.mfa,
         sender_addresses: Vec::new(),
@@ -419,8 +472,11 @@ fn account(
             prev.and_then(|p| p.password.as_ref()),
             "primary password",
         )?);
-        if cram_enabled && !e.mfa {
+        if secrets.cram_md5 && !e.mfa {
             out.cram_md5_secret = e.password.clone().map(SecretString::new);
+        }
+        if secrets.nt_hash && !e.mfa {
+            out.nt_hash = e.password.as_deref().map(nt_hash);
         }
     }
     let mut app_names = BTreeSet::new();

@@ -247,6 +247,9 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
             .mechanisms
             .contains(&crate::config::Mechanism::CramMd5)
     });
+    let ntlm_enabled = services
+        .iter()
+        .any(|s| s.auth.mechanisms.contains(&crate::config::Mechanism::Ntlm));
     reports.extend(service_reports);
 
     // 3. Mail domains (without accounts yet) and access policies.
@@ -359,11 +362,31 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
         &inputs.mail_domains,
         &access_policies,
         &all_policy_names,
-        cram_enabled,
+        accounts::Secrets {
+            cram_md5: cram_enabled,
+            nt_hash: ntlm_enabled,
+        },
         prev,
     );
     reports.extend(domain_reports);
     reports.extend(policy_reports);
+    if ntlm_enabled && domains.iter().all(|d| d.windows_nt_domain.is_none()) {
+        for svc in services
+            .iter()
+            .filter(|s| s.auth.mechanisms.contains(&crate::config::Mechanism::Ntlm))
+        {
+            if let Some(r) = reports
+                .iter_mut()
+                .find(|r| r.kind == Kind::SmtpService && r.name == svc.name)
+            {
+                r.problems.push(Problem::warning(
+                    "spec.authentication.mechanisms",
+                    "NoNtDomain",
+                    "NTLM is offered but no MailDomain sets windowsNtDomain, so every NTLM login fails; set windowsNtDomain (the NetBIOS name, `echo %USERDOMAIN%`) on the MailDomains whose accounts use NTLM",
+                ));
+            }
+        }
+    }
 
     // 4. Delivery rules.
     let (delivery_rules, relay_auth, rule_reports) =

@@ -191,6 +191,7 @@ fn compile_one(
                 MechanismSpec::Login => Mechanism::Login,
                 MechanismSpec::ScramSha256 => Mechanism::ScramSha256,
                 MechanismSpec::CramMd5 => Mechanism::CramMd5,
+                MechanismSpec::Ntlm => Mechanism::Ntlm,
             })
             .collect()
     };
@@ -225,6 +226,14 @@ fn compile_one(
                 "CRAM-MD5 needs the plain-text passwords in the credentials Secret; prefer SCRAM-SHA-256",
             ));
         }
+    }
+    let allow_ntlm_v1 = auth_spec.ntlm.as_ref().is_some_and(|n| n.allow_ntlm_v1);
+    if allow_ntlm_v1 && mechanisms.contains(&Mechanism::Ntlm) && mode != AuthMode::Disabled {
+        r.problems.push(Problem::warning(
+            "spec.authentication.ntlm.allowNtlmV1",
+            "NtlmV1Allowed",
+            "NTLMv1 responses are accepted: a captured NTLMv1 exchange can be cracked offline to the NT hash, which logs in as the account; set LmCompatibilityLevel 3 or higher on the clients and turn this off",
+        ));
     }
 
     let mut refs: Vec<(String, &str)> = Vec::new();
@@ -353,6 +362,7 @@ fn compile_one(
             },
             allow_plaintext_without_tls: auth_spec.allow_plaintext_without_tls,
             brute_force,
+            allow_ntlm_v1,
         },
         allowed_from: s.allowed_from.clone(),
         relay_control,

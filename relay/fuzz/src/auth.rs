@@ -97,6 +97,7 @@ fn fixture() -> &'static Fixture {
                 SCRAM_ITERATIONS,
             )),
             cram_md5_secret: None,
+            nt_hash: None,
             app_passwords: vec![AppPassword {
                 name: "phone".into(),
                 verifier: cheap_verifier(MFA_APP),
@@ -136,6 +137,7 @@ fn fixture() -> &'static Fixture {
                 service: "submission".into(),
                 client_ip: IpAddr::from([192, 0, 2, 1]),
                 hostname: "relay.fuzz.test".into(),
+                allow_ntlm_v1: true,
             },
             client_keys,
         }

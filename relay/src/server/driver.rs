@@ -306,6 +306,7 @@ impl Driver {
                     service: self.service.name.clone(),
                     client_ip: self.ip,
                     hostname: self.hostname.clone(),
+                    allow_ntlm_v1: self.service.auth.allow_ntlm_v1,
                 };
                 match Exchange::new(ctx, mechanism) {
                     Ok(ex) => {

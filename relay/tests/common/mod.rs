@@ -100,6 +100,7 @@ fn account(login: &str, password: &str) -> Account {
         password: Some(PasswordVerifier::derive(password)),
         scram_sha256: Some(ScramVerifier::derive(password)),
         cram_md5_secret: None,
+        nt_hash: None,
         app_passwords: vec![],
         mfa: false,
         sender_addresses: vec![],
@@ -171,6 +172,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
         mechanisms: vec![Mechanism::Plain, Mechanism::Login, Mechanism::ScramSha256],
         allow_plaintext_without_tls: false,
         brute_force: BruteForce::default(),
+        allow_ntlm_v1: false,
     };
     let limits = Limits {
         max_recipients_per_message: Some(5),

@@ -1,6 +1,7 @@
-//! SMTP AUTH server side: PLAIN and LOGIN via rsasl, SCRAM-SHA-256 (RFC 5802/7677) and a small
-//! CRAM-MD5 (legacy, only when a service enables it) implemented here, checked against the
-//! compiled verifiers, then the account's access policy. Every outcome is precise
+//! SMTP AUTH server side: PLAIN and LOGIN via rsasl, SCRAM-SHA-256 (RFC 5802/7677), a small
+//! CRAM-MD5 (legacy, only when a service enables it) and NTLM ([MS-SMTPNTLM], the [`ntlm`]
+//! module) implemented here, checked against the compiled verifiers, then the account's access
+//! policy. Every outcome is precise
 //! ([`AuthFailure`]) for the security log, while the client only ever sees the generic
 //! `535 5.7.8`. Steps are blocking (argon2) and must run off the async executor.
 //!
@@ -28,6 +29,8 @@ use rsasl::validate::{Validate, Validation, ValidationError};
 
 use crate::snapshot::Snapshot;
 
+pub mod ntlm;
+
 /// Why an authentication failed. `Display` is the security-log text; it never contains secrets.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuthFailure {
@@ -48,6 +51,14 @@ pub enum AuthFailure {
         ip: IpAddr,
     },
     Malformed(String),
+    /// NTLM: the client presented an NT domain that no NTLM mail domain has (Kerio's wording).
+    NtDomainInvalid { user: String, domain: String },
+    /// NTLM: the login names a mail domain that has no `windows_nt_domain`.
+    NtlmDomainDisabled { user: String, domain: String },
+    /// NTLM: a user name without a domain that is an account in several NTLM mail domains.
+    NtlmAmbiguous { user: String, logins: Vec<String> },
+    /// NTLM: an NTLMv1 response where the service accepts only NTLMv2.
+    NtlmV1Refused(String),
     /// A SASL library failed internally (a panic, contained); the client gets `454 4.7.0`.
     Internal(String),
 }
@@ -60,7 +71,11 @@ impl AuthFailure {
             | AuthFailure::BadPassword(u)
             | AuthFailure::MfaAppPasswordRequired(u)
             | AuthFailure::NoVerifier(u, _)
-            | AuthFailure::AuthzidMismatch(u) => Some(u),
+            | AuthFailure::AuthzidMismatch(u)
+            | AuthFailure::NtlmV1Refused(u) => Some(u),
+            AuthFailure::NtDomainInvalid { user, .. }
+            | AuthFailure::NtlmDomainDisabled { user, .. }
+            | AuthFailure::NtlmAmbiguous { user, .. } => Some(user),
             AuthFailure::ServiceForbidden { login, .. }
             | AuthFailure::SourceForbidden { login, .. } => Some(login),
             AuthFailure::Malformed(_) | AuthFailure::Internal(_) => None,
@@ -90,6 +105,10 @@ impl AuthFailure {
             AuthFailure::ServiceForbidden { .. } => "service_forbidden",
             AuthFailure::SourceForbidden { .. } => "source_forbidden",
             AuthFailure::Malformed(_) => "malformed",
+            AuthFailure::NtDomainInvalid { .. } => "nt_domain_invalid",
+            AuthFailure::NtlmDomainDisabled { .. } => "ntlm_domain_disabled",
+            AuthFailure::NtlmAmbiguous { .. } => "ntlm_ambiguous_user",
+            AuthFailure::NtlmV1Refused(_) => "ntlm_v1_refused",
             AuthFailure::Internal(_) => "internal_error",
         }
     }
@@ -123,6 +142,24 @@ impl fmt::Display for AuthFailure {
                 "access policy {policy:?} of {login:?} forbids authenticating from {ip}"
             ),
             AuthFailure::Malformed(e) => write!(f, "malformed SASL exchange: {e}"),
+            // Kerio Connect's own line, so that its troubleshooting guide applies word for word.
+            AuthFailure::NtDomainInvalid { user, domain } => write!(
+                f,
+                "User {user} performed NTLM authentication in NT domain {domain}, this domain is not valid"
+            ),
+            AuthFailure::NtlmDomainDisabled { user, domain } => write!(
+                f,
+                "user {user:?}: mail domain {domain:?} takes no NTLM logins (its MailDomain has no windowsNtDomain)"
+            ),
+            AuthFailure::NtlmAmbiguous { user, logins } => write!(
+                f,
+                "NTLM user {user:?} without an NT domain matches several accounts ({}); the client must send DOMAIN\\{user} or {user}@<mail domain>",
+                logins.join(", ")
+            ),
+            AuthFailure::NtlmV1Refused(u) => write!(
+                f,
+                "user {u:?} sent an NTLMv1 response, which this service refuses: set LmCompatibilityLevel 3 or higher on the client (NTLMv2), or allow NTLMv1 on the SmtpService (authentication.ntlm)"
+            ),
             AuthFailure::Internal(e) => write!(f, "internal SASL error: {e}"),
         }
     }
@@ -135,6 +172,8 @@ pub struct AuthContext {
     pub service: String,
     pub client_ip: IpAddr,
     pub hostname: String,
+    /// The service accepts NTLMv1 responses.
+    pub allow_ntlm_v1: bool,
 }
 
 impl AuthContext {
@@ -170,6 +209,77 @@ impl AuthContext {
             }
         }
         Ok(login)
+    }
+
+    /// The account an NTLM user and NT domain name, as the client sent them. `DOMAIN\user`
+    /// (also when sent whole as the user name) needs `DOMAIN` to be the `windows_nt_domain` of
+    /// the account's mail domain (case-insensitive); `user@maildomain` needs that mail domain
+    /// to take NTLM and any NT domain sent with it to be its own; a bare `user` is looked up in
+    /// every NTLM mail domain and must match exactly one account.
+    fn ntlm_account(&self, user: &str, nt_domain: &str) -> Result<&Account, AuthFailure> {
+        let (user, nt_domain) = match user.split_once('\\') {
+            Some((d, u)) if nt_domain.is_empty() => (u, d),
+            _ => (user, nt_domain),
+        };
+        let config = &self.snapshot.config;
+        let credentials = &self.snapshot.credentials;
+        let nt_matches = |d: &mailrelay_crds::config::DomainPolicy| {
+            d.windows_nt_domain
+                .as_deref()
+                .is_some_and(|n| n.eq_ignore_ascii_case(nt_domain))
+        };
+        let invalid = || AuthFailure::NtDomainInvalid {
+            user: user.to_string(),
+            domain: nt_domain.to_string(),
+        };
+        if let Some((_, mail_domain)) = user.rsplit_once('@') {
+            let Some(d) = config
+                .domains
+                .iter()
+                .find(|d| d.domain.eq_ignore_ascii_case(mail_domain))
+            else {
+                return Err(AuthFailure::UnknownUser(user.to_string()));
+            };
+            if d.windows_nt_domain.is_none() {
+                return Err(AuthFailure::NtlmDomainDisabled {
+                    user: user.to_string(),
+                    domain: d.domain.clone(),
+                });
+            }
+            if !nt_domain.is_empty() && !nt_matches(d) {
+                return Err(invalid());
+            }
+            return credentials
+                .account(user)
+                .ok_or_else(|| AuthFailure::UnknownUser(user.to_string()));
+        }
+        let candidates: Vec<&mailrelay_crds::config::DomainPolicy> = config
+            .domains
+            .iter()
+            .filter(|d| {
+                if nt_domain.is_empty() {
+                    d.windows_nt_domain.is_some()
+                } else {
+                    nt_matches(d)
+                }
+            })
+            .collect();
+        if candidates.is_empty() && !nt_domain.is_empty() {
+            return Err(invalid());
+        }
+        let found: Vec<&Account> = candidates
+            .iter()
+            .filter_map(|d| credentials.account(&format!("{user}@{}", d.domain)))
+            .collect();
+        match found.as_slice() {
+            [one] => Ok(one),
+            [] if nt_domain.is_empty() => Err(AuthFailure::UnknownUser(user.to_string())),
+            [] => Err(AuthFailure::UnknownUser(format!("{nt_domain}\\{user}"))),
+            many => Err(AuthFailure::NtlmAmbiguous {
+                user: user.to_string(),
+                logins: many.iter().map(|a| a.login.clone()).collect(),
+            }),
+        }
     }
 
     /// PLAIN/LOGIN: argon2 verification, app passwords first on MFA accounts.
@@ -264,9 +374,22 @@ enum Inner {
     CramMd5 {
         challenge: String,
     },
+    Ntlm(NtlmState),
     /// Success data was sent as a challenge (SCRAM server-final); the empty reply completes it.
     PendingSuccess(String),
     Done,
+}
+
+/// Where an NTLM exchange stands.
+enum NtlmState {
+    /// Waiting for NEGOTIATE; `prompted` once an empty challenge asked for it.
+    Negotiate { prompted: bool },
+    /// CHALLENGE went out; AUTHENTICATE is next. Both earlier messages are kept for the MIC.
+    Authenticate {
+        negotiate: Vec<u8>,
+        challenge: Vec<u8>,
+        server_challenge: [u8; 8],
+    },
 }
 
 /// Where a SCRAM-SHA-256 exchange stands.
@@ -314,6 +437,7 @@ impl Exchange {
                 }
             }
             Mechanism::ScramSha256 => Inner::Scram(ScramState::First { prompted: false }),
+            Mechanism::Ntlm => Inner::Ntlm(NtlmState::Negotiate { prompted: false }),
             m => {
                 let config = SASLConfig::builder()
                     .with_defaults()
@@ -366,6 +490,14 @@ impl Exchange {
                     .ok()
                     .and_then(|m| m.rsplit_once(' '))
                     .map(|(u, _)| u.to_string()),
+                // AUTHENTICATE names the user; the account it maps to is the throttling key.
+                (Mechanism::Ntlm, Some(msg)) => ntlm::Authenticate::parse(msg).ok().map(|a| {
+                    match self.ctx.ntlm_account(&a.user, &a.domain) {
+                        Ok(account) => account.login.clone(),
+                        Err(_) if a.domain.is_empty() => a.user,
+                        Err(_) => format!("{}\\{}", a.domain, a.user),
+                    }
+                }),
                 _ => None,
             };
             self.login_hint = found.filter(|l| !l.is_empty() && l.len() <= 320);
@@ -394,6 +526,13 @@ impl Exchange {
                 }
                 Some(resp) => self.cram_md5(&challenge, resp),
             },
+            Inner::Ntlm(state) => {
+                if input.is_some() {
+                    self.responses += 1;
+                }
+                let mechanism = self.mechanism;
+                contain(mechanism, || self.ntlm_step(state, input)).unwrap_or_else(Step::Failure)
+            }
             Inner::Scram(state) => {
                 if input.is_some() {
                     self.responses += 1;
@@ -454,6 +593,120 @@ impl Exchange {
                     }
                     Err(e) => Step::Failure(AuthFailure::Malformed(e.to_string())),
                 }
+            }
+        }
+    }
+
+    /// One NTLM message: NEGOTIATE gets the CHALLENGE; AUTHENTICATE is mapped to an account
+    /// (the NT domain must be that account's mail domain's), then its response is checked
+    /// against the account's NT hash.
+    fn ntlm_step(&mut self, state: NtlmState, input: Option<&[u8]>) -> Step {
+        match (state, input) {
+            (NtlmState::Negotiate { prompted: false }, None) => {
+                // [MS-SMTPNTLM] has the server answer a bare `AUTH NTLM` with 334 and wait for
+                // NEGOTIATE; an empty challenge is the SASL form of that.
+                self.inner = Inner::Ntlm(NtlmState::Negotiate { prompted: true });
+                Step::Challenge(Vec::new())
+            }
+            (_, None) => Step::Failure(AuthFailure::Malformed(
+                "NTLM step without a client message".into(),
+            )),
+            (NtlmState::Negotiate { .. }, Some(msg)) => {
+                let negotiate = match ntlm::Negotiate::parse(msg) {
+                    Ok(n) => n,
+                    Err(e) => return Step::Failure(AuthFailure::Malformed(format!("NTLM: {e}"))),
+                };
+                let mut server_challenge = [0u8; 8];
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut server_challenge);
+                let host = self.ctx.hostname.to_ascii_lowercase();
+                let (first_label, dns_domain) = host.split_once('.').unwrap_or((&host, &host));
+                let nb_computer: String = first_label.to_ascii_uppercase().chars().take(15).collect();
+                let nb_domain = self
+                    .ctx
+                    .snapshot
+                    .config
+                    .domains
+                    .iter()
+                    .find_map(|d| d.windows_nt_domain.clone())
+                    .unwrap_or_else(|| nb_computer.clone());
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let challenge = ntlm::challenge(
+                    &negotiate,
+                    server_challenge,
+                    &ntlm::ServerNames {
+                        nb_domain: &nb_domain,
+                        nb_computer: &nb_computer,
+                        dns_domain,
+                        dns_computer: &host,
+                    },
+                    now,
+                );
+                self.inner = Inner::Ntlm(NtlmState::Authenticate {
+                    negotiate: msg.to_vec(),
+                    challenge: challenge.clone(),
+                    server_challenge,
+                });
+                Step::Challenge(challenge)
+            }
+            (
+                NtlmState::Authenticate {
+                    negotiate,
+                    challenge,
+                    server_challenge,
+                },
+                Some(msg),
+            ) => {
+                let auth = match ntlm::Authenticate::parse(msg) {
+                    Ok(a) => a,
+                    Err(e) => return Step::Failure(AuthFailure::Malformed(format!("NTLM: {e}"))),
+                };
+                match self.ntlm_verify(&auth, &server_challenge, &negotiate, &challenge) {
+                    Ok(login) => Step::Success(login),
+                    Err(f) => Step::Failure(f),
+                }
+            }
+        }
+    }
+
+    fn ntlm_verify(
+        &self,
+        auth: &ntlm::Authenticate,
+        server_challenge: &[u8; 8],
+        negotiate: &[u8],
+        challenge: &[u8],
+    ) -> Result<String, AuthFailure> {
+        if auth.response_kind() == ntlm::ResponseKind::Anonymous {
+            return Err(AuthFailure::Malformed(
+                "anonymous NTLM (no NT response) is not a login".into(),
+            ));
+        }
+        let account = self.ctx.ntlm_account(&auth.user, &auth.domain)?;
+        let login = account.login.clone();
+        if account.mfa {
+            return Err(AuthFailure::MfaAppPasswordRequired(login));
+        }
+        let Some(hash) = account
+            .nt_hash
+            .as_ref()
+            .and_then(|h| hex::decode(h.expose()).ok())
+            .and_then(|h| <[u8; 16]>::try_from(h).ok())
+        else {
+            return Err(AuthFailure::NoVerifier(login, "NTLM"));
+        };
+        if auth.response_kind() == ntlm::ResponseKind::V1 && !self.ctx.allow_ntlm_v1 {
+            return Err(AuthFailure::NtlmV1Refused(login));
+        }
+        match ntlm::verify(auth, &hash, server_challenge, negotiate, challenge) {
+            Ok(()) => self.ctx.access(account),
+            Err(ntlm::Mismatch::Response) => Err(AuthFailure::BadPassword(login)),
+            Err(ntlm::Mismatch::Mic) => Err(AuthFailure::Malformed(format!(
+                "NTLM for {login:?}: the response is right but the MIC is not, so the messages were altered on the way"
+            ))),
+            Err(ntlm::Mismatch::Malformed(e)) => {
+                Err(AuthFailure::Malformed(format!("NTLM for {login:?}: {e}")))
             }
         }
     }
@@ -1049,6 +1302,7 @@ mod tests {
             password: Some(PasswordVerifier::derive("secret")),
             scram_sha256: scram("secret", b"user-salt-16byte"),
             cram_md5_secret: None,
+            nt_hash: None,
             app_passwords: vec![app("phone", "app-secret", b"user-salt-16byte")],
             mfa: false,
             sender_addresses: vec![],
@@ -1059,6 +1313,7 @@ mod tests {
             password: Some(PasswordVerifier::derive("primary")),
             scram_sha256: scram("primary", b"mfa-salt-16bytes"),
             cram_md5_secret: None,
+            nt_hash: None,
             app_passwords: vec![
                 app("phone", "app-one", b"mfa-salt-16bytes"),
                 app("laptop", "app-two", b"mfa-salt-16bytes"),
@@ -1087,6 +1342,7 @@ mod tests {
             service: "submission".into(),
             client_ip: "192.0.2.1".parse().unwrap(),
             hostname: "relay.example.test".into(),
+            allow_ntlm_v1: false,
         }
     }
 
@@ -1387,6 +1643,162 @@ mod tests {
                 "{:?}: {step:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+
+    /// Mail domains `example.test` (NT domain `EXAMPLE`), `other.test` (NT domain `OTHER`,
+    /// also has an `ops` account), `plain.test` (no NT domain); `ops@example.test` and
+    /// `ops@other.test` share a local part, `user@` is two-factor.
+    fn ntlm_ctx() -> AuthContext {
+        let domain = |d: &str, nt: Option<&str>| mailrelay_crds::config::DomainPolicy {
+            name: None,
+            domain: d.into(),
+            local: true,
+            recipients: mailrelay_crds::config::RecipientPolicy::AcceptAll,
+            windows_nt_domain: nt.map(str::to_string),
+            kerberos_realm: None,
+        };
+        let account = |login: &str, password: &str, mfa: bool| Account {
+            login: login.into(),
+            password: None,
+            scram_sha256: None,
+            cram_md5_secret: None,
+            nt_hash: (!mfa).then(|| mailrelay_crds::verifier::nt_hash(password)),
+            app_passwords: vec![],
+            mfa,
+            sender_addresses: vec![],
+            access_policy: None,
+        };
+        let mut ctx = ctx_with(vec![
+            account("alerts@example.test", "alerts-pass", false),
+            account("ops@example.test", "ops-pass", false),
+            account("ops@other.test", "ops-other", false),
+            account("mfa@example.test", "mfa-pass", true),
+            account("jo@plain.test", "jo-pass", false),
+        ]);
+        let snap = Arc::get_mut(&mut ctx.snapshot).unwrap();
+        snap.config.domains = vec![
+            domain("example.test", Some("EXAMPLE")),
+            domain("other.test", Some("OTHER")),
+            domain("plain.test", None),
+        ];
+        ctx
+    }
+
+    fn ntlm_login(ctx: AuthContext, user: &str, domain: &str, password: &str, v1: bool) -> Step {
+        let mut ex = Exchange::new(ctx, Mechanism::Ntlm).unwrap();
+        assert_eq!(ex.step(None), Step::Challenge(Vec::new()));
+        let negotiate = ntlm::client::negotiate(true);
+        let Step::Challenge(challenge) = ex.step(Some(&negotiate)) else {
+            panic!("no CHALLENGE");
+        };
+        let authenticate = ntlm::client::authenticate(
+            &negotiate,
+            &challenge,
+            &ntlm::client::Options {
+                user,
+                domain,
+                password,
+                v1,
+                with_mic: true,
+            },
+        );
+        assert!(ex.claimed_login(Some(&authenticate)).is_some());
+        ex.step(Some(&authenticate))
+    }
+
+    #[test]
+    fn ntlm_maps_every_username_form_to_the_account() {
+        let ok = |user: &str, domain: &str, password: &str| {
+            ntlm_login(ntlm_ctx(), user, domain, password, false)
+        };
+        let alerts = Step::Success("alerts@example.test".into());
+        assert_eq!(ok("alerts", "EXAMPLE", "alerts-pass"), alerts);
+        assert_eq!(ok("Alerts", "example", "alerts-pass"), alerts, "case-insensitive");
+        assert_eq!(ok("EXAMPLE\\alerts", "", "alerts-pass"), alerts);
+        assert_eq!(ok("alerts@example.test", "", "alerts-pass"), alerts);
+        assert_eq!(ok("alerts@example.test", "EXAMPLE", "alerts-pass"), alerts);
+        assert_eq!(ok("alerts", "", "alerts-pass"), alerts, "unique bare user");
+        assert_eq!(
+            ok("ops", "OTHER", "ops-other"),
+            Step::Success("ops@other.test".into())
+        );
+        assert_eq!(
+            ok("alerts", "EXAMPLE", "wrong"),
+            Step::Failure(AuthFailure::BadPassword("alerts@example.test".into()))
+        );
+    }
+
+    #[test]
+    fn ntlm_refusals_say_exactly_why() {
+        let fail = |user: &str, domain: &str, password: &str| {
+            match ntlm_login(ntlm_ctx(), user, domain, password, false) {
+                Step::Failure(f) => f,
+                other => panic!("{user} {domain}: {other:?}"),
+            }
+        };
+        let f = fail("alerts", "EXAMPLE.TEST", "alerts-pass");
+        assert_eq!(
+            f.to_string(),
+            "User alerts performed NTLM authentication in NT domain EXAMPLE.TEST, this domain is not valid"
+        );
+        assert_eq!(f.label(), "nt_domain_invalid");
+        assert!(f.is_guess());
+        // A known NT domain, but the login belongs to another one.
+        assert!(matches!(
+            fail("alerts@example.test", "OTHER", "alerts-pass"),
+            AuthFailure::NtDomainInvalid { .. }
+        ));
+        assert_eq!(
+            fail("mfa", "EXAMPLE", "mfa-pass").to_string(),
+            "user \"mfa@example.test\": Only application passwords are allowed since 2FA is enabled"
+        );
+        assert!(matches!(
+            fail("ops", "", "ops-pass"),
+            AuthFailure::NtlmAmbiguous { logins, .. } if logins.len() == 2
+        ));
+        assert!(matches!(
+            fail("jo@plain.test", "", "jo-pass"),
+            AuthFailure::NtlmDomainDisabled { .. }
+        ));
+        assert_eq!(
+            fail("nobody", "EXAMPLE", "x"),
+            AuthFailure::UnknownUser("EXAMPLE\\nobody".into())
+        );
+    }
+
+    #[test]
+    fn ntlm_v1_only_where_the_service_allows_it() {
+        let step = ntlm_login(ntlm_ctx(), "alerts", "EXAMPLE", "alerts-pass", true);
+        assert_eq!(
+            step,
+            Step::Failure(AuthFailure::NtlmV1Refused("alerts@example.test".into()))
+        );
+        let mut ctx = ntlm_ctx();
+        ctx.allow_ntlm_v1 = true;
+        assert_eq!(
+            ntlm_login(ctx.clone(), "alerts", "EXAMPLE", "alerts-pass", true),
+            Step::Success("alerts@example.test".into())
+        );
+        assert_eq!(
+            ntlm_login(ctx, "alerts", "EXAMPLE", "nope", true),
+            Step::Failure(AuthFailure::BadPassword("alerts@example.test".into()))
+        );
+    }
+
+    #[test]
+    fn ntlm_garbage_ends_the_exchange_not_the_relay() {
+        for bad in [&b""[..], b"NTLMSSP\0", b"NTLMSSP\0\x01\0\0\0", &[0xff; 300]] {
+            let mut ex = Exchange::new(ntlm_ctx(), Mechanism::Ntlm).unwrap();
+            match ex.step(Some(bad)) {
+                Step::Failure(AuthFailure::Malformed(_)) => {}
+                Step::Challenge(c) => {
+                    // A short but well-formed NEGOTIATE: the AUTHENTICATE step must fail.
+                    assert!(!c.is_empty());
+                    assert!(matches!(ex.step(Some(bad)), Step::Failure(_)));
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 }
