@@ -393,3 +393,71 @@ fn both_halves_carry_the_hash_as_their_pairing_stamp() {
     // What the relay computes from the stamped files is the hash the operator reports.
     assert_eq!(content_hash(&c.config, &c.credentials), c.hash);
 }
+
+/// NTLM: NT hashes exist only for accounts of a MailDomain with `windowsNtDomain`, only while a
+/// service offers NTLM, never for two-factor or hash-only accounts; each cause of a failing
+/// NTLM login the troubleshooting guide names gets a warning that says the fix.
+#[test]
+fn ntlm_hashes_only_where_ntlm_can_use_them_and_every_cause_of_failure_is_warned() {
+    let accounts = "accounts:\n  - name: alerts\n    password: alerts-pw\n  - name: hashed\n    passwordHash: '$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHRzYWx0$Zl8DZC9Mx+zU6TBLwbD6hMxz5E6B2nsTBZw4x7J4ZdY'\n  - name: svc\n    password: primary\n    mfa: true\n    appPasswords: [{name: app, password: app-pw}]\n";
+    let ntlm_service = |extra: &str| -> SmtpService {
+        obj(&format!("apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {{name: sub}}\nspec: {{port: 587, protocol: Submission, tls: {{secretName: c}}, authentication: {{mechanisms: [PLAIN, NTLM]{extra}}}}}"))
+    };
+    let domain = |nt: &str| -> MailDomain {
+        obj(&format!("apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {{name: ex}}\nspec: {{domain: example.com, windowsNtDomain: {nt}, accountsSecretRef: {{name: acc}}}}"))
+    };
+    let inputs = |svc: Option<SmtpService>, md: MailDomain| Inputs {
+        mail_domains: vec![md],
+        smtp_services: svc.into_iter().collect(),
+        secrets: vec![secret("acc", &[("accounts.yaml", accounts)])],
+        ..Default::default()
+    };
+
+    let c = compile(&inputs(Some(ntlm_service("")), domain("EXAMPLE")), None);
+    assert!(!c.report.has_errors(), "{:?}", c.report.lines());
+    let hash = |c: &mailrelay_crds::compile::Compiled, login: &str| {
+        c.credentials
+            .account(login)
+            .and_then(|a| a.nt_hash.as_ref().map(|h| h.expose().to_string()))
+    };
+    assert_eq!(
+        hash(&c, "alerts@example.com"),
+        Some(mailrelay_crds::verifier::nt_hash("alerts-pw").expose().to_string())
+    );
+    assert_eq!(hash(&c, "hashed@example.com"), None);
+    assert_eq!(hash(&c, "svc@example.com"), None, "never for a 2FA account");
+    let md = c.report.get(Kind::MailDomain, "ex").expect("report");
+    let reasons: Vec<&str> = md.warnings().map(|w| w.reason).collect();
+    assert!(reasons.contains(&"NtlmRefusesMfaAccounts"), "{reasons:?}");
+    assert!(reasons.contains(&"NtlmNeedsPlainPassword"), "{reasons:?}");
+    let svc_report = c.report.get(Kind::SmtpService, "sub").expect("report");
+    assert!(svc_report.warnings().next().is_none(), "{:?}", svc_report.problems);
+
+    // No service offers NTLM: no NT hash anywhere, not even carried over from before.
+    let off = compile(&inputs(None, domain("EXAMPLE")), Some(&c.previous()));
+    assert_eq!(hash(&off, "alerts@example.com"), None);
+
+    // The FQDN form is Kerio's classic mistake: the domain stays live (mail still flows), and
+    // the warning names the NetBIOS form to use.
+    let fqdn = compile(&inputs(Some(ntlm_service("")), domain("EXAMPLE.COM")), None);
+    assert!(!fqdn.report.has_errors(), "{:?}", fqdn.report.lines());
+    let w = fqdn
+        .report
+        .get(Kind::MailDomain, "ex")
+        .and_then(|r| r.warnings().find(|w| w.reason == "NtDomainLooksLikeDnsName").cloned())
+        .expect("FQDN warning");
+    assert!(w.message.contains("\"EXAMPLE\""), "{}", w.message);
+    assert_eq!(fqdn.config.domains[0].windows_nt_domain.as_deref(), Some("EXAMPLE.COM"));
+
+    // NTLM offered, but no domain can take it; and NTLMv1 allowed.
+    let no_nt: MailDomain = obj("apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: ex}\nspec: {domain: example.com, accountsSecretRef: {name: acc}}");
+    let v1 = compile(
+        &inputs(Some(ntlm_service(", ntlm: {allowNtlmV1: true}")), no_nt),
+        None,
+    );
+    let r = v1.report.get(Kind::SmtpService, "sub").expect("report");
+    let reasons: Vec<&str> = r.warnings().map(|w| w.reason).collect();
+    assert_eq!(reasons, ["NtlmV1Allowed", "NoNtDomain"]);
+    assert!(v1.config.services[0].auth.allow_ntlm_v1);
+    assert_eq!(hash(&v1, "alerts@example.com"), None);
+}

@@ -185,11 +185,6 @@ fn rejects_each_kind_of_invalid_input() {
             &["SmtpService/s", "spec.tls", "implicit TLS"],
         ),
         (
-            "NT domain in DNS form",
-            "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\nspec: {domain: domain.org, windowsNtDomain: DOMAIN.ORG, recipients: {acceptAll: true}}\n",
-            &["MailDomain/d", "spec.windowsNtDomain", "short NetBIOS name"],
-        ),
-        (
             "port conflict",
             "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: zz}\nspec: {port: 25, protocol: Smtp}\n",
             &["SmtpService/zz", "port 25 is already used by SmtpService \"smtp\""],
@@ -427,5 +422,26 @@ fn out_dir_files_are_replaced_atomically_and_paired() {
             *text == config_a || *text == config_b,
             "a partial relay.yaml was read:\n{text}"
         );
+    }
+}
+
+/// The NTLM troubleshooting guide's causes of failure are warnings (the domain stays live, mail
+/// keeps flowing), each naming the fix.
+#[test]
+fn ntlm_settings_that_cannot_work_are_warned_with_the_fix() {
+    let o = render_with(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: d}\nspec: {domain: domain.org, windowsNtDomain: DOMAIN.ORG, recipients: {acceptAll: true}}\n---\napiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: ntlm}\nspec: {port: 2587, protocol: Smtp, tls: {secretName: c}, authentication: {mechanisms: [NTLM], ntlm: {allowNtlmV1: true}}}\n",
+    );
+    assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    for needle in [
+        "MailDomain/d: warning",
+        "NtDomainLooksLikeDnsName",
+        "spec.windowsNtDomain",
+        "echo %USERDOMAIN%",
+        "\"DOMAIN\"",
+        "SmtpService/ntlm: warning",
+        "NtlmV1Allowed",
+    ] {
+        assert!(o.stderr.contains(needle), "stderr lacks {needle:?}:\n{}", o.stderr);
     }
 }
