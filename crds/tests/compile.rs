@@ -422,7 +422,11 @@ fn ntlm_hashes_only_where_ntlm_can_use_them_and_every_cause_of_failure_is_warned
     };
     assert_eq!(
         hash(&c, "alerts@example.com"),
-        Some(mailrelay_crds::verifier::nt_hash("alerts-pw").expose().to_string())
+        Some(
+            mailrelay_crds::verifier::nt_hash("alerts-pw")
+                .expose()
+                .to_string()
+        )
     );
     assert_eq!(hash(&c, "hashed@example.com"), None);
     assert_eq!(hash(&c, "svc@example.com"), None, "never for a 2FA account");
@@ -431,7 +435,11 @@ fn ntlm_hashes_only_where_ntlm_can_use_them_and_every_cause_of_failure_is_warned
     assert!(reasons.contains(&"NtlmRefusesMfaAccounts"), "{reasons:?}");
     assert!(reasons.contains(&"NtlmNeedsPlainPassword"), "{reasons:?}");
     let svc_report = c.report.get(Kind::SmtpService, "sub").expect("report");
-    assert!(svc_report.warnings().next().is_none(), "{:?}", svc_report.problems);
+    assert!(
+        svc_report.warnings().next().is_none(),
+        "{:?}",
+        svc_report.problems
+    );
 
     // No service offers NTLM: no NT hash anywhere, not even carried over from before.
     let off = compile(&inputs(None, domain("EXAMPLE")), Some(&c.previous()));
@@ -444,10 +452,17 @@ fn ntlm_hashes_only_where_ntlm_can_use_them_and_every_cause_of_failure_is_warned
     let w = fqdn
         .report
         .get(Kind::MailDomain, "ex")
-        .and_then(|r| r.warnings().find(|w| w.reason == "NtDomainLooksLikeDnsName").cloned())
+        .and_then(|r| {
+            r.warnings()
+                .find(|w| w.reason == "NtDomainLooksLikeDnsName")
+                .cloned()
+        })
         .expect("FQDN warning");
     assert!(w.message.contains("\"EXAMPLE\""), "{}", w.message);
-    assert_eq!(fqdn.config.domains[0].windows_nt_domain.as_deref(), Some("EXAMPLE.COM"));
+    assert_eq!(
+        fqdn.config.domains[0].windows_nt_domain.as_deref(),
+        Some("EXAMPLE.COM")
+    );
 
     // NTLM offered, but no domain can take it; and NTLMv1 allowed.
     let no_nt: MailDomain = obj("apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: ex}\nspec: {domain: example.com, accountsSecretRef: {name: acc}}");

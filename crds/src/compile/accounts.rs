@@ -245,8 +245,7 @@ pub fn compile(
             out: Some((policy, domain_accounts)),
         });
     }
-    let (domains, mut accounts, reports) =
-        settle(compiled, policies, secrets, previous_output);
+    let (domains, mut accounts, reports) = settle(compiled, policies, secrets, previous_output);
     accounts.sort_by(|a: &Account, b: &Account| a.login.cmp(&b.login));
     (domains, accounts, reports)
 }

@@ -52,11 +52,20 @@ pub enum AuthFailure {
     },
     Malformed(String),
     /// NTLM: the client presented an NT domain that no NTLM mail domain has (Kerio's wording).
-    NtDomainInvalid { user: String, domain: String },
+    NtDomainInvalid {
+        user: String,
+        domain: String,
+    },
     /// NTLM: the login names a mail domain that has no `windows_nt_domain`.
-    NtlmDomainDisabled { user: String, domain: String },
+    NtlmDomainDisabled {
+        user: String,
+        domain: String,
+    },
     /// NTLM: a user name without a domain that is an account in several NTLM mail domains.
-    NtlmAmbiguous { user: String, logins: Vec<String> },
+    NtlmAmbiguous {
+        user: String,
+        logins: Vec<String>,
+    },
     /// NTLM: an NTLMv1 response where the service accepts only NTLMv2.
     NtlmV1Refused(String),
     /// A SASL library failed internally (a panic, contained); the client gets `454 4.7.0`.
@@ -620,7 +629,8 @@ impl Exchange {
                 rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut server_challenge);
                 let host = self.ctx.hostname.to_ascii_lowercase();
                 let (first_label, dns_domain) = host.split_once('.').unwrap_or((&host, &host));
-                let nb_computer: String = first_label.to_ascii_uppercase().chars().take(15).collect();
+                let nb_computer: String =
+                    first_label.to_ascii_uppercase().chars().take(15).collect();
                 let nb_domain = self
                     .ctx
                     .snapshot
@@ -1714,7 +1724,11 @@ mod tests {
         };
         let alerts = Step::Success("alerts@example.test".into());
         assert_eq!(ok("alerts", "EXAMPLE", "alerts-pass"), alerts);
-        assert_eq!(ok("Alerts", "example", "alerts-pass"), alerts, "case-insensitive");
+        assert_eq!(
+            ok("Alerts", "example", "alerts-pass"),
+            alerts,
+            "case-insensitive"
+        );
         assert_eq!(ok("EXAMPLE\\alerts", "", "alerts-pass"), alerts);
         assert_eq!(ok("alerts@example.test", "", "alerts-pass"), alerts);
         assert_eq!(ok("alerts@example.test", "EXAMPLE", "alerts-pass"), alerts);
@@ -1731,11 +1745,15 @@ mod tests {
 
     #[test]
     fn ntlm_refusals_say_exactly_why() {
-        let fail = |user: &str, domain: &str, password: &str| {
-            match ntlm_login(ntlm_ctx(), user, domain, password, false) {
-                Step::Failure(f) => f,
-                other => panic!("{user} {domain}: {other:?}"),
-            }
+        let fail = |user: &str, domain: &str, password: &str| match ntlm_login(
+            ntlm_ctx(),
+            user,
+            domain,
+            password,
+            false,
+        ) {
+            Step::Failure(f) => f,
+            other => panic!("{user} {domain}: {other:?}"),
         };
         let f = fail("alerts", "EXAMPLE.TEST", "alerts-pass");
         assert_eq!(

@@ -83,7 +83,9 @@ fn header(msg: &[u8], kind: u32) -> Result<(), String> {
     }
     let found = u32_at(msg, 8)?;
     if found != kind {
-        return Err(format!("NTLM message type {found} where type {kind} belongs"));
+        return Err(format!(
+            "NTLM message type {found} where type {kind} belongs"
+        ));
     }
     Ok(())
 }
@@ -96,7 +98,7 @@ fn utf16(s: &str) -> Vec<u8> {
 /// Latin-1 (which is what clients that use OEM strings widen to for the NTLMv2 hash).
 fn decode(bytes: &[u8], unicode: bool) -> Result<String, String> {
     if unicode {
-        if bytes.len() % 2 != 0 {
+        if !bytes.len().is_multiple_of(2) {
             return Err("odd-length UTF-16 string".into());
         }
         let units: Vec<u16> = bytes
@@ -514,10 +516,7 @@ pub mod client {
             blob.extend_from_slice(&[0; 4]);
             blob.extend_from_slice(&info);
             blob.extend_from_slice(&[0; 4]);
-            let key = hmac_md5(
-                &nt_hash,
-                &[&utf16(&(o.user.to_uppercase() + o.domain))],
-            );
+            let key = hmac_md5(&nt_hash, &[&utf16(&(o.user.to_uppercase() + o.domain))]);
             let proof = hmac_md5(&key, &[&server_challenge, &blob]);
             let mut nt = proof.to_vec();
             nt.extend_from_slice(&blob);
@@ -589,7 +588,10 @@ mod tests {
     #[test]
     fn ntlmv2_matches_the_specification() {
         let mut info = Vec::new();
-        for (id, v) in [(av::NB_DOMAIN_NAME, "Domain"), (av::NB_COMPUTER_NAME, "Server")] {
+        for (id, v) in [
+            (av::NB_DOMAIN_NAME, "Domain"),
+            (av::NB_COMPUTER_NAME, "Server"),
+        ] {
             let v = utf16(v);
             info.extend_from_slice(&id.to_le_bytes());
             info.extend_from_slice(&(v.len() as u16).to_le_bytes());
@@ -633,11 +635,13 @@ mod tests {
     /// [MS-NLMP] §4.2.2.2.1 (NTLMv1) and §4.2.3.2.2 (NTLMv1 with extended session security).
     #[test]
     fn ntlmv1_matches_the_specification() {
-        let plain = hex::decode("67c43011f30298a2ad35ece64f16331c44bdbed927841f94").unwrap_or_default();
+        let plain =
+            hex::decode("67c43011f30298a2ad35ece64f16331c44bdbed927841f94").unwrap_or_default();
         let auth = auth_with(plain, Vec::new(), flags::UNICODE);
         assert!(verify_v1(&auth, &NT_HASH_PASSWORD, &SERVER_CHALLENGE).is_ok());
 
-        let ess = hex::decode("7537f803ae367128ca458204bde7caf81e97ed2683267232").unwrap_or_default();
+        let ess =
+            hex::decode("7537f803ae367128ca458204bde7caf81e97ed2683267232").unwrap_or_default();
         let mut lm = vec![0xaa; 8];
         lm.extend_from_slice(&[0; 16]);
         let auth = auth_with(ess, lm, flags::UNICODE | flags::EXTENDED_SESSIONSECURITY);
@@ -681,7 +685,10 @@ mod tests {
             };
             let (neg, chal, auth, sc) = exchange(unicode, &o);
             let parsed = Authenticate::parse(&auth).expect("authenticate");
-            assert_eq!((parsed.user.as_str(), parsed.domain.as_str()), ("alerts", "EXAMPLE"));
+            assert_eq!(
+                (parsed.user.as_str(), parsed.domain.as_str()),
+                ("alerts", "EXAMPLE")
+            );
             assert_eq!(parsed.workstation, "WS1");
             assert!(parsed.has_mic());
             let hash = {
@@ -695,10 +702,16 @@ mod tests {
             let mut other_chal = chal.clone();
             let last = other_chal.len() - 5;
             other_chal[last] ^= 0xff;
-            assert_eq!(verify(&parsed, &hash, &sc, &neg, &other_chal), Err(Mismatch::Mic));
+            assert_eq!(
+                verify(&parsed, &hash, &sc, &neg, &other_chal),
+                Err(Mismatch::Mic)
+            );
             let mut wrong = hash;
             wrong[3] ^= 0x10;
-            assert_eq!(verify(&parsed, &wrong, &sc, &neg, &chal), Err(Mismatch::Response));
+            assert_eq!(
+                verify(&parsed, &wrong, &sc, &neg, &chal),
+                Err(Mismatch::Response)
+            );
         }
     }
 

@@ -261,6 +261,15 @@ impl Relay {
     /// A relay whose policy is the default one changed by `policy`, with `runtime_extra` lines
     /// appended to runtime.yaml.
     pub fn start_with(policy: impl FnOnce(&mut RelayConfig), runtime_extra: &str) -> Relay {
+        Relay::start_full(policy, |_| {}, runtime_extra)
+    }
+
+    /// [`Relay::start_with`], with the shared test credentials changed by `creds` too.
+    pub fn start_full(
+        policy: impl FnOnce(&mut RelayConfig),
+        creds: impl FnOnce(&mut Credentials),
+        runtime_extra: &str,
+    ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let ports = Ports {
             smtp: free_port(),
@@ -282,9 +291,11 @@ impl Relay {
         let mut cfg = relay_config(&r.ports, DEFAULT_RECIPIENTS);
         policy(&mut cfg);
         r.write_policy(&cfg);
+        let mut credentials = credentials();
+        creds(&mut credentials);
         write(
             &r.dir.path().join("credentials.yaml"),
-            &serde_norway::to_string(&credentials()).unwrap(),
+            &serde_norway::to_string(&credentials).unwrap(),
         );
         write(
             &r.dir.path().join("runtime.yaml"),
