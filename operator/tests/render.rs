@@ -442,6 +442,10 @@ fn ntlm_settings_that_cannot_work_are_warned_with_the_fix() {
         "SmtpService/ntlm: warning",
         "NtlmV1Allowed",
     ] {
-        assert!(o.stderr.contains(needle), "stderr lacks {needle:?}:\n{}", o.stderr);
+        assert!(
+            o.stderr.contains(needle),
+            "stderr lacks {needle:?}:\n{}",
+            o.stderr
+        );
     }
 }

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod handoff;
+pub mod ntlm;
 pub mod proxy;
 pub mod seeds;
 pub mod session;

@@ -12,7 +12,7 @@ use mailrelay_relay::proxy::{encode_v2, V2_SIGNATURE};
 use mailrelay_spool::fuzzing::{encode_envelope_record, encode_log_segment, encode_message_header};
 use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, MessageId, Recipient, RecipientStatus};
 
-use crate::{auth, handoff, session, spool};
+use crate::{auth, handoff, ntlm, session, spool};
 
 /// One seed file: target, file name, content.
 pub struct Seed {
@@ -43,6 +43,7 @@ pub fn all() -> Vec<Seed> {
     v.extend(proxy_seeds());
     v.extend(spool_seeds());
     v.extend(handoff_seeds());
+    v.extend(ntlm_seeds());
     v
 }
 
@@ -438,6 +439,54 @@ fn handoff_seeds() -> Vec<Seed> {
             "handoff",
             "mail-parameter-without-value",
             encode("MAIL FROM:<a@b.test> XWARNED", &none),
+        ),
+    ]
+}
+
+fn ntlm_seeds() -> Vec<Seed> {
+    use ntlm::{encode, BUILD, MIC, NO_INITIAL, OWN_NEGOTIATE, UNICODE, V1};
+    let own = OWN_NEGOTIATE | UNICODE | BUILD;
+    vec![
+        seed(
+            "ntlm",
+            "v2-mic-netbios-domain",
+            encode(NO_INITIAL | own | MIC, &[b"alerts\0EXAMPLE\0alerts-pass"]),
+        ),
+        seed(
+            "ntlm",
+            "v2-oem-upn",
+            encode(OWN_NEGOTIATE | BUILD, &[b"ops@other.test\0\0ops-other"]),
+        ),
+        seed(
+            "ntlm",
+            "v1-ess-backslash-user",
+            encode(own | V1, &[b"EXAMPLE\\alerts\0\0alerts-pass"]),
+        ),
+        seed(
+            "ntlm",
+            "dns-form-domain",
+            encode(own | MIC, &[b"alerts\0EXAMPLE.TEST\0alerts-pass"]),
+        ),
+        seed(
+            "ntlm",
+            "ambiguous-bare-user",
+            encode(own, &[b"ops\0\0ops-pass"]),
+        ),
+        seed(
+            "ntlm",
+            "two-factor",
+            encode(own | MIC, &[b"mfa\0example\0mfa-pass"]),
+        ),
+        seed(
+            "ntlm",
+            "raw-messages",
+            encode(
+                0,
+                &[
+                    b"NTLMSSP\0\x01\0\0\0\x07\x82\x08\xa2\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+                    b"NTLMSSP\0\x03\0\0\0\x18\0\x18\0\x40\0\0\0\x18\0\x18\0\x58\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\x05\x82\x88\xa0",
+                ],
+            ),
         ),
     ]
 }

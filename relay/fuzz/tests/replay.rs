@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mailrelay_fuzz::{auth, files, handoff, proxy, seeds, session, spool};
+use mailrelay_fuzz::{auth, files, handoff, ntlm, proxy, seeds, session, spool};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -63,6 +63,11 @@ fn handoff_corpus_replays() {
         replay("handoff", handoff::fuzz_one) > 0,
         "no handoff corpus"
     );
+}
+
+#[test]
+fn ntlm_corpus_replays() {
+    assert!(replay("ntlm", ntlm::fuzz_one) > 0, "no ntlm corpus");
 }
 
 #[test]

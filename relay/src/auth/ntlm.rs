@@ -439,9 +439,10 @@ fn check_mic(
     }
 }
 
-/// A client side of the exchange, for tests: NTLMv2 (with a MIC and key exchange when
-/// `with_mic`) or NTLMv1.
-#[cfg(test)]
+/// A client side of the exchange, for the tests and the fuzz harness (which builds valid
+/// messages around fuzzed names): NTLMv2 (with a MIC and key exchange when `with_mic`) or
+/// NTLMv1. Not used by the relay itself.
+#[doc(hidden)]
 pub mod client {
     use super::*;
 
@@ -472,13 +473,13 @@ pub mod client {
         let chal_flags = u32_at(challenge_raw, 20).unwrap_or(0);
         let unicode = chal_flags & flags::UNICODE != 0;
         let mut server_challenge = [0u8; 8];
-        server_challenge.copy_from_slice(&challenge_raw[24..32]);
+        if let Some(c) = challenge_raw.get(24..32) {
+            server_challenge.copy_from_slice(c);
+        }
         let target_info = buffer(challenge_raw, 40).unwrap_or(&[]).to_vec();
         let nt_hash: [u8; 16] = {
             let h = mailrelay_crds::verifier::nt_hash(o.password);
-            let mut a = [0; 16];
-            a.copy_from_slice(&hex::decode(h.expose()).unwrap_or_default());
-            a
+            <[u8; 16]>::try_from(hex::decode(h.expose()).unwrap_or_default()).unwrap_or([0; 16])
         };
         let client_challenge = [0xaa; 8];
         let (lm, nt, base_key) = if o.v1 {
@@ -498,7 +499,7 @@ pub mod client {
             while rest.len() >= 4 {
                 let id = u16::from_le_bytes([rest[0], rest[1]]);
                 let len = usize::from(u16::from_le_bytes([rest[2], rest[3]]));
-                if id == av::EOL {
+                if id == av::EOL || rest.len() < 4 + len {
                     break;
                 }
                 info.extend_from_slice(&rest[..4 + len]);
@@ -554,7 +555,9 @@ pub mod client {
         }
         if o.with_mic && !o.v1 {
             let mic = hmac_md5(&exported, &[negotiate_raw, challenge_raw, &m]);
-            m[MIC_OFFSET..MIC_OFFSET + 16].copy_from_slice(&mic);
+            if let Some(field) = m.get_mut(MIC_OFFSET..MIC_OFFSET + 16) {
+                field.copy_from_slice(&mic);
+            }
         }
         m
     }
