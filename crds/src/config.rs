@@ -180,8 +180,8 @@ pub struct DomainPolicy {
     /// domain; a domain without it takes no NTLM logins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub windows_nt_domain: Option<String>,
-    /// Kerberos realm for GSSAPI. Carried for Kerberos support; the relay does not offer GSSAPI
-    /// yet and ignores it.
+    /// Kerberos realm for GSSAPI: a client principal `user@<realm>` is the account
+    /// `user@<domain>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kerberos_realm: Option<String>,
 }
@@ -240,6 +240,11 @@ pub enum Mechanism {
     /// domains with a `windows_nt_domain` have one.
     #[serde(rename = "NTLM")]
     Ntlm,
+    /// Kerberos V5 via GSSAPI (RFC 4752) with the service's keytab
+    /// ([`Credentials::keytabs`]); the client principal's realm picks the mail domain
+    /// (`kerberos_realm`). Only in relays built with the `gssapi` feature.
+    #[serde(rename = "GSSAPI")]
+    Gssapi,
 }
 
 impl Mechanism {
@@ -251,6 +256,7 @@ impl Mechanism {
             Mechanism::ScramSha256 => "SCRAM-SHA-256",
             Mechanism::CramMd5 => "CRAM-MD5",
             Mechanism::Ntlm => "NTLM",
+            Mechanism::Gssapi => "GSSAPI",
         }
     }
 
@@ -289,6 +295,10 @@ pub struct AuthPolicy {
     /// NTLM accepts NTLMv1 responses (DES over the NT hash, crackable offline) besides NTLMv2.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_ntlm_v1: bool,
+    /// The Kerberos service principal GSSAPI clients must ask for (`smtp/<host>@<REALM>`);
+    /// `None` = any principal whose key is in the service's keytab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gssapi_principal: Option<String>,
 }
 
 /// Failed-login throttling of a listener. The counters and blocks themselves are relay-wide.
@@ -608,6 +618,9 @@ pub struct Credentials {
     /// Credentials for relay hosts, by `DeliveryRule` name.
     #[serde(default)]
     pub relay_auth: BTreeMap<String, RelayAuth>,
+    /// Kerberos keytabs (MIT keytab file bytes, base64) by service name, for GSSAPI.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub keytabs: BTreeMap<String, SecretString>,
 }
 
 impl Credentials {

@@ -158,6 +158,7 @@ mod tests {
                 allow_plaintext_without_tls: false,
                 brute_force: Default::default(),
                 allow_ntlm_v1: false,
+                gssapi_principal: None,
             },
             allowed_from: vec![],
             relay_control: RelayControl::Open,

@@ -222,6 +222,15 @@ pub fn load(
     // Before anything else is judged: half of a new policy is not an invalid one.
     check_pair(&config, &credentials)?;
     validate(&config, &credentials)?;
+    if !cfg!(feature = "gssapi") {
+        for svc in config.services.iter().filter(|s| {
+            s.auth
+                .mechanisms
+                .contains(&mailrelay_crds::config::Mechanism::Gssapi)
+        }) {
+            tracing::warn!(service = %svc.name, "the policy offers GSSAPI on this service, but this relay was built without Kerberos support (cargo feature gssapi): GSSAPI is not offered; use an image built with it");
+        }
+    }
     let mut certs = BTreeMap::new();
     let mut missing_certs: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for svc in &config.services {

@@ -5,7 +5,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{name_list_schema, name_schema, plain_string_enum, PolicyStatus};
+use super::common::{name_list_schema, name_schema, plain_string_enum, PolicyStatus, SecretKeyRef};
 
 /// An SMTP listener of the relay and its policy.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -182,6 +182,9 @@ pub struct AuthenticationSpec {
     /// NTLM settings; used when `mechanisms` lists `NTLM`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ntlm: Option<NtlmSpec>,
+    /// GSSAPI settings; needed when `mechanisms` lists `GSSAPI`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gssapi: Option<GssapiSpec>,
 }
 
 /// Failed-login throttling for a listener.
@@ -267,6 +270,26 @@ pub enum MechanismSpec {
     /// relay's credentials Secret. NTLMv2 only unless `ntlm.allowNtlmV1`.
     #[serde(rename = "NTLM")]
     Ntlm,
+    /// Kerberos V5 (RFC 4752), for domain-joined clients with a ticket: needs
+    /// `authentication.gssapi.keytabSecretRef` and `kerberosRealm` on the MailDomains whose
+    /// accounts use it. Only relays built with GSSAPI support offer it (see the README).
+    #[serde(rename = "GSSAPI")]
+    Gssapi,
+}
+
+/// GSSAPI (Kerberos) settings of a listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GssapiSpec {
+    /// The Secret holding the service's keytab (MIT keytab file; key default `krb5.keytab`),
+    /// e.g. from `ktutil` or `kadmin ktadd smtp/mail.example.com`. The operator copies it into
+    /// the relay's credentials Secret.
+    pub keytab_secret_ref: SecretKeyRef,
+    /// The service principal clients must ask for, e.g. `smtp/mail.example.com@EXAMPLE.COM`.
+    /// Default: any principal whose key is in the keytab.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub service_principal: Option<String>,
 }
 
 /// NTLM settings of a listener.

@@ -10,6 +10,7 @@
 
 mod accounts;
 mod ipgroups;
+mod keytabs;
 pub mod previous;
 mod report;
 mod rules;
@@ -388,6 +389,15 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
         }
     }
 
+    let mut services = services;
+    let keytabs = keytabs::compile(
+        &ctx,
+        &inputs.smtp_services,
+        &mut services,
+        &domains,
+        &mut reports,
+    );
+
     // 4. Delivery rules.
     let (delivery_rules, relay_auth, rule_reports) =
         rules::compile(&ctx, &inputs.delivery_rules, prev);
@@ -412,6 +422,7 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
         config_hash: None,
         accounts,
         relay_auth,
+        keytabs,
     };
     let hash = content_hash(&config, &credentials);
     // Both files carry the hash, so the relay can tell a pair written together from one half

@@ -55,6 +55,18 @@ impl<'a> SecretStore<'a> {
         ))
     }
 
+    /// The raw bytes of `key` (binary values such as keytabs), or a message naming the Secret.
+    pub fn get_bytes(&self, name: &str, key: &str) -> Result<Vec<u8>, String> {
+        let s = self
+            .by_name
+            .get(name)
+            .ok_or_else(|| format!("Secret {name:?} does not exist in this namespace"))?;
+        if let Some(v) = s.data.as_ref().and_then(|d| d.get(key)) {
+            return Ok(v.0.clone());
+        }
+        self.get(name, key).map(String::into_bytes)
+    }
+
     /// Like [`Self::get`] but a missing key is `None` (other errors stay errors).
     pub fn get_optional(&self, name: &str, key: &str) -> Result<Option<String>, String> {
         let s = self

@@ -192,6 +192,7 @@ fn compile_one(
                 MechanismSpec::ScramSha256 => Mechanism::ScramSha256,
                 MechanismSpec::CramMd5 => Mechanism::CramMd5,
                 MechanismSpec::Ntlm => Mechanism::Ntlm,
+                MechanismSpec::Gssapi => Mechanism::Gssapi,
             })
             .collect()
     };
@@ -363,6 +364,8 @@ fn compile_one(
             allow_plaintext_without_tls: auth_spec.allow_plaintext_without_tls,
             brute_force,
             allow_ntlm_v1,
+            // Set with the keytab, which lives in the credentials (`keytabs`).
+            gssapi_principal: None,
         },
         allowed_from: s.allowed_from.clone(),
         relay_control,

@@ -1,6 +1,7 @@
 //! SMTP AUTH server side: PLAIN and LOGIN via rsasl, SCRAM-SHA-256 (RFC 5802/7677), a small
-//! CRAM-MD5 (legacy, only when a service enables it) and NTLM ([MS-SMTPNTLM], the [`ntlm`]
-//! module) implemented here, checked against the compiled verifiers, then the account's access
+//! CRAM-MD5 (legacy, only when a service enables it), NTLM ([MS-SMTPNTLM], the [`ntlm`]
+//! module) and, with the `gssapi` feature, Kerberos (RFC 4752, the `gssapi` module) implemented
+//! here, checked against the compiled verifiers, then the account's access
 //! policy. Every outcome is precise
 //! ([`AuthFailure`]) for the security log, while the client only ever sees the generic
 //! `535 5.7.8`. Steps are blocking (argon2) and must run off the async executor.
@@ -29,6 +30,8 @@ use rsasl::validate::{Validate, Validation, ValidationError};
 
 use crate::snapshot::Snapshot;
 
+#[cfg(feature = "gssapi")]
+pub mod gssapi;
 pub mod ntlm;
 
 /// Why an authentication failed. `Display` is the security-log text; it never contains secrets.
@@ -68,6 +71,22 @@ pub enum AuthFailure {
     },
     /// NTLM: an NTLMv1 response where the service accepts only NTLMv2.
     NtlmV1Refused(String),
+    /// GSSAPI: the ticket was not accepted (`label`: expired, wrong service key, replay,
+    /// malformed); `detail` has MIT's text.
+    Kerberos {
+        label: &'static str,
+        detail: String,
+    },
+    /// GSSAPI: a valid ticket from a realm no mail domain has as `kerberos_realm`.
+    KerberosRealmInvalid {
+        principal: String,
+        realm: String,
+    },
+    /// GSSAPI: a valid ticket, but its principal is no account.
+    KerberosNoAccount {
+        principal: String,
+        login: String,
+    },
     /// A SASL library failed internally (a panic, contained); the client gets `454 4.7.0`.
     Internal(String),
 }
@@ -82,6 +101,9 @@ impl AuthFailure {
             | AuthFailure::NoVerifier(u, _)
             | AuthFailure::AuthzidMismatch(u)
             | AuthFailure::NtlmV1Refused(u) => Some(u),
+            AuthFailure::KerberosRealmInvalid { principal, .. } => Some(principal),
+            AuthFailure::KerberosNoAccount { login, .. } => Some(login),
+            AuthFailure::Kerberos { .. } => None,
             AuthFailure::NtDomainInvalid { user, .. }
             | AuthFailure::NtlmDomainDisabled { user, .. }
             | AuthFailure::NtlmAmbiguous { user, .. } => Some(user),
@@ -118,6 +140,9 @@ impl AuthFailure {
             AuthFailure::NtlmDomainDisabled { .. } => "ntlm_domain_disabled",
             AuthFailure::NtlmAmbiguous { .. } => "ntlm_ambiguous_user",
             AuthFailure::NtlmV1Refused(_) => "ntlm_v1_refused",
+            AuthFailure::Kerberos { label, .. } => label,
+            AuthFailure::KerberosRealmInvalid { .. } => "kerberos_realm_invalid",
+            AuthFailure::KerberosNoAccount { .. } => "unknown_user",
             AuthFailure::Internal(_) => "internal_error",
         }
     }
@@ -164,6 +189,15 @@ impl fmt::Display for AuthFailure {
                 f,
                 "NTLM user {user:?} without an NT domain matches several accounts ({}); the client must send DOMAIN\\{user} or {user}@<mail domain>",
                 logins.join(", ")
+            ),
+            AuthFailure::Kerberos { detail, .. } => write!(f, "Kerberos: {detail}"),
+            AuthFailure::KerberosRealmInvalid { principal, realm } => write!(
+                f,
+                "Kerberos principal {principal} is in realm {realm}, which no MailDomain has as kerberosRealm"
+            ),
+            AuthFailure::KerberosNoAccount { principal, login } => write!(
+                f,
+                "Kerberos principal {principal} authenticated, but there is no account {login:?}"
             ),
             AuthFailure::NtlmV1Refused(u) => write!(
                 f,
@@ -218,6 +252,79 @@ impl AuthContext {
             }
         }
         Ok(login)
+    }
+
+    /// The acceptor credential of this service (its keytab from the credentials).
+    #[cfg(feature = "gssapi")]
+    fn gssapi_cred(&self) -> Result<gssapi::ServiceCred, String> {
+        let keytab = self
+            .snapshot
+            .credentials
+            .keytabs
+            .get(&self.service)
+            .ok_or_else(|| format!("service {:?} has no keytab", self.service))?;
+        let principal = self
+            .snapshot
+            .config
+            .services
+            .iter()
+            .find(|s| s.name == self.service)
+            .and_then(|s| s.auth.gssapi_principal.as_deref());
+        gssapi::service_cred(&self.service, keytab.expose(), principal)
+    }
+
+    /// The account a Kerberos principal `user@REALM` is: `user@<domain>` of the mail domain
+    /// whose `kerberos_realm` is `REALM` (exactly, realms are case-sensitive). An authorization
+    /// identity, when given, must be that account.
+    pub fn kerberos_account(
+        &self,
+        principal: &str,
+        authzid: Option<&str>,
+    ) -> Result<String, AuthFailure> {
+        let (user, realm) = principal.rsplit_once('@').unwrap_or((principal, ""));
+        let domains: Vec<&str> = self
+            .snapshot
+            .config
+            .domains
+            .iter()
+            .filter(|d| d.kerberos_realm.as_deref() == Some(realm))
+            .map(|d| d.domain.as_str())
+            .collect();
+        if domains.is_empty() {
+            return Err(AuthFailure::KerberosRealmInvalid {
+                principal: principal.to_string(),
+                realm: realm.to_string(),
+            });
+        }
+        let found: Vec<&Account> = domains
+            .iter()
+            .filter_map(|d| self.snapshot.credentials.account(&format!("{user}@{d}")))
+            .collect();
+        let account = match found.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(AuthFailure::KerberosNoAccount {
+                    principal: principal.to_string(),
+                    login: format!("{user}@{}", domains.join("|")),
+                })
+            }
+            many => {
+                return Err(AuthFailure::KerberosNoAccount {
+                    principal: principal.to_string(),
+                    login: format!(
+                        "one of {} (several MailDomains share the realm; give them distinct kerberosRealm values)",
+                        many.iter().map(|a| a.login.as_str()).collect::<Vec<_>>().join(", ")
+                    ),
+                })
+            }
+        };
+        if account.mfa {
+            return Err(AuthFailure::MfaAppPasswordRequired(account.login.clone()));
+        }
+        if authzid.is_some_and(|z| !z.eq_ignore_ascii_case(&account.login)) {
+            return Err(AuthFailure::AuthzidMismatch(account.login.clone()));
+        }
+        self.access(account)
     }
 
     /// The account an NTLM user and NT domain name, as the client sent them. `DOMAIN\user`
@@ -384,6 +491,12 @@ enum Inner {
         challenge: String,
     },
     Ntlm(NtlmState),
+    /// GSSAPI: `None` until the first client message (the acceptor is made on the blocking
+    /// pool, where reading the keytab belongs). In a mutex only because a GSS context may move
+    /// between threads but not be shared, and the session holding the exchange must be `Sync`;
+    /// it is only ever reached through `&mut`.
+    #[cfg(feature = "gssapi")]
+    Gssapi(Option<Box<std::sync::Mutex<gssapi::Acceptor>>>),
     /// Success data was sent as a challenge (SCRAM server-final); the empty reply completes it.
     PendingSuccess(String),
     Done,
@@ -447,6 +560,14 @@ impl Exchange {
             }
             Mechanism::ScramSha256 => Inner::Scram(ScramState::First { prompted: false }),
             Mechanism::Ntlm => Inner::Ntlm(NtlmState::Negotiate { prompted: false }),
+            #[cfg(feature = "gssapi")]
+            Mechanism::Gssapi => Inner::Gssapi(None),
+            #[cfg(not(feature = "gssapi"))]
+            Mechanism::Gssapi => {
+                return Err(AuthFailure::Internal(
+                    "this relay was built without GSSAPI (cargo feature gssapi)".into(),
+                ))
+            }
             m => {
                 let config = SASLConfig::builder()
                     .with_defaults()
@@ -535,6 +656,15 @@ impl Exchange {
                 }
                 Some(resp) => self.cram_md5(&challenge, resp),
             },
+            #[cfg(feature = "gssapi")]
+            Inner::Gssapi(acceptor) => {
+                if input.is_some() {
+                    self.responses += 1;
+                }
+                let mechanism = self.mechanism;
+                contain(mechanism, || self.gssapi_step(acceptor, input))
+                    .unwrap_or_else(Step::Failure)
+            }
             Inner::Ntlm(state) => {
                 if input.is_some() {
                     self.responses += 1;
@@ -678,6 +808,64 @@ impl Exchange {
                     Err(f) => Step::Failure(f),
                 }
             }
+        }
+    }
+
+    /// One GSSAPI message: the acceptor (made at the first message, from the service's keytab)
+    /// runs RFC 4752; its outcome, a client principal, is mapped to an account.
+    #[cfg(feature = "gssapi")]
+    fn gssapi_step(
+        &mut self,
+        acceptor: Option<Box<std::sync::Mutex<gssapi::Acceptor>>>,
+        input: Option<&[u8]>,
+    ) -> Step {
+        let mut acceptor = match (acceptor, input) {
+            (None, None) => {
+                // Client-first: an empty challenge asks for the AP-REQ.
+                self.inner = Inner::Gssapi(None);
+                return Step::Challenge(Vec::new());
+            }
+            (Some(a), Some(_)) => a,
+            (None, Some(_)) => match self.ctx.gssapi_cred() {
+                Ok(cred) => Box::new(std::sync::Mutex::new(gssapi::Acceptor::with_cred(&cred))),
+                Err(e) => return Step::Failure(AuthFailure::Internal(e)),
+            },
+            (Some(_), None) => {
+                return Step::Failure(AuthFailure::Malformed(
+                    "GSSAPI step without a client message".into(),
+                ))
+            }
+        };
+        let Some(input) = input else {
+            return Step::Failure(AuthFailure::Malformed("no client message".into()));
+        };
+        let stepped = match acceptor.get_mut() {
+            Ok(a) => a.step(input),
+            Err(_) => return Step::Failure(AuthFailure::Internal("GSSAPI state poisoned".into())),
+        };
+        match stepped {
+            Ok(gssapi::GssStep::Challenge(c)) => {
+                self.inner = Inner::Gssapi(Some(acceptor));
+                Step::Challenge(c)
+            }
+            Ok(gssapi::GssStep::Done { principal, authzid }) => {
+                match self.ctx.kerberos_account(&principal, authzid.as_deref()) {
+                    Ok(login) => Step::Success(login),
+                    Err(f) => Step::Failure(f),
+                }
+            }
+            Err(e) => Step::Failure(match e {
+                gssapi::GssFailure::Other(d) => AuthFailure::Internal(format!("Kerberos: {d}")),
+                e => AuthFailure::Kerberos {
+                    label: match e {
+                        gssapi::GssFailure::Expired(_) => "ticket_expired",
+                        gssapi::GssFailure::WrongServiceKey(_) => "wrong_service_key",
+                        gssapi::GssFailure::Replay(_) => "replayed_token",
+                        _ => "malformed",
+                    },
+                    detail: e.to_string(),
+                },
+            }),
         }
     }
 

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use mailrelay_crds::config::{Protocol, ServicePolicy};
+use mailrelay_crds::config::{Mechanism, Protocol, ServicePolicy};
 use mailrelay_spool::{Body, DsnNotify, DsnRet, Envelope, Incoming, Recipient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, warn};
@@ -620,7 +620,15 @@ pub(super) fn session_config(
         max_failed_commands: service.limits.max_failed_commands,
         max_received_headers: service.limits.max_received_headers,
         auth_mode: service.auth.mode,
-        mechanisms: service.auth.mechanisms.clone(),
+        // A relay built without Kerberos support cannot offer what the policy asks for; the
+        // policy load says so in the log.
+        mechanisms: service
+            .auth
+            .mechanisms
+            .iter()
+            .copied()
+            .filter(|m| *m != Mechanism::Gssapi || cfg!(feature = "gssapi"))
+            .collect(),
         allow_plaintext_without_tls: service.auth.allow_plaintext_without_tls,
     }
 }

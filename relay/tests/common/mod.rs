@@ -173,6 +173,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
         allow_plaintext_without_tls: false,
         brute_force: BruteForce::default(),
         allow_ntlm_v1: false,
+        gssapi_principal: None,
     };
     let limits = Limits {
         max_recipients_per_message: Some(5),
