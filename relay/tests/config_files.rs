@@ -38,6 +38,7 @@ fn empty_relay(runtime_extra: &str) -> Relay {
         ca: Ca::new(),
         child: None,
         cert_der: vec![],
+        env: vec![],
     }
 }
 

@@ -44,7 +44,7 @@ fn with_nt_hashes(c: &mut Credentials) {
 }
 
 fn start(max_failures: u32) -> Relay {
-    Relay::start_full(ntlm_policy(max_failures), with_nt_hashes, "")
+    Relay::start_full(ntlm_policy(max_failures), with_nt_hashes, "", &[])
 }
 
 fn ca_pem(relay: &Relay) -> std::path::PathBuf {

@@ -356,6 +356,7 @@ fn start_with_files(runtime_extra: &str, files: &[(&str, String)]) -> common::Re
         ca: common::Ca::new(),
         child: None,
         cert_der: vec![],
+        env: vec![],
     };
     r.write_cert("first");
     r.write_policy(&common::relay_config(&r.ports, common::DEFAULT_RECIPIENTS));

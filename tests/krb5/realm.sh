@@ -48,7 +48,7 @@
 # valid".
 # `realm.sh expired-ticket DIR [NAME]` does all of this (and installs faketime if missing): NAME
 # (default carol, password NAME-pass, maxlife 5s; created if missing) gets a ticket and a
-# smtp/localhost service ticket in $KRB5CCNAME (default DIR/ccache), the script waits until the
+# service ticket for $KRB5_EXPIRED_SERVICE (default smtp/localhost@REALM) in $KRB5CCNAME (default DIR/ccache), the script waits until the
 # server sees them expired, and prints for eval the clock to give the client:
 #   eval "$(tests/krb5/realm.sh expired-ticket "$dir")"
 #   faketime -f "$KRB5_EXPIRED_CLIENT_TIME" curl ... --login-options AUTH=GSSAPI -u : ...
@@ -151,6 +151,7 @@ addprinc() { # NAME PASSWORD [MAXLIFE]
 
 expired_ticket() { # [NAME]
   local name=${1:-carol} cc=${KRB5CCNAME:-FILE:$DIR/ccache} t1
+  local svc=${KRB5_EXPIRED_SERVICE:-smtp/localhost@$REALM}
   if ! command -v faketime >/dev/null; then
     log "installing faketime"
     as_root apt-get update -qq >&2
@@ -161,8 +162,8 @@ expired_ticket() { # [NAME]
   addprinc "$name" "$name-pass" 5s
   echo "$name-pass" | KRB5CCNAME=$cc kinit "$name@$REALM" >/dev/null 2>"$DIR/expired.err" \
     || { cat "$DIR/expired.err" >&2; die "kinit $name@$REALM failed"; }
-  KRB5CCNAME=$cc kvno "smtp/localhost@$REALM" >/dev/null 2>>"$DIR/expired.err" \
-    || { cat "$DIR/expired.err" >&2; die "kvno smtp/localhost@$REALM failed"; }
+  KRB5CCNAME=$cc kvno "$svc" >/dev/null 2>>"$DIR/expired.err" \
+    || { cat "$DIR/expired.err" >&2; die "kvno $svc failed"; }
   t1=$(date +%s)
   # Both tickets end by t1 + 1 + 5 (whole seconds); the acceptor forgives SKEW more.
   log "waiting $((7 + SKEW)) s for $name's 5 s tickets to expire (clockskew $SKEW)"

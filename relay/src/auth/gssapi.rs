@@ -230,7 +230,7 @@ pub enum GssFailure {
     /// Not a Kerberos token, a token for another mechanism, a tampered or truncated message, or an
     /// RFC 4752 protocol violation (bad layer choice, authzid not UTF-8, message after the end).
     Malformed(String),
-    /// Anything else (keytab unreadable, out of memory, ...).
+    /// The relay's side: the service credential (keytab) cannot be used.
     Other(String),
 }
 
@@ -398,13 +398,16 @@ fn classify(e: &GssError, what: &str) -> GssFailure {
         GssFailure::Expired(text)
     } else if e.major.contains(MajorFlags::GSS_S_DUPLICATE_TOKEN) {
         GssFailure::Replay(text)
-    } else if is(MajorFlags::GSS_S_DEFECTIVE_TOKEN)
-        || is(MajorFlags::GSS_S_BAD_SIG)
-        || is(MajorFlags::GSS_S_BAD_MECH)
+    } else if is(MajorFlags::GSS_S_NO_CRED)
+        || is(MajorFlags::GSS_S_DEFECTIVE_CREDENTIAL)
+        || is(MajorFlags::GSS_S_UNAVAILABLE)
     {
-        GssFailure::Malformed(text)
-    } else {
+        // The relay's own credential: the keytab cannot be used.
         GssFailure::Other(text)
+    } else {
+        // Everything else went wrong with what the client sent (a token that is no Kerberos
+        // AP-REQ gets a bare GSS_S_FAILURE from the mechanism glue).
+        GssFailure::Malformed(text)
     }
 }
 

@@ -55,6 +55,7 @@ fn start_once(runtime_extra: &str, edit: &impl Fn(&mut RelayConfig, &Ports)) -> 
         ca: Ca::new(),
         child: None,
         cert_der: vec![],
+        env: vec![],
     };
     r.write_cert("first");
     let mut cfg = relay_config(&r.ports, DEFAULT_RECIPIENTS);

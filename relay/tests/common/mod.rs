@@ -135,6 +135,7 @@ pub fn credentials() -> Credentials {
                 config_hash: None,
                 accounts: vec![account(USER, PASSWORD), mfa, submit, bound],
                 relay_auth: BTreeMap::new(),
+                keytabs: BTreeMap::new(),
             }
         })
         .clone()
@@ -250,6 +251,8 @@ pub struct Relay {
     pub ca: Ca,
     pub child: Option<Child>,
     pub cert_der: Vec<u8>,
+    /// Extra environment of the relay process.
+    pub env: Vec<(String, String)>,
 }
 
 pub const DEFAULT_RECIPIENTS: &[&str] = &["alice", "relay-user", "mfa-user", "script", "bound"];
@@ -262,14 +265,16 @@ impl Relay {
     /// A relay whose policy is the default one changed by `policy`, with `runtime_extra` lines
     /// appended to runtime.yaml.
     pub fn start_with(policy: impl FnOnce(&mut RelayConfig), runtime_extra: &str) -> Relay {
-        Relay::start_full(policy, |_| {}, runtime_extra)
+        Relay::start_full(policy, |_| {}, runtime_extra, &[])
     }
 
-    /// [`Relay::start_with`], with the shared test credentials changed by `creds` too.
+    /// [`Relay::start_with`], with the shared test credentials changed by `creds` too, and `env`
+    /// added to the relay process's environment.
     pub fn start_full(
         policy: impl FnOnce(&mut RelayConfig),
         creds: impl FnOnce(&mut Credentials),
         runtime_extra: &str,
+        env: &[(&str, &str)],
     ) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let ports = Ports {
@@ -287,6 +292,10 @@ impl Relay {
             ca,
             child: None,
             cert_der: vec![],
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         r.write_cert("first");
         let mut cfg = relay_config(&r.ports, DEFAULT_RECIPIENTS);
@@ -362,6 +371,7 @@ impl Relay {
             .arg("--config")
             .arg(self.dir.path())
             .env("RUST_LOG", "debug,rustls=info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
