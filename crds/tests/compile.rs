@@ -476,3 +476,93 @@ fn ntlm_hashes_only_where_ntlm_can_use_them_and_every_cause_of_failure_is_warned
     assert!(v1.config.services[0].auth.allow_ntlm_v1);
     assert_eq!(hash(&v1, "alerts@example.com"), None);
 }
+
+/// GSSAPI: the keytab from the SmtpService's Secret goes into the credentials (base64), the
+/// service principal into the policy; a missing or non-keytab Secret keeps the service up
+/// without GSSAPI and says why; no kerberosRealm anywhere is warned.
+#[test]
+fn gssapi_keytabs_reach_the_credentials_or_the_service_says_why_not() {
+    use base64::Engine as _;
+    use k8s_openapi::ByteString;
+    use mailrelay_crds::config::Mechanism;
+    let svc: SmtpService = obj("apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: sub}\nspec: {port: 587, protocol: Submission, tls: {secretName: c}, authentication: {mechanisms: [PLAIN, GSSAPI], gssapi: {keytabSecretRef: {name: kt}, servicePrincipal: smtp/mail.example.com@EXAMPLE.COM}}}");
+    let keytab = vec![0x05, 0x02, 0, 0, 0, 0x40, 1, 2, 3];
+    let kt_secret = |bytes: Vec<u8>| Secret {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("kt".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "krb5.keytab".to_string(),
+            ByteString(bytes),
+        )])),
+        ..Default::default()
+    };
+    let md: MailDomain = obj("apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: ex}\nspec: {domain: example.com, kerberosRealm: EXAMPLE.COM, recipients: {acceptAll: true}}");
+    let c = compile(
+        &Inputs {
+            smtp_services: vec![svc.clone()],
+            mail_domains: vec![md],
+            secrets: vec![kt_secret(keytab.clone())],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!c.report.has_errors(), "{:?}", c.report.lines());
+    let auth = &c.config.services[0].auth;
+    assert_eq!(auth.mechanisms, [Mechanism::Plain, Mechanism::Gssapi]);
+    assert_eq!(
+        auth.gssapi_principal.as_deref(),
+        Some("smtp/mail.example.com@EXAMPLE.COM")
+    );
+    let stored = c.credentials.keytabs.get("sub").expect("keytab");
+    assert_eq!(
+        base64::engine::general_purpose::STANDARD
+            .decode(stored.expose())
+            .ok(),
+        Some(keytab.clone())
+    );
+    assert!(!serde_norway::to_string(&c.config)
+        .unwrap()
+        .contains("keytab:"));
+
+    for (secrets, needle) in [
+        (vec![], "does not exist"),
+        (
+            vec![kt_secret(b"not a keytab".to_vec())],
+            "not a keytab file",
+        ),
+    ] {
+        let c = compile(
+            &Inputs {
+                smtp_services: vec![svc.clone()],
+                secrets,
+                ..Default::default()
+            },
+            None,
+        );
+        assert_eq!(c.config.services.len(), 1, "the service stays");
+        assert_eq!(c.config.services[0].auth.mechanisms, [Mechanism::Plain]);
+        assert!(c.credentials.keytabs.is_empty());
+        let r = c.report.get(Kind::SmtpService, "sub").expect("report");
+        let p = r
+            .problems
+            .iter()
+            .find(|p| p.reason == "KeytabUnusable")
+            .expect("KeytabUnusable");
+        assert_eq!(p.severity, Severity::Degraded);
+        assert!(p.message.contains(needle), "{}", p.message);
+    }
+
+    // A keytab but no MailDomain with a realm.
+    let c = compile(
+        &Inputs {
+            smtp_services: vec![svc],
+            secrets: vec![kt_secret(keytab)],
+            ..Default::default()
+        },
+        None,
+    );
+    let r = c.report.get(Kind::SmtpService, "sub").expect("report");
+    assert!(r.warnings().any(|w| w.reason == "NoKerberosRealm"));
+}

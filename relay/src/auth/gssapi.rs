@@ -59,8 +59,9 @@ const KRB5_KT_KVNONOTFOUND: i32 = -1765328154;
 const KRB5_RC_REPLAY: i32 = -1765328221;
 
 /// The service's acceptor credential: the keytab (and optionally the one principal in it that
-/// clients must ask for). Cheap to clone (reference counted), `Send + Sync`: acquire it once at
-/// startup (a missing or empty keytab fails here, loudly) and give each connection an [`Acceptor`].
+/// clients must ask for). Cheap to clone (reference counted), `Send + Sync`: acquired once per
+/// keytab ([`service_cred`]; a missing or empty keytab fails there, loudly), and each AUTH gets
+/// an [`Acceptor`] from it.
 #[derive(Clone)]
 pub struct ServiceCred {
     cred: Cred,
@@ -68,10 +69,11 @@ pub struct ServiceCred {
 }
 
 impl ServiceCred {
-    /// As [`ServiceCred::acquire`], with MIT's replay cache named explicitly (cred store key
-    /// `rcache`): e.g. `Some("file2:/var/spool/relay/krb5.rcache")`, or `Some("none:")` to
-    /// disable replay detection. `None` = MIT's default, `$KRB5RCACHEDIR/krb5_<uid>.rcache2`
-    /// (default dir `/var/tmp`), which must be writable.
+    /// The credential for the keys in the keytab file `keytab` (only `principal`'s, when given:
+    /// e.g. `smtp/mx.example.com@EXAMPLE.COM`), with MIT's replay cache named explicitly (cred
+    /// store key `rcache`, e.g. `file2:/run/relay/krb5.rcache2`; `none:` disables replay
+    /// detection). `None` = MIT's default, `$KRB5RCACHEDIR/krb5_<uid>.rcache2` (default directory
+    /// `/var/tmp`), which must be writable.
     pub fn acquire_with_rcache(
         keytab: &Path,
         principal: Option<&str>,
