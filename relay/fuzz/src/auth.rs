@@ -302,8 +302,8 @@ fn legitimate(mech: Mechanism, sent: &[Vec<u8>], client: &Client, login: &str) -
         }),
         Mechanism::Login => sent.iter().any(|m| ok(m)),
         Mechanism::ScramSha256 | Mechanism::CramMd5 => client.proved,
-        // The `ntlm` target covers NTLM; this one never starts it.
-        Mechanism::Ntlm => false,
+        // The `ntlm` target covers NTLM; GSSAPI is MIT's parser. This target starts neither.
+        Mechanism::Ntlm | Mechanism::Gssapi => false,
     }
 }
 
