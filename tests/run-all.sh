@@ -36,6 +36,9 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
 fi
 
+# NTLM's Windows-like client (relay/tests/ntlm_client.py).
+python3 -c 'import spnego' 2>/dev/null || python3 -m pip install -q pyspnego
+
 # kubectl and helm, pinned, into a cache directory.
 PATH="$(tests/tools/install-k8s-tools.sh):$PATH"
 export PATH

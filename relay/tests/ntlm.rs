@@ -1,4 +1,5 @@
-//! NTLM over SMTP AUTH with real clients: curl (NTLMv2, `--login-options AUTH=NTLM`) and swaks
+//! NTLM over SMTP AUTH with real clients: curl (NTLMv2, `--login-options AUTH=NTLM`), pyspnego
+//! (NTLMv2 with key exchange and a MIC, as Windows sends it; `tests/ntlm_client.py`) and swaks
 //! with Authen::NTLM (which sends NTLMv1), against the relay binary with STARTTLS and implicit
 //! TLS. Each refusal is checked for its exact security-log line (the ones the NTLM
 //! troubleshooting guide quotes).
@@ -290,4 +291,63 @@ fn failed_ntlm_logins_count_towards_the_brute_force_block() {
     let (code, _) = c.reply();
     assert_eq!(code, 421);
     assert_eq!(queued_for(&mut relay, "someone@elsewhere.example"), 0);
+}
+
+/// pyspnego's NTLM behaves like Windows' SSPI: NTLMv2 with key exchange and a MIC over all three
+/// messages, so this is the independent check of the MIC (curl sends none).
+#[test]
+fn windows_like_ntlm_with_a_mic_authenticates() {
+    let have_spnego = Command::new("python3")
+        .args(["-c", "import spnego"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_spnego {
+        missing_peer(
+            "pyspnego (python3 -m pip install pyspnego)",
+            "python3 -m pip install pyspnego",
+        );
+        return;
+    }
+    let relay = start(100);
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ntlm_client.py");
+    let ca = ca_pem(&relay);
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([
+            "relay.example.test",
+            "127.0.0.1",
+            &relay.ports.submission.to_string(),
+        ])
+        .arg(&ca)
+        .args([&format!("{NT_DOMAIN}\\relay-user"), PASSWORD])
+        .output()
+        .expect("run ntlm_client.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        relay.log()
+    );
+    assert!(stdout.starts_with("235 "), "{stdout}");
+
+    // The same client, but the CHALLENGE it saw was altered on the way: refused by the MIC.
+    let out = Command::new("python3")
+        .arg(&script)
+        .args([
+            "relay.example.test",
+            "127.0.0.1",
+            &relay.ports.submission.to_string(),
+        ])
+        .arg(&ca)
+        .args([
+            &format!("{NT_DOMAIN}\\relay-user"),
+            PASSWORD,
+            "--alter-challenge",
+        ])
+        .output()
+        .expect("run ntlm_client.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.starts_with("535 "), "{stdout}");
+    wait_log(&relay, "the response is right but the MIC is not");
 }
