@@ -22,8 +22,8 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 perl -MAuthen::NTLM -e 1 2>/dev/null || need_pkgs+=(libauthen-ntlm-perl)
 # Kerberos: a throwaway MIT realm (tests/krb5/realm.sh), a client clock for expired tickets, and
 # what the relay's `gssapi` feature builds against (libgssapi_krb5 headers, bindgen's libclang).
-command -v krb5kdc >/dev/null || need_pkgs+=(krb5-kdc)
-command -v kadmin.local >/dev/null || need_pkgs+=(krb5-admin-server)
+[ -x /usr/sbin/krb5kdc ] || need_pkgs+=(krb5-kdc)
+[ -x /usr/sbin/kadmin.local ] || need_pkgs+=(krb5-admin-server)
 command -v kinit >/dev/null || need_pkgs+=(krb5-user)
 command -v faketime >/dev/null || need_pkgs+=(faketime)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)

@@ -22,6 +22,9 @@ use mailrelay_crds::verifier::{PasswordVerifier, SecretString};
 
 const REALM: &str = "MAILRELAY.TEST";
 const SPN: &str = "smtp/relay.example.test";
+/// The KDC's programs live in sbin, which a non-root PATH lacks.
+const KRB5KDC: &str = "/usr/sbin/krb5kdc";
+const KADMIN_LOCAL: &str = "/usr/sbin/kadmin.local";
 
 /// A realm of its own for one test: its KDC stops when the test ends.
 struct Realm {
@@ -74,7 +77,7 @@ impl Realm {
     }
 
     fn kadmin(&self, query: &str) {
-        let out = Command::new("kadmin.local")
+        let out = Command::new(KADMIN_LOCAL)
             .args(["-q", query])
             .envs(&self.env)
             .output()
