@@ -35,10 +35,8 @@ struct Realm {
 impl Realm {
     fn start() -> Option<Realm> {
         for (program, install) in [
-            (
-                "krb5kdc",
-                "apt-get install krb5-kdc krb5-admin-server krb5-user",
-            ),
+            (KRB5KDC, "apt-get install krb5-kdc"),
+            (KADMIN_LOCAL, "apt-get install krb5-admin-server"),
             ("kinit", "apt-get install krb5-user"),
             ("curl", "apt-get install curl"),
             ("faketime", "apt-get install faketime"),
