@@ -2007,4 +2007,45 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn kerberos_principals_map_by_realm_to_accounts() {
+        let mut ctx = ntlm_ctx();
+        let snap = Arc::get_mut(&mut ctx.snapshot).unwrap();
+        snap.config.domains[0].kerberos_realm = Some("EXAMPLE.TEST".into());
+        snap.config.domains[1].kerberos_realm = Some("OTHER.TEST".into());
+        assert_eq!(
+            ctx.kerberos_account("alerts@EXAMPLE.TEST", None),
+            Ok("alerts@example.test".into())
+        );
+        assert_eq!(
+            ctx.kerberos_account("ops@OTHER.TEST", Some("OPS@other.test")),
+            Ok("ops@other.test".into())
+        );
+        // Realms are case-sensitive.
+        assert_eq!(
+            ctx.kerberos_account("alerts@example.test", None)
+                .unwrap_err()
+                .label(),
+            "kerberos_realm_invalid"
+        );
+        assert!(matches!(
+            ctx.kerberos_account("nobody@EXAMPLE.TEST", None),
+            Err(AuthFailure::KerberosNoAccount { .. })
+        ));
+        assert!(matches!(
+            ctx.kerberos_account("alerts/admin@EXAMPLE.TEST", None),
+            Err(AuthFailure::KerberosNoAccount { .. })
+        ));
+        assert_eq!(
+            ctx.kerberos_account("alerts@EXAMPLE.TEST", Some("ops@example.test")),
+            Err(AuthFailure::AuthzidMismatch("alerts@example.test".into()))
+        );
+        assert_eq!(
+            ctx.kerberos_account("mfa@EXAMPLE.TEST", None),
+            Err(AuthFailure::MfaAppPasswordRequired(
+                "mfa@example.test".into()
+            ))
+        );
+    }
 }
