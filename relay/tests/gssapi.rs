@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
@@ -171,25 +170,6 @@ fn start_relay(k: &Realm, realm: &str, alice_mfa: bool) -> Relay {
     )
 }
 
-fn ca_pem(relay: &Relay) -> PathBuf {
-    let path = relay.path().join("ca.pem");
-    let b64 = B64.encode(&relay.ca.cert_der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    std::fs::write(
-        &path,
-        format!(
-            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-            lines.join("\n")
-        ),
-    )
-    .unwrap();
-    path
-}
-
 /// curl sending one message with AUTH GSSAPI from credential cache `cache` on the submission
 /// port (STARTTLS), relaying to an outside domain; `faketime` runs it with that clock.
 fn curl_gssapi(k: &Realm, relay: &Relay, cache: &Path, faketime: Option<&str>) -> Output {
@@ -214,7 +194,7 @@ fn curl_gssapi(k: &Realm, relay: &Relay, cache: &Path, faketime: Option<&str>) -
         .arg("--resolve")
         .arg(format!("relay.example.test:{port}:127.0.0.1"))
         .args(["--ssl-reqd", "--cacert"])
-        .arg(ca_pem(relay))
+        .arg(relay.ca_pem_file())
         .args(["--login-options", "AUTH=GSSAPI", "--user", ":"])
         .args([
             "--mail-from",
@@ -228,17 +208,6 @@ fn curl_gssapi(k: &Realm, relay: &Relay, cache: &Path, faketime: Option<&str>) -
         .env("KRB5CCNAME", format!("FILE:{}", cache.display()))
         .output()
         .expect("run curl")
-}
-
-fn wait_log(relay: &Relay, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if relay.log().contains(needle) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("log lacks {needle:?}:\n{}", relay.log());
 }
 
 fn queued(relay: &mut Relay) -> usize {
@@ -258,7 +227,7 @@ fn a_kerberos_ticket_authenticates_and_relays() {
         String::from_utf8_lossy(&out.stderr),
         relay.log()
     );
-    wait_log(&relay, "auth_success");
+    extra::wait_log(&relay, "auth_success");
     assert!(relay.log().contains("alice@example.test"));
     assert!(relay
         .http("/metrics")
@@ -279,7 +248,7 @@ fn refusals_say_why_realm_account_two_factor_and_expired_ticket() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_log(
+    extra::wait_log(
         &relay,
         "Kerberos principal alice@MAILRELAY.TEST is in realm MAILRELAY.TEST, which no MailDomain has as kerberosRealm",
     );
@@ -290,14 +259,14 @@ fn refusals_say_why_realm_account_two_factor_and_expired_ticket() {
     let bob = k.kinit(&format!("bob@{REALM}"), "bob-pass");
     let out = curl_gssapi(&k, &relay, &bob, None);
     assert_eq!(out.status.code(), Some(67));
-    wait_log(
+    extra::wait_log(
         &relay,
         "Kerberos principal bob@MAILRELAY.TEST authenticated, but there is no account",
     );
     // A two-factor account.
     let out = curl_gssapi(&k, &relay, &alice, None);
     assert_eq!(out.status.code(), Some(67));
-    wait_log(
+    extra::wait_log(
         &relay,
         "Only application passwords are allowed since 2FA is enabled",
     );
@@ -323,7 +292,7 @@ fn refusals_say_why_realm_account_two_factor_and_expired_ticket() {
         .expect("KRB5_EXPIRED_CLIENT_TIME");
     let out = curl_gssapi(&k, &relay, &k.dir.path().join("cc-expired"), Some(clock));
     assert!(!out.status.success());
-    wait_log(&relay, "Ticket expired");
+    extra::wait_log(&relay, "Ticket expired");
     let metrics = relay.http("/metrics");
     for result in [
         "unknown_user",
@@ -353,6 +322,6 @@ fn gssapi_is_offered_only_after_tls() {
     assert_eq!(c.cmd("AUTH GSSAPI").0, 334);
     let (code, _) = c.cmd("bm90IGEgdGlja2V0");
     assert_eq!(code, 535, "{}", relay.log());
-    wait_log(&relay, "Kerberos: malformed exchange");
+    extra::wait_log(&relay, "Kerberos: malformed exchange");
     assert_eq!(c.cmd("NOOP").0, 250);
 }

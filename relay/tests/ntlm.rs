@@ -9,10 +9,7 @@
 mod common;
 
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
 use common::*;
 use mailrelay_crds::config::{Credentials, Mechanism, RelayConfig};
 
@@ -44,21 +41,13 @@ fn with_nt_hashes(c: &mut Credentials) {
     }
 }
 
-fn start(max_failures: u32) -> Relay {
-    Relay::start_full(ntlm_policy(max_failures), with_nt_hashes, "", &[])
+/// [`start`], when curl is installed.
+fn start_for_curl(max_failures: u32) -> Option<Relay> {
+    have("curl", "apt-get install curl").then(|| start(max_failures))
 }
 
-fn ca_pem(relay: &Relay) -> std::path::PathBuf {
-    let path = relay.path().join("ca.pem");
-    let b64 = B64.encode(&relay.ca.cert_der);
-    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        pem.push_str(std::str::from_utf8(line).unwrap());
-        pem.push('\n');
-    }
-    pem.push_str("-----END CERTIFICATE-----\n");
-    std::fs::write(&path, pem).unwrap();
-    path
+fn start(max_failures: u32) -> Relay {
+    Relay::start_full(ntlm_policy(max_failures), with_nt_hashes, "", &[])
 }
 
 fn have(program: &str, install: &str) -> bool {
@@ -101,7 +90,7 @@ fn curl_ntlm(relay: &Relay, user: &str, password: &str) -> Output {
         .arg("--resolve")
         .arg(format!("relay.example.test:{port}:127.0.0.1"))
         .args(["--ssl-reqd", "--cacert"])
-        .arg(ca_pem(relay))
+        .arg(relay.ca_pem_file())
         .args(["--login-options", "AUTH=NTLM", "--user"])
         .arg(format!("{user}:{password}"))
         .args([
@@ -116,19 +105,6 @@ fn curl_ntlm(relay: &Relay, user: &str, password: &str) -> Output {
         .expect("run curl")
 }
 
-/// Waits until the relay's log contains `needle` (the security log is written as the reply
-/// goes out; the client may be faster).
-fn wait_log(relay: &Relay, needle: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if relay.log().contains(needle) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("log lacks {needle:?}:\n{}", relay.log());
-}
-
 /// Messages queued for `rcpt`, read from the spool after the relay is killed (the spool is
 /// locked while it runs; accepted mail survives `kill -9`).
 fn queued_for(relay: &mut Relay, rcpt: &str) -> usize {
@@ -141,10 +117,9 @@ fn queued_for(relay: &mut Relay, rcpt: &str) -> usize {
 
 #[test]
 fn curl_ntlm_with_the_netbios_domain_authenticates_and_relays() {
-    if !have("curl", "apt-get install curl") {
+    let Some(mut relay) = start_for_curl(100) else {
         return;
-    }
-    let mut relay = start(100);
+    };
     let out = curl_ntlm(&relay, &format!("{NT_DOMAIN}\\relay-user"), PASSWORD);
     assert!(
         out.status.success(),
@@ -152,7 +127,7 @@ fn curl_ntlm_with_the_netbios_domain_authenticates_and_relays() {
         String::from_utf8_lossy(&out.stderr),
         relay.log()
     );
-    wait_log(&relay, "auth_success");
+    extra::wait_log(&relay, "auth_success");
     let log = relay.log();
     assert!(
         log.contains("mechanism=\"NTLM\"") || log.contains("\"mechanism\":\"NTLM\""),
@@ -167,10 +142,9 @@ fn curl_ntlm_with_the_netbios_domain_authenticates_and_relays() {
 
 #[test]
 fn ntlm_refusals_carry_the_guides_log_lines() {
-    if !have("curl", "apt-get install curl") {
+    let Some(mut relay) = start_for_curl(100) else {
         return;
-    }
-    let mut relay = start(100);
+    };
     let cases = [
         // The FQDN where Windows sends the NetBIOS name (or the reverse): Kerio's line.
         (
@@ -203,7 +177,7 @@ fn ntlm_refusals_carry_the_guides_log_lines() {
             "{user}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        wait_log(&relay, line);
+        extra::wait_log(&relay, line);
     }
     let metrics = relay.http("/metrics");
     for result in [
@@ -262,7 +236,7 @@ fn swaks_ntlmv1_is_refused_unless_the_service_allows_it() {
     let stdout = String::from_utf8_lossy(&refused.stdout);
     assert!(!refused.status.success(), "{stdout}");
     assert!(stdout.contains("535 5.7.8"), "{stdout}");
-    wait_log(
+    extra::wait_log(
         &relay,
         "sent an NTLMv1 response, which this service refuses",
     );
@@ -276,10 +250,9 @@ fn swaks_ntlmv1_is_refused_unless_the_service_allows_it() {
 
 #[test]
 fn failed_ntlm_logins_count_towards_the_brute_force_block() {
-    if !have("curl", "apt-get install curl") {
+    let Some(mut relay) = start_for_curl(3) else {
         return;
-    }
-    let mut relay = start(3);
+    };
     for _ in 0..3 {
         let out = curl_ntlm(&relay, &format!("{NT_DOMAIN}\\relay-user"), "guess");
         assert_eq!(out.status.code(), Some(67));
@@ -310,7 +283,7 @@ fn windows_like_ntlm_with_a_mic_authenticates() {
     }
     let relay = start(100);
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ntlm_client.py");
-    let ca = ca_pem(&relay);
+    let ca = relay.ca_pem_file();
     let out = Command::new("python3")
         .arg(&script)
         .args([
@@ -349,5 +322,5 @@ fn windows_like_ntlm_with_a_mic_authenticates() {
         .expect("run ntlm_client.py");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.starts_with("535 "), "{stdout}");
-    wait_log(&relay, "the response is right but the MIC is not");
+    extra::wait_log(&relay, "the response is right but the MIC is not");
 }

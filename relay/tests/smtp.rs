@@ -427,17 +427,7 @@ fn metrics_and_health() {
 #[test]
 fn python_smtplib_interoperates() {
     let relay = Relay::start();
-    let ca = relay.path().join("ca.pem");
-    let pem = format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        B64.encode(relay.ca.cert_der.as_ref())
-            .as_bytes()
-            .chunks(64)
-            .map(|c| String::from_utf8_lossy(c).into_owned())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    std::fs::write(&ca, pem).unwrap();
+    let ca = relay.ca_pem_file();
     let script = format!(
         r#"
 import smtplib, ssl, socket

@@ -373,7 +373,8 @@ pub fn fuzz_one(data: &[u8]) {
     }
 }
 
-fn assert_finished(ex: &mut Exchange) {
+/// A finished exchange (success or failure) refuses any further message.
+pub fn assert_finished(ex: &mut Exchange) {
     assert!(
         matches!(ex.step(Some(b"")), Step::Failure(AuthFailure::Malformed(_))),
         "a finished exchange went on"

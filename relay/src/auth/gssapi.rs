@@ -434,15 +434,20 @@ pub fn service_cred(
     keytab_b64: &str,
     principal: Option<&str>,
 ) -> Result<ServiceCred, String> {
-    type Key = (String, String, Option<String>);
-    static CACHE: Mutex<BTreeMap<Key, ServiceCred>> = Mutex::new(BTreeMap::new());
-    let key = (
-        service.to_string(),
-        keytab_b64.to_string(),
-        principal.map(str::to_string),
-    );
-    if let Some(c) = CACHE.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(c);
+    /// Per service: the keytab (base64) and principal a credential was acquired for.
+    struct Cached {
+        keytab_b64: String,
+        principal: Option<String>,
+        cred: ServiceCred,
+    }
+    static CACHE: Mutex<BTreeMap<String, Cached>> = Mutex::new(BTreeMap::new());
+    let hit = CACHE.lock().ok().and_then(|c| {
+        c.get(service)
+            .filter(|e| e.keytab_b64 == keytab_b64 && e.principal.as_deref() == principal)
+            .map(|e| e.cred.clone())
+    });
+    if let Some(cred) = hit {
+        return Ok(cred);
     }
     let bytes = B64
         .decode(keytab_b64)
@@ -498,8 +503,14 @@ pub fn service_cred(
     let rcache = format!("file2:{}", dir.join("krb5.rcache2").display());
     let cred = ServiceCred::acquire_with_rcache(&path, principal, Some(&rcache))?;
     if let Ok(mut c) = CACHE.lock() {
-        c.retain(|(s, _, _), _| s != service);
-        c.insert(key, cred.clone());
+        c.insert(
+            service.to_string(),
+            Cached {
+                keytab_b64: keytab_b64.to_string(),
+                principal: principal.map(str::to_string),
+                cred: cred.clone(),
+            },
+        );
     }
     Ok(cred)
 }

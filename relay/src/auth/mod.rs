@@ -889,8 +889,7 @@ impl Exchange {
         let Some(hash) = account
             .nt_hash
             .as_ref()
-            .and_then(|h| hex::decode(h.expose()).ok())
-            .and_then(|h| <[u8; 16]>::try_from(h).ok())
+            .and_then(|h| ntlm::nt_hash_bytes(h.expose()))
         else {
             return Err(AuthFailure::NoVerifier(login, "NTLM"));
         };

@@ -287,6 +287,11 @@ pub enum ResponseKind {
     Malformed,
 }
 
+/// The 16 bytes of an NT hash as the credentials carry it (hex); `None` for anything else.
+pub fn nt_hash_bytes(hex_hash: &str) -> Option<[u8; 16]> {
+    <[u8; 16]>::try_from(hex::decode(hex_hash).ok()?).ok()
+}
+
 fn hmac_md5(key: &[u8], parts: &[&[u8]]) -> [u8; 16] {
     // HMAC accepts keys of any length; the zero fallback only fails the comparison.
     let Ok(mut m) = <Hmac<Md5> as Mac>::new_from_slice(key) else {
@@ -477,10 +482,8 @@ pub mod client {
             server_challenge.copy_from_slice(c);
         }
         let target_info = buffer(challenge_raw, 40).unwrap_or(&[]).to_vec();
-        let nt_hash: [u8; 16] = {
-            let h = mailrelay_crds::verifier::nt_hash(o.password);
-            <[u8; 16]>::try_from(hex::decode(h.expose()).unwrap_or_default()).unwrap_or([0; 16])
-        };
+        let nt_hash = nt_hash_bytes(mailrelay_crds::verifier::nt_hash(o.password).expose())
+            .unwrap_or([0; 16]);
         let client_challenge = [0xaa; 8];
         let (lm, nt, base_key) = if o.v1 {
             let digest = Md5::new()
@@ -694,12 +697,8 @@ mod tests {
             );
             assert_eq!(parsed.workstation, "WS1");
             assert!(parsed.has_mic());
-            let hash = {
-                let mut a = [0; 16];
-                let h = mailrelay_crds::verifier::nt_hash("s3cret-Pass");
-                a.copy_from_slice(&hex::decode(h.expose()).unwrap_or_default());
-                a
-            };
+            let hash = nt_hash_bytes(mailrelay_crds::verifier::nt_hash("s3cret-Pass").expose())
+                .expect("NT hash");
             assert_eq!(verify(&parsed, &hash, &sc, &neg, &chal), Ok(()));
             // The CHALLENGE the client saw differs from the one the server sent: the MIC says so.
             let mut other_chal = chal.clone();

@@ -430,6 +430,14 @@ impl Relay {
         );
     }
 
+    /// Writes the test CA's certificate as PEM (for clients that take a CA file: curl, Python,
+    /// swaks) into the relay's directory and returns its path.
+    pub fn ca_pem_file(&self) -> PathBuf {
+        let path = self.dir.path().join("ca.pem");
+        write(&path, &pem("CERTIFICATE", &self.ca.cert_der));
+        path
+    }
+
     pub fn connect(&self, port: u16) -> Client {
         Client::connect(port, &self.ca.cert_der)
     }
@@ -443,6 +451,20 @@ impl Drop for Relay {
     fn drop(&mut self) {
         self.kill9();
     }
+}
+
+/// DER as PEM with `label` (`CERTIFICATE`, `PRIVATE KEY`), 64 base64 characters a line.
+pub fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = B64.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
 }
 
 pub fn write(path: &Path, text: &str) {
