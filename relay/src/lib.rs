@@ -9,11 +9,12 @@
 //! - [`delivery`]: the queue, MX resolution ([`dns`]), the SMTP client, DSNs; the durable spool
 //!   is the `mailrelay-spool` crate;
 //! - [`metrics`], [`telemetry`] (traces), [`http`] (metrics and admin listeners), [`memory`]
-//!   (allocator tuning), [`dnscheck`] (sender-domain and PTR checks).
+//!   (allocator tuning), [`dnscheck`] (sender-domain and PTR checks), [`dnsbl`] (blocklists).
 
 pub mod auth;
 pub mod delivery;
 pub mod dns;
+pub mod dnsbl;
 pub mod dnscheck;
 pub mod handoff;
 pub mod http;
