@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::{A, MX, PTR};
+use hickory_proto::rr::rdata::{A, MX, PTR, TXT};
 use hickory_proto::rr::{Name, RData, Record};
 use mailrelay_crds::address::AddressPattern;
 use mailrelay_crds::config::{
@@ -297,6 +297,16 @@ pub fn a(ip: [u8; 4]) -> RData {
 
 pub fn mx(host: &str) -> RData {
     RData::MX(MX::new(10, Name::from_ascii(host).unwrap()))
+}
+
+/// An MX record with an explicit preference.
+pub fn mx_pref(preference: u16, host: &str) -> RData {
+    RData::MX(MX::new(preference, Name::from_ascii(host).unwrap()))
+}
+
+/// A TXT record of one string (SPF policies, blocklist reasons).
+pub fn txt(text: &str) -> RData {
+    RData::TXT(TXT::new(vec![text.to_string()]))
 }
 
 pub fn ptr(host: &str) -> RData {
