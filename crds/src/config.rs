@@ -472,6 +472,60 @@ pub struct ServicePolicy {
     /// PROXY protocol from trusted load balancers; `None` = the TCP peer is the client.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// DNS blocklist checks of connecting clients; `None` = no checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnsbl: Option<Dnsbl>,
+}
+
+/// DNS blocklist (DNSBL) checks of a listener's clients, made at connect before the greeting.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Dnsbl {
+    /// Zones asked, all at once.
+    pub zones: Vec<DnsblZone>,
+    /// A client is listed when the weights of the zones that list it add up to at least this.
+    pub threshold: u32,
+    /// What a listed client gets.
+    pub action: DnsblAction,
+    /// Clients in these IP groups are not checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exempt_ip_groups: Vec<String>,
+    /// How long the greeting may wait for the zones; a zone that has not answered by then
+    /// counts as not listing the client.
+    pub lookup_timeout_millis: u32,
+}
+
+/// One blocklist zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsblZone {
+    /// Lower-case zone name without the trailing dot, e.g. `bl.spamcop.net`.
+    pub zone: String,
+    /// Only answers with one of these codes count as a listing; empty = any code in
+    /// 127.0.0.0/8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub return_codes: Vec<crate::dnsbl::ReturnCodes>,
+    /// What a listing in this zone adds to the client's score.
+    pub weight: u32,
+}
+
+impl DnsblZone {
+    /// The first of `codes` that counts as a listing under the return-code filter.
+    pub fn matching_code(&self, codes: &[std::net::Ipv4Addr]) -> Option<std::net::Ipv4Addr> {
+        codes.iter().copied().find(|c| {
+            self.return_codes.is_empty() || self.return_codes.iter().any(|r| r.contains(*c))
+        })
+    }
+}
+
+/// What happens to a client whose score reaches the threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DnsblAction {
+    /// `554 5.7.1` with the zone and its reason instead of the greeting; the connection closes.
+    Reject,
+    /// The session goes on; the listing is logged and its mail gets an `X-Mailrelay-DNSBL`
+    /// header per listing zone.
+    Log,
 }
 
 /// TLS policy towards a relay host.

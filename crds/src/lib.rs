@@ -11,5 +11,6 @@ pub mod address;
 pub mod api;
 pub mod compile;
 pub mod config;
+pub mod dnsbl;
 pub mod validate;
 pub mod verifier;

@@ -566,3 +566,195 @@ fn gssapi_keytabs_reach_the_credentials_or_the_service_says_why_not() {
     let r = c.report.get(Kind::SmtpService, "sub").expect("report");
     assert!(r.warnings().any(|w| w.reason == "NoKerberosRealm"));
 }
+
+fn dnsbl_service(name: &str, port: u16, dnsbl: &str) -> SmtpService {
+    obj(&format!(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {{name: {name}}}\nspec: {{port: {port}, protocol: Smtp, dnsbl: {dnsbl}}}"
+    ))
+}
+
+#[test]
+fn dnsbl_compiles_with_defaults_filters_and_exempt_groups() {
+    use mailrelay_crds::config::DnsblAction;
+    use std::net::Ipv4Addr;
+    let svc = dnsbl_service(
+        "mx",
+        25,
+        "{action: Reject, exemptIpGroups: [partners], zones: [{zone: BL.Example.test.}, {zone: weighted.example.test, weight: 3, returnCodes: ['127.0.0.2', '127.0.0.10-127.0.0.11']}]}",
+    );
+    let c = compile(
+        &Inputs {
+            ip_groups: vec![group("partners", &["192.0.2.0/24"])],
+            smtp_services: vec![svc],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!c.report.has_errors(), "{:?}", c.report.lines());
+    assert_eq!(
+        c.report
+            .get(Kind::SmtpService, "mx")
+            .expect("report")
+            .warnings()
+            .count(),
+        0
+    );
+    let d = c.config.services[0].dnsbl.as_ref().expect("dnsbl compiled");
+    assert_eq!(d.action, DnsblAction::Reject);
+    assert_eq!(d.threshold, 1);
+    assert_eq!(d.lookup_timeout_millis, 1500);
+    assert_eq!(d.exempt_ip_groups, vec!["partners".to_string()]);
+    assert_eq!(d.zones[0].zone, "bl.example.test");
+    assert_eq!(d.zones[0].weight, 1);
+    assert!(d.zones[0].return_codes.is_empty());
+    // No filter: any listing code counts.
+    assert_eq!(
+        d.zones[0].matching_code(&[Ipv4Addr::new(127, 0, 0, 4)]),
+        Some(Ipv4Addr::new(127, 0, 0, 4))
+    );
+    let w = &d.zones[1];
+    assert_eq!(w.weight, 3);
+    assert_eq!(w.matching_code(&[Ipv4Addr::new(127, 0, 0, 3)]), None);
+    assert_eq!(
+        w.matching_code(&[Ipv4Addr::new(127, 0, 0, 3), Ipv4Addr::new(127, 0, 0, 11)]),
+        Some(Ipv4Addr::new(127, 0, 0, 11))
+    );
+    // The compiled form round-trips through relay.yaml with the same code syntax.
+    let yaml = serde_norway::to_string(&c.config).expect("yaml");
+    assert!(yaml.contains("- 127.0.0.10-127.0.0.11"), "{yaml}");
+    let back: mailrelay_crds::config::RelayConfig = serde_norway::from_str(&yaml).expect("back");
+    assert_eq!(back, c.config);
+}
+
+#[test]
+fn services_without_dnsbl_compile_as_before() {
+    let c = compile(
+        &Inputs {
+            smtp_services: vec![obj(
+                "apiVersion: mailrelay.dev/v1alpha1\nkind: SmtpService\nmetadata: {name: s}\nspec: {port: 25, protocol: Smtp}",
+            )],
+            ..Default::default()
+        },
+        None,
+    );
+    assert_eq!(c.config.services[0].dnsbl, None);
+    // Nothing is written for it, so existing relay.yaml files and hashes stay the same.
+    let yaml = serde_norway::to_string(&c.config).expect("yaml");
+    assert!(!yaml.contains("dnsbl"), "{yaml}");
+}
+
+#[test]
+fn malformed_dnsbl_settings_make_the_service_invalid() {
+    let cases = [
+        ("{action: Reject, zones: [{zone: 'bl_bad.example'}]}", "spec.dnsbl.zones[0].zone", "InvalidDnsblZone"),
+        ("{action: Reject, zones: [{zone: localhost}]}", "spec.dnsbl.zones[0].zone", "InvalidDnsblZone"),
+        ("{action: Reject, zones: [{zone: bl.example.test, returnCodes: ['10.0.0.2']}]}", "spec.dnsbl.zones[0].returnCodes[0]", "InvalidReturnCode"),
+        ("{action: Reject, zones: [{zone: bl.example.test, returnCodes: ['127.0.0.9-127.0.0.3']}]}", "spec.dnsbl.zones[0].returnCodes[0]", "InvalidReturnCode"),
+        ("{action: Reject, zones: [{zone: bl.example.test, returnCodes: ['listed']}]}", "spec.dnsbl.zones[0].returnCodes[0]", "InvalidReturnCode"),
+        ("{action: Reject, zones: [{zone: bl.example.test}, {zone: BL.example.test}]}", "spec.dnsbl.zones[1].zone", "DuplicateDnsblZone"),
+        ("{action: Reject, zones: []}", "spec.dnsbl.zones", "NoDnsblZones"),
+        ("{action: Reject, threshold: 0, zones: [{zone: bl.example.test}]}", "spec.dnsbl.threshold", "InvalidThreshold"),
+        ("{action: Reject, zones: [{zone: bl.example.test, weight: 0}]}", "spec.dnsbl.zones[0].weight", "InvalidWeight"),
+        ("{action: Reject, lookupTimeoutMillis: 60000, zones: [{zone: bl.example.test}]}", "spec.dnsbl.lookupTimeoutMillis", "InvalidTimeout"),
+        ("{action: Reject, exemptIpGroups: [nowhere], zones: [{zone: bl.example.test}]}", "spec.dnsbl.exemptIpGroups[0]", "MissingReference"),
+    ];
+    for (dnsbl, field, reason) in cases {
+        let c = compile(
+            &Inputs {
+                smtp_services: vec![dnsbl_service("mx", 25, dnsbl)],
+                ..Default::default()
+            },
+            None,
+        );
+        let r = c.report.get(Kind::SmtpService, "mx").expect("report");
+        assert!(r.is_invalid(), "{dnsbl}: {:?}", r.problems);
+        assert!(
+            r.errors().any(|p| p.field == field && p.reason == reason),
+            "{dnsbl}: want {field} {reason}, got {:?}",
+            r.problems
+        );
+        assert!(c.config.services.is_empty(), "{dnsbl}");
+    }
+}
+
+#[test]
+fn dnsbl_warnings_for_public_resolver_zones_and_unreachable_thresholds() {
+    let c = compile(
+        &Inputs {
+            smtp_services: vec![
+                dnsbl_service(
+                    "mx",
+                    25,
+                    "{action: Log, zones: [{zone: zen.spamhaus.org}, {zone: bl.example.test}]}",
+                ),
+                dnsbl_service(
+                    "high",
+                    26,
+                    "{action: Reject, threshold: 5, zones: [{zone: a.example.test, weight: 2}, {zone: b.example.test, weight: 2}]}",
+                ),
+            ],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!c.report.has_errors(), "{:?}", c.report.lines());
+    assert_eq!(c.config.services.len(), 2, "warnings do not stop a service");
+    let mx = c.report.get(Kind::SmtpService, "mx").expect("report");
+    let w: Vec<_> = mx.warnings().collect();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(w[0].reason, "DnsblNeedsLocalResolver");
+    assert!(
+        w[0].message.contains("zen.spamhaus.org"),
+        "{}",
+        w[0].message
+    );
+    assert!(
+        w[0].message.contains("delivery.dns.nameservers"),
+        "{}",
+        w[0].message
+    );
+    assert!(
+        !w[0].message.contains("bl.example.test"),
+        "{}",
+        w[0].message
+    );
+    let high = c.report.get(Kind::SmtpService, "high").expect("report");
+    assert!(
+        high.warnings()
+            .any(|p| p.reason == "DnsblThresholdUnreachable" && p.message.contains("(4)")),
+        "{:?}",
+        high.problems
+    );
+}
+
+#[test]
+fn a_live_service_keeps_its_last_good_dnsbl_while_its_zone_is_malformed() {
+    let good = dnsbl_service(
+        "mx",
+        25,
+        "{action: Reject, zones: [{zone: bl.example.test}]}",
+    );
+    let first = compile(
+        &Inputs {
+            smtp_services: vec![good],
+            ..Default::default()
+        },
+        None,
+    );
+    assert!(!first.report.has_errors());
+    let bad = dnsbl_service(
+        "mx",
+        25,
+        "{action: Reject, zones: [{zone: 'bl..example.test'}]}",
+    );
+    let second = compile(
+        &Inputs {
+            smtp_services: vec![bad],
+            ..Default::default()
+        },
+        Some(&first.previous()),
+    );
+    let r = second.report.get(Kind::SmtpService, "mx").expect("report");
+    assert!(r.stale && r.is_invalid(), "{:?}", r.problems);
+    assert_eq!(second.config.services, first.config.services);
+}

@@ -166,6 +166,7 @@ mod tests {
             hide_client_ip_for: None,
             trusted_from: vec![],
             proxy_protocol: None,
+            dnsbl: None,
         }
     }
 

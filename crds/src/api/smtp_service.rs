@@ -5,7 +5,9 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{name_list_schema, name_schema, plain_string_enum, PolicyStatus, SecretKeyRef};
+use super::common::{
+    domain_schema, name_list_schema, name_schema, plain_string_enum, PolicyStatus, SecretKeyRef,
+};
 
 /// An SMTP listener of the relay and its policy.
 #[derive(CustomResource, KubeSchema, Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +90,70 @@ pub struct SmtpServiceSpec {
     /// `Received:` see the real client address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_protocol: Option<ProxyProtocolSpec>,
+    /// Inbound DNS blocklists (Kerio's blacklists, Postfix's `reject_rbl_client` and
+    /// postscreen): connecting clients are looked up in these zones before the greeting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnsbl: Option<DnsblSpec>,
+}
+
+/// DNS blocklist checks of connecting clients. All zones are asked at once; a client is listed
+/// when the weights of the zones listing it reach `threshold`. Zones that block public
+/// resolvers (Spamhaus, Barracuda, URIBL, SURBL) get a Warning condition: the relay uses them
+/// only when its `delivery.dns.nameservers` is a resolver of its own, not a public one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsblSpec {
+    /// The zones to ask, e.g. `bl.spamcop.net`.
+    #[schemars(length(min = 1, max = 16))]
+    pub zones: Vec<DnsblZoneSpec>,
+    /// Sum of the weights of the listing zones at which a client counts as listed. Default 1:
+    /// any one zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1600))]
+    pub threshold: Option<u32>,
+    /// `Reject`: a listed client gets `554 5.7.1` with the zone and its reason instead of the
+    /// greeting, and the connection closes. `Log`: the session goes on; the listing is written
+    /// to the security log and every accepted message gets an `X-Mailrelay-DNSBL` header per
+    /// listing zone (try a zone this way before rejecting with it).
+    pub action: DnsblActionSpec,
+    /// IpAddressGroups whose clients are not looked up (partners, monitoring, your own
+    /// networks).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "name_list_schema")]
+    pub exempt_ip_groups: Vec<String>,
+    /// How long the greeting may wait for the zones, in milliseconds; a zone that has not
+    /// answered by then counts as not listing the client. Default 1500.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 100, max = 10000))]
+    pub lookup_timeout_millis: Option<u32>,
+}
+
+/// One DNSBL zone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsblZoneSpec {
+    /// The zone, e.g. `bl.spamcop.net`.
+    #[schemars(schema_with = "domain_schema")]
+    pub zone: String,
+    /// Only these answers count as a listing: codes (`127.0.0.2`) or inclusive ranges
+    /// (`127.0.0.10-127.0.0.11`). Default: any answer in 127.0.0.0/8.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 31)))]
+    pub return_codes: Vec<String>,
+    /// What a listing in this zone adds to the client's score. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: Option<u32>,
+}
+
+/// What happens to a listed client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[schemars(transform = plain_string_enum)]
+pub enum DnsblActionSpec {
+    /// Refuse the connection with `554 5.7.1` and the listing's reason.
+    Reject,
+    /// Accept the session; log the listing and tag the client's mail.
+    Log,
 }
 
 /// Listener protocol.

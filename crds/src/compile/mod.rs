@@ -9,6 +9,7 @@
 //! (see [`previous`]).
 
 mod accounts;
+mod dnsbl;
 mod ipgroups;
 mod keytabs;
 pub mod previous;

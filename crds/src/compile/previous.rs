@@ -104,6 +104,9 @@ pub(crate) fn service_groups(s: &ServicePolicy) -> Vec<&str> {
     if let Some(p) = &s.proxy_protocol {
         out.extend(p.trusted_from.iter().map(String::as_str));
     }
+    if let Some(d) = &s.dnsbl {
+        out.extend(d.exempt_ip_groups.iter().map(String::as_str));
+    }
     out
 }
 

@@ -1,7 +1,7 @@
 //! SmtpService → [`ServicePolicy`]: ports, TLS source, authentication defaults, relay control and
-//! limits, with the open-relay and plaintext-auth warnings. Port conflicts are settled by
-//! [`claim`] (a live service keeps its port), and a live service that became invalid keeps its
-//! last good version.
+//! limits (DNS blocklists in [`super::dnsbl`]), with the open-relay and plaintext-auth warnings.
+//! Port conflicts are settled by [`claim`] (a live service keeps its port), and a live service
+//! that became invalid keeps its last good version.
 
 use kube::ResourceExt;
 
@@ -333,6 +333,10 @@ fn compile_one(
             authenticated: rc.allow_authenticated,
         }
     };
+    let dnsbl = s
+        .dnsbl
+        .as_ref()
+        .map(|d| super::dnsbl::compile(d, &mut r.problems, &mut refs));
     for (field, g) in refs {
         if let Err(p) = ctx.group_ref(field, g) {
             r.problems.push(p);
@@ -386,5 +390,6 @@ fn compile_one(
         proxy_protocol: s.proxy_protocol.as_ref().map(|p| ProxyProtocol {
             trusted_from: p.trusted_proxies.clone(),
         }),
+        dnsbl,
     })
 }

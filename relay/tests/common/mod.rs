@@ -199,6 +199,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
         hide_client_ip_for: None,
         trusted_from: vec![],
         proxy_protocol: None,
+        dnsbl: None,
     };
     let mut refused = service("refused", ports.refused, Protocol::Smtp, AuthMode::Optional);
     refused.allowed_from = vec!["elsewhere".into()];
