@@ -15,6 +15,7 @@
 //! - [`spools`]: adoption of orphaned spool volumes (drain Jobs, the hand-off Secret, the
 //!   cluster queue view).
 //! - [`run`]: `operator run`, wiring all of the above.
+//! - [`plugin`]: `kubectl mailrelay`, the kubectl plugin (binary `kubectl-mailrelay`).
 
 pub mod certs;
 pub mod controller;
@@ -23,6 +24,7 @@ pub mod leader;
 pub mod load;
 pub mod manifests;
 pub mod metrics;
+pub mod plugin;
 pub mod reconcile;
 pub mod relay_service;
 pub mod render;

@@ -33,6 +33,16 @@ pub fn labels(instance: &str, component: &str) -> BTreeMap<String, String> {
     ])
 }
 
+/// Labels of the chart's relay pods (its `mailrelay.relaySelector`): the default selector of the
+/// relay Service and how `kubectl mailrelay` finds the pods.
+pub fn relay_pod_selector(instance: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".into(), "mailrelay".into()),
+        ("app.kubernetes.io/instance".into(), instance.into()),
+        ("app.kubernetes.io/component".into(), "relay".into()),
+    ])
+}
+
 fn meta(
     name: String,
     namespace: Option<&str>,

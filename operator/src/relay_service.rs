@@ -19,7 +19,7 @@ use mailrelay_crds::compile::Problem;
 use mailrelay_crds::config::RelayConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::manifests::labels;
+use crate::manifests::{labels, relay_pod_selector};
 use crate::status::Finding;
 
 /// The settings file (`--relay-service-config`), written by the chart from its `service.*` and
@@ -145,20 +145,7 @@ pub fn desired(
         });
     }
     let selector = if cfg.selector.is_empty() {
-        BTreeMap::from([
-            (
-                "app.kubernetes.io/name".to_string(),
-                "mailrelay".to_string(),
-            ),
-            (
-                "app.kubernetes.io/instance".to_string(),
-                instance.to_string(),
-            ),
-            (
-                "app.kubernetes.io/component".to_string(),
-                "relay".to_string(),
-            ),
-        ])
+        relay_pod_selector(instance)
     } else {
         cfg.selector.clone()
     };

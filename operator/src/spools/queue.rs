@@ -105,7 +105,8 @@ fn whole(v: f64) -> u64 {
     }
 }
 
-async fn fetch(ip: &str, port: u16) -> Result<String, String> {
+/// `GET /metrics` of a relay at `ip:port` (also `kubectl mailrelay status --metrics-via direct`).
+pub(crate) async fn fetch(ip: &str, port: u16) -> Result<String, String> {
     let host = if ip.contains(':') {
         format!("[{ip}]:{port}")
     } else {
