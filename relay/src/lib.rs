@@ -9,10 +9,12 @@
 //! - [`delivery`]: the queue, MX resolution ([`dns`]), the SMTP client, DSNs; the durable spool
 //!   is the `mailrelay-spool` crate;
 //! - [`metrics`], [`telemetry`] (traces), [`http`] (metrics and admin listeners), [`memory`]
-//!   (allocator tuning), [`dnscheck`] (sender-domain and PTR checks), [`dnsbl`] (blocklists).
+//!   (allocator tuning), [`dnscheck`] (sender-domain and PTR checks), [`dnsbl`] (blocklists);
+//! - [`diagnose`]: `relay diagnose`, the outbound troubleshooting report for one destination.
 
 pub mod auth;
 pub mod delivery;
+pub mod diagnose;
 pub mod dns;
 pub mod dnsbl;
 pub mod dnscheck;

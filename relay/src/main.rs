@@ -45,6 +45,12 @@ enum Command {
     /// drain Job: `relay drain --spool /var/spool/mailrelay --to <headless service>:10024
     /// --tls-dir /etc/mailrelay/handoff`.
     Drain(mailrelay_relay::handoff::drain::DrainArgs),
+    /// Why is mail to X not leaving? Checks route, DNS, connectivity, TLS, authentication,
+    /// reputation and recent results for a recipient address, domain or host[:port], with this
+    /// relay's resolver, TLS trust and policy; sends no message. Exit 0: ok or warnings only,
+    /// 1: a check failed, 2: usage or configuration error.
+    /// `kubectl exec <pod> -- relay diagnose --config /etc/mailrelay bob@example.com`.
+    Diagnose(mailrelay_relay::diagnose::DiagnoseArgs),
 }
 
 /// Where `relay queue` finds the administration listener and its token.
@@ -123,6 +129,12 @@ async fn async_main() -> std::process::ExitCode {
                 std::process::ExitCode::FAILURE
             }
         };
+    }
+    if let Some(Command::Diagnose(d)) = &args.command {
+        install_crypto_provider();
+        return std::process::ExitCode::from(
+            mailrelay_relay::diagnose::run(args.config.as_deref(), d).await,
+        );
     }
     if let Some(Command::Drain(d)) = &args.command {
         let _telemetry = mailrelay_relay::telemetry::init(

@@ -1,6 +1,7 @@
 //! Queue administration over HTTP on the administration listener (see [`crate::http`]): `GET /queue`, `GET /queue/<id>`,
-//! `POST /queue/<id>/retry`, `DELETE /queue/<id>`, `POST /queue/<id>/bounce`. Answers are JSON.
-//! The `relay queue ...` subcommand is a thin client of these endpoints.
+//! `POST /queue/<id>/retry`, `DELETE /queue/<id>`, `POST /queue/<id>/bounce`, and
+//! `GET /queue/recent` (the last delivery outcomes per recipient domain, which `relay diagnose`
+//! reads). Answers are JSON. The `relay queue ...` subcommand is a thin client of these endpoints.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -71,12 +72,30 @@ pub async fn handle(queue: &Queue, method: &str, path: &str) -> Option<(&'static
     let err =
         |status: &'static str, msg: &str| Some((status, json!({"error": msg}).to_string() + "\n"));
     let id = match parts.first() {
-        None => None,
+        None | Some(&"recent") => None,
         Some(s) => match s.parse::<MessageId>() {
             Ok(id) => Some(id),
             Err(_) => return err("400 Bad Request", "not a message id"),
         },
     };
+    if method == "GET" && parts.as_slice() == ["recent"] {
+        let list: Vec<Value> = queue
+            .recent()
+            .into_iter()
+            .map(|a| {
+                json!({
+                    "at": unix(a.at),
+                    "domain": a.domain,
+                    "code": a.status.code,
+                    "enhanced": a.status.enhanced,
+                    "text": a.status.text,
+                    "remote": a.status.remote,
+                    "remoteReply": a.status.remote_reply,
+                })
+            })
+            .collect();
+        return ok(json!({"attempts": list}));
+    }
     let outcome = |r: AdminResult, what: &str| match r {
         AdminResult::Done => ok(json!({"result": what})),
         AdminResult::NotFound => err("404 Not Found", "no such message"),

@@ -111,7 +111,7 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
-    fn parse(reply: &RemoteReply) -> Capabilities {
+    pub(crate) fn parse(reply: &RemoteReply) -> Capabilities {
         let mut caps = Capabilities::default();
         for line in reply.lines.iter().skip(1) {
             let mut words = line.split_whitespace();
@@ -425,7 +425,7 @@ impl Connection {
         }
     }
 
-    async fn authenticate(
+    pub(crate) async fn authenticate(
         &mut self,
         mech: OutboundAuthMechanism,
         secret: &AuthSecret,
@@ -506,7 +506,7 @@ impl Connection {
         })
     }
 
-    async fn command(
+    pub(crate) async fn command(
         &mut self,
         line: &str,
         timeout: u64,
@@ -770,6 +770,47 @@ impl Connection {
             .collect())
     }
 
+    /// A connection over a stream opened elsewhere (`relay diagnose` connects itself to time the
+    /// connect and see each stage), before the greeting has been read.
+    pub(crate) fn from_stream(
+        stream: Stream,
+        remote: String,
+        encrypted: bool,
+        timeouts: ClientTimeouts,
+    ) -> Connection {
+        Connection {
+            io: BufReader::new(stream),
+            caps: Capabilities::default(),
+            remote,
+            encrypted,
+            greeting_host: String::new(),
+            ehlo_host: String::new(),
+            tls_fallback: None,
+            timeouts,
+            transactions: 0,
+            broken: false,
+            handoff_origin: None,
+        }
+    }
+
+    /// Reads one reply (the greeting) with the command timeout.
+    pub(crate) async fn reply(&mut self, stage: &'static str) -> Result<RemoteReply, HostFailure> {
+        let t = self.timeouts.command_seconds;
+        self.read(t, stage).await.map_err(|e| {
+            self.broken = true;
+            HostFailure::new(e.status(&self.remote))
+        })
+    }
+
+    /// The TCP stream of a plain connection, for a STARTTLS handshake after its `220`; whatever
+    /// was buffered is dropped (see [`Connection::upgrade`]).
+    pub(crate) fn into_plain(self) -> Option<TcpStream> {
+        match self.io.into_inner() {
+            Stream::Plain(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
     /// Ends the session politely; errors do not matter any more.
     pub async fn quit(mut self) {
         if !self.broken {
@@ -863,7 +904,7 @@ fn greeting_failed(reply: &RemoteReply, label: &str) -> Status {
     s
 }
 
-async fn handshake(
+pub(crate) async fn handshake(
     tcp: TcpStream,
     target: &HostTarget,
     tls: &ClientTls,

@@ -142,6 +142,19 @@ struct State {
     dests: HashMap<String, Dest>,
 }
 
+/// Delivery outcomes kept for `relay diagnose` (`GET /queue/recent`): enough to see a pattern
+/// (greylisting, throttling, refused connections) without keeping a log.
+const RECENT_ATTEMPTS: usize = 256;
+
+/// One recipient's outcome of one delivery attempt.
+#[derive(Clone, Debug)]
+pub struct RecentAttempt {
+    pub at: SystemTime,
+    /// The recipient's domain (lower case).
+    pub domain: String,
+    pub status: Status,
+}
+
 /// Result of an admin action on one message.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AdminResult {
@@ -176,6 +189,8 @@ pub struct Queue {
     markers: Option<Markers>,
     /// What the journal held at start, for [`Queue::start`].
     leftover_markers: Mutex<Vec<(String, String)>>,
+    /// The last [`RECENT_ATTEMPTS`] outcomes, oldest first.
+    recent: Mutex<VecDeque<RecentAttempt>>,
 }
 
 struct ActiveGuard<'a>(&'a Queue);
@@ -235,6 +250,7 @@ impl Queue {
             listen_address: OnceLock::new(),
             markers,
             leftover_markers: Mutex::new(leftover_markers),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_ATTEMPTS)),
         }))
     }
 
@@ -1059,6 +1075,7 @@ impl Queue {
                 };
                 r.attempts += 1;
                 log_result(id, &r.address, r.attempts, s);
+                self.remember(&r.address, s);
                 self.metrics
                     .delivery_attempts
                     .get_or_create(&ResultLabels {
@@ -1386,6 +1403,31 @@ impl Queue {
     }
 
     /// Whether an attempt for `id` is running right now.
+    /// The last delivery outcomes, oldest first.
+    pub fn recent(&self) -> Vec<RecentAttempt> {
+        self.recent
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn remember(&self, address: &str, status: &Status) {
+        let domain = address
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default();
+        if let Ok(mut r) = self.recent.lock() {
+            if r.len() >= RECENT_ATTEMPTS {
+                r.pop_front();
+            }
+            r.push_back(RecentAttempt {
+                at: SystemTime::now(),
+                domain,
+                status: status.clone(),
+            });
+        }
+    }
+
     pub fn in_flight(&self, id: MessageId) -> bool {
         self.lock().msgs.get(&id).is_some_and(|m| m.due.is_none())
     }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -22,29 +23,10 @@ impl ClientTls {
     /// `extra_ca`: PEM file with additional trust anchors.
     pub fn new(extra_ca: Option<&Path>) -> anyhow::Result<ClientTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut roots = RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = extra_ca {
-            let pem = std::fs::read(path)
-                .map_err(|e| anyhow::anyhow!("reading extra CA file {}: {e}", path.display()))?;
-            let mut added = 0;
-            for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                let cert: CertificateDer<'static> = cert.map_err(|e| {
-                    anyhow::anyhow!("extra CA file {}: bad PEM: {e}", path.display())
-                })?;
-                roots
-                    .add(cert)
-                    .map_err(|e| anyhow::anyhow!("extra CA file {}: {e}", path.display()))?;
-                added += 1;
-            }
-            if added == 0 {
-                anyhow::bail!("extra CA file {} has no certificates", path.display());
-            }
-        }
         let verified = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| anyhow::anyhow!("TLS client config: {e}"))?
-            .with_root_certificates(roots)
+            .with_webpki_verifier(server_verifier(extra_ca)?)
             .with_no_client_auth();
         let unverified = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
@@ -57,6 +39,34 @@ impl ClientTls {
             unverified: Arc::new(unverified),
         })
     }
+}
+
+/// The certificate verifier of the verified configuration: built-in Mozilla roots plus the
+/// optional extra CA file. `relay diagnose` judges a chain it received with it, so its verdict
+/// is the one delivery's handshake would reach.
+pub fn server_verifier(extra_ca: Option<&Path>) -> anyhow::Result<Arc<WebPkiServerVerifier>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = extra_ca {
+        let pem = std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("reading extra CA file {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+            let cert: CertificateDer<'static> = cert
+                .map_err(|e| anyhow::anyhow!("extra CA file {}: bad PEM: {e}", path.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| anyhow::anyhow!("extra CA file {}: {e}", path.display()))?;
+            added += 1;
+        }
+        if added == 0 {
+            anyhow::bail!("extra CA file {} has no certificates", path.display());
+        }
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| anyhow::anyhow!("TLS certificate verifier: {e}"))
 }
 
 /// The server name to send in SNI and to verify against: a DNS name when the host is one, the
