@@ -147,7 +147,13 @@ impl Target {
         let found: BTreeSet<String> = cms
             .list_metadata(&ListParams::default().labels(&selector))
             .await
-            .with_context(|| format!("listing ConfigMaps in {}", self.namespace))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "listing ConfigMaps in {}: {}",
+                    self.namespace,
+                    api_error(&e)
+                )
+            })?
             .items
             .iter()
             .filter_map(|c| c.metadata.labels.as_ref()?.get(INSTANCE_LABEL).cloned())
@@ -159,7 +165,7 @@ impl Target {
                     .labels("app.kubernetes.io/name=mailrelay,app.kubernetes.io/component=relay"),
             )
             .await
-            .with_context(|| format!("listing pods in {}", self.namespace))?
+            .map_err(|e| anyhow::anyhow!("listing pods in {}: {}", self.namespace, api_error(&e)))?
             .items
             .iter()
             .filter_map(|p| p.metadata.labels.as_ref()?.get(INSTANCE_LABEL).cloned())
@@ -185,6 +191,15 @@ fn one_instance(namespace: &str, found: BTreeSet<String>) -> anyhow::Result<Stri
             "namespace {namespace} holds several mailrelay instances ({}); pick one with --instance",
             found.into_iter().collect::<Vec<_>>().join(", ")
         ),
+    }
+}
+
+/// A kube error in one line: `404 NotFound: …` for an API answer (a 403 names the missing
+/// permission), the error's own text otherwise.
+pub fn api_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        other => other.to_string(),
     }
 }
 

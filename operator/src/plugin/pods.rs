@@ -94,7 +94,12 @@ pub async fn list(
     let pods = api
         .list(&ListParams::default().labels(&selector(instance)))
         .await
-        .map_err(|e| anyhow::anyhow!("listing the relay pods in {namespace}: {e}"))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "listing the relay pods in {namespace}: {}",
+                super::api_error(&e)
+            )
+        })?;
     let mut out: Vec<RelayPod> = pods.items.iter().map(RelayPod::from_pod).collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)

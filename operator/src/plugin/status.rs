@@ -25,7 +25,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::pods::{self, RelayPod};
-use super::{Output, Target, EXIT_OK, EXIT_PROBLEMS};
+use super::{api_error, Output, Target, EXIT_OK, EXIT_PROBLEMS};
 use crate::manifests::{policy_name, HASH_ANNOTATION};
 
 /// The relay's metric naming the hash of its live policy (relay/src/metrics.rs).
@@ -329,7 +329,13 @@ pub async fn collect(target: &Target, instance: &str, via: MetricsVia) -> anyhow
                 "the {} CustomResourceDefinition is not installed",
                 ar.kind
             )),
-            Err(e) => return Err(anyhow::anyhow!("listing {} in {ns}: {e}", ar.plural)),
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "listing {} in {ns}: {}",
+                    ar.plural,
+                    api_error(&e)
+                ))
+            }
         }
     }
     let cm_name = policy_name(instance);
@@ -337,7 +343,7 @@ pub async fn collect(target: &Target, instance: &str, via: MetricsVia) -> anyhow
     let hash = cms
         .get_metadata_opt(&cm_name)
         .await
-        .map_err(|e| anyhow::anyhow!("reading ConfigMap {cm_name}: {e}"))?
+        .map_err(|e| anyhow::anyhow!("reading ConfigMap {cm_name}: {}", api_error(&e)))?
         .and_then(|m| m.metadata.annotations?.get(HASH_ANNOTATION).cloned());
     let relay_pods = pods::list(client, ns, instance).await?;
     let served =
@@ -370,7 +376,7 @@ pub async fn served_by(client: &Client, ns: &str, pod: &RelayPod, via: MetricsVi
                 let req = http::Request::get(&path)
                     .body(Vec::new())
                     .map_err(|e| e.to_string())?;
-                client.request_text(req).await.map_err(|e| e.to_string())
+                client.request_text(req).await.map_err(|e| api_error(&e))
             };
             let text = match tokio::time::timeout(METRICS_TIMEOUT, fetched).await {
                 Ok(r) => r,
