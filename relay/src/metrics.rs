@@ -14,6 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -89,6 +90,30 @@ pub struct TlsLabels {
 pub struct DestinationLabels {
     pub destination: String,
     pub result: String,
+}
+
+/// `zone`: a DNSBL zone of the policy (bounded by it); `result`: `listed`, `clean`, `error`,
+/// `timeout`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsblLookupLabels {
+    pub zone: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ZoneLabels {
+    pub zone: String,
+}
+
+/// `action`: `reject` or `log`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DnsblListedLabels {
+    pub service: String,
+    pub action: String,
+}
+
+fn dnsbl_duration_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0])
 }
 
 /// Most client IPs that `mailrelay_ip_limit_usage` / `_max` show at once.
@@ -287,6 +312,18 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<ServiceLabels, Counter>,
     /// Per-recipient delivery attempt outcomes by destination (see [`DestinationLabels`]).
     pub delivery_by_destination: Family<DestinationLabels, Counter>,
+    // ---- inbound DNS blocklists (crate::dnsbl) ----
+    /// DNSBL queries sent (cache misses), by zone and result.
+    pub dnsbl_lookups: Family<DnsblLookupLabels, Counter>,
+    /// Time to a DNSBL zone's answer (timeouts not included).
+    pub dnsbl_lookup_duration: Family<ZoneLabels, Histogram, fn() -> Histogram>,
+    /// DNSBL answers served from the cache, by zone.
+    pub dnsbl_cache_hits: Family<ZoneLabels, Counter>,
+    /// Connections whose client reached a service's DNSBL threshold, by service and action.
+    pub dnsbl_listed: Family<DnsblListedLabels, Counter>,
+    /// 1 for each zone of the policy the relay refuses to ask (it blocks public resolvers and
+    /// the relay has no resolver of its own).
+    pub dnsbl_zone_refused: Family<ZoneLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -334,6 +371,11 @@ impl Metrics {
             tls_sessions: Family::default(),
             tls_handshake_failures: Family::default(),
             delivery_by_destination: Family::default(),
+            dnsbl_lookups: Family::default(),
+            dnsbl_lookup_duration: Family::new_with_constructor(dnsbl_duration_histogram),
+            dnsbl_cache_hits: Family::default(),
+            dnsbl_listed: Family::default(),
+            dnsbl_zone_refused: Family::default(),
             registry: Registry::default(),
         };
         m.limit_store_up.set(1);
@@ -375,7 +417,7 @@ impl Metrics {
         );
         registry.register(
             "connections_refused",
-            "SMTP connections refused before any command was served, by service and reason (not_allowed, connection_limit, auth_blocked, harvest_blocked, proxy_header_untrusted)",
+            "SMTP connections refused before any command was served, by service and reason (not_allowed, connection_limit, auth_blocked, harvest_blocked, proxy_header_untrusted, dnsbl_listed)",
             m.connections_refused.clone(),
         );
         registry.register(
@@ -471,6 +513,7 @@ impl Metrics {
             m.policy_loaded.clone(),
         );
         m.register_operations(&mut registry);
+        m.register_dnsbl(&mut registry);
         Metrics { registry, ..m }
     }
 
@@ -527,6 +570,77 @@ impl Metrics {
             "Outbound delivery attempts per recipient, by destination (relay:<rule> or mx) and result",
             self.delivery_by_destination.clone(),
         );
+    }
+
+    fn register_dnsbl(&self, registry: &mut Registry) {
+        registry.register(
+            "dnsbl_lookups",
+            "DNSBL queries sent (cache misses), by zone and result (listed, clean, error, timeout); listed is before the zone's returnCodes filter",
+            self.dnsbl_lookups.clone(),
+        );
+        registry.register(
+            "dnsbl_lookup_duration_seconds",
+            "Time until a DNSBL zone answered, by zone (lookups that timed out are not included)",
+            self.dnsbl_lookup_duration.clone(),
+        );
+        registry.register(
+            "dnsbl_cache_hits",
+            "DNSBL answers served from the relay's cache, by zone",
+            self.dnsbl_cache_hits.clone(),
+        );
+        registry.register(
+            "dnsbl_listed",
+            "Connections whose client reached a service's DNSBL threshold, by service and action (reject, log)",
+            self.dnsbl_listed.clone(),
+        );
+        registry.register(
+            "dnsbl_zone_refused",
+            "1 for each DNSBL zone of the policy the relay does not ask: the zone blocks public resolvers and delivery.dns.nameservers is empty or public",
+            self.dnsbl_zone_refused.clone(),
+        );
+    }
+
+    /// A DNSBL query ended with `result`; `took` is `None` for a timeout.
+    pub fn dnsbl_lookup(&self, zone: &str, result: &str, took: Option<std::time::Duration>) {
+        self.dnsbl_lookups
+            .get_or_create(&DnsblLookupLabels {
+                zone: zone.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+        if let Some(t) = took {
+            self.dnsbl_lookup_duration
+                .get_or_create(&ZoneLabels {
+                    zone: zone.to_string(),
+                })
+                .observe(t.as_secs_f64());
+        }
+    }
+
+    pub fn dnsbl_cache_hit(&self, zone: &str) {
+        self.dnsbl_cache_hits
+            .get_or_create(&ZoneLabels {
+                zone: zone.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn dnsbl_listed(&self, service: &str, action: &str) {
+        self.dnsbl_listed
+            .get_or_create(&DnsblListedLabels {
+                service: service.to_string(),
+                action: action.to_string(),
+            })
+            .inc();
+    }
+
+    /// Marks `zone` as refused (see [`Metrics::dnsbl_zone_refused`]).
+    pub fn dnsbl_zone(&self, zone: &str) {
+        self.dnsbl_zone_refused
+            .get_or_create(&ZoneLabels {
+                zone: zone.to_string(),
+            })
+            .set(1);
     }
 
     /// Publishes what the live config is: its content hash and certificate expiry times.
@@ -649,7 +763,7 @@ impl Metrics {
     /// `not_allowed` (not in the service's `allowedFrom`), `connection_limit` (concurrent
     /// connections per IP), `auth_blocked` (blocked for failed logins), `harvest_blocked`
     /// (blocked for directory harvesting), `proxy_header_untrusted` (a PROXY header from a
-    /// peer that is not a trusted proxy).
+    /// peer that is not a trusted proxy), `dnsbl_listed` (on the service's DNS blocklists).
     pub fn refused(&self, service: &str, reason: &str) {
         self.connections_refused
             .get_or_create(&ReasonLabels {

@@ -147,6 +147,9 @@ pub async fn reload_now(relay: &Arc<Relay>, self_signed: &Arc<SelfSignedCache>) 
             }
             let services = snap.config.services.len();
             publish(&relay.metrics, &snap);
+            if let Some(d) = &relay.dnsbl {
+                d.review(&snap.config);
+            }
             relay.current.store(Arc::new(snap));
             relay.metrics.reload(true);
             info!(services, "configuration reloaded");

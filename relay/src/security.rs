@@ -31,6 +31,8 @@ pub enum SecurityKind {
     SlowClient,
     /// A client without a PTR record, refused by `rejectClientWithoutPtr`.
     ClientWithoutPtr,
+    /// A client listed on the service's DNS blocklists (refused, or only logged and tagged).
+    DnsblListed,
     // Protocol abuse.
     /// A command line ending in a bare LF.
     BareLfCommand,
@@ -82,7 +84,7 @@ pub enum SecurityKind {
 
 impl SecurityKind {
     /// Every kind, for tests and documentation.
-    pub const ALL: [SecurityKind; 29] = [
+    pub const ALL: [SecurityKind; 30] = [
         SecurityKind::ConnectionRefused,
         SecurityKind::ConnectionLimit,
         SecurityKind::HarvestBlocked,
@@ -90,6 +92,7 @@ impl SecurityKind {
         SecurityKind::ProxyHeaderUntrusted,
         SecurityKind::SlowClient,
         SecurityKind::ClientWithoutPtr,
+        SecurityKind::DnsblListed,
         SecurityKind::BareLfCommand,
         SecurityKind::BareNewline,
         SecurityKind::StarttlsInjection,
@@ -124,6 +127,7 @@ impl SecurityKind {
             SecurityKind::ProxyHeaderUntrusted => "proxy_header_untrusted",
             SecurityKind::SlowClient => "slow_client",
             SecurityKind::ClientWithoutPtr => "client_without_ptr",
+            SecurityKind::DnsblListed => "dnsbl_listed",
             SecurityKind::BareLfCommand => "bare_lf_command",
             SecurityKind::BareNewline => "bare_newline",
             SecurityKind::StarttlsInjection => "starttls_injection",

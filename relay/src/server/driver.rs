@@ -45,6 +45,9 @@ pub(super) struct Driver {
     /// A large message being written to the spool as it arrives, with its envelope and the
     /// session's serial of its body.
     pub(super) incoming: Option<(Incoming, Envelope, u64)>,
+    /// `X-Mailrelay-DNSBL` header lines for a listed client under action `Log` (else empty),
+    /// written below this relay's `Received:`.
+    pub(super) dnsbl_headers: String,
 }
 
 /// Message data is handed to the spool in pieces of at least this size while it arrives, so a
@@ -466,7 +469,7 @@ impl Driver {
             .hide_client_ip_for
             .as_ref()
             .is_some_and(|g| self.snap.config.in_group(g, self.ip));
-        received_header(&ReceivedInfo {
+        let mut header = received_header(&ReceivedInfo {
             facts,
             hostname: &self.hostname,
             hide_client_ip: hide,
@@ -474,7 +477,9 @@ impl Driver {
             single_recipient: single,
             smtputf8,
             now,
-        })
+        });
+        header.push_str(&self.dnsbl_headers);
+        header
     }
 
     /// Writes a piece of a large message to the spool while the rest arrives; the first piece

@@ -1,5 +1,6 @@
 //! Listeners and admission: one accept loop per service, the PROXY header, `allowedFrom`, the
-//! per-IP gate and the TLS handshake of SMTPS, then a [`Driver`] per admitted connection.
+//! per-IP gate, the DNS blocklists and the TLS handshake of SMTPS, then a [`Driver`] per
+//! admitted connection.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -13,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::driver::{session_config, Driver};
 use super::{refusal_event, security, Relay};
+use crate::dnsbl::Screen;
 use crate::limits::auth::AuthProtection;
 use crate::limits::gate::{admit, SessionLimits};
 use crate::metrics::ServiceLabels;
@@ -170,6 +172,33 @@ impl Relay {
                 return;
             }
         };
+        let dnsbl_headers =
+            match crate::dnsbl::screen(self.dnsbl.as_deref(), &snap.config, &service, ip).await {
+                Screen::Pass => String::new(),
+                Screen::Tag { headers, detail } => {
+                    security(
+                        &self.metrics,
+                        SecurityKind::DnsblListed,
+                        &service.name,
+                        ip,
+                        &detail,
+                    );
+                    headers
+                }
+                Screen::Refuse(refusal) => {
+                    security(
+                        &self.metrics,
+                        refusal.kind,
+                        &service.name,
+                        ip,
+                        &refusal.detail,
+                    );
+                    self.metrics
+                        .refused(&service.name, refusal.kind.refused_reason());
+                    refuse(&self, &service, ip, conn, &refusal.reply).await;
+                    return;
+                }
+            };
         let service_label = ServiceLabels {
             service: service.name.clone(),
         };
@@ -218,6 +247,7 @@ impl Relay {
             refuse_proxy_header,
             tx_span: None,
             incoming: None,
+            dnsbl_headers,
         };
         let span = tracing::info_span!(
             "smtp_session",

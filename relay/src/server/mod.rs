@@ -41,6 +41,8 @@ pub struct Relay {
     pub limiter: Arc<Limiter>,
     /// Resolver for PTR and sender-domain checks; `None` if it could not be built.
     pub dns_checks: Option<Arc<DnsChecker>>,
+    /// DNS blocklist checks at connect; `None` if no resolver could be built.
+    pub dnsbl: Option<Arc<crate::dnsbl::Checker>>,
     /// Called with the id of every message stored by a session (the delivery queue's feed).
     pub on_queued: std::sync::OnceLock<QueuedHook>,
     /// Bounds the password verifications running at once (memory and CPU of an AUTH flood).
@@ -75,6 +77,16 @@ impl Relay {
                 None
             }
         };
+        let dnsbl = match crate::dnsbl::Checker::new(&settings.delivery.dns, metrics.clone()) {
+            Ok(d) => {
+                d.review(&current.load().config);
+                Some(Arc::new(d))
+            }
+            Err(e) => {
+                warn!(error = %e, "no resolver for DNS blocklists; clients are not checked against them");
+                None
+            }
+        };
         let auth_slots = VerificationSlots::per_cpu(
             settings.limits.auth_verification_concurrency,
             Duration::from_secs(settings.limits.auth_verification_queue_seconds.max(1)),
@@ -89,6 +101,7 @@ impl Relay {
             ready: AtomicBool::new(false),
             limiter,
             dns_checks,
+            dnsbl,
             on_queued: std::sync::OnceLock::new(),
             auth_slots,
             shutdown: tokio::sync::watch::channel(false).0,

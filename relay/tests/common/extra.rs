@@ -210,6 +210,8 @@ pub enum Answer {
 pub struct DnsServer {
     pub addr: SocketAddr,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Every question name received, lower case without the trailing dot.
+    asked: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl DnsServer {
@@ -220,6 +222,8 @@ impl DnsServer {
         let addr = sock.local_addr().unwrap();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
+        let asked = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
         let zone: HashMap<String, Answer> = zone
             .into_iter()
             .map(|(k, v)| (k.trim_end_matches('.').to_ascii_lowercase(), v))
@@ -244,6 +248,7 @@ impl DnsServer {
                     resp.add_query(query.clone());
                     let name = query.name().to_ascii();
                     let key = name.trim_end_matches('.').to_ascii_lowercase();
+                    log.lock().unwrap().push(key.clone());
                     match zone.get(&key) {
                         None => {
                             resp.set_response_code(ResponseCode::NXDomain);
@@ -272,7 +277,18 @@ impl DnsServer {
                 }
             }
         });
-        DnsServer { addr, stop }
+        DnsServer { addr, stop, asked }
+    }
+
+    /// How many questions (any type) for `name` the server received.
+    pub fn queries(&self, name: &str) -> usize {
+        let key = name.trim_end_matches('.').to_ascii_lowercase();
+        self.asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| **n == key)
+            .count()
     }
 
     /// `delivery.dns` runtime settings pointing at this server.
