@@ -276,6 +276,40 @@ mod tests {
         );
     }
 
+    /// deploy/krew/mailrelay.yaml: a krew Plugin manifest for this version, every platform's
+    /// archive named by the scheme deploy/krew/package.sh writes.
+    #[test]
+    fn krew_manifest_follows_the_release_naming_scheme() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/krew/mailrelay.yaml");
+        let m: serde_json::Value =
+            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(
+            m["apiVersion"],
+            "krew.googlecontainertools.github.com/v1alpha2"
+        );
+        assert_eq!(m["kind"], "Plugin");
+        assert_eq!(m["metadata"]["name"], "mailrelay");
+        let version = format!("v{}", env!("CARGO_PKG_VERSION"));
+        assert_eq!(m["spec"]["version"], version.as_str());
+        let platforms = m["spec"]["platforms"].as_array().unwrap();
+        assert!(!platforms.is_empty());
+        for p in platforms {
+            let labels = &p["selector"]["matchLabels"];
+            let (os, arch) = (
+                labels["os"].as_str().unwrap(),
+                labels["arch"].as_str().unwrap(),
+            );
+            assert_eq!(
+                p["uri"],
+                format!("https://github.com/mailrelay/mailrelay/releases/download/{version}/kubectl-mailrelay_{version}_{os}_{arch}.tar.gz")
+            );
+            let sha = p["sha256"].as_str().unwrap();
+            assert!(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
+            assert_eq!(p["bin"], "kubectl-mailrelay");
+        }
+    }
+
     #[test]
     fn global_flags_go_anywhere() {
         let cli = Cli::try_parse_from([
