@@ -186,7 +186,13 @@ pub struct Checker {
     public_resolver: Option<String>,
     cache: Cache,
     metrics: Arc<Metrics>,
+    /// When each zone's last failure was logged at warn level: a dead zone under a flood of
+    /// connections would otherwise write a warning per connection.
+    warned: Mutex<HashMap<String, Instant>>,
 }
+
+/// At most one warning per zone in this interval; the rest go to debug (the metrics count all).
+const WARN_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Checker {
     pub fn new(settings: &DeliveryDnsSettings, metrics: Arc<Metrics>) -> anyhow::Result<Self> {
@@ -196,7 +202,27 @@ impl Checker {
             public_resolver: mailrelay_crds::dnsbl::public_resolver_in_use(&settings.nameservers),
             cache: Arc::new(Mutex::new(HashMap::new())),
             metrics,
+            warned: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Logs a zone's failure: a warning at most every [`WARN_INTERVAL`] per zone, else debug.
+    fn zone_failed(&self, zone: &str, ip: IpAddr, what: &str) {
+        let now = Instant::now();
+        let loud = self.warned.lock().is_ok_and(|mut m| {
+            let due = m
+                .get(zone)
+                .is_none_or(|t| now.duration_since(*t) >= WARN_INTERVAL);
+            if due {
+                m.insert(zone.to_string(), now);
+            }
+            due
+        });
+        if loud {
+            warn!(zone, client_ip = %ip, "{what}; counted as not listed (further failures of this zone within a minute are logged at debug)");
+        } else {
+            debug!(zone, client_ip = %ip, "{what}; counted as not listed");
+        }
     }
 
     /// Why `zone` is not used by this relay, if it is not.
@@ -223,7 +249,6 @@ impl Checker {
                 seen.push(&z.zone);
                 self.metrics.dnsbl_zone(&z.zone);
                 warn!(
-                    target: "dns",
                     zone = %z.zone,
                     service = %svc.name,
                     "DNSBL zone {} is NOT used: {why}. Configure a local resolver (e.g. unbound in the cluster) and set delivery.dns.nameservers in runtime.yaml to it",
@@ -284,7 +309,7 @@ impl Checker {
                         ZoneAnswer::NotListed => "clean",
                         ZoneAnswer::Listed(_) => "listed",
                         ZoneAnswer::Failed(why) => {
-                            warn!(target: "dns", zone = %zone, client_ip = %ip, error = %why, "DNSBL lookup failed; counted as not listed");
+                            self.zone_failed(zone, ip, &format!("DNSBL lookup failed: {why}"));
                             "error"
                         }
                     };
@@ -297,7 +322,14 @@ impl Checker {
         for (i, z) in policy.zones.iter().enumerate() {
             if asked[i] && answers[i].is_none() {
                 self.metrics.dnsbl_lookup(&z.zone, "timeout", None);
-                warn!(target: "dns", zone = %z.zone, client_ip = %ip, timeout_ms = policy.lookup_timeout_millis, "DNSBL zone did not answer in time; counted as not listed");
+                self.zone_failed(
+                    &z.zone,
+                    ip,
+                    &format!(
+                        "DNSBL zone did not answer in time ({} ms)",
+                        policy.lookup_timeout_millis
+                    ),
+                );
             }
         }
         let mut v = Verdict::default();
@@ -306,7 +338,7 @@ impl Checker {
                 continue;
             };
             let Some(code) = z.matching_code(&l.codes) else {
-                debug!(target: "dns", zone = %z.zone, client_ip = %ip, codes = ?l.codes, "DNSBL listing outside the zone's returnCodes; ignored");
+                debug!(zone = %z.zone, client_ip = %ip, codes = ?l.codes, "DNSBL listing outside the zone's returnCodes; ignored");
                 continue;
             };
             v.score += u64::from(z.weight);
@@ -318,7 +350,7 @@ impl Checker {
             });
         }
         v.listed = v.score >= u64::from(policy.threshold);
-        debug!(target: "dns", client_ip = %ip, score = v.score, threshold = policy.threshold, listed = v.listed, "DNSBL check");
+        debug!(client_ip = %ip, score = v.score, threshold = policy.threshold, listed = v.listed, "DNSBL check");
         v
     }
 }
@@ -396,7 +428,7 @@ pub async fn screen(
         return Screen::Pass;
     };
     if config.in_any_group(&policy.exempt_ip_groups, ip) {
-        debug!(target: "dns", service = %service.name, client_ip = %ip, "DNSBL check skipped: exempt IP group");
+        debug!(service = %service.name, client_ip = %ip, "DNSBL check skipped: exempt IP group");
         return Screen::Pass;
     }
     let Some(checker) = checker else {

@@ -41,6 +41,7 @@ pub const COMPONENTS: &[(&str, &[&str])] = &[
         "dns",
         &[
             "mailrelay_relay::dnscheck",
+            "mailrelay_relay::dnsbl",
             "mailrelay_relay::delivery::mx",
             "hickory_resolver",
             "hickory_proto",
