@@ -217,7 +217,7 @@ async fn probe(
     }
     out.checks
         .push(Check::ok(format!("{label}: banner {}", greeting.line())));
-    if !ehlo(ctx, &mut conn, &label, &mut out.checks).await {
+    if !ehlo(ctx, &mut conn, &label, false, &mut out.checks).await {
         conn.quit().await;
         return (out, None);
     }
@@ -244,7 +244,7 @@ async fn probe(
                                 true,
                                 t.clone(),
                             );
-                            if !ehlo(ctx, &mut conn, &label, &mut out.checks).await {
+                            if !ehlo(ctx, &mut conn, &label, true, &mut out.checks).await {
                                 conn.quit().await;
                                 return (out, None);
                             }
@@ -313,7 +313,14 @@ async fn probe(
 }
 
 /// EHLO (HELO when refused), recording the extensions; false when the session cannot go on.
-async fn ehlo(ctx: &Context, conn: &mut Connection, label: &str, checks: &mut Vec<Check>) -> bool {
+async fn ehlo(
+    ctx: &Context,
+    conn: &mut Connection,
+    label: &str,
+    after_tls: bool,
+    checks: &mut Vec<Check>,
+) -> bool {
+    let again = if after_tls { " (again, over TLS)" } else { "" };
     let t = ctx.settings.delivery.timeouts.command_seconds;
     let reply = match conn.command(&format!("EHLO {}", ctx.helo), t, "EHLO").await {
         Ok(r) => r,
@@ -329,7 +336,7 @@ async fn ehlo(ctx: &Context, conn: &mut Connection, label: &str, checks: &mut Ve
         conn.caps = Capabilities::parse(&reply);
         let ext: Vec<&str> = reply.lines.iter().skip(1).map(String::as_str).collect();
         let mut c = Check::ok(format!(
-            "{label}: EHLO {}: {}",
+            "{label}: EHLO {}{again}: {}",
             ctx.helo,
             reply.lines.first().map(String::as_str).unwrap_or("")
         ));

@@ -21,6 +21,8 @@ pub const DEFAULT_ZONES: &[&str] = &[
     "dnsbl.sorbs.net",
 ];
 
+const REFUSED_ADVICE: &str = "answer codes 127.255.255.x mean the zone refused the query (typically because it came through a public or open resolver, or over the zone's free-use limit): point delivery.dns.nameservers at a resolver of your own to get real answers";
+
 /// Large public resolvers, whose queries some blocklists refuse.
 const PUBLIC_RESOLVERS: &[&str] = &[
     "8.8.8.8",
@@ -236,6 +238,17 @@ async fn spf_check(ctx: &Context, sender: &str, ip: IpAddr) -> Check {
 async fn blocklist(ctx: &Context, zone: &str, ip: IpAddr, public_resolver: bool) -> Check {
     match dnsbl::query(&ctx.resolver, zone, ip).await {
         ZoneAnswer::NotListed => Check::ok(format!("blocklist {zone}: {ip} not listed")),
+        // The query primitive reports a refusal code (127.255.255.x) as no usable answer.
+        ZoneAnswer::Failed(why) if why.contains("refused") => {
+            let mut c = Check::warn(
+                format!("blocklist {zone}: query refused, not a listing ({why})"),
+                REFUSED_ADVICE,
+            );
+            if public_resolver {
+                c = c.detail("this relay resolves through the system or a large public resolver");
+            }
+            c
+        }
         ZoneAnswer::Failed(why) => Check::warn(
             format!("blocklist {zone}: no usable answer ({why})"),
             "the zone did not answer: try again later, or check that the resolver reaches it",
@@ -250,8 +263,11 @@ async fn blocklist(ctx: &Context, zone: &str, ip: IpAddr, public_resolver: bool)
                 o[1] == 255 && o[2] == 255
             }) {
                 let mut c = Check::warn(
-                    format!("blocklist {zone}: query refused ({}), not a listing", codes.join(", ")),
-                    "answer codes 127.255.255.x mean the zone refused the query (typically because it came through a public or open resolver): point delivery.dns.nameservers at a resolver of your own to get real answers",
+                    format!(
+                        "blocklist {zone}: query refused ({}), not a listing",
+                        codes.join(", ")
+                    ),
+                    REFUSED_ADVICE,
                 )
                 .detail(format!("TXT: {reason}"));
                 if public_resolver {

@@ -74,6 +74,23 @@ struct Eval<'r> {
     notes: Vec<String>,
 }
 
+/// Whether a mechanism matched; an `include` that matched says where.
+enum Matched {
+    No,
+    Yes,
+    Through(String),
+}
+
+impl From<bool> for Matched {
+    fn from(b: bool) -> Matched {
+        if b {
+            Matched::Yes
+        } else {
+            Matched::No
+        }
+    }
+}
+
 type Boxed<'a> = Pin<Box<dyn Future<Output = (SpfResult, String, Option<String>)> + Send + 'a>>;
 
 /// Evaluates the SPF policy of `domain` for `ip`.
@@ -271,12 +288,13 @@ impl<'r> Eval<'r> {
                 Some(c @ ('+' | '-' | '~' | '?')) => (c, &lower[1..]),
                 _ => ('+', lower.as_str()),
             };
-            let matched = match self.mechanism(domain, mech).await {
-                Ok(m) => m,
+            match self.mechanism(domain, mech).await {
+                Ok(Matched::No) => {}
+                Ok(Matched::Yes) => return (qualified(q), format!("{domain}: {term}")),
+                Ok(Matched::Through(inner)) => {
+                    return (qualified(q), format!("{domain}: {term} -> {inner}"))
+                }
                 Err((r, why)) => return (r, why),
-            };
-            if matched {
-                return (qualified(q), format!("{domain}: {term}"));
             }
         }
         if let Some(target) = redirect {
@@ -298,7 +316,11 @@ impl<'r> Eval<'r> {
         )
     }
 
-    async fn mechanism(&mut self, domain: &str, mech: &str) -> Result<bool, (SpfResult, String)> {
+    async fn mechanism(
+        &mut self,
+        domain: &str,
+        mech: &str,
+    ) -> Result<Matched, (SpfResult, String)> {
         let (name, arg) = match mech.find([':', '/']) {
             Some(i) => (&mech[..i], &mech[i..]),
             None => (mech, ""),
@@ -306,7 +328,7 @@ impl<'r> Eval<'r> {
         let spec = arg.strip_prefix(':').unwrap_or(arg);
         let perm = |why: String| (SpfResult::PermError, why);
         match name {
-            "all" => Ok(true),
+            "all" => Ok(Matched::Yes),
             "ip4" | "ip6" => {
                 let (net, len) = match spec.split_once('/') {
                     Some((n, l)) => (n, Some(l)),
@@ -326,14 +348,14 @@ impl<'r> Eval<'r> {
                         })?,
                         None => max,
                     };
-                Ok(in_prefix(self.ip, net, len))
+                Ok(in_prefix(self.ip, net, len).into())
             }
             "a" => {
                 self.count()?;
                 let (host, v4, v6) = split_cidr(spec).map_err(perm)?;
                 let host = if host.is_empty() { domain } else { host };
                 let addrs = self.addrs(host).await?;
-                Ok(self.any_in(&addrs, v4, v6))
+                Ok(self.any_in(&addrs, v4, v6).into())
             }
             "mx" => {
                 self.count()?;
@@ -364,10 +386,10 @@ impl<'r> Eval<'r> {
                 for n in names {
                     let addrs = self.addrs(&n).await?;
                     if self.any_in(&addrs, v4, v6) {
-                        return Ok(true);
+                        return Ok(Matched::Yes);
                     }
                 }
-                Ok(false)
+                Ok(Matched::No)
             }
             "include" => {
                 self.count()?;
@@ -376,8 +398,8 @@ impl<'r> Eval<'r> {
                 }
                 let (r, why, _) = self.eval(spec.to_string()).await;
                 match r {
-                    SpfResult::Pass => Ok(true),
-                    SpfResult::Fail | SpfResult::SoftFail | SpfResult::Neutral => Ok(false),
+                    SpfResult::Pass => Ok(Matched::Through(why)),
+                    SpfResult::Fail | SpfResult::SoftFail | SpfResult::Neutral => Ok(Matched::No),
                     SpfResult::TempError | SpfResult::Unsupported => Err((r, why)),
                     SpfResult::PermError => Err((r, why)),
                     SpfResult::None => Err(perm(format!(
@@ -388,14 +410,14 @@ impl<'r> Eval<'r> {
             "exists" => {
                 self.count()?;
                 let addrs = self.addrs(spec).await?;
-                Ok(addrs.iter().any(IpAddr::is_ipv4))
+                Ok(addrs.iter().any(IpAddr::is_ipv4).into())
             }
             "ptr" => {
                 self.count()?;
                 self.notes.push(format!(
                     "{domain}: ptr is not evaluated (RFC 7208 §5.5 says not to use it); treated as not matching"
                 ));
-                Ok(false)
+                Ok(Matched::No)
             }
             other => Err(perm(format!("{domain}: unknown mechanism {other}"))),
         }
