@@ -391,3 +391,29 @@ fn zones_that_block_public_resolvers_are_not_used_through_one() {
     // Never asked: no lookup of any outcome.
     assert!(!m.contains("mailrelay_dnsbl_lookups_total{zone="), "{m}");
 }
+
+#[test]
+fn zones_that_block_public_resolvers_are_not_used_through_the_system_resolver() {
+    // Without configured name servers the relay uses /etc/resolv.conf: in a pod the cluster
+    // DNS, which forwards to a shared resolver.
+    if !std::path::Path::new("/etc/resolv.conf").exists() {
+        missing_peer("/etc/resolv.conf", "a system resolver configuration");
+        return;
+    }
+    let r = extra::start_custom("delivery:\n  dns:\n    nameservers: []\n", |cfg, _| {
+        service(cfg, "smtp").dnsbl = dnsbl(vec![zone("sbl.spamhaus.org")], DnsblAction::Reject);
+    });
+    let log = wait_log(&r, "DNSBL zone sbl.spamhaus.org is NOT used");
+    assert!(
+        log.contains("delivery.dns.nameservers is empty, so the system resolver is used"),
+        "{log}"
+    );
+    let mut c = Raw::connect(r.ports.smtp);
+    assert_eq!(c.reply().0, 220);
+    let m = metrics(&r);
+    has(
+        &m,
+        "mailrelay_dnsbl_zone_refused{zone=\"sbl.spamhaus.org\"} 1",
+    );
+    assert!(!m.contains("mailrelay_dnsbl_lookups_total{zone="), "{m}");
+}
