@@ -594,9 +594,9 @@ fn diagnose_queue_and_logs_run_kubectl_in_the_right_pods() {
             &ns,
             "mail-relay-2",
             &[
-                "diagnose",
                 "--config",
                 "/etc/mailrelay/config",
+                "diagnose",
                 "bob@example.net",
                 "--from",
                 "jane@example.com",

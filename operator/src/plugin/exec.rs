@@ -1,7 +1,7 @@
 //! `kubectl mailrelay diagnose` and `kubectl mailrelay queue`: owns the one call that runs the
 //! relay's own tools inside a relay pod, and the merged view of several pods' queues.
 //!
-//! The call is `kubectl exec -n <ns> <pod> -c relay -- relay --config <dir> …` (see
+//! The call is `kubectl exec -n <ns> <pod> -c relay -- relay --config <dir> diagnose|queue …` (see
 //! [`exec_argv`]): the relay binary in the pod, with the config directory the chart mounts, so it
 //! uses the pod's resolver, network, TLS settings and policy. kubectl streams it; the plugin
 //! adds nothing in between but the pod choice, which keeps the boundary one testable argv.
@@ -53,27 +53,23 @@ pub struct QueueArgs {
     pub args: Vec<String>,
 }
 
-/// The relay command line for `relay diagnose`. `--config` follows the subcommand, as
-/// `relay diagnose` documents it.
+/// The relay command line for `relay diagnose`. `--config` is the relay's top-level option
+/// (not one of the subcommand's), so it goes before the subcommand.
 pub fn diagnose_command(args: &[String]) -> Vec<String> {
-    let mut cmd = vec![
-        "relay".to_string(),
-        "diagnose".into(),
-        "--config".into(),
-        CONFIG_DIR.into(),
-    ];
-    cmd.extend(args.iter().cloned());
-    cmd
+    relay_command("diagnose", args)
 }
 
-/// The relay command line for `relay queue`: `--config` is the relay's top-level option there,
-/// so it goes before the subcommand.
+/// The relay command line for `relay queue`.
 pub fn queue_command(args: &[String]) -> Vec<String> {
+    relay_command("queue", args)
+}
+
+fn relay_command(subcommand: &str, args: &[String]) -> Vec<String> {
     let mut cmd = vec![
         "relay".to_string(),
         "--config".into(),
         CONFIG_DIR.into(),
-        "queue".into(),
+        subcommand.into(),
     ];
     cmd.extend(args.iter().cloned());
     cmd
@@ -422,9 +418,9 @@ mod tests {
                 "relay",
                 "--",
                 "relay",
-                "diagnose",
                 "--config",
                 "/etc/mailrelay/config",
+                "diagnose",
                 "jane@example.net",
                 "--from",
                 "a@example.com",
