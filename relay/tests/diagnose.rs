@@ -791,8 +791,8 @@ fn history_shows_greylisting_from_the_running_relay() {
     let sink = rt.block_on(Sink::start(
         "127.0.0.1",
         Behavior {
-            rcpt: Arc::new(|_| {
-                Some("451 4.7.1 <bob@example.test>: Recipient address rejected: Greylisted, try again later".into())
+            rcpt: Arc::new(|a| {
+                a.starts_with("bob@").then(|| "451 4.7.1 <bob@example.test>: Recipient address rejected: Greylisted, try again later".into())
             }),
             ..Behavior::default()
         },
@@ -812,7 +812,10 @@ fn history_shows_greylisting_from_the_running_relay() {
         cfg.domains.clear();
     });
     let mut c = extra::session(relay.ports.smtp);
-    let (code, text) = c.mail("alice@sender.example.test", &["bob@example.test"]);
+    let (code, text) = c.mail(
+        "alice@sender.example.test",
+        &["bob@example.test", "carol@nomx.example.test"],
+    );
     assert_eq!(code, 250, "{text}");
     c.expect("QUIT", 221);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -828,6 +831,14 @@ fn history_shows_greylisting_from_the_running_relay() {
         assert!(Instant::now() < deadline, "the relay never retried");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let run = diagnose(relay.path(), &["carol@nomx.example.test"]);
+    run.has(
+        "ok",
+        "the last delivery to nomx.example.test succeeded (0 of the last 1 attempts failed)",
+    )
+    .contains("said: 250 2.0.0 Ok: queued");
+    assert_eq!(run.code, 0);
+
     let run = diagnose(relay.path(), &["bob@example.test"]);
     run.has(
         "warn",

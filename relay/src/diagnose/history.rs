@@ -48,6 +48,28 @@ fn admin_base(ctx: &Context, admin: Option<&str>) -> String {
     format!("http://{host}:{}", a.port())
 }
 
+/// `2026-12-01T06:40:00Z` for seconds since the epoch (UTC, proleptic Gregorian calendar).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Days to civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
 /// What a pattern of replies means and what to do.
 fn interpret(a: &Attempt) -> Option<(&'static str, &'static str)> {
     let reply = a
@@ -62,31 +84,30 @@ fn interpret(a: &Attempt) -> Option<(&'static str, &'static str)> {
     if enhanced == "5.7.1" && (lower.contains("relay") || lower.contains("denied")) {
         return Some(("relaying denied (5.7.1)", "the next hop does not accept mail from this relay for this recipient: if it is a smarthost, authenticate (the DeliveryRule's auth) or have its administrator allow this relay's egress address; if it is the recipient's MX, the recipient address or domain is not theirs"));
     }
-    if lower.contains("greylist")
-        || lower.contains("graylist")
-        || reply.starts_with("421")
-        || enhanced == "4.4.4"
-        || lower.contains(" 4.4.4")
-        || (a.code / 100 == 4 && enhanced.starts_with("4.7."))
-            && !lower.contains("tls")
-            && !lower.contains("auth")
-    {
-        return Some(("greylisted or throttled", "the receiver defers mail from this relay: wait, the queue retries on its schedule; if it persists, check the blocklists (reputation step) and ask the recipient's administrator to allow this relay's egress address"));
-    }
-    if enhanced == "4.4.1" || lower.contains("cannot connect") {
-        return Some(("cannot connect (4.4.1)", "see the connect step: check the firewall for outbound port 25, and whether the host is up"));
-    }
+    // TLS and AUTH problems carry 4.7.x codes too; they are not the receiver's throttling.
     if lower.contains("tls") || enhanced == "4.7.5" || enhanced == "4.7.4" {
         return Some((
             "TLS failures",
             "see the certificate and STARTTLS checks of the connect step",
         ));
     }
+    if lower.contains("authenticat") || enhanced == "4.7.8" || enhanced == "5.7.8" {
+        return Some(("authentication failures", "see the authentication step"));
+    }
+    if lower.contains("greylist")
+        || lower.contains("graylist")
+        || reply.starts_with("421")
+        || enhanced == "4.4.4"
+        || lower.contains(" 4.4.4")
+        || (a.code / 100 == 4 && enhanced.starts_with("4.7."))
+    {
+        return Some(("greylisted or throttled", "the receiver defers mail from this relay: wait, the queue retries on its schedule; if it persists, check the blocklists (reputation step) and ask the recipient's administrator to allow this relay's egress address"));
+    }
+    if enhanced == "4.4.1" || lower.contains("cannot connect") {
+        return Some(("cannot connect (4.4.1)", "see the connect step: check the firewall for outbound port 25, and whether the host is up"));
+    }
     if enhanced == "4.4.3" || enhanced == "5.1.2" || lower.contains("dns") {
         return Some(("DNS failures", "see the DNS step"));
-    }
-    if lower.contains("authentication") || enhanced == "4.7.8" || enhanced == "5.7.8" {
-        return Some(("authentication failures", "see the authentication step"));
     }
     None
 }
@@ -183,15 +204,12 @@ pub async fn step(ctx: &Context, target: &Target, plan: &Plan, admin: Option<&st
         .iter()
         .rev()
         .take(SHOWN)
-        .map(|a| {
-            let mut l = format!("{} {} {} {}", a.at, a.code, a.enhanced, a.text);
-            if let Some(r) = &a.remote_reply {
-                l.push_str(&format!(
-                    " [{} said: {r}]",
-                    a.remote.as_deref().unwrap_or("remote")
-                ));
+        .map(|a| match (&a.remote, &a.remote_reply) {
+            (Some(host), Some(reply)) => format!("{} {host} said: {reply}", utc(a.at)),
+            (Some(host), None) => {
+                format!("{} {host}: {} {} {}", utc(a.at), a.code, a.enhanced, a.text)
             }
-            l
+            _ => format!("{} {} {} {}", utc(a.at), a.code, a.enhanced, a.text),
         })
         .collect();
     let mut check = if last.code / 100 == 2 {
@@ -227,4 +245,60 @@ pub async fn step(ctx: &Context, target: &Target, plan: &Plan, admin: Option<&st
     check.details = lines;
     step.push(check);
     step
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(code: u16, enhanced: &str, reply: Option<&str>) -> Attempt {
+        Attempt {
+            at: 0,
+            domain: "example.test".into(),
+            code,
+            enhanced: enhanced.into(),
+            text: String::new(),
+            remote: reply.map(|_| "mx.example.test[192.0.2.1]:25".into()),
+            remote_reply: reply.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_796_107_304), "2026-12-01T06:41:44Z");
+    }
+
+    #[test]
+    fn patterns_of_the_troubleshooting_document() {
+        let name = |a: Attempt| interpret(&a).map(|(n, _)| n);
+        assert_eq!(
+            name(attempt(
+                451,
+                "4.4.4",
+                Some("451 4.4.4 Temporary server error")
+            )),
+            Some("greylisted or throttled")
+        );
+        assert_eq!(
+            name(attempt(
+                421,
+                "4.7.0",
+                Some("421 4.7.0 Too many connections, slow down")
+            )),
+            Some("greylisted or throttled")
+        );
+        assert_eq!(
+            name(attempt(550, "5.7.1", Some("550 5.7.1 Relaying denied"))),
+            Some("relaying denied (5.7.1)")
+        );
+        assert_eq!(
+            name(attempt(451, "4.4.1", None)),
+            Some("cannot connect (4.4.1)")
+        );
+        assert_eq!(name(attempt(454, "4.7.5", None)), Some("TLS failures"));
+        assert_eq!(name(attempt(451, "4.4.3", None)), Some("DNS failures"));
+        assert_eq!(name(attempt(250, "2.0.0", Some("250 2.0.0 Ok"))), None);
+    }
 }
