@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ApiResource, DynamicObject, ListParams};
 use kube::{Api, Client, ResourceExt};
 use mailrelay_crds::api::{
-    AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, SmtpService, CONDITION_READY,
+    AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, SmtpService, CONDITION_INVALID,
+    CONDITION_READY, CONDITION_RECONCILING, CONDITION_STALE, CONDITION_STALLED,
 };
 use serde::Serialize;
 use serde_json::Value;
@@ -30,6 +31,13 @@ use crate::manifests::{policy_name, HASH_ANNOTATION};
 
 /// The relay's metric naming the hash of its live policy (relay/src/metrics.rs).
 pub const CONFIG_INFO_METRIC: &str = "mailrelay_config_info";
+/// Conditions that say why an object is not Ready (crds/src/api/common.rs).
+const NOT_READY_STATES: [&str; 4] = [
+    CONDITION_STALLED,
+    CONDITION_RECONCILING,
+    CONDITION_INVALID,
+    CONDITION_STALE,
+];
 /// How long one pod's `/metrics` may take.
 const METRICS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -243,10 +251,25 @@ pub fn assemble(
         }
         match r.condition(CONDITION_READY) {
             Some(c) if c.status == "True" => {}
-            Some(c) => problems.push(format!(
-                "{what}: Ready={} {}: {}",
-                c.status, c.reason, c.message
-            )),
+            Some(c) => {
+                // Which kstatus/compiler state it is in: Stalled needs a change by someone,
+                // Reconciling resolves by itself.
+                let states: Vec<&str> = r
+                    .conditions
+                    .iter()
+                    .filter(|x| x.status == "True" && NOT_READY_STATES.contains(&x.type_.as_str()))
+                    .map(|x| x.type_.as_str())
+                    .collect();
+                let states = if states.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", states.join(", "))
+                };
+                problems.push(format!(
+                    "{what}: Ready={} {}{states}: {}",
+                    c.status, c.reason, c.message
+                ))
+            }
             None => problems.push(format!(
                 "{what}: no Ready condition (operator not running?)"
             )),
@@ -479,7 +502,6 @@ pub fn render(r: &Report) -> String {
         "READY".into(),
         "REASON".into(),
         "GENERATION".into(),
-        "MESSAGE".into(),
     ]];
     let mut details = Vec::new();
     for res in &r.resources {
@@ -497,11 +519,10 @@ pub fn render(r: &Report) -> String {
             ready.map_or("-".into(), |c| c.status.clone()),
             ready.map_or("-".into(), |c| c.reason.clone()),
             generation,
-            ready
-                .filter(|c| c.status != "True")
-                .map_or(String::new(), |c| c.message.clone()),
         ]);
-        for c in &res.conditions {
+        // A Ready object's warnings; what keeps an object from Ready is in the problems.
+        let is_ready = ready.is_some_and(|c| c.status == "True");
+        for c in res.conditions.iter().filter(|_| is_ready) {
             if c.type_ != CONDITION_READY && c.status == "True" {
                 details.push(format!(
                     "  {}/{}: {}={} {}: {}",
@@ -516,7 +537,7 @@ pub fn render(r: &Report) -> String {
         out.push_str(&columns(&rows));
     }
     if !details.is_empty() {
-        out.push_str("\nOther conditions:\n");
+        out.push_str("\nWarnings:\n");
         for d in details {
             out.push_str(&d);
             out.push('\n');
@@ -686,7 +707,7 @@ mod tests {
         let p = r.problems.join("\n");
         for needle in [
             "MailDomain/example: generation 3 not yet compiled by the operator (observedGeneration 2)",
-            "DeliveryRule/r: Ready=False MissingTlsSecret: Secret smtp-tls not found",
+            "DeliveryRule/r: Ready=False MissingTlsSecret [Stalled]: Secret smtp-tls not found",
             "AccessPolicy/new: no Ready condition",
             "pod mail-relay-0: serves policy h0, not the current h1",
             "pod mail-relay-1: not ready",
@@ -709,6 +730,57 @@ mod tests {
         assert_eq!(json["pods"][0]["servesCurrent"], false);
         assert_eq!(json["pods"][2]["hashSource"], "unverified");
         assert_eq!(json["resources"][1]["staleGeneration"], true);
+    }
+
+    /// The pod proxy request (kube-lite serves no proxy, so its exact shape is pinned here
+    /// against kube's mock service): the URL, a served hash, and a refusal kept as the reason.
+    #[tokio::test]
+    async fn served_hash_through_the_pod_proxy() {
+        use http::{Request, Response};
+        use kube::client::Body;
+        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(async move {
+            let mut paths = Vec::new();
+            for answer in 0..2 {
+                let Some((req, send)) = handle.next_request().await else {
+                    break;
+                };
+                paths.push(req.uri().path().to_string());
+                let resp = if answer == 0 {
+                    Response::builder().status(200).body(Body::from(
+                        b"mailrelay_config_info{config_hash=\"abc123\"} 1\n".to_vec(),
+                    ))
+                } else {
+                    let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                        "reason": "Forbidden", "code": 403,
+                        "message": "pods \"mail-relay-0\" is forbidden: User \"jane\" cannot get resource \"pods/proxy\""});
+                    Response::builder()
+                        .status(403)
+                        .body(Body::from(serde_json::to_vec(&status).unwrap()))
+                };
+                send.send_response(resp.unwrap());
+            }
+            paths
+        });
+        let client = Client::new(svc, "mail");
+        let mut p = pod("mail-relay-0", true);
+        p.metrics_port = 9191;
+        assert_eq!(
+            served_by(&client, "mail", &p, MetricsVia::Proxy).await,
+            Served::Hash(HashSource::Proxy, "abc123".into())
+        );
+        let Served::Unknown(why) = served_by(&client, "mail", &p, MetricsVia::Proxy).await else {
+            panic!("a refused proxy is unverified")
+        };
+        assert!(
+            why.starts_with("(unverified) pod proxy unavailable: 403 Forbidden:")
+                && why.contains("pods/proxy"),
+            "{why}"
+        );
+        assert_eq!(
+            server.await.unwrap(),
+            ["/api/v1/namespaces/mail/pods/mail-relay-0:9191/proxy/metrics"; 2]
+        );
     }
 
     #[test]
