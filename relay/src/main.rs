@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 #[command(name = "relay", about = "mailrelay SMTP relay")]
 struct Args {
     /// Directory with relay.yaml, credentials.yaml, runtime.yaml and `tls/<secret>/`.
-    #[arg(long, env = "MAILRELAY_CONFIG_DIR", required = false)]
+    #[arg(long, env = "MAILRELAY_CONFIG_DIR", required = false, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,

@@ -63,9 +63,10 @@ impl Run {
 
 fn diagnose(dir: &Path, args: &[&str]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_relay"))
+        // The documented form: `relay diagnose --config <dir> <target>` (`--config` is global).
+        .arg("diagnose")
         .arg("--config")
         .arg(dir)
-        .arg("diagnose")
         .args(args)
         .env_remove("MAILRELAY_ADMIN_URL")
         .output()
