@@ -424,10 +424,19 @@ fn calls(dir: &Path) -> Vec<Vec<String>> {
     out
 }
 
+/// The kubeconfig's current context: the test passes it explicitly, as `--context`, to see it
+/// reach kubectl.
+fn context() -> String {
+    kubectl_ok(&["config", "current-context"])
+        .trim()
+        .to_string()
+}
+
 fn exec_argv(ns: &str, pod: &str, relay: &[&str]) -> Vec<String> {
+    let context = format!("--context={}", context());
     let mut v: Vec<String> = [
         "exec",
-        "--context=kube-lite",
+        context.as_str(),
         "-n",
         ns,
         pod,
@@ -468,7 +477,8 @@ fn diagnose_queue_and_logs_run_kubectl_in_the_right_pods() {
         r#"{"messages":[{"id":"00000000000000b2","sender":"","size":900,"receivedAt":1,"nextAttemptAt":null,"inFlight":true,"warned":true,"recipients":[{"address":"x@example.org","state":"pending","attempts":1,"reply":null}]}]}"#,
     )
     .unwrap();
-    let base = ["--context", "kube-lite", "-n", ns.as_str()];
+    let context = context();
+    let base = ["--context", context.as_str(), "-n", ns.as_str()];
     let run = |extra: &[&str]| {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);
@@ -650,7 +660,7 @@ fn diagnose_queue_and_logs_run_kubectl_in_the_right_pods() {
     let argv = &c[0];
     assert_eq!(
         argv[..4],
-        ["logs", "--context=kube-lite", "-n", ns.as_str()]
+        ["logs", &format!("--context={context}"), "-n", ns.as_str()]
     );
     for needle in [
         "-l",
