@@ -564,8 +564,9 @@ fn diagnose_queue_and_logs_run_kubectl_in_the_right_pods() {
     );
     calls(d);
 
-    // Without --all-pods: the first ready pod, the relay's output unchanged.
-    let o = run(&["--instance", "mail", "queue", "show", "00000000000000a1"]);
+    // Without --all-pods: the first ready pod, the relay's output unchanged. (The plugin's
+    // flags may follow the relay's arguments, as kubectl users type them.)
+    let o = run(&["queue", "show", "00000000000000a1", "--instance", "mail"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(
         calls(d),

@@ -215,8 +215,88 @@ pub fn kubectl_flags(cluster: &ClusterArgs) -> Vec<String> {
     out
 }
 
+/// The plugin's own flags among the arguments handed to the relay. Everything after the relay
+/// arguments' first word goes to the relay unparsed, yet `kubectl mailrelay diagnose
+/// bob@example.com -n mail` is how kubectl users type; the relay's `diagnose` and `queue` take
+/// none of these flags, so they are taken back out (the plugin's meaning wins).
+pub fn take_plugin_flags(cli: &mut Cli) -> Result<(), String> {
+    let (args, mut pod, mut all_pods, mut output) = match &mut cli.command {
+        Command::Diagnose(d) => (&mut d.args, Some(&mut d.pod), None, None),
+        Command::Queue(q) => (
+            &mut q.args,
+            Some(&mut q.pod),
+            Some(&mut q.all_pods),
+            Some(&mut q.output),
+        ),
+        _ => return Ok(()),
+    };
+    let mut rest = Vec::new();
+    let mut it = std::mem::take(args).into_iter();
+    while let Some(a) = it.next() {
+        let (flag, inline) = match a.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (a.clone(), None),
+        };
+        let slot: Option<&mut Option<String>> = match flag.as_str() {
+            "-n" | "--namespace" => Some(&mut cli.cluster.namespace),
+            "--context" => Some(&mut cli.cluster.context),
+            "--instance" => Some(&mut cli.cluster.instance),
+            "--pod" => pod.as_deref_mut(),
+            "--kubeconfig" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or("--kubeconfig needs a value")?,
+                };
+                cli.cluster.kubeconfig = Some(value.into());
+                continue;
+            }
+            "--all-pods" if all_pods.is_some() => {
+                if let Some(all) = all_pods.as_deref_mut() {
+                    *all = true;
+                }
+                continue;
+            }
+            "-o" | "--output" if output.is_some() => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or("-o needs a value")?,
+                };
+                let parsed = Output::from_str(&value, true)
+                    .map_err(|_| format!("-o {value}: table or json"))?;
+                if let Some(o) = output.as_deref_mut() {
+                    *o = parsed;
+                }
+                continue;
+            }
+            _ => None,
+        };
+        match slot {
+            Some(slot) => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => it.next().ok_or_else(|| format!("{flag} needs a value"))?,
+                };
+                *slot = Some(value);
+            }
+            None => rest.push(a),
+        }
+    }
+    if let (Some(_), Some(true)) = (pod.as_deref().and_then(Option::as_ref), all_pods.as_deref()) {
+        return Err("--pod and --all-pods exclude each other".into());
+    }
+    if rest.is_empty() {
+        return Err("the relay's arguments are missing".into());
+    }
+    *args = rest;
+    Ok(())
+}
+
 /// Runs the plugin; returns the process exit code.
-pub fn main(cli: Cli) -> i32 {
+pub fn main(mut cli: Cli) -> i32 {
+    if let Err(e) = take_plugin_flags(&mut cli) {
+        eprintln!("kubectl mailrelay: {e}");
+        return EXIT_ERROR;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -308,6 +388,72 @@ mod tests {
             assert!(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()));
             assert_eq!(p["bin"], "kubectl-mailrelay");
         }
+    }
+
+    #[test]
+    fn plugin_flags_after_the_relay_arguments_are_the_plugins() {
+        let parse = |args: &[&str]| {
+            let mut cli = Cli::try_parse_from(args).unwrap();
+            take_plugin_flags(&mut cli).map(|()| cli)
+        };
+        let cli = parse(&[
+            "kubectl-mailrelay",
+            "diagnose",
+            "bob@example.com",
+            "--from",
+            "a@example.com",
+            "-n",
+            "mail",
+            "--context=prod",
+            "--pod",
+            "mail-relay-1",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.namespace.as_deref(), Some("mail"));
+        assert_eq!(cli.cluster.context.as_deref(), Some("prod"));
+        let Command::Diagnose(d) = cli.command else {
+            panic!("diagnose")
+        };
+        assert_eq!(d.pod.as_deref(), Some("mail-relay-1"));
+        assert_eq!(
+            d.args,
+            ["bob@example.com", "--from", "a@example.com", "--json"]
+        );
+
+        let cli = parse(&[
+            "kubectl-mailrelay",
+            "queue",
+            "list",
+            "--all-pods",
+            "-o",
+            "json",
+            "--kubeconfig",
+            "/k",
+            "--instance=mail",
+        ])
+        .unwrap();
+        assert_eq!(cli.cluster.instance.as_deref(), Some("mail"));
+        assert_eq!(cli.cluster.kubeconfig, Some("/k".into()));
+        let Command::Queue(q) = cli.command else {
+            panic!("queue")
+        };
+        assert!(q.all_pods && q.output == Output::Json);
+        assert_eq!(q.args, ["list"]);
+
+        let e = parse(&[
+            "kubectl-mailrelay",
+            "queue",
+            "list",
+            "--pod",
+            "a",
+            "--all-pods",
+        ]);
+        assert!(e.unwrap_err().contains("exclude each other"));
+        let e = parse(&["kubectl-mailrelay", "queue", "list", "-n"]);
+        assert!(e.unwrap_err().contains("-n needs a value"));
+        // Before the relay's arguments, the flags are clap's: nothing left for the relay.
+        assert!(Cli::try_parse_from(["kubectl-mailrelay", "diagnose", "-n", "mail"]).is_err());
     }
 
     #[test]
