@@ -241,7 +241,7 @@ async fn blocklist(ctx: &Context, zone: &str, ip: IpAddr, public_resolver: bool)
         // The query primitive reports a refusal code (127.255.255.x) as no usable answer.
         ZoneAnswer::Failed(why) if why.contains("refused") => {
             let mut c = Check::warn(
-                format!("blocklist {zone}: query refused, not a listing ({why})"),
+                format!("blocklist {zone}: query refused ({why})"),
                 REFUSED_ADVICE,
             );
             if public_resolver {
