@@ -49,7 +49,7 @@ enum Command {
     /// reputation and recent results for a recipient address, domain or host[:port], with this
     /// relay's resolver, TLS trust and policy; sends no message. Exit 0: ok or warnings only,
     /// 1: a check failed, 2: usage or configuration error.
-    /// `kubectl exec <pod> -- relay diagnose --config /etc/mailrelay bob@example.com`.
+    /// `kubectl exec <pod> -- relay diagnose --config /etc/mailrelay/config bob@example.com`.
     Diagnose(mailrelay_relay::diagnose::DiagnoseArgs),
 }
 
