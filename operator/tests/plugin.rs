@@ -342,7 +342,13 @@ fn status_reads_conditions_policy_hash_and_what_each_pod_serves() {
     assert!(v["problems"].as_array().unwrap().is_empty(), "{v:#}");
     let o = plugin(&["-n", &ns, "status"], None);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("OK: every object is Ready"));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(
+            "OK: every object is Ready and compiled; every relay pod is ready (2 of 2 unverified"
+        ),
+        "{}",
+        text(&o)
+    );
 
     // A change the operator has not compiled (it is stopped): the generation is stale.
     let (ok, out) = apply_yaml(&direct_mx_rule(&ns, 77));

@@ -571,9 +571,16 @@ pub fn render(r: &Report) -> String {
     }
     out.push('\n');
     if r.problems.is_empty() {
-        out.push_str(
-            "OK: every object is Ready and compiled; no relay pod serves an older policy.\n",
-        );
+        let unverified = r.pods.iter().filter(|p| p.served_hash.is_none()).count();
+        if unverified == 0 {
+            out.push_str("OK: every object is Ready and compiled; every relay pod is ready and serves the current policy.\n");
+        } else {
+            let _ = writeln!(
+                out,
+                "OK: every object is Ready and compiled; every relay pod is ready ({unverified} of {} unverified: which policy they serve could not be read).",
+                r.pods.len()
+            );
+        }
     } else {
         let _ = writeln!(out, "{} problem(s):", r.problems.len());
         for p in &r.problems {
@@ -681,6 +688,10 @@ mod tests {
         let text = render(&r);
         assert!(text.contains("Warning=True CertManagerMissing"), "{text}");
         assert!(text.contains("current (via pod proxy)"), "{text}");
+        assert!(
+            text.contains("every relay pod is ready and serves the current policy"),
+            "{text}"
+        );
 
         let r = assemble(
             "ns",
