@@ -183,6 +183,21 @@ fn zone() -> HashMap<String, Answer> {
         Answer::Records(vec![txt("v=spf1 ip4:192.0.2.2/32 ~all")]),
     );
     z.insert(name("nospf.example.test"), Answer::Records(vec![a(lo)]));
+    z.insert(name("denied.example.test"), Answer::Records(vec![a(lo)]));
+    for (domain, record) in [
+        ("soft.example.test", "v=spf1 ip4:192.0.2.2 ~all"),
+        ("neutral.example.test", "v=spf1 ?all"),
+        (
+            "broken-spf.example.test",
+            "v=spf1 ip4:192.0.2.2 frobnicate:x -all",
+        ),
+        (
+            "macro.example.test",
+            "v=spf1 exists:%{i}.spf.example.test -all",
+        ),
+    ] {
+        z.insert(name(domain), Answer::Records(vec![txt(record)]));
+    }
     // Blocklists: 192.0.2.3 is listed on bl.example.test; refusing.example.test refuses.
     z.insert(
         name("3.2.0.192.bl.example.test"),
@@ -240,7 +255,7 @@ fn config(
     common::write(
         &dir.path().join("runtime.yaml"),
         &format!(
-            "hostname: out.example.test\nadminAddress: 127.0.0.1:{admin}\ndelivery:\n  directPort: {direct_port}\n  dns:\n    nameservers: [\"{ip}\"]\n    port: {port}\n    timeoutSeconds: 1\n    attempts: 1\n  timeouts:\n    connectSeconds: 1\n    commandSeconds: 5\n{tls}{extra}",
+            "hostname: out.example.test\nadminAddress: 127.0.0.1:{admin}\ndelivery:\n  directPort: {direct_port}\n  dns:\n    nameservers: [\"{ip}\"]\n    port: {port}\n    timeoutSeconds: 1\n    attempts: 1\n  timeouts:\n    connectSeconds: 1\n    commandSeconds: 3\n{tls}{extra}",
             admin = common::free_port(),
             ip = dns.ip(),
             port = dns.port(),
@@ -613,6 +628,80 @@ fn connections_refused_timed_out_and_failover() {
 }
 
 #[test]
+fn tls_handshake_failures_and_a_silent_server() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let plain = rt.block_on(Sink::start("127.0.0.1", Behavior::default()));
+    let broken = rt.block_on(Sink::start(
+        "127.0.0.1",
+        Behavior {
+            broken_starttls: true,
+            ..Behavior::default()
+        },
+    ));
+    // Accepts connections (the kernel does) and never says a word.
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let dns = DnsServer::start(zone());
+    let rules = vec![
+        relay_to(
+            "maytls",
+            &[("127.0.0.1", broken.addr.port())],
+            OutboundTls::Opportunistic,
+            None,
+        ),
+        relay_to(
+            "musttls",
+            &[("127.0.0.1", broken.addr.port())],
+            OutboundTls::Required,
+            None,
+        ),
+        relay_to(
+            "implicit",
+            &[("127.0.0.1", plain.addr.port())],
+            OutboundTls::Implicit,
+            None,
+        ),
+        relay_to(
+            "silent",
+            &[("127.0.0.1", silent_port)],
+            OutboundTls::Opportunistic,
+            None,
+        ),
+    ];
+    let dir = config(
+        dns.addr,
+        plain.addr.port(),
+        rules,
+        BTreeMap::new(),
+        None,
+        "",
+    );
+
+    let run = diagnose(dir.path(), &["bob@maytls.example.test"]);
+    run.has("warn", "STARTTLS handshake failed")
+        .contains("opportunistic TLS: delivery connects again and sends in plain text");
+    assert_eq!(run.code, 0);
+
+    let run = diagnose(dir.path(), &["bob@musttls.example.test"]);
+    run.has("FAIL", "STARTTLS handshake failed")
+        .contains("the rule requires TLS");
+    assert_eq!(run.code, 1);
+
+    let run = diagnose(dir.path(), &["bob@implicit.example.test"]);
+    run.has("FAIL", "TLS handshake failed")
+        .contains("the rule says implicit TLS (port 465 style)");
+    assert_eq!(run.code, 1);
+
+    let run = diagnose(dir.path(), &["bob@silent.example.test"]);
+    run.has(
+        "FAIL",
+        &format!("127.0.0.1:{silent_port}: connected, but no greeting: Timed out waiting for the reply to the greeting"),
+    );
+    assert_eq!(run.code, 1);
+    drop(silent);
+}
+
+#[test]
 fn authentication_against_a_second_relay() {
     let peer = common::Relay::start();
     let dns = DnsServer::start(zone());
@@ -638,6 +727,12 @@ fn authentication_against_a_second_relay() {
             Some(OutboundAuthMechanism::Plain),
         ),
         relay_to(
+            "implicit",
+            &[("relay.example.test", peer.ports.smtps)],
+            OutboundTls::Implicit,
+            Some(OutboundAuthMechanism::Plain),
+        ),
+        relay_to(
             "oauth",
             &[("relay.example.test", submission)],
             OutboundTls::RequiredVerified,
@@ -657,6 +752,13 @@ fn authentication_against_a_second_relay() {
         RelayAuth::Password {
             username: common::USER.into(),
             password: SecretString::new("not-the-password".to_string()),
+        },
+    );
+    auth.insert(
+        "implicit".to_string(),
+        RelayAuth::Password {
+            username: common::USER.into(),
+            password: SecretString::new(common::PASSWORD.to_string()),
         },
     );
     let token_port = common::free_port();
@@ -679,6 +781,14 @@ fn authentication_against_a_second_relay() {
         .has("ok", "certificate valid for relay.example.test")
         .has("ok", &format!("relay.example.test[127.0.0.1]:{submission}: AUTH PLAIN as relay-user@example.test: accepted (235)"));
     assert!(!run.out.contains(common::PASSWORD), "{}", run.out);
+    assert_eq!(run.code, 0);
+
+    let smtps = peer.ports.smtps;
+    let run = diagnose(dir.path(), &["bob@implicit.example.test"]);
+    run.has("ok", "TLS policy: Implicit: TLS from the first byte, certificate verified")
+        .has("ok", &format!("relay.example.test[127.0.0.1]:{smtps}: TLS TLSv1.3"))
+        .has("ok", "certificate valid for relay.example.test")
+        .has("ok", &format!("relay.example.test[127.0.0.1]:{smtps}: AUTH PLAIN as relay-user@example.test: accepted (235)"));
     assert_eq!(run.code, 0);
 
     let run = diagnose(dir.path(), &["bob@badpass.example.test"]);
@@ -781,6 +891,44 @@ fn reputation_mismatch_spf_fail_none_and_blocklists() {
         .contains("set delivery.heloName: out.example.test in runtime.yaml");
     assert_eq!(run.code, 0);
 
+    for (domain, label, result) in [
+        (
+            "soft.example.test",
+            "warn",
+            "softfail (soft.example.test: ~all)",
+        ),
+        (
+            "neutral.example.test",
+            "warn",
+            "neutral (neutral.example.test: ?all)",
+        ),
+        (
+            "broken-spf.example.test",
+            "FAIL",
+            "permerror (broken-spf.example.test: unknown mechanism frobnicate)",
+        ),
+        (
+            "macro.example.test",
+            "skip",
+            "not evaluated (macro.example.test: term exists:%{i}.spf.example.test uses SPF macros",
+        ),
+    ] {
+        let from = format!("alice@{domain}");
+        let run = diagnose(
+            dir.path(),
+            &[
+                &host,
+                "--from",
+                &from,
+                "--egress-ip",
+                "192.0.2.5",
+                "--dnsbl-zone",
+                "bl.example.test",
+            ],
+        );
+        run.has(label, &format!("SPF of {domain} for 192.0.2.5: {result}"));
+    }
+
     let run = diagnose(dir.path(), &[&host]);
     run.has("skip", "egress address 127.0.0.1 (local address of the connection above) is private: the public egress is behind NAT");
     assert_eq!(run.code, 0);
@@ -793,6 +941,9 @@ fn history_shows_greylisting_from_the_running_relay() {
         "127.0.0.1",
         Behavior {
             rcpt: Arc::new(|a| {
+                if a.starts_with("dave@") {
+                    return Some("554 5.7.1 <dave@denied.example.test>: Relay access denied".into());
+                }
                 a.starts_with("bob@").then(|| "451 4.7.1 <bob@example.test>: Recipient address rejected: Greylisted, try again later".into())
             }),
             ..Behavior::default()
@@ -815,7 +966,11 @@ fn history_shows_greylisting_from_the_running_relay() {
     let mut c = extra::session(relay.ports.smtp);
     let (code, text) = c.mail(
         "alice@sender.example.test",
-        &["bob@example.test", "carol@nomx.example.test"],
+        &[
+            "bob@example.test",
+            "carol@nomx.example.test",
+            "dave@denied.example.test",
+        ],
     );
     assert_eq!(code, 250, "{text}");
     c.expect("QUIT", 221);
@@ -825,7 +980,7 @@ fn history_shows_greylisting_from_the_running_relay() {
         .lock()
         .unwrap()
         .iter()
-        .filter(|l| l.to_ascii_uppercase().starts_with("RCPT"))
+        .filter(|l| l.to_ascii_uppercase().starts_with("RCPT TO:<BOB@"))
         .count()
         < 2
     {
@@ -839,6 +994,14 @@ fn history_shows_greylisting_from_the_running_relay() {
     )
     .contains("said: 250 2.0.0 Ok: queued");
     assert_eq!(run.code, 0);
+
+    let run = diagnose(relay.path(), &["dave@denied.example.test"]);
+    run.has(
+        "FAIL",
+        "the last 1 attempt(s) to denied.example.test failed: relaying denied (5.7.1)",
+    )
+    .contains("said: 554 5.7.1 <dave@denied.example.test>: Relay access denied");
+    assert_eq!(run.code, 1);
 
     let run = diagnose(relay.path(), &["bob@example.test"]);
     run.has(
