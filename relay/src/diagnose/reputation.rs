@@ -131,8 +131,25 @@ pub async fn step(
             .nameservers
             .iter()
             .any(|n| PUBLIC_RESOLVERS.contains(&n.to_string().as_str()));
-    for zone in zones {
-        step.push(blocklist(ctx, &zone, ip, public_resolver).await);
+    // All zones at once: a zone that does not answer costs its timeout once, not per zone.
+    let lookups: Vec<_> = zones
+        .into_iter()
+        .map(|zone| {
+            let resolver = ctx.resolver.clone();
+            tokio::spawn(async move {
+                let answer = dnsbl::query(&resolver, &zone, ip).await;
+                (zone, answer)
+            })
+        })
+        .collect();
+    for lookup in lookups {
+        match lookup.await {
+            Ok((zone, answer)) => step.push(blocklist(&zone, ip, answer, public_resolver)),
+            Err(e) => step.push(Check::warn(
+                format!("blocklist lookup failed: {e}"),
+                "run diagnose again",
+            )),
+        }
     }
     step
 }
@@ -235,8 +252,8 @@ async fn spf_check(ctx: &Context, sender: &str, ip: IpAddr) -> Check {
     c
 }
 
-async fn blocklist(ctx: &Context, zone: &str, ip: IpAddr, public_resolver: bool) -> Check {
-    match dnsbl::query(&ctx.resolver, zone, ip).await {
+fn blocklist(zone: &str, ip: IpAddr, answer: ZoneAnswer, public_resolver: bool) -> Check {
+    match answer {
         ZoneAnswer::NotListed => Check::ok(format!("blocklist {zone}: {ip} not listed")),
         // The query primitive reports a refusal code (127.255.255.x) as no usable answer.
         ZoneAnswer::Failed(why) if why.contains("refused") => {
