@@ -556,6 +556,13 @@ fn connections_refused_timed_out_and_failover() {
             ..Behavior::default()
         },
     ));
+    let mirror = rt.block_on(Sink::start(
+        "127.0.0.1",
+        Behavior {
+            greeting: "220 out.example.test ESMTP".into(),
+            ..Behavior::default()
+        },
+    ));
     let dns = DnsServer::start(zone());
     let refused = common::free_port();
     let (_listener, _held, hole) = blackhole();
@@ -582,6 +589,18 @@ fn connections_refused_timed_out_and_failover() {
             "tlsonly",
             &[("127.0.0.1", sink.addr.port())],
             OutboundTls::Required,
+            None,
+        ),
+        relay_to(
+            "myself",
+            &[("out.example.test", 25)],
+            OutboundTls::Opportunistic,
+            None,
+        ),
+        relay_to(
+            "mirror",
+            &[("127.0.0.1", mirror.addr.port())],
+            OutboundTls::Opportunistic,
             None,
         ),
         relay_to(
@@ -617,6 +636,18 @@ fn connections_refused_timed_out_and_failover() {
     run.has(
         "FAIL",
         "the server refused the session: 554 5.7.1 Service unavailable; client host blocked using bl.example.test",
+    );
+    assert_eq!(run.code, 1);
+
+    // Mail loops: a rule pointing at this relay's own name, a server greeting with it.
+    let run = diagnose(dir.path(), &["bob@myself.example.test"]);
+    run.has("FAIL", "out.example.test:25: is this relay's own host name")
+        .contains("delivery skips this host as a mail loop");
+    assert_eq!(run.code, 1);
+    let run = diagnose(dir.path(), &["bob@mirror.example.test"]);
+    run.has(
+        "FAIL",
+        "greets with this relay's own name: 220 out.example.test ESMTP",
     );
     assert_eq!(run.code, 1);
 

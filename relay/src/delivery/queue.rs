@@ -859,34 +859,22 @@ impl Queue {
         }
     }
 
-    /// This relay's own names: its host name, EHLO name and every service's host name.
-    /// `localhost` is left out: it is the fallback name of a machine without one, and what
-    /// local test and filter servers call themselves too.
+    /// See [`own_names`].
     fn own_names(&self) -> BTreeSet<String> {
-        let snap = self.snapshot.load();
-        [self.hostname.as_str(), self.client.helo.as_str()]
-            .into_iter()
-            .chain(
-                snap.config
-                    .services
-                    .iter()
-                    .filter_map(|s| s.hostname.as_deref()),
-            )
-            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
-            .filter(|n| !n.is_empty() && n != "localhost" && !n.starts_with("localhost."))
-            .collect()
+        own_names(
+            &self.hostname,
+            &self.client.helo,
+            &self.snapshot.load().config,
+        )
     }
 
     /// `addr` is one of this relay's own SMTP listeners.
     fn is_own_listener(&self, addr: SocketAddr) -> bool {
-        let snap = self.snapshot.load();
-        if !snap.config.services.iter().any(|s| s.port == addr.port()) {
-            return false;
-        }
-        match self.listen_address.get() {
-            Some(l) if !l.is_unspecified() => *l == addr.ip(),
-            _ => is_local_address(addr.ip()),
-        }
+        is_own_listener(
+            &self.snapshot.load().config,
+            self.listen_address.get().copied(),
+            addr,
+        )
     }
 
     /// Opens a connection to the first host of the target that works. Every host that fails is
@@ -1551,6 +1539,38 @@ fn record_connection(id: MessageId, c: &Connection) {
 
 fn loop_status(label: &str, why: &str) -> Status {
     Status::local(554, "5.4.6", format!("Mail loop: next hop {label} {why}"))
+}
+
+/// This relay's own names: its host name, EHLO name and every service's host name (shared with
+/// `relay diagnose`, which reports the same loops). `localhost` is left out: it is the fallback
+/// name of a machine without one, and what local test and filter servers call themselves too.
+pub(crate) fn own_names(
+    hostname: &str,
+    helo: &str,
+    config: &mailrelay_crds::config::RelayConfig,
+) -> BTreeSet<String> {
+    [hostname, helo]
+        .into_iter()
+        .chain(config.services.iter().filter_map(|s| s.hostname.as_deref()))
+        .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+        .filter(|n| !n.is_empty() && n != "localhost" && !n.starts_with("localhost."))
+        .collect()
+}
+
+/// `addr` is one of this relay's own SMTP listeners: a service's port on the listen address (on
+/// any local address when that is unspecified or unknown).
+pub(crate) fn is_own_listener(
+    config: &mailrelay_crds::config::RelayConfig,
+    listen: Option<IpAddr>,
+    addr: SocketAddr,
+) -> bool {
+    if !config.services.iter().any(|s| s.port == addr.port()) {
+        return false;
+    }
+    match listen {
+        Some(l) if !l.is_unspecified() => l == addr.ip(),
+        _ => is_local_address(addr.ip()),
+    }
 }
 
 /// An address assigned to this machine (binding to it succeeds).

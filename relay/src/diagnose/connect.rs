@@ -4,8 +4,10 @@
 //! and with the same consequence under the rule's TLS policy), then AUTH with the rule's
 //! credentials on the first host that took a session, then QUIT. It speaks through the delivery
 //! client's own [`Connection`], so what it reports is what delivery would meet; it never sends
-//! MAIL, RCPT or DATA.
+//! MAIL, RCPT or DATA. Hosts that delivery skips as mail loops (this relay's own names and
+//! listeners, a server greeting with one of its names) are reported as such.
 
+use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -21,8 +23,11 @@ use super::route::{mech_name, Dest, Plan};
 use super::{Check, Context, Step, Verdict};
 use crate::delivery::client::{handshake, AuthSecret, Capabilities, Connection, HostTarget};
 use crate::delivery::oauth2::TokenCache;
+use crate::delivery::queue::{is_own_listener, own_names};
 use crate::delivery::tls::server_name;
 use crate::net::Stream;
+
+const LOOP_ADVICE: &str = "delivery skips this host as a mail loop (and bounces with 5.4.6 when no other host is left): the DeliveryRule or the MX points back at this relay; point it at the next hop, or give this relay a name of its own (runtime.yaml hostname, delivery.heloName)";
 
 /// Addresses probed at most (a domain with many MX hosts of many addresses would otherwise take
 /// minutes when they all time out); delivery tries them all.
@@ -53,7 +58,19 @@ pub async fn step(ctx: &Context, plan: &Plan, hosts: &[ResolvedHost]) -> Probed 
     let mut probes: Vec<HostProbe> = Vec::new();
     let mut auth_result: Option<Vec<Check>> = None;
     let mut n = 0;
+    let own = own_names(&ctx.settings.effective_hostname(), &ctx.helo, &ctx.config);
     'hosts: for h in hosts {
+        if own.contains(&h.name.trim_end_matches('.').to_ascii_lowercase()) {
+            probes.push(HostProbe {
+                checks: vec![Check::fail(
+                    format!("{}:{}: is this relay's own host name", h.name, h.port),
+                    LOOP_ADVICE,
+                )],
+                usable: false,
+                local: None,
+            });
+            continue;
+        }
         for ip in &h.addrs {
             if n == MAX_ADDRESSES {
                 connect.push(Check::skip(format!(
@@ -63,8 +80,22 @@ pub async fn step(ctx: &Context, plan: &Plan, hosts: &[ResolvedHost]) -> Probed 
             }
             n += 1;
             let addr = SocketAddr::new(*ip, h.port);
+            if is_own_listener(&ctx.config, Some(ctx.settings.listen_address), addr) {
+                probes.push(HostProbe {
+                    checks: vec![Check::fail(
+                        format!(
+                            "{}: is one of this relay's own listeners",
+                            label(&h.name, addr)
+                        ),
+                        LOOP_ADVICE,
+                    )],
+                    usable: false,
+                    local: None,
+                });
+                continue;
+            }
             let want_auth = plan.auth.is_some() && auth_result.is_none();
-            let (p, a) = probe(ctx, plan, &h.name, addr, want_auth).await;
+            let (p, a) = probe(ctx, plan, &h.name, addr, want_auth, &own).await;
             if egress.is_none() {
                 egress = p.local;
             }
@@ -141,6 +172,7 @@ async fn probe(
     name: &str,
     addr: SocketAddr,
     want_auth: bool,
+    own: &BTreeSet<String>,
 ) -> (HostProbe, Option<Vec<Check>>) {
     let label = label(name, addr);
     let t = &ctx.settings.delivery.timeouts;
@@ -211,6 +243,24 @@ async fn probe(
         out.checks.push(Check::fail(
             format!("{label}: the server refused the session: {}", greeting.line()),
             "a 554 or 421 at connect usually means the server does not want mail from this address: check the blocklist results below and contact the recipient's administrator with this reply",
+        ));
+        conn.quit().await;
+        return (out, None);
+    }
+    let greeted = greeting
+        .lines
+        .first()
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_default()
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    if own.contains(&greeted) {
+        out.checks.push(Check::fail(
+            format!(
+                "{label}: greets with this relay's own name: {}",
+                greeting.line()
+            ),
+            LOOP_ADVICE,
         ));
         conn.quit().await;
         return (out, None);
