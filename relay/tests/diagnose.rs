@@ -732,6 +732,60 @@ fn tls_handshake_failures_and_a_silent_server() {
     drop(silent);
 }
 
+/// A line-by-line SMTP server for replies the sink cannot give: greets, answers EHLO and HELO
+/// as told, QUIT with 221, anything else with 502.
+fn scripted(ehlo: &'static str, helo: &'static str) -> u16 {
+    use std::io::{BufRead, BufReader, Write};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut out) = conn else { continue };
+            let Ok(input) = out.try_clone() else { continue };
+            let _ = out.write_all(b"220 old.example.test SMTP\r\n");
+            for line in BufReader::new(input).lines() {
+                let Ok(line) = line else { break };
+                let verb = line.get(..4).unwrap_or("").to_ascii_uppercase();
+                let reply = match verb.as_str() {
+                    "EHLO" => ehlo,
+                    "HELO" => helo,
+                    "QUIT" => "221 bye",
+                    _ => "502 5.5.2 not here",
+                };
+                let _ = out.write_all(format!("{reply}\r\n").as_bytes());
+                if verb == "QUIT" {
+                    break;
+                }
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn servers_without_ehlo() {
+    let dns = DnsServer::start(zone());
+    let helo_only = scripted("502 5.5.1 Unrecognized command", "250 old.example.test");
+    let neither = scripted("550 5.7.1 Go away", "550 5.7.1 Go away");
+    let dir = config(dns.addr, 25, vec![], BTreeMap::new(), None, "");
+
+    let run = diagnose(dir.path(), &[&format!("127.0.0.1:{helo_only}")]);
+    run.has(
+        "warn",
+        "EHLO refused (502 5.5.1 Unrecognized command); HELO accepted: no extensions, no STARTTLS",
+    )
+    .has("warn", "no STARTTLS offered");
+    assert_eq!(run.code, 0);
+
+    let run = diagnose(dir.path(), &[&format!("127.0.0.1:{neither}")]);
+    run.has(
+        "FAIL",
+        "EHLO and HELO refused: 550 5.7.1 Go away / 550 5.7.1 Go away",
+    )
+    .contains("the server refuses this relay's HELO name out.example.test");
+    assert_eq!(run.code, 1);
+}
+
 #[test]
 fn authentication_against_a_second_relay() {
     let peer = common::Relay::start();
