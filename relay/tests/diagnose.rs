@@ -184,6 +184,7 @@ fn zone() -> HashMap<String, Answer> {
     );
     z.insert(name("nospf.example.test"), Answer::Records(vec![a(lo)]));
     z.insert(name("denied.example.test"), Answer::Records(vec![a(lo)]));
+    z.insert(name("5.2.0.192.failing.example.test"), Answer::ServFail);
     for (domain, record) in [
         ("soft.example.test", "v=spf1 ip4:192.0.2.2 ~all"),
         ("neutral.example.test", "v=spf1 ?all"),
@@ -732,9 +733,9 @@ fn tls_handshake_failures_and_a_silent_server() {
     drop(silent);
 }
 
-/// A line-by-line SMTP server for replies the sink cannot give: greets, answers EHLO and HELO
-/// as told, QUIT with 221, anything else with 502.
-fn scripted(ehlo: &'static str, helo: &'static str) -> u16 {
+/// A line-by-line SMTP server for replies the sink cannot give: greets, answers EHLO, HELO and
+/// STARTTLS as told, QUIT with 221, anything else with 502.
+fn scripted(ehlo: &'static str, helo: &'static str, starttls: &'static str) -> u16 {
     use std::io::{BufRead, BufReader, Write};
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
@@ -749,6 +750,7 @@ fn scripted(ehlo: &'static str, helo: &'static str) -> u16 {
                 let reply = match verb.as_str() {
                     "EHLO" => ehlo,
                     "HELO" => helo,
+                    "STAR" => starttls,
                     "QUIT" => "221 bye",
                     _ => "502 5.5.2 not here",
                 };
@@ -765,8 +767,13 @@ fn scripted(ehlo: &'static str, helo: &'static str) -> u16 {
 #[test]
 fn servers_without_ehlo() {
     let dns = DnsServer::start(zone());
-    let helo_only = scripted("502 5.5.1 Unrecognized command", "250 old.example.test");
-    let neither = scripted("550 5.7.1 Go away", "550 5.7.1 Go away");
+    let helo_only = scripted("502 5.5.1 Unrecognized command", "250 old.example.test", "");
+    let neither = scripted("550 5.7.1 Go away", "550 5.7.1 Go away", "");
+    let no_tls = scripted(
+        "250-old.example.test\r\n250 STARTTLS",
+        "",
+        "454 4.7.0 TLS not available due to local problem",
+    );
     let dir = config(dns.addr, 25, vec![], BTreeMap::new(), None, "");
 
     let run = diagnose(dir.path(), &[&format!("127.0.0.1:{helo_only}")]);
@@ -784,6 +791,13 @@ fn servers_without_ehlo() {
     )
     .contains("the server refuses this relay's HELO name out.example.test");
     assert_eq!(run.code, 1);
+
+    let run = diagnose(dir.path(), &[&format!("127.0.0.1:{no_tls}")]);
+    run.has(
+        "warn",
+        "STARTTLS refused: 454 4.7.0 TLS not available due to local problem",
+    );
+    assert_eq!(run.code, 0);
 }
 
 #[test]
@@ -818,6 +832,12 @@ fn authentication_against_a_second_relay() {
             Some(OutboundAuthMechanism::Plain),
         ),
         relay_to(
+            "authdown",
+            &[("127.0.0.1", common::free_port())],
+            OutboundTls::Required,
+            Some(OutboundAuthMechanism::Plain),
+        ),
+        relay_to(
             "oauth",
             &[("relay.example.test", submission)],
             OutboundTls::RequiredVerified,
@@ -837,6 +857,13 @@ fn authentication_against_a_second_relay() {
         RelayAuth::Password {
             username: common::USER.into(),
             password: SecretString::new("not-the-password".to_string()),
+        },
+    );
+    auth.insert(
+        "authdown".to_string(),
+        RelayAuth::Password {
+            username: common::USER.into(),
+            password: SecretString::new(common::PASSWORD.to_string()),
         },
     );
     auth.insert(
@@ -883,6 +910,13 @@ fn authentication_against_a_second_relay() {
     )
     .contains("the relay host rejected the credentials");
     assert!(!run.out.contains("not-the-password"), "{}", run.out);
+    assert_eq!(run.code, 1);
+
+    let run = diagnose(dir.path(), &["bob@authdown.example.test"]);
+    run.has("FAIL", "connection refused").has(
+        "FAIL",
+        "AUTH PLAIN for rule authdown not tried: no host took a session",
+    );
     assert_eq!(run.code, 1);
 
     let run = diagnose(dir.path(), &["bob@nocreds.example.test"]);
@@ -993,6 +1027,11 @@ fn reputation_mismatch_spf_fail_none_and_blocklists() {
             "permerror (broken-spf.example.test: unknown mechanism frobnicate)",
         ),
         (
+            "broken.example.test",
+            "warn",
+            "temperror (TXT lookup of broken.example.test failed",
+        ),
+        (
             "macro.example.test",
             "skip",
             "not evaluated (macro.example.test: term exists:%{i}.spf.example.test uses SPF macros",
@@ -1008,10 +1047,11 @@ fn reputation_mismatch_spf_fail_none_and_blocklists() {
                 "--egress-ip",
                 "192.0.2.5",
                 "--dnsbl-zone",
-                "bl.example.test",
+                "failing.example.test",
             ],
         );
-        run.has(label, &format!("SPF of {domain} for 192.0.2.5: {result}"));
+        run.has(label, &format!("SPF of {domain} for 192.0.2.5: {result}"))
+            .has("warn", "blocklist failing.example.test: no usable answer");
     }
 
     let run = diagnose(dir.path(), &[&host]);
