@@ -710,12 +710,12 @@ fn tls_handshake_failures_and_a_silent_server() {
     );
 
     let run = diagnose(dir.path(), &["bob@maytls.example.test"]);
-    run.has("warn", "STARTTLS handshake failed")
+    run.has("warn", "STARTTLS: TLS handshake failed")
         .contains("opportunistic TLS: delivery connects again and sends in plain text");
     assert_eq!(run.code, 0);
 
     let run = diagnose(dir.path(), &["bob@musttls.example.test"]);
-    run.has("FAIL", "STARTTLS handshake failed")
+    run.has("FAIL", "STARTTLS: TLS handshake failed")
         .contains("the rule requires TLS");
     assert_eq!(run.code, 1);
 

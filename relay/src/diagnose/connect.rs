@@ -219,7 +219,7 @@ async fn probe(
             }
             Err(f) => {
                 out.checks.push(Check::fail(
-                    format!("{label}: TLS handshake failed: {}", f.status.text),
+                    format!("{label}: {}", f.status.text),
                     "the rule says implicit TLS (port 465 style): check that the host speaks TLS from the first byte on this port, or change the DeliveryRule's tls",
                 ));
                 return (out, None);
@@ -300,8 +300,7 @@ async fn probe(
                             }
                         }
                         Err(f) => {
-                            let summary =
-                                format!("{label}: STARTTLS handshake failed: {}", f.status.text);
+                            let summary = format!("{label}: STARTTLS: {}", f.status.text);
                             if must {
                                 out.checks.push(Check::fail(summary, "the rule requires TLS: ask the host's administrator to fix its TLS setup (protocol versions, ciphers, certificate/key), or change the DeliveryRule's tls"));
                             } else {
