@@ -387,7 +387,7 @@ fn remember(cache: &Cache, zone: &str, ip: IpAddr, answer: &ZoneAnswer) {
 }
 
 /// A zone's TXT reason as it may be shown to a client and written to logs: printable ASCII
-/// only (anything else becomes a space, runs of spaces one), at most [`MAX_REASON_CHARS`].
+/// only (anything else becomes a space, runs of spaces one), at most 200 characters.
 pub fn sanitize_reason(raw: &str) -> String {
     let mut out = String::with_capacity(raw.len().min(MAX_REASON_CHARS));
     for c in raw.chars() {

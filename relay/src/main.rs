@@ -46,7 +46,7 @@ enum Command {
     /// --tls-dir /etc/mailrelay/handoff`.
     Drain(mailrelay_relay::handoff::drain::DrainArgs),
     /// Why is mail to X not leaving? Checks route, DNS, connectivity, TLS, authentication,
-    /// reputation and recent results for a recipient address, domain or host[:port], with this
+    /// reputation and recent results for a recipient address, domain, host or host:port, with this
     /// relay's resolver, TLS trust and policy; sends no message. Exit 0: ok or warnings only,
     /// 1: a check failed, 2: usage or configuration error.
     /// `kubectl exec <pod> -- relay diagnose --config /etc/mailrelay/config bob@example.com`.
