@@ -26,6 +26,9 @@ perl -MAuthen::NTLM -e 1 2>/dev/null || need_pkgs+=(libauthen-ntlm-perl)
 [ -x /usr/sbin/kadmin.local ] || need_pkgs+=(krb5-admin-server)
 command -v kinit >/dev/null || need_pkgs+=(krb5-user)
 command -v faketime >/dev/null || need_pkgs+=(faketime)
+# DKIM's independent verifier (relay/tests/dkim_verify.py): dkimpy and dnspython, as Debian
+# installs them for the system Python.
+/usr/bin/python3 -c 'import dkim, dns.query' 2>/dev/null || need_pkgs+=(python3-dkim python3-dnspython)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 pkg-config --exists krb5-gssapi 2>/dev/null || need_pkgs+=(libkrb5-dev)
 ls /usr/lib/llvm-14/lib/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang1-14)

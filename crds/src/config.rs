@@ -184,6 +184,63 @@ pub struct DomainPolicy {
     /// `user@<domain>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kerberos_realm: Option<String>,
+    /// DKIM signing of mail whose `From:` header is of this domain; the private keys are in
+    /// [`Credentials::dkim_keys`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<DkimPolicy>,
+}
+
+/// How the relay DKIM-signs a domain's mail (RFC 6376, RFC 8463).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimPolicy {
+    /// Every selector signs: two during a key rotation, or an RSA and an Ed25519 key at once.
+    pub selectors: Vec<DkimSelector>,
+    /// Header fields signed when present, in this order (`h=`).
+    pub headers: Vec<String>,
+    /// Header fields signed once more than they occur, so none can be added after signing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub oversign: Vec<String>,
+    /// Header canonicalization.
+    pub header_canonicalization: DkimCanonicalization,
+    /// Body canonicalization.
+    pub body_canonicalization: DkimCanonicalization,
+}
+
+/// One DKIM selector: its key is [`Credentials::dkim_keys`] under [`DkimSelector::key_name`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DkimSelector {
+    /// The selector (`s=`); the public key is published at `<name>._domainkey.<domain>`.
+    pub name: String,
+    /// Signing algorithm of the key.
+    pub algorithm: DkimAlgorithm,
+}
+
+impl DkimSelector {
+    /// The name of this selector's key in [`Credentials::dkim_keys`]: its DNS owner name.
+    pub fn key_name(&self, domain: &str) -> String {
+        format!("{}._domainkey.{}", self.name, domain)
+    }
+}
+
+/// A DKIM signing algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DkimAlgorithm {
+    /// `rsa-sha256` with a key of at least 2048 bits.
+    RsaSha256,
+    /// `ed25519-sha256` (RFC 8463).
+    Ed25519Sha256,
+}
+
+/// A DKIM canonicalization algorithm (RFC 6376 §3.4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DkimCanonicalization {
+    /// Tolerates the whitespace and header-case changes mail systems commonly make.
+    #[default]
+    Relaxed,
+    /// Byte for byte.
+    Simple,
 }
 
 /// Which recipients of a local domain exist (the rest are "unknown recipients", counted for
@@ -695,6 +752,9 @@ pub struct Account {
     /// Verifier of the primary password. Kept for MFA accounts too, so that a primary-password
     /// attempt can be logged precisely; it never authenticates an MFA account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// DKIM private keys (PEM: PKCS#8, or PKCS#1 for RSA) by `<selector>._domainkey.<domain>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dkim_keys: BTreeMap<String, SecretString>,
     pub password: Option<PasswordVerifier>,
     /// SCRAM-SHA-256 keys of the primary password (absent when only a hash was supplied).
     #[serde(default, skip_serializing_if = "Option::is_none")]

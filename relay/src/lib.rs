@@ -15,6 +15,7 @@
 pub mod auth;
 pub mod delivery;
 pub mod diagnose;
+pub mod dkim;
 pub mod dns;
 pub mod dnsbl;
 pub mod dnscheck;

@@ -51,6 +51,20 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+/// Labels of `mailrelay_dkim_signatures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DkimLabels {
+    pub domain: String,
+    pub selector: String,
+}
+
+/// Labels of `mailrelay_dkim_failures_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DkimFailureLabels {
+    pub domain: String,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LimitLabels {
     pub service: String,
@@ -306,6 +320,11 @@ pub struct Metrics {
     pub config_last_reload_success_timestamp_seconds: Gauge,
     /// `notAfter` of the first certificate of each TLS Secret of the live policy.
     pub tls_certificate_expiry: Family<SecretLabels, Gauge>,
+    /// DKIM signatures added to accepted mail, by signing domain and selector.
+    pub dkim_signatures: Family<DkimLabels, Counter>,
+    /// Messages of a signing domain refused (`451 4.7.0`) because a selector could not sign,
+    /// by domain and reason (`key_missing`, `key_invalid`, `sign_failed`).
+    pub dkim_failures: Family<DkimFailureLabels, Counter>,
     /// Inbound TLS sessions (SMTPS and STARTTLS) by service and negotiated version.
     pub tls_sessions: Family<TlsLabels, Counter>,
     /// Inbound TLS handshakes that failed or timed out, by service.
@@ -378,6 +397,8 @@ impl Metrics {
             dnsbl_zone_refused: Family::default(),
             registry: Registry::default(),
         };
+            dkim_signatures: Family::default(),
+            dkim_failures: Family::default(),
         m.limit_store_up.set(1);
         registry.register(
             "sessions",
@@ -519,6 +540,16 @@ impl Metrics {
 
     /// Mirrors the certificate and policy state of the live snapshot (called at scrape time).
     pub fn set_tls_state(&self, snap: &crate::snapshot::Snapshot) {
+        registry.register(
+            "dkim_signatures",
+            "DKIM signatures added to accepted mail, by signing domain and selector",
+            m.dkim_signatures.clone(),
+        );
+        registry.register(
+            "dkim_failures",
+            "Messages refused with 451 4.7.0 because a DKIM selector of their domain could not sign, by domain and reason",
+            m.dkim_failures.clone(),
+        );
         self.policy_loaded.set(i64::from(snap.policy_loaded));
         self.tls_certificate_missing.clear();
         for secret in snap.missing_certs.keys() {

@@ -238,6 +238,7 @@ pub fn compile(
             },
             windows_nt_domain: s.windows_nt_domain.clone(),
             kerberos_realm: s.kerberos_realm.clone(),
+            dkim: None,
         };
         compiled.push(Compiled {
             report: r,

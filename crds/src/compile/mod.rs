@@ -424,6 +424,7 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
         accounts,
         relay_auth,
         keytabs,
+        dkim_keys: Default::default(),
     };
     let hash = content_hash(&config, &credentials);
     // Both files carry the hash, so the relay can tell a pair written together from one half

@@ -57,6 +57,7 @@ fn ctx() -> &'static AuthContext {
             recipients: RecipientPolicy::AcceptAll,
             windows_nt_domain: Some(nt.into()),
             kerberos_realm: None,
+            dkim: None,
         };
         let accounts = ACCOUNTS
             .iter()

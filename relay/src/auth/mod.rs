@@ -1854,6 +1854,7 @@ mod tests {
             recipients: mailrelay_crds::config::RecipientPolicy::AcceptAll,
             windows_nt_domain: nt.map(str::to_string),
             kerberos_realm: None,
+            dkim: None,
         };
         let account = |login: &str, password: &str, mfa: bool| Account {
             login: login.into(),

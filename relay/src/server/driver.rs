@@ -17,7 +17,7 @@ use super::{refusal_event, security, Relay, DEFAULT_MAX_RECIPIENTS};
 use crate::auth::{AuthContext, AuthFailure, Exchange, Step};
 use crate::limits::auth::AuthProtection;
 use crate::limits::gate::SessionLimits;
-use crate::metrics::ServiceLabels;
+use crate::metrics::{DkimFailureLabels, DkimLabels, ServiceLabels};
 use crate::net::Stream;
 use crate::security::SecurityKind;
 use crate::smtp::parser::{BodyType, MailParams, RcptParams, Ret};
@@ -48,6 +48,11 @@ pub(super) struct Driver {
     /// `X-Mailrelay-DNSBL` header lines for a listed client under action `Log` (else empty),
     /// written below this relay's `Received:`.
     pub(super) dnsbl_headers: String,
+    /// The body so far (by its serial) of a message held in memory instead of streamed to the
+    /// spool: until its header section is complete while some domain signs with DKIM, and to
+    /// its end when its `From:` domain signs (the signature goes before the body, so the
+    /// whole message is needed before anything is written).
+    pub(super) held: Option<(u64, Vec<u8>)>,
 }
 
 /// Message data is handed to the spool in pieces of at least this size while it arrives, so a
@@ -486,6 +491,9 @@ impl Driver {
     /// opens the spool file with the `Received:` header. A failure makes the session refuse the
     /// message at its end (and read the rest without keeping it).
     async fn stream(&mut self, session: &mut Session, chunk: Vec<u8>) {
+        let Some(chunk) = self.hold(session, chunk) else {
+            return;
+        };
         if self.incoming.is_none() {
             let (Some(view), Some(body)) = (session.envelope(), session.body_serial()) else {
                 return;
@@ -519,6 +527,28 @@ impl Driver {
         }
     }
 
+    /// Keeps a piece of a message in memory while it may have to be DKIM-signed (see
+    /// [`Driver::held`]); gives back what is to be streamed to the spool now.
+    fn hold(&mut self, session: &Session, chunk: Vec<u8>) -> Option<Vec<u8>> {
+        if self.incoming.is_some() {
+            return Some(chunk);
+        }
+        let serial = session.body_serial()?;
+        if self.held.as_ref().is_some_and(|(s, _)| *s != serial) {
+            self.held = None;
+        }
+        let signers = crate::dkim::signers(&self.snap);
+        if signers.is_empty() {
+            return Some(chunk);
+        }
+        let (_, held) = self.held.get_or_insert_with(|| (serial, Vec::new()));
+        held.extend_from_slice(&chunk);
+        if !crate::dkim::header_complete(held) || signers.signs(held) {
+            return None;
+        }
+        self.held.take().map(|(_, data)| data)
+    }
+
     fn stream_failed(&mut self, session: &mut Session, e: &mailrelay_spool::Error) {
         warn!(service = %self.service.name, error = %e, "spool write failed");
         self.incoming = None;
@@ -536,6 +566,11 @@ impl Driver {
             .incoming
             .take()
             .filter(|(_, _, body)| *body == tx.body_serial);
+        let held = self
+            .held
+            .take()
+            .filter(|(body, _)| *body == tx.body_serial)
+            .map(|(_, data)| data);
         let stored = match streamed {
             Some((mut incoming, mut env, _)) => {
                 let written = if tx.data.is_empty() {
@@ -554,9 +589,13 @@ impl Driver {
                 let now = SystemTime::now();
                 let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].0.as_str());
                 let header = self.received(facts, single, tx.smtputf8, now);
-                let mut data = Vec::with_capacity(header.len() + tx.data.len());
+                let held = held.unwrap_or_default();
+                let mut data = Vec::with_capacity(header.len() + held.len() + tx.data.len());
                 data.extend_from_slice(header.as_bytes());
+                data.extend_from_slice(&held);
+                drop(held);
                 data.extend_from_slice(&tx.data);
+                let data = self.dkim_sign(data)?;
                 let mut env = envelope_from(
                     &tx.sender,
                     &tx.params,
@@ -593,6 +632,50 @@ impl Driver {
             Err(e) => {
                 warn!(service = %self.service.name, error = %e, "spool store failed");
                 Err(store_failure(&e))
+            }
+        }
+    }
+}
+
+impl Driver {
+    /// Prepends the DKIM signatures of the message's `From:` domain, after every header this
+    /// relay adds and before the message is spooled, so each delivery attempt sends the same
+    /// signed bytes. A selector that cannot sign defers the message (`451 4.7.0`).
+    fn dkim_sign(&self, data: Vec<u8>) -> Result<Vec<u8>, StoreFailure> {
+        let signers = crate::dkim::signers(&self.snap);
+        if signers.is_empty() {
+            return Ok(data);
+        }
+        match crate::dkim::sign(&signers, &data) {
+            Ok(signed) => {
+                let Some(domain) = signed.domain else {
+                    return Ok(data);
+                };
+                for selector in signed.selectors {
+                    self.relay
+                        .metrics
+                        .dkim_signatures
+                        .get_or_create(&DkimLabels {
+                            domain: domain.clone(),
+                            selector,
+                        })
+                        .inc();
+                }
+                let mut out = signed.headers;
+                out.extend_from_slice(&data);
+                Ok(out)
+            }
+            Err(e) => {
+                warn!(service = %self.service.name, domain = %e.domain, selector = %e.selector, reason = e.reason, error = %e.detail, "DKIM signing failed, message deferred");
+                self.relay
+                    .metrics
+                    .dkim_failures
+                    .get_or_create(&DkimFailureLabels {
+                        domain: e.domain,
+                        reason: e.reason.to_string(),
+                    })
+                    .inc();
+                Err(StoreFailure::Signing)
             }
         }
     }

@@ -248,6 +248,7 @@ impl Relay {
             tx_span: None,
             incoming: None,
             dnsbl_headers,
+            held: None,
         };
         let span = tracing::info_span!(
             "smtp_session",

@@ -104,6 +104,9 @@ pub enum StoreFailure {
     Full,
     /// Any other local error: `451 4.3.0`.
     Other,
+    /// The message's domain signs with DKIM and a selector could not sign: `451 4.7.0` (sending
+    /// it unsigned could get it rejected under the domain's DMARC policy).
+    Signing,
 }
 
 impl StoreFailure {
@@ -111,6 +114,9 @@ impl StoreFailure {
         match self {
             StoreFailure::Full => r(452, "4.3.1", "Insufficient system storage, try again later"),
             StoreFailure::Other => r(451, "4.3.0", "Temporary local problem, try again later"),
+            StoreFailure::Signing => {
+                r(451, "4.7.0", "Message could not be signed, try again later")
+            }
         }
     }
 }

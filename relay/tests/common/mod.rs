@@ -136,6 +136,7 @@ pub fn credentials() -> Credentials {
                 accounts: vec![account(USER, PASSWORD), mfa, submit, bound],
                 relay_auth: BTreeMap::new(),
                 keytabs: BTreeMap::new(),
+                dkim_keys: BTreeMap::new(),
             }
         })
         .clone()
@@ -229,6 +230,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
             recipients: RecipientPolicy::Listed(recipients.iter().map(|s| s.to_string()).collect()),
             windows_nt_domain: None,
             kerberos_realm: None,
+            dkim: None,
         }],
         services: vec![
             service("smtp", ports.smtp, Protocol::Smtp, AuthMode::Optional),
