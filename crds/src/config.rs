@@ -596,6 +596,22 @@ pub enum OutboundTls {
     RequiredVerified,
     /// TLS from the first byte (port 465 style), certificate verified.
     Implicit,
+    /// The receiving domain's own transport policy: DANE (RFC 7672) when the MX host publishes
+    /// usable TLSA records in a DNSSEC-signed zone, else MTA-STS (RFC 8461) when the recipient
+    /// domain publishes a policy in `enforce` mode, else `Opportunistic`. Under either policy
+    /// TLS is mandatory and authenticated and failures defer; there is no plain-text fallback.
+    /// For relay hosts only DANE can apply (MTA-STS names a domain's MX hosts).
+    DaneOrMtaSts,
+}
+
+impl OutboundTls {
+    /// STARTTLS must succeed whatever the destination publishes.
+    pub fn always_requires_tls(self) -> bool {
+        matches!(
+            self,
+            OutboundTls::Required | OutboundTls::RequiredVerified | OutboundTls::Implicit
+        )
+    }
 }
 
 /// How to authenticate to a relay host. The secret material is in [`Credentials::relay_auth`]
@@ -681,6 +697,10 @@ pub struct RoutePolicy {
     pub recipients: Vec<AddressPattern>,
     /// Where matching mail goes.
     pub action: RouteAction,
+    /// TLS policy for direct (MX) delivery of this rule; `None` = the relay's runtime default
+    /// (`delivery.tls.directPolicy`). Relay rules carry theirs in [`RelayTarget::tls`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTls>,
     /// Retry timing for mail this rule carries; `None` = the relay's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryOverride>,
@@ -732,6 +752,9 @@ pub struct Credentials {
     /// Kerberos keytabs (MIT keytab file bytes, base64) by service name, for GSSAPI.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub keytabs: BTreeMap<String, SecretString>,
+    /// DKIM private keys (PEM: PKCS#8, or PKCS#1 for RSA) by `<selector>._domainkey.<domain>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub dkim_keys: BTreeMap<String, SecretString>,
 }
 
 impl Credentials {
@@ -752,9 +775,6 @@ pub struct Account {
     /// Verifier of the primary password. Kept for MFA accounts too, so that a primary-password
     /// attempt can be logged precisely; it never authenticates an MFA account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    /// DKIM private keys (PEM: PKCS#8, or PKCS#1 for RSA) by `<selector>._domainkey.<domain>`.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub dkim_keys: BTreeMap<String, SecretString>,
     pub password: Option<PasswordVerifier>,
     /// SCRAM-SHA-256 keys of the primary password (absent when only a hash was supplied).
     #[serde(default, skip_serializing_if = "Option::is_none")]

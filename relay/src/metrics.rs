@@ -106,6 +106,19 @@ pub struct DestinationLabels {
     pub result: String,
 }
 
+/// A TLS-RPT (RFC 8460) outcome of one connection or policy fetch. `policy_type`: `sts`
+/// (MTA-STS) or `tlsa` (DANE); `domain`: the policy domain (the recipient domain for `sts`, the
+/// MX host for `tlsa`), only for domains that publish a policy; `result`: `success` or an RFC
+/// 8460 result type (`sts-policy-fetch-error`, `sts-policy-invalid`, `sts-webpki-invalid`,
+/// `starttls-not-supported`, `certificate-host-mismatch`, `certificate-expired`,
+/// `certificate-not-trusted`, `validation-failure`, `tlsa-invalid`, `dnssec-invalid`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsPolicyLabels {
+    pub policy_type: String,
+    pub domain: String,
+    pub result: String,
+}
+
 /// `zone`: a DNSBL zone of the policy (bounded by it); `result`: `listed`, `clean`, `error`,
 /// `timeout`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -307,6 +320,11 @@ pub struct Metrics {
     /// by the crash after the final dot (possible duplicates).
     pub delivery_resent_after_recovery: Counter,
     // ---- end of delivery additions ----
+    /// DKIM signatures added to accepted mail, by signing domain and selector.
+    pub dkim_signatures: Family<DkimLabels, Counter>,
+    /// Messages of a signing domain refused (`451 4.7.0`) because a selector could not sign,
+    /// by domain and reason (`key_missing`, `key_invalid`, `sign_failed`).
+    pub dkim_failures: Family<DkimFailureLabels, Counter>,
     /// 1 per TLS Secret the policy names whose certificate is missing (set at scrape time).
     pub tls_certificate_missing: Family<SecretLabels, Gauge>,
     /// 1 once a policy (`relay.yaml`) is loaded, 0 while the relay waits for it.
@@ -320,17 +338,15 @@ pub struct Metrics {
     pub config_last_reload_success_timestamp_seconds: Gauge,
     /// `notAfter` of the first certificate of each TLS Secret of the live policy.
     pub tls_certificate_expiry: Family<SecretLabels, Gauge>,
-    /// DKIM signatures added to accepted mail, by signing domain and selector.
-    pub dkim_signatures: Family<DkimLabels, Counter>,
-    /// Messages of a signing domain refused (`451 4.7.0`) because a selector could not sign,
-    /// by domain and reason (`key_missing`, `key_invalid`, `sign_failed`).
-    pub dkim_failures: Family<DkimFailureLabels, Counter>,
     /// Inbound TLS sessions (SMTPS and STARTTLS) by service and negotiated version.
     pub tls_sessions: Family<TlsLabels, Counter>,
     /// Inbound TLS handshakes that failed or timed out, by service.
     pub tls_handshake_failures: Family<ServiceLabels, Counter>,
     /// Per-recipient delivery attempt outcomes by destination (see [`DestinationLabels`]).
     pub delivery_by_destination: Family<DestinationLabels, Counter>,
+    /// Outbound TLS policy outcomes (TLS-RPT, RFC 8460), by policy type, policy domain and
+    /// result (see [`TlsPolicyLabels`]).
+    pub tls_policy_results: Family<TlsPolicyLabels, Counter>,
     // ---- inbound DNS blocklists (crate::dnsbl) ----
     /// DNSBL queries sent (cache misses), by zone and result.
     pub dnsbl_lookups: Family<DnsblLookupLabels, Counter>,
@@ -381,6 +397,8 @@ impl Metrics {
             // ---- delivery additions ----
             delivery_resent_after_recovery: Counter::default(),
             // ---- end of delivery additions ----
+            dkim_signatures: Family::default(),
+            dkim_failures: Family::default(),
             tls_certificate_missing: Family::default(),
             policy_loaded: Gauge::default(),
             config_info: Family::default(),
@@ -390,6 +408,7 @@ impl Metrics {
             tls_sessions: Family::default(),
             tls_handshake_failures: Family::default(),
             delivery_by_destination: Family::default(),
+            tls_policy_results: Family::default(),
             dnsbl_lookups: Family::default(),
             dnsbl_lookup_duration: Family::new_with_constructor(dnsbl_duration_histogram),
             dnsbl_cache_hits: Family::default(),
@@ -397,8 +416,6 @@ impl Metrics {
             dnsbl_zone_refused: Family::default(),
             registry: Registry::default(),
         };
-            dkim_signatures: Family::default(),
-            dkim_failures: Family::default(),
         m.limit_store_up.set(1);
         registry.register(
             "sessions",
@@ -524,6 +541,16 @@ impl Metrics {
         );
         // ---- end of delivery additions ----
         registry.register(
+            "dkim_signatures",
+            "DKIM signatures added to accepted mail, by signing domain and selector",
+            m.dkim_signatures.clone(),
+        );
+        registry.register(
+            "dkim_failures",
+            "Messages refused with 451 4.7.0 because a DKIM selector of their domain could not sign, by domain and reason",
+            m.dkim_failures.clone(),
+        );
+        registry.register(
             "tls_certificate_missing",
             "1 for each TLS Secret the policy names whose certificate is not mounted: no STARTTLS on its services, and an SMTPS service does not listen",
             m.tls_certificate_missing.clone(),
@@ -540,16 +567,6 @@ impl Metrics {
 
     /// Mirrors the certificate and policy state of the live snapshot (called at scrape time).
     pub fn set_tls_state(&self, snap: &crate::snapshot::Snapshot) {
-        registry.register(
-            "dkim_signatures",
-            "DKIM signatures added to accepted mail, by signing domain and selector",
-            m.dkim_signatures.clone(),
-        );
-        registry.register(
-            "dkim_failures",
-            "Messages refused with 451 4.7.0 because a DKIM selector of their domain could not sign, by domain and reason",
-            m.dkim_failures.clone(),
-        );
         self.policy_loaded.set(i64::from(snap.policy_loaded));
         self.tls_certificate_missing.clear();
         for secret in snap.missing_certs.keys() {
@@ -600,6 +617,11 @@ impl Metrics {
             "delivery_attempts_by_destination",
             "Outbound delivery attempts per recipient, by destination (relay:<rule> or mx) and result",
             self.delivery_by_destination.clone(),
+        );
+        registry.register(
+            "tls_policy_results",
+            "Outbound TLS policy outcomes as TLS-RPT (RFC 8460) counts them, by policy type (sts, tlsa), policy domain and result (success or an RFC 8460 result type)",
+            self.tls_policy_results.clone(),
         );
     }
 
@@ -734,6 +756,17 @@ impl Metrics {
         self.delivery_by_destination
             .get_or_create(&DestinationLabels {
                 destination: destination.to_string(),
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    /// One TLS-RPT outcome (see [`TlsPolicyLabels`]).
+    pub fn tls_policy(&self, policy_type: &str, domain: &str, result: &str) {
+        self.tls_policy_results
+            .get_or_create(&TlsPolicyLabels {
+                policy_type: policy_type.to_string(),
+                domain: domain.to_string(),
                 result: result.to_string(),
             })
             .inc();

@@ -325,15 +325,71 @@ impl Default for DeliveryDnsSettings {
     }
 }
 
-/// Trust for outbound TLS with certificate verification (`RequiredVerified`, `Implicit`, and
-/// HTTPS token endpoints).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Outbound TLS: trust for certificate verification (`RequiredVerified`, `Implicit`, MTA-STS,
+/// HTTPS token and policy endpoints) and the policy of direct delivery without a rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundTlsSettings {
     /// PEM file with additional trust anchors (a private CA), on top of the built-in roots.
     /// Relative paths resolve against the config directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra_ca_file: Option<PathBuf>,
+    /// TLS policy of direct (MX) delivery when no DeliveryRule sets one: `DaneOrMtaSts`
+    /// (default: honour the recipient domain's published policy, as RFC 7672 and RFC 8461 ask),
+    /// `Opportunistic`, `Required` or `RequiredVerified`.
+    #[serde(default = "default_direct_policy")]
+    pub direct_policy: mailrelay_crds::config::OutboundTls,
+    /// MTA-STS policy fetching.
+    #[serde(default)]
+    pub mta_sts: MtaStsSettings,
+}
+
+impl Default for OutboundTlsSettings {
+    fn default() -> Self {
+        OutboundTlsSettings {
+            extra_ca_file: None,
+            direct_policy: default_direct_policy(),
+            mta_sts: MtaStsSettings::default(),
+        }
+    }
+}
+
+fn default_direct_policy() -> mailrelay_crds::config::OutboundTls {
+    mailrelay_crds::config::OutboundTls::DaneOrMtaSts
+}
+
+/// How MTA-STS (RFC 8461) policies are fetched and kept (`delivery.tls.mtaSts`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtaStsSettings {
+    /// Port of `https://mta-sts.<domain>/`. RFC 8461 fixes 443; only tests change it.
+    #[serde(default = "default_https_port")]
+    pub https_port: u16,
+    /// Where fetched policies are kept across restarts; relative paths resolve against the
+    /// spool directory. Default `mta-sts-policies.json` in the spool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_file: Option<PathBuf>,
+    /// Deadline for one policy fetch (connect, TLS, request and body), in seconds.
+    #[serde(default = "default_sts_timeout")]
+    pub fetch_timeout_seconds: u64,
+}
+
+impl Default for MtaStsSettings {
+    fn default() -> Self {
+        MtaStsSettings {
+            https_port: default_https_port(),
+            cache_file: None,
+            fetch_timeout_seconds: default_sts_timeout(),
+        }
+    }
+}
+
+fn default_https_port() -> u16 {
+    443
+}
+
+fn default_sts_timeout() -> u64 {
+    20
 }
 
 /// Outbound SMTP timeouts in seconds; defaults are RFC 5321 §4.5.3.2.

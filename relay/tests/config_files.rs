@@ -446,6 +446,7 @@ fn a_changed_relay_rule_does_not_reuse_the_connection_to_the_old_host() {
                     auth: None,
                 },
             ),
+            tls: None,
             retry: None,
         }];
         cfg

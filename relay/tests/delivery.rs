@@ -117,6 +117,7 @@ fn rule(name: &str, rcpt: &str, action: RouteAction) -> RoutePolicy {
             vec![AddressPattern::new(rcpt.to_string())]
         },
         action,
+        tls: None,
         retry: None,
     }
 }

@@ -287,6 +287,7 @@ fn relay_to(
             tls,
             auth,
         }),
+        tls: None,
         retry: None,
     }
 }
@@ -353,7 +354,7 @@ fn mx_route_dns_tls_reputation_and_json() {
         .contains("names: mx.example.test")
         .contains("issuer: CN=diagnose test CA")
         .has("ok", "QUIT; no message was sent")
-        .has("skip", "MTA-STS and DANE: not implemented yet (issue 17)")
+        .has("skip", "MTA-STS and DANE: not checked here; delivery applies the domain's MTA-STS policy")
         .has("skip", "no authentication: the route sets no AUTH mechanism")
         .has("ok", "HELO name out.example.test")
         .has("ok", "egress address 192.0.2.2 (--egress-ip)")

@@ -117,6 +117,7 @@ fn relay_rule(name: &str, port: u16) -> RoutePolicy {
             tls: OutboundTls::Opportunistic,
             auth: None,
         }),
+        tls: None,
         retry: None,
     }
 }

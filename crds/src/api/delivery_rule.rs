@@ -67,6 +67,13 @@ pub struct DeliveryRuleSpec {
     /// Relay hosts and how to talk to them; required for action `Relay`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelaySpec>,
+    /// TLS policy for action `Direct` (relay rules set `relay.tls`): `DaneOrMtaSts` (honour
+    /// the recipient domain's DANE or MTA-STS policy, opportunistic otherwise),
+    /// `Opportunistic` (ignore those policies), `Required` or `RequiredVerified` (certificate
+    /// valid for the MX host name). Unset = the relay's runtime default
+    /// (`delivery.tls.directPolicy`, `DaneOrMtaSts` unless changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<OutboundTlsSpec>,
     /// Retry timing for mail this rule carries, overriding the relay's defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
@@ -114,8 +121,9 @@ pub struct RelaySpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: Option<i32>,
     /// `Opportunistic` (STARTTLS if offered; the seeds' "use SSL/TLS if supported", default),
-    /// `Required`, `RequiredVerified` (certificate must be valid for the host name) or `Implicit`
-    /// (TLS from the first byte, verified).
+    /// `Required`, `RequiredVerified` (certificate must be valid for the host name), `Implicit`
+    /// (TLS from the first byte, verified) or `DaneOrMtaSts` (DANE for a host name with usable
+    /// TLSA records, opportunistic otherwise; MTA-STS does not apply to relay hosts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<OutboundTlsSpec>,
     /// Authentication at the relay host.
@@ -136,6 +144,24 @@ pub enum OutboundTlsSpec {
     RequiredVerified,
     /// TLS from the first byte (SMTPS, port 465), certificate verified.
     Implicit,
+    /// DANE (RFC 7672) when the host publishes usable TLSA records under DNSSEC, else MTA-STS
+    /// (RFC 8461, direct delivery only) when the recipient domain enforces a policy, else
+    /// opportunistic. Either policy makes TLS mandatory and authenticated.
+    DaneOrMtaSts,
+}
+
+impl OutboundTlsSpec {
+    /// The compiled form.
+    pub fn compiled(self) -> crate::config::OutboundTls {
+        use crate::config::OutboundTls;
+        match self {
+            OutboundTlsSpec::Opportunistic => OutboundTls::Opportunistic,
+            OutboundTlsSpec::Required => OutboundTls::Required,
+            OutboundTlsSpec::RequiredVerified => OutboundTls::RequiredVerified,
+            OutboundTlsSpec::Implicit => OutboundTls::Implicit,
+            OutboundTlsSpec::DaneOrMtaSts => OutboundTls::DaneOrMtaSts,
+        }
+    }
 }
 
 /// Credentials for the relay host.

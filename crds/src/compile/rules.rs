@@ -76,6 +76,34 @@ fn parse_host(s: &str, default_port: u16) -> Result<RelayHost, String> {
     })
 }
 
+/// Warnings for a relay host whose TLS policy cannot do what it promises: a certificate is
+/// rarely issued for an IP address, and DANE needs a host name to look TLSA records up under.
+fn tls_host_warnings(r: &mut ObjectReport, i: usize, host: &RelayHost, tls: OutboundTls) {
+    let is_ip = host.host.parse::<std::net::IpAddr>().is_ok();
+    let field = format!("spec.relay.hosts[{i}]");
+    match tls {
+        OutboundTls::RequiredVerified | OutboundTls::Implicit if is_ip => {
+            r.problems.push(Problem::warning(
+                field,
+                "VerifiedTlsToAddress",
+                format!(
+                    "{} is an IP address: the certificate must then name that address (an IP SAN), which public CAs almost never issue; delivery defers with 4.7.5 otherwise. Name the host by the name its certificate has",
+                    host.host
+                ),
+            ))
+        }
+        OutboundTls::DaneOrMtaSts if is_ip => r.problems.push(Problem::warning(
+            field,
+            "DaneNeedsHostName",
+            format!(
+                "{} is an IP address: DANE looks TLSA records up under a host name and MTA-STS applies only to MX delivery, so this host gets opportunistic TLS. Name the host, or use RequiredVerified",
+                host.host
+            ),
+        )),
+        _ => {}
+    }
+}
+
 pub fn compile(
     ctx: &Ctx<'_>,
     objs: &[DeliveryRule],
@@ -181,6 +209,20 @@ fn compile_one(ctx: &Ctx<'_>, rule: &DeliveryRule) -> Rule {
             }
         }
     }
+    let direct_tls = s.tls.map(OutboundTlsSpec::compiled);
+    match (s.action, direct_tls) {
+        (RuleAction::Direct, Some(OutboundTls::Implicit)) => r.problems.push(Problem::invalid(
+            "spec.tls",
+            "ImplicitTlsToMx",
+            "MX hosts never speak TLS from the first byte (port 25 uses STARTTLS); use RequiredVerified, Required or DaneOrMtaSts",
+        )),
+        (RuleAction::Relay, Some(_)) => r.problems.push(Problem::warning(
+            "spec.tls",
+            "TlsIgnored",
+            "spec.tls is the TLS policy of direct delivery; a Relay rule uses relay.tls, so this value has no effect",
+        )),
+        _ => {}
+    }
     let action = match (s.action, &s.relay) {
         (RuleAction::Direct, None) => Some(RouteAction::Direct),
         (RuleAction::Direct, Some(_)) => {
@@ -200,12 +242,10 @@ fn compile_one(ctx: &Ctx<'_>, rule: &DeliveryRule) -> Rule {
             None
         }
         (RuleAction::Relay, Some(relay)) => {
-            let tls = match relay.tls.unwrap_or(OutboundTlsSpec::Opportunistic) {
-                OutboundTlsSpec::Opportunistic => OutboundTls::Opportunistic,
-                OutboundTlsSpec::Required => OutboundTls::Required,
-                OutboundTlsSpec::RequiredVerified => OutboundTls::RequiredVerified,
-                OutboundTlsSpec::Implicit => OutboundTls::Implicit,
-            };
+            let tls = relay
+                .tls
+                .unwrap_or(OutboundTlsSpec::Opportunistic)
+                .compiled();
             let default_port = match relay.port {
                 Some(p) => match u16::try_from(p) {
                     Ok(p) if p > 0 => p,
@@ -228,10 +268,20 @@ fn compile_one(ctx: &Ctx<'_>, rule: &DeliveryRule) -> Rule {
                     "relay.hosts needs at least one host",
                 ));
             }
+            if tls == OutboundTls::DaneOrMtaSts {
+                r.problems.push(Problem::warning(
+                    "spec.relay.tls",
+                    "MtaStsNotForRelayHosts",
+                    "MTA-STS policies name a recipient domain's MX hosts and never apply to relay hosts; with DaneOrMtaSts a relay host is authenticated only by DANE (TLSA records under _<port>._tcp.<host> in a DNSSEC-signed zone) and gets opportunistic TLS otherwise. Use RequiredVerified to insist on a valid certificate",
+                ));
+            }
             let mut hosts = Vec::new();
             for (i, h) in relay.hosts.iter().enumerate() {
                 match parse_host(h, default_port) {
-                    Ok(h) => hosts.push(h),
+                    Ok(h) => {
+                        tls_host_warnings(&mut r, i, &h, tls);
+                        hosts.push(h)
+                    }
                     Err(e) => r.problems.push(Problem::invalid(
                         format!("spec.relay.hosts[{i}]"),
                         "InvalidHost",
@@ -255,11 +305,11 @@ fn compile_one(ctx: &Ctx<'_>, rule: &DeliveryRule) -> Rule {
                         e,
                     )),
                 }
-                if tls == OutboundTls::Opportunistic {
+                if matches!(tls, OutboundTls::Opportunistic | OutboundTls::DaneOrMtaSts) {
                     r.problems.push(Problem::warning(
                             "spec.relay.tls",
                             "AuthWithoutRequiredTls",
-                            "credentials are only ever sent over TLS; with Opportunistic TLS, delivery fails when the host does not offer STARTTLS. Use Required or RequiredVerified",
+                            "credentials are only ever sent over TLS; without a policy that requires TLS, delivery fails when the host does not offer STARTTLS. Use Required or RequiredVerified",
                         ));
                 }
             }
@@ -322,6 +372,7 @@ fn compile_one(ctx: &Ctx<'_>, rule: &DeliveryRule) -> Rule {
             senders,
             recipients,
             action,
+            tls: direct_tls.filter(|_| s.action == RuleAction::Direct),
             retry,
         }),
         _ => None,

@@ -170,6 +170,33 @@ pub struct HostFailure {
     pub auth_rejected: bool,
     /// The server answered STARTTLS with 220 and the handshake then failed.
     pub starttls_failed: bool,
+    /// What went wrong with TLS, as an RFC 8460 result type (`starttls-not-supported`,
+    /// `certificate-host-mismatch`, ...), for TLS reporting.
+    pub tls_result: Option<TlsRpt>,
+}
+
+/// The RFC 8460 result types a connection can produce (a byte, so [`HostFailure`] stays
+/// small).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsRpt {
+    StarttlsNotSupported,
+    CertificateHostMismatch,
+    CertificateExpired,
+    CertificateNotTrusted,
+    ValidationFailure,
+}
+
+impl TlsRpt {
+    /// The result type as RFC 8460 §4.3 spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsRpt::StarttlsNotSupported => "starttls-not-supported",
+            TlsRpt::CertificateHostMismatch => "certificate-host-mismatch",
+            TlsRpt::CertificateExpired => "certificate-expired",
+            TlsRpt::CertificateNotTrusted => "certificate-not-trusted",
+            TlsRpt::ValidationFailure => "validation-failure",
+        }
+    }
 }
 
 impl HostFailure {
@@ -178,6 +205,14 @@ impl HostFailure {
             status,
             auth_rejected: false,
             starttls_failed: false,
+            tls_result: None,
+        }
+    }
+
+    fn tls(status: Status, result: TlsRpt) -> HostFailure {
+        HostFailure {
+            tls_result: Some(result),
+            ..HostFailure::new(status)
         }
     }
 }
@@ -248,6 +283,9 @@ pub struct Connection {
     pub broken: bool,
     /// Sent as `XORIGIN` with the next message to a hand-off listener (duplicate detection).
     pub handoff_origin: Option<String>,
+    /// The certificate chain the server presented after STARTTLS (empty in plain text), so
+    /// MTA-STS `testing` can report what enforcement would have found.
+    pub peer_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 fn secs(s: u64) -> Duration {
@@ -263,7 +301,13 @@ impl Connection {
         opts: &ClientOptions,
     ) -> Result<Connection, HostFailure> {
         match Self::open_once(target, opts, false).await {
-            Err(f) if f.starttls_failed && target.tls == OutboundTls::Opportunistic => {
+            Err(f)
+                if f.starttls_failed
+                    && matches!(
+                        target.tls,
+                        OutboundTls::Opportunistic | OutboundTls::DaneOrMtaSts
+                    ) =>
+            {
                 let why = f.status.text.clone();
                 tracing::warn!(
                     remote = %target.label(),
@@ -320,6 +364,7 @@ impl Connection {
             transactions: 0,
             broken: false,
             handoff_origin: None,
+            peer_certs: Vec::new(),
         };
         let greeting = conn
             .read(t.command_seconds, "the greeting")
@@ -341,19 +386,25 @@ impl Connection {
                     .await?;
                 if reply.code != 220 {
                     if must {
-                        return Err(HostFailure::new(reply.status(&label, "4.7.5")));
+                        return Err(HostFailure::tls(
+                            reply.status(&label, "4.7.5"),
+                            TlsRpt::StarttlsNotSupported,
+                        ));
                     }
                 } else {
                     conn = conn.upgrade(target, opts).await?;
                     conn.ehlo(&opts.helo).await?;
                 }
             } else if must {
-                return Err(HostFailure::new(Status::about_host(
-                    451,
-                    "4.7.4",
-                    "TLS is required by the delivery rule but the server does not offer STARTTLS",
-                    &label,
-                )));
+                return Err(HostFailure::tls(
+                    Status::about_host(
+                        451,
+                        "4.7.4",
+                        "TLS is required by the delivery rule but the server does not offer STARTTLS",
+                        &label,
+                    ),
+                    TlsRpt::StarttlsNotSupported,
+                ));
             }
         }
         if let Some((mech, secret)) = &target.auth {
@@ -391,7 +442,14 @@ impl Connection {
                 f.starttls_failed = true;
                 f
             })?;
+        let peer_certs = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default();
         Ok(Connection {
+            peer_certs,
             io: BufReader::new(Stream::from(tls)),
             caps: Capabilities::default(),
             remote,
@@ -503,6 +561,7 @@ impl Connection {
             status,
             auth_rejected: true,
             starttls_failed: false,
+            tls_result: None,
         })
     }
 
@@ -790,6 +849,7 @@ impl Connection {
             transactions: 0,
             broken: false,
             handoff_origin: None,
+            peer_certs: Vec::new(),
         }
     }
 
@@ -922,15 +982,35 @@ pub(crate) async fn handshake(
     let fut = TlsConnector::from(config).connect(name, tcp);
     match tokio::time::timeout(secs(t.command_seconds), fut).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(e)) => Err(HostFailure::new(Status::about_host(
-            454,
-            "4.7.5",
-            format!("TLS handshake failed: {e}"),
-            &label,
-        ))),
+        Ok(Err(e)) => {
+            let result = e
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<rustls::Error>())
+                .map_or(TlsRpt::ValidationFailure, tls_rpt_result);
+            Err(HostFailure::tls(
+                Status::about_host(454, "4.7.5", format!("TLS handshake failed: {e}"), &label),
+                result,
+            ))
+        }
         Err(_) => Err(HostFailure::new(
             Io::Timeout("the TLS handshake").status(&label),
         )),
+    }
+}
+
+/// The RFC 8460 result type of a failed handshake.
+pub fn tls_rpt_result(e: &rustls::Error) -> TlsRpt {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                TlsRpt::CertificateHostMismatch
+            }
+            C::Expired | C::ExpiredContext { .. } => TlsRpt::CertificateExpired,
+            C::UnknownIssuer | C::BadSignature => TlsRpt::CertificateNotTrusted,
+            _ => TlsRpt::ValidationFailure,
+        },
+        _ => TlsRpt::ValidationFailure,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The outbound side: everything between a message in the spool and the downstream server's
 //! `250`. [`queue`] schedules and executes what [`plan`] decides (routes, retries, DSNs), [`mx`] resolves, [`client`] speaks SMTP with the
-//! TLS policy of [`tls`] and credentials (incl. [`oauth2`] tokens), [`dsn`] writes bounces and
+//! TLS policy of [`tls`] (tightened by the recipient domain's [`mta_sts`] policy) and credentials (incl. [`oauth2`] tokens), [`dsn`] writes bounces and
 //! delay warnings, [`admin`] exposes the queue over HTTP.
 
 pub mod admin;
@@ -8,6 +8,7 @@ pub mod client;
 pub mod data;
 pub mod dsn;
 pub mod markers;
+pub mod mta_sts;
 pub mod mx;
 pub mod oauth2;
 pub mod plan;

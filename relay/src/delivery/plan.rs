@@ -3,9 +3,10 @@
 //! after an attempt, what happens next ([`plan`]: who has expired, which DSNs are due, when to
 //! try again or that the message is done). [`super::queue`] executes the decisions.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use mailrelay_crds::config::{RelayConfig, RelayTarget, RetryOverride, RouteAction};
+use mailrelay_crds::config::{OutboundTls, RelayConfig, RelayTarget, RetryOverride, RouteAction};
 use mailrelay_spool::{Envelope, RecipientStatus};
 
 use super::dsn;
@@ -33,6 +34,9 @@ pub struct Routes {
     pub domains: Vec<(String, Vec<usize>)>,
     /// The retry override of the first matching rule that has one.
     pub retry: Option<RetryOverride>,
+    /// The TLS policy a Direct rule sets for a recipient domain; the first recipient of the
+    /// domain whose rule sets one decides for the whole domain group.
+    pub direct_tls: BTreeMap<String, OutboundTls>,
 }
 
 impl Routes {
@@ -78,6 +82,9 @@ pub fn group_by_route(env: &Envelope, config: &RelayConfig) -> Routes {
                     .rsplit_once('@')
                     .map(|(_, d)| d.to_ascii_lowercase())
                     .unwrap_or_default();
+                if let Some(tls) = route.and_then(|p| p.tls) {
+                    routes.direct_tls.entry(domain.clone()).or_insert(tls);
+                }
                 match routes.domains.iter_mut().find(|g| g.0 == domain) {
                     Some(g) => g.1.push(i),
                     None => routes.domains.push((domain, vec![i])),
@@ -490,6 +497,7 @@ mod tests {
             } else {
                 RouteAction::Direct
             },
+            tls: None,
             retry: None,
         }
     }

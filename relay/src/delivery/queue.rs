@@ -40,10 +40,11 @@ use tracing::{debug, info, warn, Instrument};
 
 use super::markers::Markers;
 
-use super::client::{AuthSecret, ClientOptions, Connection, HostTarget};
+use super::client::{AuthSecret, ClientOptions, Connection, HostFailure, HostTarget};
 use super::data;
 use super::dsn;
-use super::mx::{Dns, MxHost};
+use super::mta_sts::{self, MtaSts};
+use super::mx::{self, Dns, MxHost};
 use super::oauth2::TokenCache;
 use super::plan::{self, Next, Plan, RelayGroup, Routes, Schedule};
 use super::status::Status;
@@ -55,8 +56,30 @@ use crate::snapshot::Snapshot;
 /// Where a job goes.
 #[derive(Clone, Debug)]
 enum Target {
-    Mx(Vec<MxHost>),
+    Mx(Vec<MxHost>, MxTls),
     Relay { rule: String, target: RelayTarget },
+}
+
+/// The TLS policy of one MX destination, with the recipient domain's MTA-STS policy resolved.
+#[derive(Clone, Debug, PartialEq)]
+struct MxTls {
+    /// What the connection does: `Opportunistic`, `Required` or `RequiredVerified` (MTA-STS
+    /// `enforce`: the certificate must be valid for the MX host name).
+    tls: OutboundTls,
+    /// The MTA-STS policy domain and mode, for TLS reporting.
+    sts: Option<(String, mta_sts::Mode)>,
+}
+
+impl MxTls {
+    /// Part of the destination key: connections opened under different policies are not
+    /// shared, and an MTA-STS domain's outcomes are counted per domain.
+    fn key_suffix(&self) -> String {
+        match (&self.sts, self.tls) {
+            (Some((d, m)), _) => format!(";sts={d}:{m:?}"),
+            (None, OutboundTls::Opportunistic) => String::new(),
+            (None, t) => format!(";tls={t:?}"),
+        }
+    }
 }
 
 /// Some recipients of one message, all routed to the same destination.
@@ -89,6 +112,9 @@ impl JobOutcome {
 pub const DEFAULT_MAX_HOPS: usize = 100;
 /// Directory of in-flight markers inside the spool directory.
 const INFLIGHT_DIR: &str = "inflight";
+/// The MTA-STS policy cache in the spool directory (see [`mta_sts`]): it lives with the
+/// spool's volume, so a restarted pod keeps the policies it had.
+const MTA_STS_CACHE: &str = "mta-sts-policies.json";
 
 struct Dest {
     target: Target,
@@ -172,6 +198,11 @@ pub struct Queue {
     metrics: Arc<Metrics>,
     dns: Dns,
     client: ClientOptions,
+    /// MTA-STS policies of recipient domains, shared by every delivery of the pod.
+    mta_sts: MtaSts,
+    /// The verified configuration's certificate verifier, to judge a chain after the fact
+    /// (MTA-STS `testing`).
+    verifier: Arc<rustls::client::WebPkiServerVerifier>,
     tokens: TokenCache,
     state: Mutex<State>,
     wake: Notify,
@@ -215,6 +246,20 @@ impl Queue {
     ) -> anyhow::Result<Arc<Queue>> {
         let dns = Dns::new(&settings.dns)?;
         let tls = ClientTls::new(extra_ca)?;
+        let verifier = super::tls::server_verifier(extra_ca)?;
+        let sts = &settings.tls.mta_sts;
+        let cache_file = match &sts.cache_file {
+            Some(p) if p.is_absolute() => p.clone(),
+            Some(p) => spool.dir().join(p),
+            None => spool.dir().join(MTA_STS_CACHE),
+        };
+        let mta_sts = MtaSts::new(
+            crate::dns::resolver(&settings.dns, hickory_resolver::config::ResolveHosts::Auto)?,
+            tls.verified.clone(),
+            sts.https_port,
+            Duration::from_secs(sts.fetch_timeout_seconds.max(1)),
+            Some(cache_file),
+        );
         let inflight = spool.dir().join(INFLIGHT_DIR);
         let (markers, leftover_markers) = match Markers::open(&inflight) {
             Ok((markers, leftovers)) => (Some(markers), leftovers),
@@ -240,6 +285,8 @@ impl Queue {
             metrics,
             dns,
             client,
+            mta_sts,
+            verifier,
             tokens: TokenCache::default(),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
@@ -475,6 +522,7 @@ impl Queue {
             relay: mut relay_groups,
             domains: mut domain_groups,
             retry,
+            direct_tls,
         } = plan::group_by_route(&env, &snap.config);
         let mut jobs: Vec<(String, Target, Job)> = Vec::new();
         // Outcomes decided before any connection, each with its own `delivery_attempt` span:
@@ -519,17 +567,26 @@ impl Queue {
             } else {
                 self.dns.mx(&domain).await
             };
+            let policy = direct_tls
+                .get(&domain)
+                .copied()
+                .unwrap_or(self.settings.tls.direct_policy);
+            let resolved = match resolved {
+                Ok(hosts) => self.mx_tls(&domain, hosts, policy).await,
+                Err(s) => Err(s),
+            };
             match resolved {
-                Ok(hosts) => {
+                Ok((hosts, mx_tls)) => {
                     let key = format!(
-                        "mx:{}",
+                        "mx:{}{}",
                         hosts
                             .iter()
                             .map(|h| h.name.as_str())
                             .collect::<Vec<_>>()
-                            .join(",")
+                            .join(","),
+                        mx_tls.key_suffix()
                     );
-                    jobs.push((key, Target::Mx(hosts), Job { id, rcpts }));
+                    jobs.push((key, Target::Mx(hosts, mx_tls), Job { id, rcpts }));
                 }
                 Err(s) => immediate.push((
                     format!("dns:{domain}"),
@@ -681,7 +738,7 @@ impl Queue {
             self.pace(&key).await;
             let relay_target = match &target {
                 Target::Relay { target, .. } => Some(target.clone()),
-                Target::Mx(_) => None,
+                Target::Mx(..) => None,
             };
             if conn.is_some() && opened_for != relay_target {
                 if let Some(c) = conn.take() {
@@ -705,7 +762,7 @@ impl Queue {
             opened_for = conn.as_ref().and(relay_target);
             let destination = match &target {
                 Target::Relay { rule, .. } => format!("relay:{rule}"),
-                Target::Mx(_) => "mx".to_string(),
+                Target::Mx(..) => "mx".to_string(),
             };
             for (_, s) in &outcome.results {
                 self.metrics
@@ -886,7 +943,7 @@ impl Queue {
         let mut looped: Option<Status> = None;
         let mut other_failure = false;
         let hosts: Vec<(String, u16)> = match target {
-            Target::Mx(hosts) => hosts
+            Target::Mx(hosts, _) => hosts
                 .iter()
                 .map(|h| (h.name.clone(), self.settings.direct_port))
                 .collect(),
@@ -897,7 +954,7 @@ impl Queue {
                 .collect(),
         };
         let (tls, auth) = match target {
-            Target::Mx(_) => (OutboundTls::Opportunistic, None),
+            Target::Mx(_, m) => (m.tls, None),
             Target::Relay { rule, target } => {
                 let auth = match target.auth {
                     None => None,
@@ -910,7 +967,7 @@ impl Queue {
             }
         };
         let kind = match target {
-            Target::Mx(_) => "MX host",
+            Target::Mx(..) => "MX host",
             Target::Relay { .. } => "relay host",
         };
         let own = self.own_names();
@@ -956,7 +1013,9 @@ impl Queue {
                     looped = Some(s);
                     continue;
                 }
-                match Connection::open(&ht, &self.client).await {
+                let opened = Connection::open(&ht, &self.client).await;
+                self.report_sts(target, &name, opened.as_ref());
+                match opened {
                     Ok(c) => {
                         let greeted = [&c.greeting_host, &c.ehlo_host]
                             .into_iter()
@@ -991,6 +1050,126 @@ impl Queue {
             Some(s) if !other_failure => Err(s),
             _ => Err(last),
         }
+    }
+
+    /// The MX hosts to try and the TLS policy for `domain` under the route's policy: with
+    /// `DaneOrMtaSts`, the domain's MTA-STS policy restricts the hosts and (in `enforce` mode)
+    /// makes a valid certificate mandatory. An `enforce` policy that lists none of the MX hosts
+    /// defers the recipients (RFC 8461 §5.1).
+    async fn mx_tls(
+        &self,
+        domain: &str,
+        hosts: Vec<MxHost>,
+        policy: OutboundTls,
+    ) -> Result<(Vec<MxHost>, MxTls), Status> {
+        let fixed = |tls| Ok((hosts.clone(), MxTls { tls, sts: None }));
+        match policy {
+            OutboundTls::DaneOrMtaSts => {}
+            // MX hosts never speak TLS from the first byte; the strictest STARTTLS policy
+            // is what a runtime setting of Implicit can mean.
+            OutboundTls::Implicit => return fixed(OutboundTls::RequiredVerified),
+            other => return fixed(other),
+        }
+        if mx::address_literal(domain).is_some() {
+            return fixed(OutboundTls::Opportunistic);
+        }
+        let p = match self.mta_sts.lookup(domain).await {
+            mta_sts::Lookup::Policy(p) => p,
+            mta_sts::Lookup::None(failure) => {
+                if let Some((result, _)) = failure {
+                    self.metrics.tls_policy("sts", domain, result);
+                }
+                return fixed(OutboundTls::Opportunistic);
+            }
+        };
+        let sts = Some((domain.to_string(), p.mode));
+        match p.mode {
+            mta_sts::Mode::None => fixed(OutboundTls::Opportunistic),
+            mta_sts::Mode::Testing => {
+                if !hosts.iter().any(|h| p.allows(&h.name)) {
+                    self.metrics.tls_policy("sts", domain, "validation-failure");
+                    warn!(domain = %domain, policy_mx = ?p.mx, "MTA-STS (testing): no MX host matches the policy; delivering anyway");
+                }
+                Ok((
+                    hosts,
+                    MxTls {
+                        tls: OutboundTls::Opportunistic,
+                        sts,
+                    },
+                ))
+            }
+            mta_sts::Mode::Enforce => {
+                let all: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
+                let allowed: Vec<MxHost> =
+                    hosts.into_iter().filter(|h| p.allows(&h.name)).collect();
+                if allowed.is_empty() {
+                    self.metrics.tls_policy("sts", domain, "validation-failure");
+                    warn!(domain = %domain, policy_mx = ?p.mx, mx = ?all, "MTA-STS: no MX host matches the enforced policy; deferring");
+                    return Err(Status::local(
+                        451,
+                        "4.7.5",
+                        format!(
+                            "MTA-STS policy of {domain} (mode enforce) lists none of its MX hosts ({})",
+                            all.join(", ")
+                        ),
+                    ));
+                }
+                Ok((
+                    allowed,
+                    MxTls {
+                        tls: OutboundTls::RequiredVerified,
+                        sts,
+                    },
+                ))
+            }
+        }
+    }
+
+    /// TLS reporting for a connection to an MTA-STS domain's MX host: under `enforce` the
+    /// handshake verified the certificate; under `testing` the relay checks now what
+    /// enforcement would have refused, and only reports it.
+    fn report_sts(&self, target: &Target, host: &str, outcome: Result<&Connection, &HostFailure>) {
+        let Target::Mx(
+            _,
+            MxTls {
+                sts: Some((domain, mode)),
+                ..
+            },
+        ) = target
+        else {
+            return;
+        };
+        let result = match (outcome, mode) {
+            (Err(f), _) => match f.tls_result {
+                Some(r) => r.as_str(),
+                // Not a TLS failure (connection refused, greeting): not a policy outcome.
+                None => return,
+            },
+            (Ok(_), mta_sts::Mode::Enforce) => "success",
+            (Ok(c), _) => match c.peer_certs.split_first() {
+                None => "starttls-not-supported",
+                Some((leaf, chain)) => match super::tls::server_name(host) {
+                    Some(name) => {
+                        match rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                            self.verifier.as_ref(),
+                            leaf,
+                            chain,
+                            &name,
+                            &[],
+                            rustls::pki_types::UnixTime::now(),
+                        ) {
+                            Ok(_) => "success",
+                            Err(e) => super::client::tls_rpt_result(&e).as_str(),
+                        }
+                    }
+                    None => "validation-failure",
+                },
+            },
+        };
+        if result != "success" && *mode == mta_sts::Mode::Testing {
+            warn!(domain = %domain, host = %host, result, "MTA-STS (testing): enforcement would have refused this host; delivering anyway");
+        }
+        self.metrics.tls_policy("sts", domain, result);
     }
 
     async fn secret(&self, rule: &str, mech: OutboundAuthMechanism) -> Result<AuthSecret, Status> {

@@ -41,6 +41,9 @@ pub fn tls_words(tls: OutboundTls) -> &'static str {
             "RequiredVerified: STARTTLS must succeed and the certificate must be valid for the host name"
         }
         OutboundTls::Implicit => "Implicit: TLS from the first byte, certificate verified",
+        OutboundTls::DaneOrMtaSts => {
+            "DaneOrMtaSts: the destination's MTA-STS policy when it enforces one (TLS with a valid certificate), opportunistic otherwise"
+        }
     }
 }
 

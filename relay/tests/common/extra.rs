@@ -436,6 +436,7 @@ pub fn relay_rule(name: &str, priority: i32, rcpt: &str, port: u16) -> RoutePoli
             tls: OutboundTls::Opportunistic,
             auth: None,
         }),
+        tls: None,
         retry: None,
     }
 }
