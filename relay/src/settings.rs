@@ -367,7 +367,7 @@ pub struct MtaStsSettings {
     pub https_port: u16,
     /// Where fetched policies are kept across restarts; relative paths resolve against the
     /// spool directory. Default `mta-sts-policies.json` in the spool.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cache_file: Option<PathBuf>,
     /// Deadline for one policy fetch (connect, TLS, request and body), in seconds.
     #[serde(default = "default_sts_timeout")]
