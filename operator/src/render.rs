@@ -59,6 +59,16 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<i32> {
     for line in compiled.report.lines() {
         writeln!(stderr, "{line}")?;
     }
+    // What `status.dnsRecords` will show, so a GitOps review sees the DNS changes a policy needs.
+    for r in &compiled.report.objects {
+        for rec in &r.dns_records {
+            writeln!(
+                stderr,
+                "{}/{}: DNS record to publish: {} {} \"{}\" ({})",
+                r.kind, r.name, rec.name, rec.type_, rec.value, rec.purpose
+            )?;
+        }
+    }
     let failed = !load_errors.is_empty() || compiled.report.has_errors();
 
     match &args.out_dir {

@@ -193,6 +193,7 @@ pub fn desired(
             } else {
                 None
             },
+            dns_records: report.dns_records.clone(),
         },
         resolved_prefixes: report.resolved_prefixes.and_then(|n| i64::try_from(n).ok()),
     }
@@ -269,6 +270,7 @@ mod tests {
             generation: Some(3),
             problems,
             resolved_prefixes: None,
+            dns_records: Vec::new(),
             stale: false,
         }
     }

@@ -39,6 +39,26 @@ pub struct PolicyStatus {
     /// `mailrelay.dev/config-hash` annotation of the policy ConfigMap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
+    /// MailDomain only: the DNS records the domain needs for the relay's mail to authenticate
+    /// (DKIM selector keys, SPF), for the administrator (or external-dns) to publish.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_records: Vec<DnsRecord>,
+}
+
+/// A DNS record a domain should publish.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsRecord {
+    /// Owner name, fully qualified without the trailing dot, e.g.
+    /// `mail2026._domainkey.example.com`.
+    pub name: String,
+    /// Record type, e.g. `TXT`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Record data as published (one TXT string; DNS tools split it into 255-byte pieces).
+    pub value: String,
+    /// What it is for, e.g. `DKIM selector mail2026 (rsa-sha256)` or `SPF`.
+    pub purpose: String,
 }
 
 /// Names a Secret in the same namespace and, optionally, a key in it.

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::common::{domain_schema, name_schema, PolicyStatus, SecretKeyRef};
 
+/// Default key of a DKIM private key in its Secret.
+pub const DKIM_KEY: &str = "dkim.key";
+
 /// Default key of the accounts Secret.
 pub const ACCOUNTS_KEY: &str = "accounts.yaml";
 /// Default key of the recipients Secret (one address or local part per line).
@@ -71,10 +74,83 @@ pub struct MailDomainSpec {
         pattern = r"^[A-Z0-9]([-A-Z0-9]*[A-Z0-9])?(\.[A-Z0-9]([-A-Z0-9]*[A-Z0-9])?)+$"
     ))]
     pub kerberos_realm: Option<String>,
+    /// DKIM signing of this domain's outgoing mail: the relay signs every message whose `From:`
+    /// header is of this domain (DMARC aligns on `From:`), with every listed selector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<DkimSpec>,
+    /// SPF: the relay's egress addresses, for the SPF record listed in `status.dnsRecords`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spf: Option<SpfSpec>,
 }
 
 fn default_true() -> bool {
     true
+}
+
+/// DKIM signing of a domain (RFC 6376; Ed25519 per RFC 8463).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimSpec {
+    /// Sign this domain's mail. Default true when `dkim` is present.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Every selector signs each message: two while a key is rotated, or an RSA and an Ed25519
+    /// key at once. Each needs its `<name>._domainkey.<domain>` TXT record (see
+    /// `status.dnsRecords`).
+    #[schemars(length(min = 1, max = 4))]
+    pub selectors: Vec<DkimSelectorSpec>,
+    /// Header fields to sign. Default: From, To, Cc, Subject, Date, Message-ID, Reply-To,
+    /// In-Reply-To, References, MIME-Version, Content-Type, Content-Transfer-Encoding; From,
+    /// To, Subject and Date are also oversigned (no second one can be added unnoticed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64), inner(regex(pattern = r"^[!-9;-~]{1,64}$")))]
+    pub headers: Vec<String>,
+    /// `header/body` canonicalization: `relaxed/relaxed` (default), `relaxed/simple`,
+    /// `simple/relaxed` or `simple/simple`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(relaxed|simple)/(relaxed|simple)$"))]
+    pub canonicalization: Option<String>,
+}
+
+/// One DKIM selector and its private key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimSelectorSpec {
+    /// The selector (`s=`), e.g. `mail2026`.
+    #[schemars(regex(
+        pattern = r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+    ))]
+    pub name: String,
+    /// Secret with the PEM private key (PKCS#8, or PKCS#1 for RSA), key `dkim.key` unless
+    /// `key` is set. RSA keys need at least 2048 bits.
+    pub key_secret_ref: SecretKeyRef,
+    /// `RsaSha256` or `Ed25519Sha256`; inferred from the key when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<DkimAlgorithmSpec>,
+}
+
+/// A DKIM signing algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DkimAlgorithmSpec {
+    /// `rsa-sha256`.
+    RsaSha256,
+    /// `ed25519-sha256`.
+    Ed25519Sha256,
+}
+
+/// The relay's egress for the domain's SPF record.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SpfSpec {
+    /// Public IPv4/IPv6 addresses or prefixes the relay's mail leaves from (the cluster's NAT
+    /// gateway). When empty, the SPF record in the status carries a placeholder to replace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub egress_addresses: Vec<String>,
+    /// Extra SPF mechanisms for the domain's other senders, e.g. `include:_spf.example.net`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub include: Vec<String>,
 }
 
 /// Recipient validation of a local domain.

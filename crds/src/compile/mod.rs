@@ -9,6 +9,7 @@
 //! (see [`previous`]).
 
 mod accounts;
+mod dkim;
 mod dnsbl;
 mod ipgroups;
 mod keytabs;
@@ -141,6 +142,7 @@ fn report(kind: Kind, name: String, generation: Option<i64>) -> ObjectReport {
         generation,
         problems: Vec::new(),
         resolved_prefixes: None,
+        dns_records: Vec::new(),
         stale: false,
     }
 }
@@ -390,6 +392,9 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
         }
     }
 
+    let mut domains = domains;
+    let dkim_keys = dkim::compile(&ctx, &inputs.mail_domains, &mut domains, &mut reports);
+
     let mut services = services;
     let keytabs = keytabs::compile(
         &ctx,
@@ -424,7 +429,7 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
         accounts,
         relay_auth,
         keytabs,
-        dkim_keys: Default::default(),
+        dkim_keys,
     };
     let hash = content_hash(&config, &credentials);
     // Both files carry the hash, so the relay can tell a pair written together from one half

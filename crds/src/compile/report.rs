@@ -116,6 +116,8 @@ pub struct ObjectReport {
     pub problems: Vec<Problem>,
     /// IpAddressGroup only: number of prefixes after resolution.
     pub resolved_prefixes: Option<usize>,
+    /// MailDomain only: the DNS records it needs (`status.dnsRecords`).
+    pub dns_records: Vec<crate::api::DnsRecord>,
     /// The object is invalid now but was live in the previous output, and that last good
     /// version stays live (its problems say why the current spec is not).
     pub stale: bool,
