@@ -354,7 +354,8 @@ fn mx_route_dns_tls_reputation_and_json() {
         .contains("names: mx.example.test")
         .contains("issuer: CN=diagnose test CA")
         .has("ok", "QUIT; no message was sent")
-        .has("skip", "MTA-STS and DANE: not checked here; delivery applies the domain's MTA-STS policy")
+        .has("ok", "MTA-STS: example.test publishes no policy (no _mta-sts.example.test TXT record): delivery uses opportunistic TLS")
+        .has("skip", "DANE: not implemented yet; TLSA records are not looked up")
         .has("skip", "no authentication: the route sets no AUTH mechanism")
         .has("ok", "HELO name out.example.test")
         .has("ok", "egress address 192.0.2.2 (--egress-ip)")
@@ -1167,4 +1168,88 @@ fn usage_and_configuration_errors_exit_2() {
     let run = diagnose(empty.path(), &["bob@example.test"]);
     run.contains("relay.yaml does not exist");
     assert_eq!(run.code, 2);
+}
+
+/// An HTTPS server on loopback serving one MTA-STS policy for `host`, certificate from `ca`.
+async fn policy_server(ca: &TestCa, host: &str, policy: &'static str) -> u16 {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server(host, false));
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(s).await else {
+                    return;
+                };
+                let mut io = tokio::io::BufReader::new(tls);
+                loop {
+                    let mut line = String::new();
+                    if io.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let resp = format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{policy}", policy.len());
+                let _ = io.get_mut().write_all(resp.as_bytes()).await;
+                let _ = io.get_mut().shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn mta_sts_policies_enforced_listing_the_mx_or_not() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = TestCa::new("diagnose test CA");
+    let sink = rt.block_on(Sink::start(
+        "127.0.0.1",
+        Behavior {
+            greeting: "220 mx.example.test ESMTP ready".into(),
+            tls: Some(ca.server("mx.example.test", false)),
+            ..Behavior::default()
+        },
+    ));
+    let mut z = zone();
+    for domain in ["sts.example.test", "stale.example.test"] {
+        z.insert(name(domain), Answer::Records(vec![mx("mx.example.test")]));
+        z.insert(
+            format!("mta-sts.{domain}"),
+            Answer::Records(vec![a([127, 0, 0, 1])]),
+        );
+        z.insert(
+            format!("_mta-sts.{domain}"),
+            Answer::Records(vec![txt("v=STSv1; id=20261201;")]),
+        );
+    }
+    let dns = DnsServer::start(z);
+    for (domain, policy, verdict, needle) in [
+        (
+            "sts.example.test",
+            "version: STSv1\nmode: enforce\nmx: mx.example.test\nmax_age: 86400\n",
+            "ok",
+            "MTA-STS: sts.example.test enforces its policy; MX hosts mx.example.test match",
+        ),
+        (
+            "stale.example.test",
+            "version: STSv1\nmode: enforce\nmx: *.mail.example.test\nmax_age: 86400\n",
+            "FAIL",
+            "MTA-STS: stale.example.test enforces a policy that lists none of its MX hosts (mx.example.test)",
+        ),
+    ] {
+        let port = rt.block_on(policy_server(&ca, &format!("mta-sts.{domain}"), policy));
+        let dir = config(
+            dns.addr,
+            sink.addr.port(),
+            vec![],
+            BTreeMap::new(),
+            Some(ca.cert.pem()),
+            &format!("    mtaSts:\n      httpsPort: {port}\n"),
+        );
+        let run = diagnose(dir.path(), &[&format!("bob@{domain}")]);
+        run.has("ok", "TLS policy: DaneOrMtaSts")
+            .has(verdict, needle)
+            .contains("mode Enforce");
+    }
 }

@@ -22,6 +22,7 @@ use super::resolve::ResolvedHost;
 use super::route::{mech_name, Dest, Plan};
 use super::{Check, Context, Step, Verdict};
 use crate::delivery::client::{handshake, AuthSecret, Capabilities, Connection, HostTarget};
+use crate::delivery::mta_sts::{Lookup, Mode, MtaSts};
 use crate::delivery::oauth2::TokenCache;
 use crate::delivery::queue::{is_own_listener, own_names};
 use crate::delivery::tls::server_name;
@@ -123,9 +124,17 @@ pub async fn step(ctx: &Context, plan: &Plan, hosts: &[ResolvedHost]) -> Probed 
             "see the DNS step: delivery has no host to try",
         ));
     }
-    if matches!(plan.dest, Dest::Mx { .. }) {
+    if let Dest::Mx { domain, .. } = &plan.dest {
+        if plan.tls == OutboundTls::DaneOrMtaSts {
+            connect.push(mta_sts_check(ctx, domain, hosts).await);
+        } else {
+            connect.push(Check::skip(format!(
+                "MTA-STS: not looked up: the route's TLS policy is {:?}, not DaneOrMtaSts",
+                plan.tls
+            )));
+        }
         connect.push(Check::skip(
-            "MTA-STS and DANE: not checked here; delivery applies the domain's MTA-STS policy under TLS policy DaneOrMtaSts (see mailrelay_tls_policy_results_total), DANE is not implemented yet",
+            "DANE: not implemented yet; TLSA records are not looked up",
         ));
     }
     match (&plan.auth, auth_result) {
@@ -166,6 +175,85 @@ fn secs(s: u64) -> Duration {
 }
 
 /// Probes one address; the second result is the AUTH outcome when it was tried here.
+/// The recipient domain's MTA-STS policy, fetched as delivery fetches it (the relay's
+/// resolver and trust; the relay's policy cache is neither read nor written), and what it means
+/// for the MX hosts.
+async fn mta_sts_check(ctx: &Context, domain: &str, hosts: &[ResolvedHost]) -> Check {
+    let sts = &ctx.settings.delivery.tls.mta_sts;
+    let client = MtaSts::new(
+        ctx.resolver.clone(),
+        ctx.tls.verified.clone(),
+        sts.https_port,
+        Duration::from_secs(sts.fetch_timeout_seconds.max(1)),
+        None,
+    );
+    let p = match client.lookup(domain).await {
+        Lookup::None(None) => {
+            return Check::ok(format!(
+                "MTA-STS: {domain} publishes no policy (no _mta-sts.{domain} TXT record): delivery uses opportunistic TLS"
+            ))
+        }
+        Lookup::None(Some((kind, why))) => {
+            return Check::warn(
+                format!("MTA-STS: {domain} announces a policy that cannot be fetched: {why} ({kind})"),
+                format!("the domain's administrator must serve https://mta-sts.{domain}/.well-known/mta-sts.txt (text/plain, a certificate valid for mta-sts.{domain}); until then delivery treats {domain} as having no policy (opportunistic TLS), or keeps a policy it cached earlier"),
+            )
+        }
+        Lookup::Policy(p) => p,
+    };
+    let names: Vec<&str> = hosts.iter().map(|h| h.name.as_str()).collect();
+    let (listed, unlisted): (Vec<&str>, Vec<&str>) = names.iter().partition(|n| p.allows(n));
+    let facts = format!(
+        "policy id {}, mode {:?}, mx {}, max_age {} s",
+        p.id,
+        p.mode,
+        p.mx.join(" "),
+        p.max_age
+    );
+    match p.mode {
+        Mode::None => Check::ok(format!(
+            "MTA-STS: {domain} withdrew its policy (mode none): opportunistic TLS"
+        ))
+        .detail(facts),
+        Mode::Enforce if listed.is_empty() => Check::fail(
+            format!("MTA-STS: {domain} enforces a policy that lists none of its MX hosts ({})", names.join(", ")),
+            "the domain's administrator must add the MX hosts to the policy's mx lines (or fix the MX records); delivery defers with 4.7.5 until then",
+        )
+        .detail(facts),
+        Mode::Enforce => {
+            let mut c = Check::ok(format!(
+                "MTA-STS: {domain} enforces its policy; MX hosts {} match: delivery requires TLS with a certificate valid for the MX host name",
+                listed.join(", ")
+            ))
+            .detail(facts);
+            if !unlisted.is_empty() {
+                c = c.detail(format!(
+                    "not in the policy, so delivery skips them: {}",
+                    unlisted.join(", ")
+                ));
+            }
+            c
+        }
+        Mode::Testing => {
+            let summary = format!(
+                "MTA-STS: {domain} tests a policy (mode testing): delivery goes on as without one and only counts failures"
+            );
+            let c = if unlisted.is_empty() {
+                Check::ok(summary)
+            } else {
+                Check::warn(
+                    summary,
+                    format!(
+                        "MX hosts not in the policy: {}; under enforce delivery to them would stop",
+                        unlisted.join(", ")
+                    ),
+                )
+            };
+            c.detail(facts)
+        }
+    }
+}
+
 async fn probe(
     ctx: &Context,
     plan: &Plan,

@@ -76,7 +76,10 @@ pub fn step(ctx: &Context, target: &Target, sender: &str) -> (Step, Plan) {
                     domain: domain.clone(),
                     port: direct_port,
                 },
-                tls: OutboundTls::Opportunistic,
+                tls: match rule.and_then(|r| r.tls) {
+                    Some(t) => t,
+                    None => ctx.settings.delivery.tls.direct_policy,
+                },
                 auth: None,
                 domain: Some(domain.clone()),
                 rule: rule.map(|r| r.name.clone()),
