@@ -600,18 +600,9 @@ pub enum OutboundTls {
     /// usable TLSA records in a DNSSEC-signed zone, else MTA-STS (RFC 8461) when the recipient
     /// domain publishes a policy in `enforce` mode, else `Opportunistic`. Under either policy
     /// TLS is mandatory and authenticated and failures defer; there is no plain-text fallback.
-    /// For relay hosts only DANE can apply (MTA-STS names a domain's MX hosts).
+    /// For relay hosts only DANE can apply (MTA-STS names a domain's MX hosts). DANE is not
+    /// implemented yet: until it is, this is MTA-STS for direct delivery, else opportunistic.
     DaneOrMtaSts,
-}
-
-impl OutboundTls {
-    /// STARTTLS must succeed whatever the destination publishes.
-    pub fn always_requires_tls(self) -> bool {
-        matches!(
-            self,
-            OutboundTls::Required | OutboundTls::RequiredVerified | OutboundTls::Implicit
-        )
-    }
 }
 
 /// How to authenticate to a relay host. The secret material is in [`Credentials::relay_auth`]
