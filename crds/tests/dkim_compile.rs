@@ -213,3 +213,45 @@ fn spf_without_egress_addresses_carries_a_placeholder() {
     );
     assert!(r.dns_records[0].purpose.contains("EGRESS_ADDRESS"));
 }
+
+#[test]
+fn dns_publishing_is_parsed_and_leaves_the_compiled_policy_alone() {
+    let (ed_pem, _) = genkey(&["-algorithm", "ed25519"]);
+    let yaml = "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: ex}\nspec:\n  domain: example.com\n  local: false\n  dkim:\n    selectors:\n    - {name: ed2026, keySecretRef: {name: dkim-ed}}\n";
+    let plain: MailDomain = obj(yaml);
+    assert_eq!(plain.spec.dns, None);
+    let published: MailDomain = obj(&format!(
+        "{yaml}  dns: {{publish: ExternalDns, ttl: 300}}\n"
+    ));
+    let dns = published.spec.dns.clone().expect("dns");
+    assert_eq!(dns.publish, DnsPublishMode::ExternalDns);
+    assert_eq!(dns.ttl, Some(300));
+    let default: MailDomain = obj(&format!("{yaml}  dns: {{}}\n"));
+    assert_eq!(
+        default.spec.dns.map(|d| d.publish),
+        Some(DnsPublishMode::None)
+    );
+    // Publishing is the operator's business: the relay's policy and the records are the same.
+    let run = |d: MailDomain| {
+        compile(
+            &Inputs {
+                mail_domains: vec![d],
+                secrets: vec![secret("dkim-ed", "dkim.key", &ed_pem)],
+                ..Default::default()
+            },
+            None,
+        )
+    };
+    let (a, b) = (run(plain), run(published));
+    assert_eq!(a.hash, b.hash);
+    assert_eq!(
+        a.report
+            .get(Kind::MailDomain, "ex")
+            .expect("report")
+            .dns_records,
+        b.report
+            .get(Kind::MailDomain, "ex")
+            .expect("report")
+            .dns_records
+    );
+}

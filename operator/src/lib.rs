@@ -9,6 +9,7 @@
 //! - [`tls_bundle`]: the `<instance>-tls` Secret with every certificate the policy names.
 //! - [`relay_service`]: the relay Service, one port per SmtpService.
 //! - [`certs`]: cert-manager Certificates for SmtpServices with `tls.issuerRef`.
+//! - [`dns_endpoint`]: external-dns `DNSEndpoint`s with the MailDomains' DNS records (opt-in).
 //! - [`leader`]: Lease-based leader election.
 //! - [`health`]: liveness and readiness (`/healthz`, `/readyz`) from the controller's state.
 //! - [`metrics`]: the operator's `/metrics`, serving `/healthz` and `/readyz` too.
@@ -19,6 +20,7 @@
 
 pub mod certs;
 pub mod controller;
+pub mod dns_endpoint;
 pub mod health;
 pub mod leader;
 pub mod load;

@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::certs::CertManager;
+use crate::dns_endpoint;
 use crate::manifests::{self, FIELD_MANAGER};
 use crate::metrics::Metrics;
 use crate::relay_service::{self, RelayServiceConfig};
@@ -109,6 +110,9 @@ pub struct Ctx {
     /// returned, so an unchanged Service is not re-applied on every reconcile while a hand edit
     /// (a new resourceVersion) is put back.
     pub applied_services: Mutex<HashMap<String, (serde_json::Value, Option<String>)>>,
+    /// Namespaces where DNSEndpoints were published, so they are deleted when publishing is
+    /// turned off (see [`dns_endpoint::reconcile`]).
+    pub dns_published: Mutex<BTreeSet<String>>,
     pub recorder: Recorder,
     pub certs: CertManager,
     pub metrics: Arc<Metrics>,
@@ -310,12 +314,27 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         }
     }
 
+    // After the policy: publishing DNS records is best effort and must not hold up the relay.
+    let published = dns_endpoint::reconcile(
+        &ctx.client,
+        ns,
+        &ctx.instance,
+        &inputs.mail_domains,
+        &compiled,
+        &ctx.dns_published,
+    )
+    .await;
+    if published.retry {
+        outcome.requeue = Some(ctx.recheck);
+    }
+
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let run = StatusRun {
         ctx,
         ns,
         compiled: &compiled,
         findings: &findings,
+        domain_findings: &published.findings,
         now: &now,
     };
     let n = run.patch(&inputs.ip_groups).await?
@@ -409,12 +428,13 @@ impl HasPolicyStatus for IpAddressGroup {
 }
 
 /// One status pass over a namespace: the compile, the operator's own findings (per
-/// SmtpService), the time conditions that change get.
+/// SmtpService, and per MailDomain from DNS publishing), the time conditions that change get.
 struct StatusRun<'a> {
     ctx: &'a Ctx,
     ns: &'a str,
     compiled: &'a Compiled,
     findings: &'a BTreeMap<String, Vec<Finding>>,
+    domain_findings: &'a BTreeMap<String, Vec<Finding>>,
     now: &'a Time,
 }
 
@@ -434,6 +454,7 @@ impl StatusRun<'_> {
             ns,
             compiled,
             findings,
+            domain_findings,
             now,
         } = *self;
         let kind = K::KIND;
@@ -449,6 +470,8 @@ impl StatusRun<'_> {
             let no_extra = Vec::new();
             let extra = if kind == Kind::SmtpService {
                 extra.get(&name).unwrap_or(&no_extra)
+            } else if kind == Kind::MailDomain {
+                domain_findings.get(&name).unwrap_or(&no_extra)
             } else {
                 &no_extra
             };

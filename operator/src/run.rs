@@ -191,6 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<i32> {
         instance: args.instance.clone(),
         relay_service,
         applied_services: Default::default(),
+        dns_published: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

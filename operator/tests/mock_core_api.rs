@@ -48,6 +48,7 @@ fn ctx(inputs: &Inputs, client: Client) -> Ctx {
         instance: "mailrelay".into(),
         relay_service: None,
         applied_services: Default::default(),
+        dns_published: Default::default(),
         recorder: Recorder::new(
             client.clone(),
             Reporter {

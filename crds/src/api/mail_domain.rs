@@ -81,6 +81,35 @@ pub struct MailDomainSpec {
     /// SPF: the relay's egress addresses, for the SPF record listed in `status.dnsRecords`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spf: Option<SpfSpec>,
+    /// Publishing `status.dnsRecords` into DNS by the operator (opt-in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsPublishSpec>,
+}
+
+/// How the operator publishes the domain's DNS records.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsPublishSpec {
+    /// `ExternalDns`: the operator keeps one external-dns `DNSEndpoint` (named
+    /// `mailrelay-<MailDomain name>`) holding the records of `status.dnsRecords`, for
+    /// external-dns (with `--source=crd`) to publish. `None` (default): nothing is published,
+    /// and a DNSEndpoint published before is deleted.
+    #[serde(default)]
+    pub publish: DnsPublishMode,
+    /// TTL of the published records in seconds; external-dns's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub ttl: Option<i64>,
+}
+
+/// Where the domain's DNS records are published.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum DnsPublishMode {
+    /// Not published by the operator.
+    #[default]
+    None,
+    /// As an external-dns `DNSEndpoint` (`externaldns.k8s.io/v1alpha1`).
+    ExternalDns,
 }
 
 fn default_true() -> bool {

@@ -1,0 +1,231 @@
+//! DKIM keys and DNS publishing against a real API server (kube-lite, `tests/kube-lite/`):
+//!
+//! - `spec.dns.publish: ExternalDns` without the external-dns CRD: a `Warning` condition
+//!   (`DnsEndpointCrdMissing`) and an otherwise complete status; with the CRD
+//!   (`tests/fixtures/externaldns-dnsendpoint-crd.yaml`) installed, a `DNSEndpoint` owned by the
+//!   MailDomain holds its TXT records (the SPF placeholder left out, with a warning), follows a
+//!   new selector and goes when publishing is turned off.
+//!
+//! Only this binary installs or deletes the DNSEndpoint CRD, so its tests that depend on the
+//! CRD's presence run one after the other in one test function.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const CRD: &str = "dnsendpoints.externaldns.k8s.io";
+
+fn crd_fixture() -> String {
+    repo()
+        .join("operator/tests/fixtures/externaldns-dnsendpoint-crd.yaml")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A fresh Ed25519 private key (PKCS#8 PEM) from openssl.
+fn ed25519_pem() -> String {
+    let o = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519"])
+        .output()
+        .expect("run openssl");
+    assert!(o.status.success(), "openssl genpkey failed");
+    String::from_utf8(o.stdout).expect("pem")
+}
+
+fn key_secret(ns: &str, name: &str) -> String {
+    let pem = ed25519_pem();
+    let indented: String = pem.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: {name}, namespace: {ns}}}\nstringData:\n  dkim.key: |\n{indented}"
+    )
+}
+
+fn domain(ns: &str, selectors: &[&str], dns: &str) -> String {
+    let sel: Vec<String> = selectors
+        .iter()
+        .map(|s| format!("{{name: {s}, keySecretRef: {{name: key-{s}}}}}"))
+        .collect();
+    format!(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {{name: example-org, namespace: {ns}}}\nspec:\n  domain: example.org\n  local: false\n  dkim: {{selectors: [{}]}}\n  dns: {dns}\n",
+        sel.join(", ")
+    )
+}
+
+fn apply(yaml: &str) {
+    let (ok, out) = apply_yaml(yaml);
+    assert!(ok, "{out}");
+}
+
+fn dns_records(md: &Value) -> Vec<(String, String)> {
+    md["status"]["dnsRecords"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or("").to_string(),
+                r["value"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The endpoints of the DNSEndpoint as (dnsName, target, recordTTL).
+fn endpoints(ep: &Value) -> Vec<(String, String, Option<i64>)> {
+    let mut v: Vec<_> = ep["spec"]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            assert_eq!(e["recordType"], "TXT", "{e}");
+            (
+                e["dnsName"].as_str().unwrap_or("").to_string(),
+                e["targets"][0].as_str().unwrap_or("").to_string(),
+                e["recordTTL"].as_i64(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn dns_endpoint_publishing_follows_the_crd_and_the_spec() {
+    if server().is_none() {
+        return;
+    }
+    install_crds();
+    // Start without external-dns's CRD (a previous run may have left it installed).
+    kubectl_ok(&["delete", "crd", CRD, "--ignore-not-found", "--wait=true"]);
+    let ns = namespace("dkim-dns");
+    kubectl_ok(&["create", "namespace", &ns]);
+    apply(&key_secret(&ns, "key-s1"));
+    apply(&key_secret(&ns, "key-s2"));
+    apply(&domain(&ns, &["s1"], "{publish: ExternalDns}"));
+    let dir = scratch();
+    let mut op = start_operator(&ns, &dir, "dns-a");
+
+    // (c) No CRD: a warning saying so; the records are still listed and the domain is Ready.
+    let md = wait_condition(
+        "maildomain",
+        &ns,
+        "example-org",
+        "Warning",
+        "True",
+        Some("DnsEndpointCrdMissing"),
+    );
+    let w = condition(&md, "Warning").expect("Warning");
+    assert!(w["message"].as_str().unwrap_or("").contains(CRD), "{w}");
+    assert_eq!(condition(&md, "Ready").expect("Ready")["status"], "True");
+    let records = dns_records(&md);
+    assert!(
+        records
+            .iter()
+            .any(|(n, v)| n == "s1._domainkey.example.org" && v.starts_with("v=DKIM1; k=ed25519;")),
+        "{records:?}"
+    );
+    assert!(
+        op.policy(&ns).is_some(),
+        "the policy is written all the same"
+    );
+
+    // (b) With the CRD: the DNSEndpoint appears (the SPF placeholder record left out, with a
+    // warning), owned by the MailDomain.
+    kubectl_ok(&["apply", "-f", &crd_fixture()]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        &format!("crd/{CRD}"),
+    ]);
+    apply(&domain(&ns, &["s1"], "{publish: ExternalDns, ttl: 300}"));
+    let ep = wait_for("the DNSEndpoint", Duration::from_secs(30), || {
+        get(
+            "dnsendpoints.externaldns.k8s.io",
+            &ns,
+            "mailrelay-example-org",
+        )
+    });
+    let md = get("maildomain", &ns, "example-org").expect("maildomain");
+    let dkim1 = dns_records(&md)
+        .into_iter()
+        .find(|(n, _)| n == "s1._domainkey.example.org")
+        .expect("s1 record");
+    assert_eq!(
+        endpoints(&ep),
+        vec![(dkim1.0.clone(), dkim1.1.clone(), Some(300))]
+    );
+    let owner = &ep["metadata"]["ownerReferences"][0];
+    assert_eq!(owner["kind"], "MailDomain");
+    assert_eq!(owner["uid"], md["metadata"]["uid"]);
+    assert_eq!(
+        ep["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "mailrelay-operator"
+    );
+    let md = wait_condition(
+        "maildomain",
+        &ns,
+        "example-org",
+        "Warning",
+        "True",
+        Some("DnsRecordNotPublished"),
+    );
+    let w = condition(&md, "Warning").expect("Warning");
+    assert!(
+        w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("EGRESS_ADDRESS"),
+        "{w}"
+    );
+
+    // A second selector and the SPF egress: both records join the DNSEndpoint, the warning goes.
+    apply(&format!(
+        "{}  spf: {{egressAddresses: [192.0.2.25]}}\n",
+        domain(&ns, &["s1", "s2"], "{publish: ExternalDns, ttl: 300}")
+    ));
+    let ep = wait_for("three endpoints", Duration::from_secs(30), || {
+        let ep = get(
+            "dnsendpoints.externaldns.k8s.io",
+            &ns,
+            "mailrelay-example-org",
+        )?;
+        (endpoints(&ep).len() == 3).then_some(ep)
+    });
+    let md = wait_no_condition("maildomain", &ns, "example-org", "Warning");
+    let mut want: Vec<_> = dns_records(&md)
+        .into_iter()
+        .map(|(n, v)| (n, v, Some(300)))
+        .collect();
+    want.sort();
+    assert_eq!(endpoints(&ep), want);
+    assert!(
+        want.iter()
+            .any(|(n, v, _)| n == "example.org" && v == "v=spf1 ip4:192.0.2.25 -all"),
+        "{want:?}"
+    );
+
+    // Publishing off: the DNSEndpoint goes.
+    apply(&format!(
+        "{}  spf: {{egressAddresses: [192.0.2.25]}}\n",
+        domain(&ns, &["s1", "s2"], "{publish: None}")
+    ));
+    wait_for("the DNSEndpoint deleted", Duration::from_secs(30), || {
+        get(
+            "dnsendpoints.externaldns.k8s.io",
+            &ns,
+            "mailrelay-example-org",
+        )
+        .is_none()
+        .then_some(())
+    });
+    assert!(op.child_running(), "the operator keeps running");
+    op.terminate();
+    kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+}
