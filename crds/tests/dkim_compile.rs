@@ -255,3 +255,58 @@ fn dns_publishing_is_parsed_and_leaves_the_compiled_policy_alone() {
             .dns_records
     );
 }
+
+#[test]
+fn generate_key_waits_for_its_secret_with_a_warning_and_an_existing_secret_is_used() {
+    let yaml = "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: ex}\nspec:\n  domain: example.com\n  local: false\n  dkim:\n    selectors:\n    - {name: gen1, keySecretRef: {name: dkim-gen}, generateKey: {algorithm: Ed25519Sha256}}\n";
+    let d: MailDomain = obj(yaml);
+    let g = d.spec.dkim.as_ref().expect("dkim").selectors[0]
+        .generate_key
+        .clone()
+        .expect("generateKey");
+    assert_eq!(g.algorithm, DkimAlgorithmSpec::Ed25519Sha256);
+    assert_eq!(g.bits, None);
+    let rsa_default: MailDomain = obj(&yaml.replace("{algorithm: Ed25519Sha256}", "{}"));
+    assert_eq!(
+        rsa_default.spec.dkim.expect("dkim").selectors[0]
+            .generate_key
+            .as_ref()
+            .map(|g| g.algorithm),
+        Some(DkimAlgorithmSpec::RsaSha256)
+    );
+    // No Secret yet: warnings only (the operator is about to create it), nothing signs.
+    let c = compile(
+        &Inputs {
+            mail_domains: vec![d.clone()],
+            ..Default::default()
+        },
+        None,
+    );
+    let r = c.report.get(Kind::MailDomain, "ex").expect("report");
+    let reasons: Vec<(&str, Severity)> =
+        r.problems.iter().map(|p| (p.reason, p.severity)).collect();
+    assert_eq!(
+        reasons,
+        [
+            ("DkimKeyNotGenerated", Severity::Warning),
+            ("DkimNotSigning", Severity::Warning)
+        ]
+    );
+    assert!(c.config.domains.iter().all(|d| d.dkim.is_none()));
+    // The Secret exists (generated earlier, or made by hand): its key is used as is.
+    let (ed_pem, _) = genkey(&["-algorithm", "ed25519"]);
+    let c = compile(
+        &Inputs {
+            mail_domains: vec![d],
+            secrets: vec![secret("dkim-gen", "dkim.key", &ed_pem)],
+            ..Default::default()
+        },
+        None,
+    );
+    let r = c.report.get(Kind::MailDomain, "ex").expect("report");
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert!(r
+        .dns_records
+        .iter()
+        .any(|x| x.name == "gen1._domainkey.example.com"));
+}

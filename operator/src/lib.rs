@@ -9,6 +9,7 @@
 //! - [`tls_bundle`]: the `<instance>-tls` Secret with every certificate the policy names.
 //! - [`relay_service`]: the relay Service, one port per SmtpService.
 //! - [`certs`]: cert-manager Certificates for SmtpServices with `tls.issuerRef`.
+//! - [`dkim_keys`]: DKIM keys generated into Secrets for selectors with `generateKey`.
 //! - [`dns_endpoint`]: external-dns `DNSEndpoint`s with the MailDomains' DNS records (opt-in).
 //! - [`leader`]: Lease-based leader election.
 //! - [`health`]: liveness and readiness (`/healthz`, `/readyz`) from the controller's state.
@@ -20,6 +21,7 @@
 
 pub mod certs;
 pub mod controller;
+pub mod dkim_keys;
 pub mod dns_endpoint;
 pub mod health;
 pub mod leader;

@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::certs::CertManager;
+use crate::dkim_keys;
 use crate::dns_endpoint;
 use crate::manifests::{self, FIELD_MANAGER};
 use crate::metrics::Metrics;
@@ -219,7 +220,18 @@ fn find<K: Resource<DynamicType = ()> + Clone>(
 
 /// Reconciles namespace `ns`.
 pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
-    let inputs = inputs(&ctx.stores, ns);
+    let mut inputs = inputs(&ctx.stores, ns);
+    // Before the compile, so a generated key signs from this reconcile on.
+    let generated = dkim_keys::ensure(
+        &ctx.client,
+        ns,
+        &ctx.instance,
+        &inputs.mail_domains,
+        &inputs.secrets,
+    )
+    .await;
+    let key_failed = !generated.findings.is_empty();
+    inputs.secrets.extend(generated.created);
     let live_cm = find(
         &ctx.stores.config_maps,
         ns,
@@ -324,8 +336,12 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         &ctx.dns_published,
     )
     .await;
-    if published.retry {
+    if published.retry || key_failed {
         outcome.requeue = Some(ctx.recheck);
+    }
+    let mut domain_findings = published.findings;
+    for (d, f) in generated.findings {
+        domain_findings.entry(d).or_default().extend(f);
     }
 
     let now = Time(k8s_openapi::jiff::Timestamp::now());
@@ -334,7 +350,7 @@ pub async fn reconcile(ctx: &Ctx, ns: &str) -> anyhow::Result<Outcome> {
         ns,
         compiled: &compiled,
         findings: &findings,
-        domain_findings: &published.findings,
+        domain_findings: &domain_findings,
         now: &now,
     };
     let n = run.patch(&inputs.ip_groups).await?

@@ -1,5 +1,8 @@
 //! DKIM keys and DNS publishing against a real API server (kube-lite, `tests/kube-lite/`):
 //!
+//! - `generateKey`: the operator creates the missing key Secret (owned by the MailDomain), the
+//!   selector's TXT record carries the generated key's public part, the private key shows
+//!   nowhere but in that Secret and the relay credentials, and later reconciles keep the key;
 //! - `spec.dns.publish: ExternalDns` without the external-dns CRD: a `Warning` condition
 //!   (`DnsEndpointCrdMissing`) and an otherwise complete status; with the CRD
 //!   (`tests/fixtures/externaldns-dnsendpoint-crd.yaml`) installed, a `DNSEndpoint` owned by the
@@ -93,6 +96,137 @@ fn endpoints(ep: &Value) -> Vec<(String, String, Option<i64>)> {
         .collect();
     v.sort();
     v
+}
+
+/// The base64 body of a PEM block (what must never leak).
+fn pem_body(pem: &str) -> String {
+    pem.lines().filter(|l| !l.starts_with("-----")).collect()
+}
+
+#[test]
+fn generate_key_creates_the_secret_once_and_publishes_its_public_key() {
+    if server().is_none() {
+        return;
+    }
+    install_crds();
+    let ns = namespace("dkim-gen");
+    kubectl_ok(&["create", "namespace", &ns]);
+    let md = format!(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {{name: example-net, namespace: {ns}}}\nspec:\n  domain: example.net\n  local: false\n  dkim:\n    selectors:\n    - {{name: gen1, keySecretRef: {{name: dkim-gen1}}, generateKey: {{algorithm: Ed25519Sha256}}}}\n  spf: {{egressAddresses: [192.0.2.26]}}\n"
+    );
+    apply(&md);
+    let dir = scratch();
+    let mut op = start_operator(&ns, &dir, "gen-a");
+
+    let secret = wait_for("the generated Secret", Duration::from_secs(30), || {
+        get("secret", &ns, "dkim-gen1")
+    });
+    let uid = get("maildomain", &ns, "example-net").expect("md")["metadata"]["uid"].clone();
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], uid);
+    assert_eq!(
+        secret["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "mailrelay-operator"
+    );
+    let pem = base64::Engine::decode(
+        &base64::engine::general_purpose::STANDARD,
+        secret["data"]["dkim.key"].as_str().expect("dkim.key"),
+    )
+    .expect("base64");
+    let pem = String::from_utf8(pem).expect("pem");
+    assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----"), "a PEM key");
+    // The public part as openssl derives it: the last 32 bytes of the SubjectPublicKeyInfo.
+    let dir2 = scratch();
+    let key_file = dir2.path().join("k.pem");
+    std::fs::write(&key_file, &pem).expect("write key");
+    let spki = Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(&key_file)
+        .output()
+        .expect("openssl")
+        .stdout;
+    assert!(spki.len() >= 32, "openssl pkey");
+    let public = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        &spki[spki.len() - 32..],
+    );
+
+    let md_obj = wait_for(
+        "the generated selector's record",
+        Duration::from_secs(30),
+        || {
+            let o = get("maildomain", &ns, "example-net")?;
+            dns_records(&o)
+                .iter()
+                .any(|(n, _)| n == "gen1._domainkey.example.net")
+                .then_some(o)
+        },
+    );
+    assert!(
+        dns_records(&md_obj).contains(&(
+            "gen1._domainkey.example.net".to_string(),
+            format!("v=DKIM1; k=ed25519; p={public}")
+        )),
+        "{:?}",
+        dns_records(&md_obj)
+    );
+    let md_obj = wait_no_condition("maildomain", &ns, "example-net", "Warning");
+    assert_eq!(
+        condition(&md_obj, "Ready").expect("Ready")["status"],
+        "True"
+    );
+    let relay_yaml = wait_for(
+        "the policy signing with gen1",
+        Duration::from_secs(30),
+        || {
+            let y = op.relay_yaml(&ns);
+            y.contains("gen1").then_some(y)
+        },
+    );
+    // The private key: in its Secret and the relay credentials only.
+    let body = pem_body(&pem);
+    let creds = get("secret", &ns, "mailrelay-credentials").expect("credentials");
+    let creds_text = String::from_utf8(
+        base64::Engine::decode(
+            &base64::engine::general_purpose::STANDARD,
+            creds["data"]["credentials.yaml"]
+                .as_str()
+                .expect("credentials.yaml"),
+        )
+        .expect("base64"),
+    )
+    .expect("utf8");
+    assert!(creds_text.contains(&body[..40]), "the relay gets the key");
+    let events = kubectl_ok(&["get", "events.v1.events.k8s.io", "-n", &ns, "-o", "json"]);
+    for (what, text) in [
+        ("status", md_obj.to_string()),
+        ("policy ConfigMap", relay_yaml),
+        ("events", events),
+        ("operator log", op.log_text()),
+    ] {
+        assert!(
+            !text.contains(&body[..40]),
+            "the private key leaks into the {what}"
+        );
+    }
+
+    // Later reconciles (a spec change) keep the key; a Secret that exists is never replaced.
+    apply(&md.replace("192.0.2.26", "192.0.2.27"));
+    wait_for("the new SPF record", Duration::from_secs(30), || {
+        let o = get("maildomain", &ns, "example-net")?;
+        dns_records(&o)
+            .iter()
+            .any(|(_, v)| v.contains("192.0.2.27"))
+            .then_some(())
+    });
+    let again = get("secret", &ns, "dkim-gen1").expect("secret");
+    assert_eq!(again["data"], secret["data"], "the key was not rotated");
+    assert_eq!(
+        again["metadata"]["resourceVersion"], secret["metadata"]["resourceVersion"],
+        "the Secret was not written again"
+    );
+    assert!(op.child_running(), "the operator keeps running");
+    op.terminate();
+    kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
 
 #[test]

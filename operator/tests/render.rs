@@ -224,6 +224,24 @@ fn warnings_do_not_fail_render() {
 }
 
 #[test]
+fn generate_key_without_its_secret_is_a_warning_naming_the_selector() {
+    let o = render_with(
+        "apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: gen}\nspec:\n  domain: example.net\n  local: false\n  dkim:\n    selectors:\n    - {name: gen1, keySecretRef: {name: dkim-gen1}, generateKey: {algorithm: RsaSha256, bits: 3072}}\n",
+    );
+    assert_eq!(o.code, 0, "stderr: {}", o.stderr);
+    let line = o
+        .stderr
+        .lines()
+        .find(|l| l.contains("DkimKeyNotGenerated"))
+        .unwrap_or_else(|| panic!("no warning line: {}", o.stderr));
+    assert!(line.contains("MailDomain/gen: warning"), "{line}");
+    assert!(
+        line.contains("\"gen1\"") && line.contains("cannot generate keys"),
+        "{line}"
+    );
+}
+
+#[test]
 fn missing_file_is_a_clear_error() {
     let o = render(&["-f", "no/such/file.yaml"]);
     assert_eq!(o.code, 2);

@@ -156,6 +156,32 @@ pub struct DkimSelectorSpec {
     /// `RsaSha256` or `Ed25519Sha256`; inferred from the key when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub algorithm: Option<DkimAlgorithmSpec>,
+    /// Have the operator generate the key when the `keySecretRef` Secret does not exist: it
+    /// creates the Secret (owned by this MailDomain, so deleted with it) with a new private
+    /// key. An existing Secret is never overwritten; delete it to get a new key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generate_key: Option<DkimGenerateKeySpec>,
+}
+
+/// A DKIM key for the operator to generate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DkimGenerateKeySpec {
+    /// `RsaSha256` (default) or `Ed25519Sha256`.
+    #[serde(default = "default_generated_algorithm")]
+    pub algorithm: DkimAlgorithmSpec,
+    /// RSA modulus size: 2048 (default), 3072 or 4096. Ignored for Ed25519.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "rsa_bits_schema")]
+    pub bits: Option<u32>,
+}
+
+fn default_generated_algorithm() -> DkimAlgorithmSpec {
+    DkimAlgorithmSpec::RsaSha256
+}
+
+fn rsa_bits_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({"type": "integer", "enum": [2048, 3072, 4096]})
 }
 
 /// A DKIM signing algorithm.

@@ -3,6 +3,9 @@
 //! DNS records the domain must publish (`status.dnsRecords`: one DKIM TXT per selector, the SPF
 //! record for the relay's egress).
 //!
+//! A selector with `generateKey` whose Secret does not exist yet is left out with a warning (the
+//! operator generates the key before it compiles; `operator render` cannot).
+//!
 //! A selector whose key cannot be used (missing Secret or key, not a PEM private key, RSA
 //! shorter than 2048 bits, algorithm not matching the key) is left out with a `Degraded`
 //! problem; the others still sign. With no usable selector the domain's mail goes unsigned
@@ -101,9 +104,24 @@ fn domain_policy(
     keys: &mut BTreeMap<String, SecretString>,
 ) -> Option<DkimPolicy> {
     let mut selectors = Vec::new();
+    let mut pending = 0;
     for (i, s) in spec.selectors.iter().enumerate() {
         let field = format!("spec.dkim.selectors[{i}].keySecretRef");
         let key_name = s.key_secret_ref.key.as_deref().unwrap_or(DKIM_KEY);
+        if s.generate_key.is_some() && !ctx.secrets.exists(&s.key_secret_ref.name) {
+            // The operator creates the Secret before it compiles, so this is what `operator
+            // render` (offline, no key to generate) and a failed creation see.
+            r.problems.push(Problem::warning(
+                field,
+                "DkimKeyNotGenerated",
+                format!(
+                    "Secret {:?} does not exist yet: the operator generates the key of selector {:?} (generateKey) when it reconciles; operator render cannot generate keys, so the selector does not sign in this output",
+                    s.key_secret_ref.name, s.name
+                ),
+            ));
+            pending += 1;
+            continue;
+        }
         let parsed = ctx
             .secrets
             .get(&s.key_secret_ref.name, key_name)
@@ -150,6 +168,16 @@ fn domain_policy(
                 format!("{m}; selector {:?} does not sign", s.name),
             )),
         }
+    }
+    if selectors.is_empty() && pending == spec.selectors.len() {
+        // Only keys still to be generated: expected right after creation (and all `operator
+        // render` can show), not a fault.
+        r.problems.push(Problem::warning(
+            "spec.dkim.selectors",
+            "DkimNotSigning",
+            format!("the DKIM keys of {domain} are not generated yet, so its mail is sent unsigned until they are"),
+        ));
+        return None;
     }
     if selectors.is_empty() {
         r.problems.push(Problem::degraded(
