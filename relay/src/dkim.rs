@@ -13,15 +13,12 @@ use std::sync::{Arc, Mutex};
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
+use mailrelay_crds::compile::{rsa_modulus_bits, MIN_RSA_BITS};
 use mailrelay_crds::config::{DkimAlgorithm, DkimCanonicalization, DkimPolicy, RelayConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
 
 use crate::snapshot::Snapshot;
-
-/// Smallest RSA key the relay signs with (RFC 8301 requires at least 1024; mailbox providers
-/// treat less than 2048 as weak).
-pub const MIN_RSA_BITS: usize = 2048;
 
 enum Signer {
     Rsa(DkimSigner<RsaKey<Sha256>, Done>),
@@ -132,7 +129,7 @@ fn build_signer(
         DkimAlgorithm::RsaSha256 => {
             let key = RsaKey::<Sha256>::from_key_der(der)
                 .map_err(|_| "the key is not an RSA private key".to_string())?;
-            let bits = rsa_public_bits(&key.public_key());
+            let bits = rsa_modulus_bits(&key.public_key());
             if bits < MIN_RSA_BITS {
                 return Err(format!(
                     "the RSA key has {bits} bits, {MIN_RSA_BITS} needed"
@@ -169,39 +166,6 @@ fn canonicalization(c: DkimCanonicalization) -> Canonicalization {
     match c {
         DkimCanonicalization::Relaxed => Canonicalization::Relaxed,
         DkimCanonicalization::Simple => Canonicalization::Simple,
-    }
-}
-
-/// Modulus size of a DER PKCS#1 `RSAPublicKey` (0 when it does not parse).
-fn rsa_public_bits(der: &[u8]) -> usize {
-    fn item(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = b.split_first()?;
-        let (&first, rest) = rest.split_first()?;
-        let (len, rest) = if first < 0x80 {
-            (first as usize, rest)
-        } else {
-            let n = (first & 0x7f) as usize;
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n].iter().fold(0usize, |a, &x| (a << 8) | x as usize);
-            (len, &rest[n..])
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
-    let Some((0x30, seq, _)) = item(der) else {
-        return 0;
-    };
-    let Some((0x02, modulus, _)) = item(seq) else {
-        return 0;
-    };
-    let m: &[u8] = {
-        let skip = modulus.iter().take_while(|&&b| b == 0).count();
-        &modulus[skip..]
-    };
-    match m.first() {
-        Some(&top) => (m.len() - 1) * 8 + (8 - top.leading_zeros() as usize),
-        None => 0,
     }
 }
 
@@ -362,7 +326,7 @@ mod tests {
         seq.extend([0x02, 0x03, 0x01, 0x00, 0x01]);
         let mut der = vec![0x30, 0x81, seq.len() as u8];
         der.extend(&seq);
-        assert_eq!(rsa_public_bits(&der), 1024);
-        assert_eq!(rsa_public_bits(b"junk"), 0);
+        assert_eq!(rsa_modulus_bits(&der), 1024);
+        assert_eq!(rsa_modulus_bits(b"junk"), 0);
     }
 }

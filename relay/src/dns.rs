@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts};
+use hickory_resolver::lookup::TxtLookup;
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::xfer::Protocol;
@@ -63,4 +64,18 @@ pub fn resolver(
     opts.ndots = 0;
     opts.use_hosts_file = hosts;
     Ok(builder.build())
+}
+
+/// The text of each TXT record of `lookup`, its character-strings concatenated (RFC 7208 §3.3);
+/// bytes that are not UTF-8 are replaced rather than dropping the record.
+pub fn txt_texts(lookup: &TxtLookup) -> Vec<String> {
+    lookup
+        .iter()
+        .map(|t| {
+            t.txt_data()
+                .iter()
+                .map(|s| String::from_utf8_lossy(s))
+                .collect()
+        })
+        .collect()
 }

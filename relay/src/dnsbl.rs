@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::ResolveHosts;
-use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 use mailrelay_crds::config::{canonical_ip, Dnsbl, DnsblAction, RelayConfig, ServicePolicy};
 use tracing::{debug, warn};
@@ -111,19 +110,7 @@ pub async fn query(resolver: &TokioResolver, zone: &str, ip: IpAddr) -> ZoneAnsw
     }
     let reason = match resolver.txt_lookup(name.as_str()).await {
         Ok(txt) => {
-            let parts: Vec<String> = txt
-                .as_lookup()
-                .record_iter()
-                .filter_map(|r| match r.data() {
-                    RData::TXT(t) => Some(
-                        t.txt_data()
-                            .iter()
-                            .map(|s| String::from_utf8_lossy(s).into_owned())
-                            .collect::<String>(),
-                    ),
-                    _ => None,
-                })
-                .collect();
+            let parts = dns::txt_texts(&txt);
             (!parts.is_empty()).then(|| parts.join("; "))
         }
         Err(_) => None,

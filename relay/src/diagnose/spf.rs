@@ -14,7 +14,6 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 
-use hickory_resolver::proto::rr::RData;
 use hickory_resolver::TokioResolver;
 use serde::Serialize;
 
@@ -130,18 +129,8 @@ async fn record(
             }
         }
     };
-    let spf: Vec<String> = txt
-        .as_lookup()
-        .record_iter()
-        .filter_map(|r| match r.data() {
-            RData::TXT(t) => Some(
-                t.txt_data()
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .collect::<String>(),
-            ),
-            _ => None,
-        })
+    let spf: Vec<String> = crate::dns::txt_texts(&txt)
+        .into_iter()
         .filter(|t| {
             let l = t.to_ascii_lowercase();
             l == "v=spf1" || l.starts_with("v=spf1 ")
