@@ -29,6 +29,11 @@ command -v faketime >/dev/null || need_pkgs+=(faketime)
 # DKIM's independent verifier (relay/tests/dkim_verify.py): dkimpy and dnspython, as Debian
 # installs them for the system Python.
 /usr/bin/python3 -c 'import dkim, dns.query' 2>/dev/null || need_pkgs+=(python3-dkim python3-dnspython)
+# DANE's DNSSEC peer (relay/tests/common/dnssec.rs): an authoritative BIND with signed test zones
+# and a validating BIND resolver; dig to check them by hand.
+[ -x /usr/sbin/named ] || need_pkgs+=(bind9)
+command -v dnssec-signzone >/dev/null || need_pkgs+=(bind9-utils)
+command -v dig >/dev/null || need_pkgs+=(bind9-dnsutils)
 command -v pkg-config >/dev/null || need_pkgs+=(pkg-config)
 pkg-config --exists krb5-gssapi 2>/dev/null || need_pkgs+=(libkrb5-dev)
 ls /usr/lib/llvm-14/lib/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang1-14)

@@ -6,6 +6,8 @@
 
 /// Peers of the delivery side: SMTP sinks, a DNS server, a token endpoint, trace capture.
 pub mod delivery_support;
+/// A real DNSSEC peer (BIND 9: a signing authoritative server and a validating resolver).
+pub mod dnssec;
 /// A test relay with a custom policy, Redis, log capture: for the limits, proxy and telemetry tests.
 pub mod extra;
 
