@@ -312,6 +312,22 @@ pub struct DeliveryDnsSettings {
     pub timeout_seconds: u64,
     #[serde(default = "default_dns_attempts")]
     pub attempts: u32,
+    /// Whether answers can be DNSSEC-validated, which DANE needs (see [`Dnssec`]).
+    #[serde(default)]
+    pub dnssec: Dnssec,
+}
+
+/// How the relay learns that a DNS answer is DNSSEC-validated (`delivery.dns.dnssec`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Dnssec {
+    /// Never: DANE is not used, `DaneOrMtaSts` means MTA-STS (or opportunistic TLS).
+    #[default]
+    Off,
+    /// The configured name servers (`nameservers`, else the system's) are DNSSEC-validating
+    /// resolvers on a path nobody can tamper with (loopback: a sidecar, or the node), and
+    /// their AD bit is believed, as Postfix's `smtp_dns_support_level = dnssec` does. An
+    /// attacker between the relay and such a resolver could forge the bit.
+    TrustAdBit,
 }
 
 impl Default for DeliveryDnsSettings {
@@ -321,6 +337,7 @@ impl Default for DeliveryDnsSettings {
             port: default_dns_port(),
             timeout_seconds: default_dns_timeout(),
             attempts: default_dns_attempts(),
+            dnssec: Dnssec::Off,
         }
     }
 }

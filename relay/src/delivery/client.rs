@@ -147,6 +147,9 @@ pub struct HostTarget {
     pub addr: SocketAddr,
     pub tls: OutboundTls,
     pub auth: Option<(OutboundAuthMechanism, AuthSecret)>,
+    /// The host's DANE TLSA records: the handshake authenticates the server by them instead of
+    /// by the Web PKI (with `tls` `RequiredVerified`).
+    pub dane: Option<Arc<super::dane::DaneTls>>,
 }
 
 impl HostTarget {
@@ -184,6 +187,8 @@ pub enum TlsRpt {
     CertificateExpired,
     CertificateNotTrusted,
     ValidationFailure,
+    /// No DANE TLSA record matched the server's certificate chain.
+    TlsaInvalid,
 }
 
 impl TlsRpt {
@@ -195,6 +200,7 @@ impl TlsRpt {
             TlsRpt::CertificateExpired => "certificate-expired",
             TlsRpt::CertificateNotTrusted => "certificate-not-trusted",
             TlsRpt::ValidationFailure => "validation-failure",
+            TlsRpt::TlsaInvalid => "tlsa-invalid",
         }
     }
 }
@@ -400,7 +406,7 @@ impl Connection {
                     Status::about_host(
                         451,
                         "4.7.4",
-                        "TLS is required by the delivery rule but the server does not offer STARTTLS",
+                        "TLS is required (delivery rule, MTA-STS or DANE policy) but the server does not offer STARTTLS",
                         &label,
                     ),
                     TlsRpt::StarttlsNotSupported,
@@ -972,7 +978,9 @@ pub(crate) async fn handshake(
     t: &ClientTimeouts,
 ) -> Result<TlsStream<TcpStream>, HostFailure> {
     let label = target.label();
-    let config: Arc<rustls::ClientConfig> = if verify {
+    let config: Arc<rustls::ClientConfig> = if let Some(d) = &target.dane {
+        d.config.clone()
+    } else if verify {
         tls.verified.clone()
     } else {
         tls.unverified.clone()
@@ -1001,6 +1009,9 @@ pub(crate) async fn handshake(
 /// The RFC 8460 result type of a failed handshake.
 pub fn tls_rpt_result(e: &rustls::Error) -> TlsRpt {
     use rustls::CertificateError as C;
+    if super::dane::is_mismatch(e) {
+        return TlsRpt::TlsaInvalid;
+    }
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
             C::NotValidForName | C::NotValidForNameContext { .. } => {

@@ -41,6 +41,7 @@ use tracing::{debug, info, warn, Instrument};
 use super::markers::Markers;
 
 use super::client::{AuthSecret, ClientOptions, Connection, HostFailure, HostTarget};
+use super::dane::{Dane, HostDane};
 use super::data;
 use super::dsn;
 use super::mta_sts::{self, MtaSts};
@@ -68,17 +69,31 @@ struct MxTls {
     tls: OutboundTls,
     /// The MTA-STS policy domain and mode, for TLS reporting.
     sts: Option<(String, mta_sts::Mode)>,
+    /// The recipient domain and what DANE requires of each MX host it applies to; these hosts
+    /// follow their TLSA records instead of `tls` and MTA-STS (RFC 8461 §2).
+    dane: Option<(String, Vec<(String, HostDane)>)>,
 }
 
 impl MxTls {
     /// Part of the destination key: connections opened under different policies are not
     /// shared, and an MTA-STS domain's outcomes are counted per domain.
     fn key_suffix(&self) -> String {
-        match (&self.sts, self.tls) {
+        let mut key = match (&self.sts, self.tls) {
             (Some((d, m)), _) => format!(";sts={d}:{m:?}"),
             (None, OutboundTls::Opportunistic) => String::new(),
             (None, t) => format!(";tls={t:?}"),
+        };
+        if let Some((_, hosts)) = &self.dane {
+            for (h, d) in hosts {
+                key.push_str(&format!(";dane={h}:{}", d.kind()));
+            }
         }
+        key
+    }
+
+    fn dane_of(&self, host: &str) -> Option<&HostDane> {
+        let (_, hosts) = self.dane.as_ref()?;
+        hosts.iter().find(|(h, _)| h == host).map(|(_, d)| d)
     }
 }
 
@@ -200,6 +215,8 @@ pub struct Queue {
     client: ClientOptions,
     /// MTA-STS policies of recipient domains, shared by every delivery of the pod.
     mta_sts: MtaSts,
+    /// TLSA lookups through the validating resolver (`delivery.dns.dnssec`), when trusted.
+    dane: Option<Dane>,
     /// The verified configuration's certificate verifier, to judge a chain after the fact
     /// (MTA-STS `testing`).
     verifier: Arc<rustls::client::WebPkiServerVerifier>,
@@ -260,6 +277,10 @@ impl Queue {
             Duration::from_secs(sts.fetch_timeout_seconds.max(1)),
             Some(cache_file),
         );
+        let dane = Dane::new(&settings.dns)?;
+        if dane.is_none() && settings.tls.direct_policy == OutboundTls::DaneOrMtaSts {
+            info!("DANE is off (delivery.dns.dnssec: Off): DaneOrMtaSts delivery follows MTA-STS policies, else opportunistic TLS");
+        }
         let inflight = spool.dir().join(INFLIGHT_DIR);
         let (markers, leftover_markers) = match Markers::open(&inflight) {
             Ok((markers, leftovers)) => (Some(markers), leftovers),
@@ -286,6 +307,7 @@ impl Queue {
             dns,
             client,
             mta_sts,
+            dane,
             verifier,
             tokens: TokenCache::default(),
             state: Mutex::new(State::default()),
@@ -990,6 +1012,30 @@ impl Queue {
                 looped = Some(s);
                 continue;
             }
+            let host_dane = match target {
+                Target::Mx(_, m) => m.dane_of(&name).map(|d| (m, d)),
+                Target::Relay { .. } => None,
+            };
+            let (tls, dane) = match host_dane {
+                Some((_, HostDane::Authenticate(d))) => {
+                    (OutboundTls::RequiredVerified, Some(d.clone()))
+                }
+                Some((_, HostDane::EncryptOnly)) => (OutboundTls::Required, None),
+                Some((_, HostDane::Unavailable(why))) => {
+                    let s = Status::local(
+                        451,
+                        "4.7.5",
+                        format!(
+                            "{why}: DANE cannot be checked, so {name} is not used until it can"
+                        ),
+                    );
+                    skip(&format!("{name}:{port}"), &s.text);
+                    last = s;
+                    other_failure = true;
+                    continue;
+                }
+                None => (tls, None),
+            };
             let addrs = match self.dns.addresses(&name).await {
                 Ok(a) => a,
                 Err(s) => {
@@ -1005,6 +1051,7 @@ impl Queue {
                     addr: SocketAddr::new(ip, port),
                     tls,
                     auth: auth.clone(),
+                    dane: dane.clone(),
                 };
                 let label = ht.label();
                 if self.is_own_listener(ht.addr) {
@@ -1014,7 +1061,10 @@ impl Queue {
                     continue;
                 }
                 let opened = Connection::open(&ht, &self.client).await;
-                self.report_sts(target, &name, opened.as_ref());
+                match host_dane.and_then(|(m, _)| m.dane.as_ref()) {
+                    Some((domain, _)) => self.report_dane(domain, opened.as_ref()),
+                    None => self.report_sts(target, &name, opened.as_ref()),
+                }
                 match opened {
                     Ok(c) => {
                         let greeted = [&c.greeting_host, &c.ehlo_host]
@@ -1053,16 +1103,26 @@ impl Queue {
     }
 
     /// The MX hosts to try and the TLS policy for `domain` under the route's policy: with
-    /// `DaneOrMtaSts`, the domain's MTA-STS policy restricts the hosts and (in `enforce` mode)
-    /// makes a valid certificate mandatory. An `enforce` policy that lists none of the MX hosts
-    /// defers the recipients (RFC 8461 §5.1).
+    /// `DaneOrMtaSts`, hosts with DNSSEC-validated TLSA records follow DANE (RFC 7672), and the
+    /// domain's MTA-STS policy restricts the other hosts and (in `enforce` mode) makes a valid
+    /// certificate mandatory for them. An `enforce` policy that leaves no host defers the
+    /// recipients (RFC 8461 §5.1).
     async fn mx_tls(
         &self,
         domain: &str,
         hosts: Vec<MxHost>,
         policy: OutboundTls,
     ) -> Result<(Vec<MxHost>, MxTls), Status> {
-        let fixed = |tls| Ok((hosts.clone(), MxTls { tls, sts: None }));
+        let fixed = |tls| {
+            Ok((
+                hosts.clone(),
+                MxTls {
+                    tls,
+                    sts: None,
+                    dane: None,
+                },
+            ))
+        };
         match policy {
             OutboundTls::DaneOrMtaSts => {}
             // MX hosts never speak TLS from the first byte; the strictest STARTTLS policy
@@ -1073,35 +1133,58 @@ impl Queue {
         if mx::address_literal(domain).is_some() {
             return fixed(OutboundTls::Opportunistic);
         }
+        let dane_hosts = match &self.dane {
+            Some(d) => d.hosts(domain, &hosts).await.inspect_err(|_| {
+                self.metrics.tls_policy("tlsa", domain, "dnssec-invalid");
+            })?,
+            None => Vec::new(),
+        };
+        for (h, d) in &dane_hosts {
+            if let HostDane::Unavailable(why) = d {
+                self.metrics.tls_policy("tlsa", domain, "dnssec-invalid");
+                warn!(domain = %domain, host = %h, reason = %why, "DANE: TLSA lookup failed; the host is not used until it succeeds");
+            }
+        }
+        let dane = (!dane_hosts.is_empty()).then(|| (domain.to_string(), dane_hosts));
+        let with = |hosts: Vec<MxHost>, tls, sts| {
+            Ok((
+                hosts,
+                MxTls {
+                    tls,
+                    sts,
+                    dane: dane.clone(),
+                },
+            ))
+        };
         let p = match self.mta_sts.lookup(domain).await {
             mta_sts::Lookup::Policy(p) => p,
             mta_sts::Lookup::None(failure) => {
                 if let Some((result, _)) = failure {
                     self.metrics.tls_policy("sts", domain, result);
                 }
-                return fixed(OutboundTls::Opportunistic);
+                return with(hosts, OutboundTls::Opportunistic, None);
             }
+        };
+        let has_dane = |h: &MxHost| {
+            dane.as_ref()
+                .is_some_and(|(_, d)| d.iter().any(|(n, _)| n == &h.name))
         };
         let sts = Some((domain.to_string(), p.mode));
         match p.mode {
-            mta_sts::Mode::None => fixed(OutboundTls::Opportunistic),
+            mta_sts::Mode::None => with(hosts, OutboundTls::Opportunistic, None),
             mta_sts::Mode::Testing => {
-                if !hosts.iter().any(|h| p.allows(&h.name)) {
+                if !hosts.iter().any(|h| p.allows(&h.name) || has_dane(h)) {
                     self.metrics.tls_policy("sts", domain, "validation-failure");
                     warn!(domain = %domain, policy_mx = ?p.mx, "MTA-STS (testing): no MX host matches the policy; delivering anyway");
                 }
-                Ok((
-                    hosts,
-                    MxTls {
-                        tls: OutboundTls::Opportunistic,
-                        sts,
-                    },
-                ))
+                with(hosts, OutboundTls::Opportunistic, sts)
             }
             mta_sts::Mode::Enforce => {
                 let all: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
-                let allowed: Vec<MxHost> =
-                    hosts.into_iter().filter(|h| p.allows(&h.name)).collect();
+                let allowed: Vec<MxHost> = hosts
+                    .into_iter()
+                    .filter(|h| p.allows(&h.name) || has_dane(h))
+                    .collect();
                 if allowed.is_empty() {
                     self.metrics.tls_policy("sts", domain, "validation-failure");
                     warn!(domain = %domain, policy_mx = ?p.mx, mx = ?all, "MTA-STS: no MX host matches the enforced policy; deferring");
@@ -1114,15 +1197,22 @@ impl Queue {
                         ),
                     ));
                 }
-                Ok((
-                    allowed,
-                    MxTls {
-                        tls: OutboundTls::RequiredVerified,
-                        sts,
-                    },
-                ))
+                with(allowed, OutboundTls::RequiredVerified, sts)
             }
         }
+    }
+
+    /// TLS reporting for a connection to a host DANE applies to: `success` once the TLSA
+    /// records authenticated it, the RFC 8460 failure type otherwise.
+    fn report_dane(&self, domain: &str, outcome: Result<&Connection, &HostFailure>) {
+        let result = match outcome {
+            Ok(_) => "success",
+            Err(f) => match f.tls_result {
+                Some(r) => r.as_str(),
+                None => return,
+            },
+        };
+        self.metrics.tls_policy("tlsa", domain, result);
     }
 
     /// TLS reporting for a connection to an MTA-STS domain's MX host: under `enforce` the

@@ -298,6 +298,7 @@ async fn probe(
         addr,
         tls: plan.tls,
         auth: None,
+        dane: None,
     };
     let (stream, encrypted) = if plan.tls == OutboundTls::Implicit {
         match handshake(tcp, &target, &ctx.tls, false, t).await {

@@ -220,6 +220,7 @@ async fn round(
             addr,
             tls: OutboundTls::Implicit,
             auth: None,
+            dane: None,
         };
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
