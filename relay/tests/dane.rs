@@ -1,0 +1,539 @@
+//! DANE for SMTP (RFC 7672) in direct delivery, against real parts on loopback: BIND 9 serves
+//! DNSSEC-signed (and unsigned, and bogus) test zones with MX, address and TLSA records, and a
+//! validating BIND resolver answers the relay (`delivery.dns.dnssec: TrustAdBit`, the default
+//! `DaneOrMtaSts` direct policy); STARTTLS sinks present self-signed certificates, or a leaf and
+//! the test CA that issued it. The relay does not trust the test CA: only TLSA records can
+//! authenticate a server here. Covered:
+//! - DANE-EE (`3 1 1`): a matching key delivers although the certificate is self-signed, expired
+//!   and for another name; a mismatch defers (4.7.5, `tlsa-invalid`), never falls back;
+//! - DANE-TA (`2 0 1`, the CA certificate): a chain with the CA and a leaf for the MX host
+//!   delivers; a leaf for another name, or a chain without the CA, defers;
+//! - TLSA published but no STARTTLS: deferred (4.7.4, `dane-required`), never plain text;
+//! - only unusable records (usage 1): TLS is still mandatory but any certificate does;
+//! - an unsigned zone's TLSA records are ignored (opportunistic TLS); a TLSA lookup that
+//!   SERVFAILs (its zone is bogus) keeps the host from being used; `dnssec: Off` ignores TLSA;
+//! - the fixture itself: AD for signed names, none for unsigned ones, SERVFAIL for bogus ones.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+mod common;
+use common::delivery_support as support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use common::dnssec::{self, tlsa_sha256_cert, tlsa_sha256_spki, SignedDns, Zone, ZoneKind};
+use common::Ca;
+use mailrelay_crds::config::*;
+use mailrelay_relay::delivery::Queue;
+use mailrelay_relay::metrics::Metrics;
+use mailrelay_relay::settings::{DeliverySettings, Dnssec};
+use mailrelay_relay::snapshot::Snapshot;
+use mailrelay_spool::{Envelope, MessageId, RecipientStatus, Spool, SpoolOptions};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use support::{wait_for, Behavior, Sink};
+
+/// A certificate chain and its key, as a sink presents it.
+struct Cert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+impl Cert {
+    /// The end-entity certificate.
+    fn leaf(&self) -> &[u8] {
+        self.chain[0].as_ref()
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(self.chain.clone(), self.key.clone_key())
+            .unwrap(),
+        )
+    }
+}
+
+/// A self-signed certificate for `name` that expired in 2020: nothing but DANE-EE accepts it.
+fn self_signed_expired(name: &str) -> Cert {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    Cert {
+        chain: vec![cert.der().clone()],
+        key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    }
+}
+
+/// A leaf for `name` from the test CA; with `with_ca` the chain also carries the CA certificate.
+fn from_ca(ca: &Ca, name: &str, with_ca: bool) -> Cert {
+    let (cert, key, _) = ca.leaf(name, name);
+    let mut chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    if with_ca {
+        chain.push(ca.cert_der.clone());
+    }
+    Cert {
+        chain,
+        key: PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+    }
+}
+
+async fn tls_sink(cert: &Cert) -> Sink {
+    Sink::start(
+        "127.0.0.1",
+        Behavior {
+            tls: Some(cert.server_config()),
+            ..Behavior::default()
+        },
+    )
+    .await
+}
+
+async fn plain_sink() -> Sink {
+    Sink::start("127.0.0.1", Behavior::default()).await
+}
+
+/// The recipient domain `<domain>` with MX `mx.<domain>` on loopback and these TLSA records
+/// (`usage selector matching data`) at `_25._tcp.mx.<domain>`.
+fn mail_zone(domain: &str, kind: ZoneKind, tlsa: &[String]) -> Zone {
+    let mut records = vec![
+        format!("{domain}. 300 IN MX 10 mx.{domain}."),
+        format!("mx.{domain}. 300 IN A 127.0.0.1"),
+    ];
+    for t in tlsa {
+        records.push(format!("_25._tcp.mx.{domain}. 300 IN TLSA {t}"));
+    }
+    Zone {
+        name: domain.to_string(),
+        kind,
+        records,
+    }
+}
+
+/// Starts BIND with these zones; None when BIND is missing (and peers are not required).
+fn dns(zones: Vec<Zone>) -> Option<SignedDns> {
+    let dns = SignedDns::start(zones)?;
+    eprintln!("BIND (authoritative + resolver) up in {:?}", dns.startup);
+    Some(dns)
+}
+
+struct Env {
+    spool: Arc<Spool>,
+    queue: Arc<Queue>,
+    metrics: Arc<Metrics>,
+}
+
+fn settings(dns: &SignedDns, smtp_port: u16) -> DeliverySettings {
+    let mut s = DeliverySettings::default();
+    s.dns.nameservers = vec![dns.resolver.ip()];
+    s.dns.port = dns.resolver.port();
+    s.dns.timeout_seconds = 2;
+    s.dns.attempts = 1;
+    s.dns.dnssec = Dnssec::TrustAdBit;
+    s.direct_port = smtp_port;
+    s.retry_schedule_seconds = vec![3600];
+    s.connection_idle_millis = 200;
+    s.timeouts.command_seconds = 2;
+    s.timeouts.data_init_seconds = 2;
+    s.timeouts.data_term_seconds = 2;
+    s.timeouts.connect_seconds = 2;
+    // No `_mta-sts` records anywhere; should a policy be fetched, nothing listens here.
+    s.tls.mta_sts.https_port = common::free_port();
+    s
+}
+
+async fn start(spool_dir: &Path, s: DeliverySettings) -> Env {
+    let (spool, _) = Spool::open(spool_dir, SpoolOptions::without_fsync())
+        .await
+        .unwrap();
+    let spool = Arc::new(spool);
+    let snap = Snapshot {
+        config: RelayConfig::default(),
+        credentials: Credentials::default(),
+        certs: BTreeMap::new(),
+        missing_certs: BTreeMap::new(),
+        policy_loaded: true,
+        fingerprint: 0,
+        default_hostname: "relay.test".into(),
+    };
+    let metrics = Arc::new(Metrics::new());
+    // No extra CA: the test CA is not trusted, only TLSA records vouch for a server.
+    let queue = Queue::new(
+        spool.clone(),
+        Arc::new(ArcSwap::from_pointee(snap)),
+        s,
+        "relay.test".into(),
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    queue.start();
+    Env {
+        spool,
+        queue,
+        metrics,
+    }
+}
+
+impl Env {
+    async fn submit(&self, rcpt: &str) -> MessageId {
+        let data = "From: <alice@sender.test>\r\nSubject: dane\r\n\r\nhello\r\n";
+        let mut env = Envelope::new("alice@sender.test", [rcpt]);
+        env.size = data.len() as u64;
+        let id = self
+            .spool
+            .store(env, data.as_bytes().to_vec())
+            .await
+            .unwrap();
+        self.queue.notify(id);
+        id
+    }
+
+    /// The recipient's last error once an attempt has failed temporarily.
+    async fn deferred(&self, id: MessageId) -> String {
+        let mut last = String::new();
+        wait_for("a deferral", || {
+            let Some(e) = self.spool.envelope(id) else {
+                return false;
+            };
+            match (&e.recipients[0].status, &e.recipients[0].last_error) {
+                (RecipientStatus::Pending, Some(err)) => {
+                    last = err.clone();
+                    true
+                }
+                _ => false,
+            }
+        })
+        .await;
+        last
+    }
+
+    fn tlsa_metric(&self, domain: &str, result: &str) -> bool {
+        self.metrics.encode().contains(&format!(
+            "mailrelay_tls_policy_results_total{{policy_type=\"tlsa\",domain=\"{domain}\",result=\"{result}\"}}"
+        ))
+    }
+
+    fn any_tlsa_metric(&self) -> bool {
+        self.metrics.encode().contains("policy_type=\"tlsa\"")
+    }
+
+    async fn stop(self) {
+        self.queue.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+/// A TLSA record nothing matches.
+fn bogus_hash(prefix: &str) -> String {
+    format!("{prefix} {}", "ab".repeat(32))
+}
+
+#[test]
+fn the_fixture_validates_signed_zones_and_fails_bogus_ones() {
+    let Some(dns) = dns(vec![
+        mail_zone("dane.test", ZoneKind::Signed, &[bogus_hash("3 1 1")]),
+        mail_zone("plain.test", ZoneKind::Unsigned, &[bogus_hash("3 1 1")]),
+        mail_zone("bogus.test", ZoneKind::Bogus, &[bogus_hash("3 1 1")]),
+    ]) else {
+        return;
+    };
+    let q = |name: &str, qtype| {
+        dnssec::query(dns.resolver, name, qtype, Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no answer for {name}:\n{}", dns.resolver_log()))
+    };
+    assert_eq!(q("dane.test", dnssec::MX), (0, true));
+    assert_eq!(q("mx.dane.test", dnssec::A), (0, true));
+    assert_eq!(q("_25._tcp.mx.dane.test", dnssec::TLSA), (0, true));
+    assert_eq!(q("_25._tcp.mx.plain.test", dnssec::TLSA), (0, false));
+    assert_eq!(q("mx.plain.test", dnssec::A), (0, false));
+    assert_eq!(q("mx.bogus.test", dnssec::A).0, 2, "SERVFAIL");
+    // Anything else fails at once instead of going to root servers.
+    let t = std::time::Instant::now();
+    assert_eq!(q("www.example.com", dnssec::A).0, 2, "SERVFAIL");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // The authoritative server itself answers the bogus zone: only validation fails it.
+    let auth = dnssec::query(
+        dns.authoritative,
+        "mx.bogus.test",
+        dnssec::A,
+        Duration::from_secs(5),
+    );
+    assert_eq!(auth, Some((0, false)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_ee_authenticates_a_self_signed_expired_certificate_for_another_name() {
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "DANE delivers over TLS only");
+    wait_for("tlsa success counted", || {
+        env.tlsa_metric("dane.test", "success")
+    })
+    .await;
+    assert!(!env.tlsa_metric("dane.test", "tlsa-invalid"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_ee_mismatch_defers_and_never_falls_back() {
+    let cert = self_signed_expired("mx.dane.test");
+    let other = self_signed_expired("mx.dane.test");
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        // The key of another certificate for the same name.
+        &[format!("3 1 1 {}", tlsa_sha256_spki(other.leaf()))],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    let id = env.submit("bob@dane.test").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.5"), "{err}");
+    assert!(
+        sink.connections.load(Ordering::SeqCst) >= 1,
+        "the host was tried"
+    );
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    wait_for("tlsa-invalid counted", || {
+        env.tlsa_metric("dane.test", "tlsa-invalid")
+    })
+    .await;
+    assert!(!env.tlsa_metric("dane.test", "success"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_ta_authenticates_a_chain_with_the_anchor_and_a_leaf_for_the_mx_host() {
+    let ca = Ca::new();
+    let cert = from_ca(&ca, "mx.dane.test", true);
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        &[format!("2 0 1 {}", tlsa_sha256_cert(ca.cert_der.as_ref()))],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls);
+    wait_for("tlsa success counted", || {
+        env.tlsa_metric("dane.test", "success")
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_ta_defers_a_leaf_for_another_name_and_a_chain_without_the_anchor() {
+    let ca = Ca::new();
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        &[format!("2 0 1 {}", tlsa_sha256_cert(ca.cert_der.as_ref()))],
+    )]) else {
+        return;
+    };
+    // The anchor is in the chain, but the leaf names another host.
+    let wrong_name = tls_sink(&from_ca(&ca, "other.dane.test", true)).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, wrong_name.addr.port())).await;
+    let id = env.submit("bob@dane.test").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.5"), "{err}");
+    assert!(wrong_name.connections.load(Ordering::SeqCst) >= 1);
+    assert!(wrong_name.messages().is_empty());
+    wait_for("tlsa-invalid counted", || {
+        env.tlsa_metric("dane.test", "tlsa-invalid")
+    })
+    .await;
+    env.stop().await;
+
+    // The right name, but the server sends only its leaf: nothing in the chain matches.
+    let leaf_only = tls_sink(&from_ca(&ca, "mx.dane.test", false)).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, leaf_only.addr.port())).await;
+    let id = env.submit("carol@dane.test").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.5"), "{err}");
+    assert!(leaf_only.connections.load(Ordering::SeqCst) >= 1);
+    assert!(leaf_only.messages().is_empty());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tlsa_without_starttls_defers_and_never_sends_plain_text() {
+    let cert = self_signed_expired("mx.dane.test");
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+    )]) else {
+        return;
+    };
+    let sink = plain_sink().await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    let id = env.submit("bob@dane.test").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.4"), "{err}");
+    assert!(sink.connections.load(Ordering::SeqCst) >= 1);
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    let cmds = sink.commands.lock().unwrap().clone();
+    assert!(
+        !cmds
+            .iter()
+            .any(|c| c.to_ascii_uppercase().starts_with("MAIL")),
+        "{cmds:?}"
+    );
+    wait_for("dane-required counted", || {
+        env.tlsa_metric("dane.test", "dane-required")
+    })
+    .await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_unusable_tlsa_records_make_tls_mandatory_but_unauthenticated() {
+    // PKIX-EE (usage 1) is unusable for SMTP (RFC 7672 §3.1.3), even when it matches.
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        &[format!("1 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+    )]) else {
+        return;
+    };
+    let tls = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, tls.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered over TLS", || tls.messages().len() == 1).await;
+    assert!(tls.messages()[0].tls);
+    env.stop().await;
+
+    // Without STARTTLS: deferred, not sent in plain text.
+    let plain = plain_sink().await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, plain.addr.port())).await;
+    let id = env.submit("carol@dane.test").await;
+    let err = env.deferred(id).await;
+    eprintln!("deferred: {err}");
+    assert!(plain.connections.load(Ordering::SeqCst) >= 1);
+    assert!(plain.messages().is_empty(), "{:?}", plain.messages());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tlsa_records_of_an_unsigned_zone_are_ignored() {
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![mail_zone(
+        "plain.test",
+        ZoneKind::Unsigned,
+        &[bogus_hash("3 1 1")],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@plain.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "opportunistic TLS is still used");
+    assert!(!env.tlsa_metric("plain.test", "tlsa-invalid"));
+    assert!(!env.tlsa_metric("plain.test", "success"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tlsa_lookup_that_fails_validation_keeps_the_host_unused() {
+    // The domain, its MX and the host's address are secure; the TLSA name lies in a zone whose
+    // trust anchor is another key, so its lookup SERVFAILs. The record would even match.
+    let cert = self_signed_expired("mx.dane.test");
+    let tlsa = format!(
+        "_25._tcp.mx.dane.test. 300 IN TLSA 3 1 1 {}",
+        tlsa_sha256_spki(cert.leaf())
+    );
+    let Some(dns) = dns(vec![
+        mail_zone("dane.test", ZoneKind::Signed, &[]),
+        Zone::new("_tcp.mx.dane.test", ZoneKind::Bogus, &[&tlsa]),
+    ]) else {
+        return;
+    };
+    let wait = Duration::from_secs(5);
+    assert_eq!(
+        dnssec::query(dns.resolver, "mx.dane.test", dnssec::A, wait),
+        Some((0, true))
+    );
+    assert_eq!(
+        dnssec::query(dns.resolver, "_25._tcp.mx.dane.test", dnssec::TLSA, wait).map(|a| a.0),
+        Some(2),
+        "SERVFAIL"
+    );
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    let id = env.submit("bob@dane.test").await;
+    let err = env.deferred(id).await;
+    eprintln!("deferred: {err}");
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    assert_eq!(
+        sink.connections.load(Ordering::SeqCst),
+        0,
+        "the host must not be used"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dnssec_off_ignores_tlsa_records() {
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![mail_zone(
+        "dane.test",
+        ZoneKind::Signed,
+        &[bogus_hash("3 1 1")],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let mut s = settings(&dns, sink.addr.port());
+    s.dns.dnssec = Dnssec::Off;
+    let env = start(spool_dir.path(), s).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls);
+    assert!(!env.any_tlsa_metric(), "{}", env.metrics.encode());
+    env.stop().await;
+}
