@@ -7,8 +7,10 @@
 //! - DANE-EE (`3 1 1`): a matching key delivers although the certificate is self-signed, expired
 //!   and for another name; a mismatch defers (4.7.5, `tlsa-invalid`), never falls back;
 //! - DANE-TA (`2 0 1`, the CA certificate): a chain with the CA and a leaf for the MX host
-//!   delivers; a leaf for another name, or a chain without the CA, defers;
-//! - TLSA published but no STARTTLS: deferred (4.7.4, `dane-required`), never plain text;
+//!   delivers; a leaf for another name (`certificate-host-mismatch`), or a chain without the CA
+//!   (`tlsa-invalid`), defers;
+//! - TLSA published but no STARTTLS: deferred (4.7.4, `starttls-not-supported`), never plain
+//!   text;
 //! - only unusable records (usage 1): TLS is still mandatory but any certificate does;
 //! - an unsigned zone's TLSA records are ignored (opportunistic TLS); a TLSA lookup that
 //!   SERVFAILs (its zone is bogus) keeps the host from being used; `dnssec: Off` ignores TLSA;
@@ -229,6 +231,22 @@ impl Env {
         ))
     }
 
+    /// Waits for a `policy_type="tlsa"` result; on a timeout, fails with the TLS policy lines.
+    async fn wait_tlsa_metric(&self, domain: &str, result: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !self.tlsa_metric(domain, result) {
+            if std::time::Instant::now() > deadline {
+                let text = self.metrics.encode();
+                let lines: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with("mailrelay_tls_policy_results_total"))
+                    .collect();
+                panic!("no tlsa result {result} for {domain}; TLS policy results: {lines:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn any_tlsa_metric(&self) -> bool {
         self.metrics.encode().contains("policy_type=\"tlsa\"")
     }
@@ -292,10 +310,7 @@ async fn dane_ee_authenticates_a_self_signed_expired_certificate_for_another_nam
     env.submit("bob@dane.test").await;
     wait_for("delivered", || sink.messages().len() == 1).await;
     assert!(sink.messages()[0].tls, "DANE delivers over TLS only");
-    wait_for("tlsa success counted", || {
-        env.tlsa_metric("dane.test", "success")
-    })
-    .await;
+    env.wait_tlsa_metric("dane.test", "success").await;
     assert!(!env.tlsa_metric("dane.test", "tlsa-invalid"));
     env.stop().await;
 }
@@ -323,10 +338,7 @@ async fn dane_ee_mismatch_defers_and_never_falls_back() {
         "the host was tried"
     );
     assert!(sink.messages().is_empty(), "{:?}", sink.messages());
-    wait_for("tlsa-invalid counted", || {
-        env.tlsa_metric("dane.test", "tlsa-invalid")
-    })
-    .await;
+    env.wait_tlsa_metric("dane.test", "tlsa-invalid").await;
     assert!(!env.tlsa_metric("dane.test", "success"));
     env.stop().await;
 }
@@ -348,10 +360,7 @@ async fn dane_ta_authenticates_a_chain_with_the_anchor_and_a_leaf_for_the_mx_hos
     env.submit("bob@dane.test").await;
     wait_for("delivered", || sink.messages().len() == 1).await;
     assert!(sink.messages()[0].tls);
-    wait_for("tlsa success counted", || {
-        env.tlsa_metric("dane.test", "success")
-    })
-    .await;
+    env.wait_tlsa_metric("dane.test", "success").await;
     env.stop().await;
 }
 
@@ -374,10 +383,9 @@ async fn dane_ta_defers_a_leaf_for_another_name_and_a_chain_without_the_anchor()
     assert!(err.contains("4.7.5"), "{err}");
     assert!(wrong_name.connections.load(Ordering::SeqCst) >= 1);
     assert!(wrong_name.messages().is_empty());
-    wait_for("tlsa-invalid counted", || {
-        env.tlsa_metric("dane.test", "tlsa-invalid")
-    })
-    .await;
+    // The record matched the anchor; the name did not (RFC 8460 §4.3.2.1).
+    env.wait_tlsa_metric("dane.test", "certificate-host-mismatch")
+        .await;
     env.stop().await;
 
     // The right name, but the server sends only its leaf: nothing in the chain matches.
@@ -389,6 +397,7 @@ async fn dane_ta_defers_a_leaf_for_another_name_and_a_chain_without_the_anchor()
     assert!(err.contains("4.7.5"), "{err}");
     assert!(leaf_only.connections.load(Ordering::SeqCst) >= 1);
     assert!(leaf_only.messages().is_empty());
+    env.wait_tlsa_metric("dane.test", "tlsa-invalid").await;
     env.stop().await;
 }
 
@@ -417,10 +426,10 @@ async fn tlsa_without_starttls_defers_and_never_sends_plain_text() {
             .any(|c| c.to_ascii_uppercase().starts_with("MAIL")),
         "{cmds:?}"
     );
-    wait_for("dane-required counted", || {
-        env.tlsa_metric("dane.test", "dane-required")
-    })
-    .await;
+    // RFC 8460 §4.3.1's result for an MX without STARTTLS (its `dane-required` means no
+    // validated TLSA records where DANE is required, which is not this case).
+    env.wait_tlsa_metric("dane.test", "starttls-not-supported")
+        .await;
     env.stop().await;
 }
 
