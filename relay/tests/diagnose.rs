@@ -382,7 +382,15 @@ fn mx_route_dns_tls_reputation_and_json() {
         .collect();
     assert_eq!(
         ids,
-        ["route", "dns", "connect", "auth", "reputation", "history"]
+        [
+            "route",
+            "dns",
+            "connect",
+            "auth",
+            "reputation",
+            "dkim",
+            "history"
+        ]
     );
     let connect = &v["steps"][2]["checks"];
     assert!(connect
@@ -1252,4 +1260,153 @@ fn mta_sts_policies_enforced_listing_the_mx_or_not() {
             .has(verdict, needle)
             .contains("mode Enforce");
     }
+}
+
+/// An Ed25519 private key (PKCS#8 PEM) from openssl, and its DKIM `p=` value.
+fn ed25519_key(dir: &Path, name: &str) -> (String, String) {
+    let path = dir.join(format!("{name}.pem"));
+    let out = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&path)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spki = Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(spki.status.success());
+    use base64::Engine;
+    let p =
+        base64::engine::general_purpose::STANDARD.encode(&spki.stdout[spki.stdout.len() - 32..]);
+    (std::fs::read_to_string(&path).unwrap(), p)
+}
+
+#[test]
+fn dkim_records_published_missing_different_and_revoked() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sink = rt.block_on(Sink::start("127.0.0.1", Behavior::default()));
+    let keys = tempfile::tempdir().unwrap();
+    let (s1, p1) = ed25519_key(keys.path(), "s1");
+    let (s2, _) = ed25519_key(keys.path(), "s2");
+    let (other, _) = ed25519_key(keys.path(), "other");
+    let (_, stranger) = ed25519_key(keys.path(), "stranger");
+    let mut z = zone();
+    // signed.example.test: s1 is published, s2 (the next key of a rotation) is not yet.
+    z.insert(
+        name("s1._domainkey.signed.example.test"),
+        Answer::Records(vec![txt(&format!("v=DKIM1; k=ed25519; p={p1}"))]),
+    );
+    // wrong.example.test publishes someone else's key; revoked.example.test revoked it.
+    z.insert(
+        name("sel._domainkey.mismatch.example.test"),
+        Answer::Records(vec![txt(&format!("v=DKIM1; k=ed25519; p={stranger}"))]),
+    );
+    z.insert(
+        name("sel._domainkey.revoked.example.test"),
+        Answer::Records(vec![txt("v=DKIM1; k=ed25519; p=")]),
+    );
+    let dns = DnsServer::start(z);
+    let dir = config(
+        dns.addr,
+        sink.addr.port(),
+        vec![],
+        BTreeMap::new(),
+        None,
+        "",
+    );
+    let selector = |n: &str| DkimSelector {
+        name: n.into(),
+        algorithm: DkimAlgorithm::Ed25519Sha256,
+    };
+    let domain = |d: &str, selectors: Vec<DkimSelector>| DomainPolicy {
+        name: Some(d.replace('.', "-")),
+        domain: d.into(),
+        local: false,
+        recipients: RecipientPolicy::Listed(vec![]),
+        windows_nt_domain: None,
+        kerberos_realm: None,
+        dkim: Some(DkimPolicy {
+            selectors,
+            headers: vec!["From".into(), "To".into(), "Subject".into()],
+            oversign: vec![],
+            header_canonicalization: DkimCanonicalization::Relaxed,
+            body_canonicalization: DkimCanonicalization::Relaxed,
+        }),
+    };
+    let cfg = RelayConfig {
+        version: ConfigVersion::V1Alpha1,
+        domains: vec![
+            domain("signed.example.test", vec![selector("s1"), selector("s2")]),
+            domain("mismatch.example.test", vec![selector("sel")]),
+            domain("revoked.example.test", vec![selector("sel")]),
+        ],
+        ..RelayConfig::default()
+    };
+    let mut creds = Credentials {
+        version: ConfigVersion::V1Alpha1,
+        ..Credentials::default()
+    };
+    for (k, pem) in [
+        ("s1._domainkey.signed.example.test", &s1),
+        ("s2._domainkey.signed.example.test", &s2),
+        ("sel._domainkey.mismatch.example.test", &other),
+        ("sel._domainkey.revoked.example.test", &other),
+    ] {
+        creds
+            .dkim_keys
+            .insert(k.into(), SecretString::new(pem.clone()));
+    }
+    common::write(
+        &dir.path().join("relay.yaml"),
+        &serde_norway::to_string(&cfg).unwrap(),
+    );
+    common::write(
+        &dir.path().join("credentials.yaml"),
+        &serde_norway::to_string(&creds).unwrap(),
+    );
+
+    // A subdomain signs with its parent's keys, as signing does.
+    let run = diagnose(
+        dir.path(),
+        &[
+            "bob@example.test",
+            "--from",
+            "alice@news.signed.example.test",
+        ],
+    );
+    run.has("ok", "selector s1: s1._domainkey.signed.example.test publishes the key this relay signs with (k=ed25519)")
+        .has("warn", "selector s2: s2._domainkey.signed.example.test has no TXT record: receivers cannot verify its signatures (another selector's signature verifies meanwhile)")
+        .contains("publish TXT s2._domainkey.signed.example.test \"v=DKIM1; k=ed25519; p=");
+    let run = diagnose(
+        dir.path(),
+        &["bob@example.test", "--from", "a@mismatch.example.test"],
+    );
+    run.has("FAIL", "selector sel: sel._domainkey.mismatch.example.test publishes a different key than the one the relay signs with");
+    assert_eq!(run.code, 1, "{}", run.out);
+    diagnose(
+        dir.path(),
+        &["bob@example.test", "--from", "a@revoked.example.test"],
+    )
+    .has(
+        "FAIL",
+        "selector sel: DNS revokes the key (empty p=) but the relay still signs with it",
+    );
+    diagnose(
+        dir.path(),
+        &["bob@example.test", "--from", "a@unsigned.example.test"],
+    )
+    .has(
+        "skip",
+        "unsigned.example.test is not signed: no MailDomain with spec.dkim covers it",
+    );
+    diagnose(dir.path(), &["bob@example.test"]).has(
+        "skip",
+        "no --from: give the sender address to check the DKIM records of its domain",
+    );
 }

@@ -149,14 +149,14 @@ fn domain_policy(
                     name: s.name.to_ascii_lowercase(),
                     algorithm: info.algorithm,
                 };
-                let (k, a) = match info.algorithm {
-                    DkimAlgorithm::RsaSha256 => ("rsa", "rsa-sha256"),
-                    DkimAlgorithm::Ed25519Sha256 => ("ed25519", "ed25519-sha256"),
+                let a = match info.algorithm {
+                    DkimAlgorithm::RsaSha256 => "rsa-sha256",
+                    DkimAlgorithm::Ed25519Sha256 => "ed25519-sha256",
                 };
                 records.push(DnsRecord {
                     name: selector.key_name(domain),
                     type_: "TXT".into(),
-                    value: format!("v=DKIM1; k={k}; p={}", info.public_b64),
+                    value: info.record(),
                     purpose: format!("DKIM selector {} ({a})", selector.name),
                 });
                 keys.insert(selector.key_name(domain), SecretString::new(pem));
@@ -258,6 +258,23 @@ fn spf_record(domain: &str, spec: Option<&SpfSpec>) -> DnsRecord {
             "SPF: merge with an existing SPF record, a domain may have only one".into()
         },
     }
+}
+
+impl KeyInfo {
+    /// The selector's DNS TXT record (RFC 6376 §3.6.1).
+    fn record(&self) -> String {
+        let k = match self.algorithm {
+            DkimAlgorithm::RsaSha256 => "rsa",
+            DkimAlgorithm::Ed25519Sha256 => "ed25519",
+        };
+        format!("v=DKIM1; k={k}; p={}", self.public_b64)
+    }
+}
+
+/// The DKIM TXT record (`v=DKIM1; k=…; p=…`) a selector with this PEM private key needs, as
+/// `status.dnsRecords` lists it; `relay diagnose` compares DNS with it.
+pub fn dkim_record(pem: &str) -> Result<String, String> {
+    key_info(pem).map(|k| k.record())
 }
 
 /// Parses a PEM private key (PKCS#8, or PKCS#1 for RSA): its algorithm and DKIM public key.

@@ -21,8 +21,12 @@ use tokio_rustls::client::TlsStream;
 use super::resolve::ResolvedHost;
 use super::route::{mech_name, Dest, Plan};
 use super::{Check, Context, Step, Verdict};
-use crate::delivery::client::{handshake, AuthSecret, Capabilities, Connection, HostTarget};
+use crate::delivery::client::{
+    handshake, AuthSecret, Capabilities, ClientOptions, Connection, HostTarget,
+};
+use crate::delivery::dane::{Dane, HostDane};
 use crate::delivery::mta_sts::{Lookup, Mode, MtaSts};
+use crate::delivery::mx::MxHost;
 use crate::delivery::oauth2::TokenCache;
 use crate::delivery::queue::{is_own_listener, own_names};
 use crate::delivery::tls::server_name;
@@ -133,9 +137,11 @@ pub async fn step(ctx: &Context, plan: &Plan, hosts: &[ResolvedHost]) -> Probed 
                 plan.tls
             )));
         }
-        connect.push(Check::skip(
-            "DANE: not implemented yet; TLSA records are not looked up",
-        ));
+        if plan.tls == OutboundTls::DaneOrMtaSts {
+            for c in dane_checks(ctx, domain, hosts).await {
+                connect.push(c);
+            }
+        }
     }
     match (&plan.auth, auth_result) {
         (None, _) => auth.push(Check::skip(
@@ -175,6 +181,89 @@ fn secs(s: u64) -> Duration {
 }
 
 /// Probes one address; the second result is the AUTH outcome when it was tried here.
+/// DANE as delivery applies it (`delivery.dns.dnssec`): which MX hosts have DNSSEC-validated
+/// TLSA records, and whether each such host's certificate matches them (a STARTTLS handshake
+/// through the delivery client with the TLSA verifier).
+async fn dane_checks(ctx: &Context, domain: &str, hosts: &[ResolvedHost]) -> Vec<Check> {
+    let dns = &ctx.settings.delivery.dns;
+    let dane = match Dane::new(dns) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            return vec![Check::skip(
+                "DANE: off (delivery.dns.dnssec: Off): TLSA records are not used; set TrustAdBit with a DNSSEC-validating resolver to use them",
+            )]
+        }
+        Err(e) => return vec![Check::fail(format!("DANE: {e}"), "fix delivery.dns in runtime.yaml")],
+    };
+    let mx: Vec<MxHost> = hosts
+        .iter()
+        .map(|h| MxHost {
+            preference: h.preference.unwrap_or(0),
+            name: h.name.clone(),
+        })
+        .collect();
+    let found = match dane.hosts(domain, &mx).await {
+        Ok(f) => f,
+        Err(s) => {
+            return vec![Check::fail(
+                format!("DANE: {}", s.text),
+                "the validating resolver did not answer for the MX records: delivery defers with 4.4.3 until it does",
+            )]
+        }
+    };
+    if found.is_empty() {
+        return vec![Check::ok(format!(
+            "DANE: no MX host of {domain} has DNSSEC-validated TLSA records (or its MX/address records are not signed): DANE does not apply"
+        ))];
+    }
+    let opts = ClientOptions {
+        helo: ctx.helo.clone(),
+        timeouts: ctx.settings.delivery.timeouts.clone(),
+        tls: ctx.tls.clone(),
+    };
+    let mut out = Vec::new();
+    for (name, d) in found {
+        let host = hosts.iter().find(|h| h.name == name);
+        match d {
+            HostDane::Unavailable(why) => out.push(Check::fail(
+                format!("DANE: {name}: {why}"),
+                "delivery does not use this host until the TLSA lookup succeeds (RFC 7672 §2.2): check the zone's DNSSEC signatures (e.g. with delv or dnsviz)",
+            )),
+            HostDane::EncryptOnly => out.push(Check::ok(format!(
+                "DANE: {name} publishes only unusable TLSA records (not usage 2 or 3): delivery requires TLS but does not authenticate the certificate"
+            ))),
+            HostDane::Authenticate(tlsa) => {
+                let Some(addr) = host.and_then(|h| h.addrs.first().map(|ip| SocketAddr::new(*ip, h.port))) else {
+                    out.push(Check::skip(format!("DANE: {name} has usable TLSA records; no address to test them against")));
+                    continue;
+                };
+                let target = HostTarget {
+                    name: name.clone(),
+                    addr,
+                    tls: OutboundTls::RequiredVerified,
+                    auth: None,
+                    dane: Some(tlsa.clone()),
+                };
+                match Connection::open(&target, &opts).await {
+                    Ok(c) => {
+                        c.quit().await;
+                        out.push(Check::ok(format!(
+                            "DANE: {name} ({} usable TLSA record(s) at {}): the certificate matches; delivery requires this",
+                            tlsa.records.len(),
+                            tlsa.base
+                        )));
+                    }
+                    Err(f) => out.push(Check::fail(
+                        format!("DANE: {name}: {}", f.status.text),
+                        format!("delivery defers rather than send to {name} unauthenticated: the server's certificate (or its STARTTLS) must match the TLSA records at {}; a certificate renewed with a new key needs its new TLSA record published first", tlsa.base),
+                    )),
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The recipient domain's MTA-STS policy, fetched as delivery fetches it (the relay's
 /// resolver and trust; the relay's policy cache is neither read nor written), and what it means
 /// for the MX hosts.

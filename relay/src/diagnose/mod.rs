@@ -8,13 +8,14 @@
 //! its text and JSON rendering, the exit code and the order of the steps. Each step group lives
 //! in its own file: [`route`] (which rule, hosts, TLS policy, authentication), [`resolve`]
 //! (MX and addresses), [`connect`] (TCP, banner, EHLO, STARTTLS, certificate, AUTH),
-//! [`reputation`] (egress IP, forward-confirmed reverse DNS, [`spf`], DNS blocklists) and
-//! [`history`] (recent delivery outcomes from the running relay's queue).
+//! [`reputation`] (egress IP, forward-confirmed reverse DNS, [`spf`], DNS blocklists), [`dkim`]
+//! (the sender domain's DKIM keys in DNS) and [`history`] (recent delivery outcomes from the running relay's queue).
 //!
 //! Exit codes: 0 when every check is `ok`, `warn` or `skip`; 1 when a check is `fail` (delivery
 //! cannot work as things are); 2 for a usage or configuration error.
 
 pub mod connect;
+pub mod dkim;
 pub mod history;
 pub mod reputation;
 pub mod resolve;
@@ -439,6 +440,7 @@ pub async fn diagnose(ctx: &Context, target: &Target, args: &DiagnoseArgs) -> Re
         &args.dnsbl_zones,
     )
     .await;
+    let dkim_step = dkim::step(ctx, &sender).await;
     let history_step = history::step(ctx, target, &plan, args.admin.as_deref()).await;
     let steps = vec![
         route_step,
@@ -446,6 +448,7 @@ pub async fn diagnose(ctx: &Context, target: &Target, args: &DiagnoseArgs) -> Re
         probed.connect,
         probed.auth,
         reputation_step,
+        dkim_step,
         history_step,
     ];
     Report::new(&args.target, &sender, steps)

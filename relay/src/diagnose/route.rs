@@ -42,7 +42,7 @@ pub fn tls_words(tls: OutboundTls) -> &'static str {
         }
         OutboundTls::Implicit => "Implicit: TLS from the first byte, certificate verified",
         OutboundTls::DaneOrMtaSts => {
-            "DaneOrMtaSts: the destination's MTA-STS policy when it enforces one (TLS with a valid certificate), opportunistic otherwise"
+            "DaneOrMtaSts: an MX host's DNSSEC-validated TLSA records (DANE, with delivery.dns.dnssec: TrustAdBit), else the destination's MTA-STS policy when it enforces one (TLS with a valid certificate), else opportunistic"
         }
     }
 }
