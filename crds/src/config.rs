@@ -600,8 +600,9 @@ pub enum OutboundTls {
     /// usable TLSA records in a DNSSEC-signed zone, else MTA-STS (RFC 8461) when the recipient
     /// domain publishes a policy in `enforce` mode, else `Opportunistic`. Under either policy
     /// TLS is mandatory and authenticated and failures defer; there is no plain-text fallback.
-    /// For relay hosts only DANE can apply (MTA-STS names a domain's MX hosts). DANE is not
-    /// implemented yet: until it is, this is MTA-STS for direct delivery, else opportunistic.
+    /// For relay hosts only DANE can apply (MTA-STS names a domain's MX hosts). DANE needs the
+    /// relay's runtime setting `delivery.dns.dnssec: TrustAdBit` (a validating resolver);
+    /// without it this is MTA-STS for direct delivery, else opportunistic.
     DaneOrMtaSts,
 }
 

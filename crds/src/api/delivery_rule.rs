@@ -68,8 +68,8 @@ pub struct DeliveryRuleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<RelaySpec>,
     /// TLS policy for action `Direct` (relay rules set `relay.tls`): `DaneOrMtaSts` (honour
-    /// the recipient domain's MTA-STS policy — and DANE once implemented — opportunistic
-    /// otherwise),
+    /// the MX hosts' DANE TLSA records and the recipient domain's MTA-STS policy,
+    /// opportunistic otherwise),
     /// `Opportunistic` (ignore those policies), `Required` or `RequiredVerified` (certificate
     /// valid for the MX host name). Unset = the relay's runtime default
     /// (`delivery.tls.directPolicy`, `DaneOrMtaSts` unless changed).
@@ -124,8 +124,8 @@ pub struct RelaySpec {
     /// `Opportunistic` (STARTTLS if offered; the seeds' "use SSL/TLS if supported", default),
     /// `Required`, `RequiredVerified` (certificate must be valid for the host name), `Implicit`
     /// (TLS from the first byte, verified) or `DaneOrMtaSts` (DANE for a host name with usable
-    /// TLSA records once DANE is implemented; today opportunistic; MTA-STS does not apply to
-    /// relay hosts).
+    /// TLSA records under `_<port>._tcp.<host>`, opportunistic otherwise; MTA-STS does not
+    /// apply to relay hosts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<OutboundTlsSpec>,
     /// Authentication at the relay host.
@@ -148,8 +148,9 @@ pub enum OutboundTlsSpec {
     Implicit,
     /// DANE (RFC 7672) when the host publishes usable TLSA records under DNSSEC, else MTA-STS
     /// (RFC 8461, direct delivery only) when the recipient domain enforces a policy, else
-    /// opportunistic. Either policy makes TLS mandatory and authenticated. DANE is not
-    /// implemented yet: until it is, this mode is MTA-STS (direct delivery) or opportunistic.
+    /// opportunistic. Either policy makes TLS mandatory and authenticated. DANE needs a
+    /// DNSSEC-validating resolver the relay trusts (runtime `delivery.dns.dnssec: TrustAdBit`);
+    /// without it this mode is MTA-STS (direct delivery) or opportunistic.
     DaneOrMtaSts,
 }
 

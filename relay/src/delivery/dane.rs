@@ -121,7 +121,7 @@ impl Tlsa {
 /// The usable TLSA records of one MX host and the TLS client configuration that authenticates
 /// the host by them.
 pub struct DaneTls {
-    /// `_25._tcp.<host>`, for messages.
+    /// The TLSA owner name `_<port>._tcp.<host>`, for messages.
     pub base: String,
     pub records: Vec<Tlsa>,
     pub config: Arc<ClientConfig>,
@@ -143,9 +143,10 @@ impl PartialEq for DaneTls {
 }
 
 impl DaneTls {
-    pub fn new(host: &str, records: Vec<Tlsa>) -> anyhow::Result<DaneTls> {
+    /// `base`: the TLSA owner name, `_<port>._tcp.<host>`.
+    pub fn new(base: &str, records: Vec<Tlsa>) -> anyhow::Result<DaneTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let base = format!("_25._tcp.{host}");
+        let base = base.to_string();
         let verifier = DaneVerifier {
             base: base.clone(),
             records: records.clone(),
@@ -269,19 +270,23 @@ impl Dane {
             if out.iter().any(|(n, _)| n == &h.name) {
                 continue;
             }
-            if let Some(d) = self.host(&h.name).await {
+            // RFC 7672 §3: an MX host's TLSA records are those of port 25, whichever port
+            // delivery is configured to use.
+            if let Some(d) = self.host(&h.name, 25).await {
                 out.push((h.name.clone(), d));
             }
         }
         Ok(out)
     }
 
-    /// DANE for one host: `None` when it does not apply.
-    async fn host(&self, host: &str) -> Option<HostDane> {
-        if !self.secure_address(host).await {
+    /// DANE for one host reached on `port` (`_<port>._tcp.<host>` TLSA): `None` when it does
+    /// not apply. A relay host of a DeliveryRule is named by the policy, not found in DNS, so
+    /// only its address records need to be secure.
+    pub async fn host(&self, host: &str, port: u16) -> Option<HostDane> {
+        if super::mx::address_literal(host).is_some() || !self.secure_address(host).await {
             return None;
         }
-        let base = format!("_25._tcp.{host}");
+        let base = format!("_{port}._tcp.{host}");
         let answer = match self.query(&base, RecordType::TLSA).await {
             Ok(a) => a,
             Err(e) => return Some(HostDane::Unavailable(format!("TLSA lookup of {base}: {e}"))),
@@ -318,7 +323,7 @@ impl Dane {
         if usable.is_empty() {
             return Some(HostDane::EncryptOnly);
         }
-        match DaneTls::new(host, usable) {
+        match DaneTls::new(&base, usable) {
             Ok(d) => Some(HostDane::Authenticate(Arc::new(d))),
             Err(e) => Some(HostDane::Unavailable(e.to_string())),
         }
@@ -620,7 +625,7 @@ mod tests {
         chain: &[CertificateDer<'static>],
         host: &str,
     ) -> Result<(), rustls::Error> {
-        let d = DaneTls::new(host, records).unwrap();
+        let d = DaneTls::new(&format!("_25._tcp.{host}"), records).unwrap();
         let v = DaneVerifier {
             base: d.base.clone(),
             records: d.records.clone(),

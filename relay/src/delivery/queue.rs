@@ -1012,16 +1012,29 @@ impl Queue {
                 looped = Some(s);
                 continue;
             }
-            let host_dane = match target {
-                Target::Mx(_, m) => m.dane_of(&name).map(|d| (m, d)),
+            // What DANE requires of this host, and the policy domain its TLS outcomes are
+            // reported under: the recipient domain for MX hosts, the host for relay hosts.
+            let host_dane: Option<(String, HostDane)> = match target {
+                Target::Mx(_, m) => m
+                    .dane_of(&name)
+                    .zip(m.dane.as_ref())
+                    .map(|(d, (domain, _))| (domain.clone(), d.clone())),
+                Target::Relay { target: t, .. } if t.tls == OutboundTls::DaneOrMtaSts => {
+                    match &self.dane {
+                        Some(d) => d.host(&name, port).await.map(|d| (name.clone(), d)),
+                        None => None,
+                    }
+                }
                 Target::Relay { .. } => None,
             };
-            let (tls, dane) = match host_dane {
+            let (tls, dane) = match &host_dane {
                 Some((_, HostDane::Authenticate(d))) => {
                     (OutboundTls::RequiredVerified, Some(d.clone()))
                 }
                 Some((_, HostDane::EncryptOnly)) => (OutboundTls::Required, None),
-                Some((_, HostDane::Unavailable(why))) => {
+                Some((policy_domain, HostDane::Unavailable(why))) => {
+                    self.metrics
+                        .tls_policy("tlsa", policy_domain, "dnssec-invalid");
                     let s = Status::local(
                         451,
                         "4.7.5",
@@ -1061,7 +1074,7 @@ impl Queue {
                     continue;
                 }
                 let opened = Connection::open(&ht, &self.client).await;
-                match host_dane.and_then(|(m, _)| m.dane.as_ref()) {
+                match &host_dane {
                     Some((domain, _)) => self.report_dane(domain, opened.as_ref()),
                     None => self.report_sts(target, &name, opened.as_ref()),
                 }
@@ -1141,7 +1154,6 @@ impl Queue {
         };
         for (h, d) in &dane_hosts {
             if let HostDane::Unavailable(why) = d {
-                self.metrics.tls_policy("tlsa", domain, "dnssec-invalid");
                 warn!(domain = %domain, host = %h, reason = %why, "DANE: TLSA lookup failed; the host is not used until it succeeds");
             }
         }
