@@ -188,6 +188,22 @@ pub struct DomainPolicy {
     /// [`Credentials::dkim_keys`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim: Option<DkimPolicy>,
+    /// The domain's own MTA-STS policy (RFC 8461), which the relay serves to senders at
+    /// `https://mta-sts.<domain>/.well-known/mta-sts.txt` (runtime `mtaStsPolicy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts: Option<PublishedMtaSts>,
+}
+
+/// An MTA-STS policy a local domain publishes for the mail it receives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PublishedMtaSts {
+    /// The policy file exactly as served (`version: STSv1`, `mode`, `mx` lines, `max_age`;
+    /// CRLF line ends).
+    pub policy: String,
+    /// The policy's id (1-32 letters and digits), published in the `_mta-sts.<domain>` TXT
+    /// record; it changes whenever `policy` does, so senders refetch.
+    pub id: String,
 }
 
 /// How the relay DKIM-signs a domain's mail (RFC 6376, RFC 8463).

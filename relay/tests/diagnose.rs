@@ -1338,6 +1338,7 @@ fn dkim_records_published_missing_different_and_revoked() {
             header_canonicalization: DkimCanonicalization::Relaxed,
             body_canonicalization: DkimCanonicalization::Relaxed,
         }),
+        mta_sts: None,
     };
     let cfg = RelayConfig {
         version: ConfigVersion::V1Alpha1,

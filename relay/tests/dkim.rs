@@ -162,6 +162,7 @@ fn relay(
                 windows_nt_domain: None,
                 kerberos_realm: None,
                 dkim: Some(dkim_policy(&selectors)),
+                mta_sts: None,
             });
         },
         move |creds| {

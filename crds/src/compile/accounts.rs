@@ -239,6 +239,7 @@ pub fn compile(
             windows_nt_domain: s.windows_nt_domain.clone(),
             kerberos_realm: s.kerberos_realm.clone(),
             dkim: None,
+            mta_sts: None,
         };
         compiled.push(Compiled {
             report: r,

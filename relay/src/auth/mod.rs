@@ -1855,6 +1855,7 @@ mod tests {
             windows_nt_domain: nt.map(str::to_string),
             kerberos_realm: None,
             dkim: None,
+            mta_sts: None,
         };
         let account = |login: &str, password: &str, mfa: bool| Account {
             login: login.into(),

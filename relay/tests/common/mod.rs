@@ -233,6 +233,7 @@ pub fn relay_config(ports: &Ports, recipients: &[&str]) -> RelayConfig {
             windows_nt_domain: None,
             kerberos_realm: None,
             dkim: None,
+            mta_sts: None,
         }],
         services: vec![
             service("smtp", ports.smtp, Protocol::Smtp, AuthMode::Optional),
