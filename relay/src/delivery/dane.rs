@@ -577,7 +577,7 @@ impl ServerCertVerifier for DaneVerifier {
     }
 }
 
-/// Whether a handshake error came from [`DaneVerifier`] finding no matching record.
+/// Whether a handshake error came from the DANE certificate verifier finding no matching record.
 pub fn is_mismatch(e: &rustls::Error) -> bool {
     matches!(
         e,
