@@ -8,6 +8,7 @@
 //!   in when the files change; [`settings`] is `runtime.yaml`;
 //! - [`delivery`]: the queue, MX resolution ([`dns`]), the SMTP client, DSNs; the durable spool
 //!   is the `mailrelay-spool` crate;
+//! - [`policy_host`]: the HTTPS listener serving the local domains' MTA-STS policies;
 //! - [`metrics`], [`telemetry`] (traces), [`http`] (metrics and admin listeners), [`memory`]
 //!   (allocator tuning), [`dnscheck`] (sender-domain and PTR checks), [`dnsbl`] (blocklists);
 //! - [`diagnose`]: `relay diagnose`, the outbound troubleshooting report for one destination.
@@ -26,6 +27,7 @@ pub mod memory;
 pub mod metrics;
 pub mod net;
 pub mod policy;
+pub mod policy_host;
 pub mod proxy;
 pub mod reload;
 pub mod security;

@@ -228,6 +228,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         info!(%addr, token = token.is_some(), "administration listener");
         tokio::spawn(http::serve_admin(listener, admin_queue, token));
     }
+    let policy_host = match &relay.settings.mta_sts_policy {
+        Some(p) => {
+            let listener = mailrelay_relay::policy_host::bind(p.listen_address).await?;
+            let (current, metrics) = (relay.current.clone(), relay.metrics.clone());
+            Some(tokio::spawn(async move {
+                if let Err(e) =
+                    mailrelay_relay::policy_host::serve(listener, current, metrics).await
+                {
+                    error!(error = %format!("{e:#}"), "MTA-STS policy host stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let handoff =
         mailrelay_relay::handoff::receiver::bind(&relay)
             .await?
@@ -251,6 +265,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // unfinished stays in the spool (for the next start, or the drain Job after a scale-down).
     relay.stop_listening();
     if let Some(h) = &handoff {
+        h.abort();
+    }
+    if let Some(h) = &policy_host {
         h.abort();
     }
     relay.begin_shutdown();

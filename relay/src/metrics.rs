@@ -347,6 +347,9 @@ pub struct Metrics {
     /// Outbound TLS policy outcomes (TLS-RPT, RFC 8460), by policy type, policy domain and
     /// result (see [`TlsPolicyLabels`]).
     pub tls_policy_results: Family<TlsPolicyLabels, Counter>,
+    /// Requests to the MTA-STS policy host ([`crate::policy_host`]), by `result`: `served`,
+    /// `not_found` (unknown host or path), `bad_method` (neither GET nor HEAD).
+    pub mta_sts_policy_requests: Family<ResultLabels, Counter>,
     // ---- inbound DNS blocklists (crate::dnsbl) ----
     /// DNSBL queries sent (cache misses), by zone and result.
     pub dnsbl_lookups: Family<DnsblLookupLabels, Counter>,
@@ -409,6 +412,7 @@ impl Metrics {
             tls_handshake_failures: Family::default(),
             delivery_by_destination: Family::default(),
             tls_policy_results: Family::default(),
+            mta_sts_policy_requests: Family::default(),
             dnsbl_lookups: Family::default(),
             dnsbl_lookup_duration: Family::new_with_constructor(dnsbl_duration_histogram),
             dnsbl_cache_hits: Family::default(),
@@ -622,6 +626,11 @@ impl Metrics {
             "tls_policy_results",
             "Outbound TLS policy outcomes as TLS-RPT (RFC 8460) counts them, by policy type (sts, tlsa), policy domain and result (success or an RFC 8460 result type)",
             self.tls_policy_results.clone(),
+        );
+        registry.register(
+            "mta_sts_policy_requests",
+            "Requests to the MTA-STS policy host (mtaStsPolicy), by result (served, not_found, bad_method)",
+            self.mta_sts_policy_requests.clone(),
         );
     }
 
@@ -842,6 +851,15 @@ impl Metrics {
             .get_or_create(&ReasonLabels {
                 service: service.to_string(),
                 reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// One request to the MTA-STS policy host; `result`: `served`, `not_found` or `bad_method`.
+    pub fn mta_sts_policy_request(&self, result: &str) {
+        self.mta_sts_policy_requests
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
             })
             .inc();
     }

@@ -73,6 +73,21 @@ pub struct RuntimeSettings {
     /// The queue hand-off listener (see [`crate::handoff`]); absent: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSettings>,
+    /// The HTTPS listener serving the local domains' MTA-STS policies (see
+    /// [`crate::policy_host`]); absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts_policy: Option<MtaStsPolicySettings>,
+}
+
+/// `mtaStsPolicy`: serve `https://mta-sts.<domain>/.well-known/mta-sts.txt` (RFC 8461 §3.3) for
+/// every local domain whose compiled policy carries an MTA-STS policy, with the certificate of
+/// the live policy that covers `mta-sts.<domain>` (chosen by SNI).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MtaStsPolicySettings {
+    /// Address the HTTPS listener binds (e.g. `[::]:8443`; senders reach it on port 443, so in
+    /// a container a Service maps 443 onto it).
+    pub listen_address: SocketAddr,
 }
 
 /// `handoff`: the mutual-TLS listener other relay pods (and `relay drain`) hand their queued
@@ -544,6 +559,7 @@ impl Default for RuntimeSettings {
             limits: LimitSettings::default(),
             logging: LoggingSettings::default(),
             handoff: None,
+            mta_sts_policy: None,
         }
     }
 }
@@ -664,6 +680,22 @@ mod tests {
         assert!(s.listen_addr(60000).is_err());
         let s: RuntimeSettings = serde_norway::from_str("listenPortOffset: 10000\n").unwrap();
         assert_eq!(s.listen_addr(465).unwrap().port(), 10465);
+    }
+
+    #[test]
+    fn mta_sts_policy_listener_is_off_unless_set() {
+        assert_eq!(RuntimeSettings::default().mta_sts_policy, None);
+        let s: RuntimeSettings =
+            serde_norway::from_str("mtaStsPolicy:\n  listenAddress: \"[::]:8443\"\n").unwrap();
+        assert_eq!(
+            s.mta_sts_policy.map(|p| p.listen_address),
+            Some("[::]:8443".parse().unwrap())
+        );
+        assert!(serde_norway::from_str::<RuntimeSettings>("mtaStsPolicy: {}\n").is_err());
+        assert!(serde_norway::from_str::<RuntimeSettings>(
+            "mtaStsPolicy:\n  listenAddress: \"[::]:8443\"\n  port: 1\n"
+        )
+        .is_err());
     }
 
     #[test]

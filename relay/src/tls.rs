@@ -1,7 +1,7 @@
 //! Certificates and the rustls server side. Certificates are part of the config snapshot, so a
 //! rotated Secret is served by the next handshake; the [`SnapshotResolver`] picks the certificate
 //! per handshake from whatever snapshot is current (by SNI among all configured certificates,
-//! else the service's own).
+//! else the service's own; or by SNI only, for the MTA-STS policy host).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -259,27 +259,61 @@ fn persist(
 #[derive(Debug)]
 pub struct SnapshotResolver {
     current: Arc<ArcSwap<Snapshot>>,
-    secret: String,
+    /// The TLS Secret served when no other certificate covers the SNI name (an SMTP service's
+    /// own); `None`: by SNI only, and a handshake without a covered name fails.
+    secret: Option<String>,
+}
+
+impl SnapshotResolver {
+    /// Serves, per handshake, whichever certificate of the live snapshot covers the SNI name,
+    /// and nothing else: no SNI, or a name no loaded certificate covers, fails the handshake
+    /// (the MTA-STS policy host, [`crate::policy_host`]). A rotated or newly referenced
+    /// certificate is served from the next snapshot on, without a restart.
+    pub fn sni_only(current: Arc<ArcSwap<Snapshot>>) -> Self {
+        SnapshotResolver {
+            current,
+            secret: None,
+        }
+    }
 }
 
 impl ResolvesServerCert for SnapshotResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let snap = self.current.load();
+        let covering = |sni: &str| {
+            snap.certs
+                .values()
+                .find(|c| c.dns_names.iter().any(|n| name_matches(n, sni)))
+                .map(|c| c.key.clone())
+        };
+        let Some(secret) = &self.secret else {
+            return hello.server_name().and_then(covering);
+        };
         if let Some(sni) = hello.server_name() {
-            let own = snap.certs.get(&self.secret);
+            let own = snap.certs.get(secret);
             let own_matches = own.is_some_and(|c| c.dns_names.iter().any(|n| name_matches(n, sni)));
             if !own_matches {
-                if let Some(other) = snap
-                    .certs
-                    .values()
-                    .find(|c| c.dns_names.iter().any(|n| name_matches(n, sni)))
-                {
-                    return Some(other.key.clone());
+                if let Some(other) = covering(sni) {
+                    return Some(other);
                 }
             }
         }
-        snap.certs.get(&self.secret).map(|c| c.key.clone())
+        snap.certs.get(secret).map(|c| c.key.clone())
     }
+}
+
+/// A rustls server configuration whose certificate is chosen by SNI alone from the live
+/// snapshot ([`SnapshotResolver::sni_only`]), offering HTTP/1.1 by ALPN.
+pub fn sni_only_acceptor(
+    current: Arc<ArcSwap<Snapshot>>,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(SnapshotResolver::sni_only(current)));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// DNS name match with a single leading `*.` wildcard label.
@@ -317,7 +351,7 @@ impl TlsAcceptors {
         }
         let resolver = SnapshotResolver {
             current: self.current.clone(),
-            secret: secret.to_string(),
+            secret: Some(secret.to_string()),
         };
         let config =
             ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
