@@ -52,12 +52,13 @@ pub struct DnsRecord {
     /// Owner name, fully qualified without the trailing dot, e.g.
     /// `mail2026._domainkey.example.com`.
     pub name: String,
-    /// Record type, e.g. `TXT`.
+    /// Record type: `TXT` or `CNAME`.
     #[serde(rename = "type")]
     pub type_: String,
-    /// Record data as published (one TXT string; DNS tools split it into 255-byte pieces).
+    /// Record data as published: for `TXT` one string (DNS tools split it into 255-byte
+    /// pieces), for `CNAME` the target host name.
     pub value: String,
-    /// What it is for, e.g. `DKIM selector mail2026 (rsa-sha256)` or `SPF`.
+    /// What it is for, e.g. `DKIM selector mail2026 (rsa-sha256)`, `SPF` or `MTA-STS`.
     pub purpose: String,
 }
 

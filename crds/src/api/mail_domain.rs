@@ -84,6 +84,96 @@ pub struct MailDomainSpec {
     /// Publishing `status.dnsRecords` into DNS by the operator (opt-in).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsPublishSpec>,
+    /// The domain's own MTA-STS policy (RFC 8461) for the mail it receives: the relay serves it
+    /// at `https://mta-sts.<domain>/.well-known/mta-sts.txt` (local domains only; the chart
+    /// value `relay.mtaStsPolicy.enabled` opens the HTTPS listener) and `status.dnsRecords`
+    /// lists the `_mta-sts.<domain>` TXT record and the `mta-sts.<domain>` CNAME it needs. The
+    /// relay's certificate must cover `mta-sts.<domain>` (add it to an SmtpService's
+    /// `tls.dnsNames`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts: Option<MtaStsSpec>,
+    /// SMTP TLS reporting (RFC 8460): where senders send their daily reports about TLS
+    /// connections to this domain's MX hosts (the `_smtp._tls.<domain>` TXT record listed in
+    /// `status.dnsRecords`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_rpt: Option<TlsRptSpec>,
+}
+
+/// Largest `max_age` RFC 8461 allows (one year).
+pub const MTA_STS_MAX_AGE_LIMIT: u32 = 31_557_600;
+/// `max_age` of a policy when `maxAgeSeconds` is unset (one week).
+pub const MTA_STS_DEFAULT_MAX_AGE: u32 = 604_800;
+
+/// A domain's MTA-STS policy (RFC 8461): senders that support MTA-STS deliver to the listed
+/// MX hosts only, over TLS with a certificate valid for the MX host name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MtaStsSpec {
+    /// `Testing`: senders deliver as before and only report failures (TLS-RPT); start here.
+    /// `Enforce`: senders refuse to deliver to hosts not in `mx` or without valid TLS.
+    /// `None`: withdraws a policy senders cached (publish it until the old `max_age` passed).
+    pub mode: MtaStsModeSpec,
+    /// The host names of the domain's MX records that accept mail over TLS, in the order they
+    /// appear in the policy: each a host name (`mx1.example.com`) or a wildcard for one label
+    /// (`*.example.com`). Each MX host's certificate must be valid for its name. Changing the
+    /// list changes the policy id, so senders fetch the new policy.
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(
+            length(max = 253),
+            regex(
+                pattern = r"^(\*\.)?([A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?\.)+[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?$"
+            )
+        )
+    )]
+    pub mx: Vec<String>,
+    /// How long senders may cache the policy, in seconds (`max_age`): 604800 (one week) when
+    /// unset, at most 31557600 (one year). Use a short value while testing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 31557600))]
+    pub max_age_seconds: Option<u32>,
+    /// The relay's public HTTPS host name that the `mta-sts.<domain>` CNAME record points to
+    /// (the name of the relay Service's address in DNS). Default: the first `mx` entry that is
+    /// not a wildcard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "domain_schema")]
+    pub policy_host: Option<String>,
+}
+
+/// The MTA-STS policy mode (`mode:` in the policy file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum MtaStsModeSpec {
+    /// `enforce`: delivery only to the listed MX hosts, only over valid TLS.
+    Enforce,
+    /// `testing`: failures are reported (TLS-RPT) but mail is still delivered.
+    Testing,
+    /// `none`: no policy; senders drop the one they cached.
+    None,
+}
+
+impl MtaStsModeSpec {
+    /// The mode as written in the policy file.
+    pub fn as_policy_str(self) -> &'static str {
+        match self {
+            MtaStsModeSpec::Enforce => "enforce",
+            MtaStsModeSpec::Testing => "testing",
+            MtaStsModeSpec::None => "none",
+        }
+    }
+}
+
+/// SMTP TLS reporting (RFC 8460) for a domain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsRptSpec {
+    /// Where reports go (`rua=`): `mailto:` addresses (e.g. `mailto:tlsrpt@example.com`) or
+    /// `https:` URLs that accept reports by POST. Receiving and reading the reports is up to
+    /// that address; the relay does not process them.
+    #[schemars(
+        length(min = 1, max = 8),
+        inner(length(max = 2048), regex(pattern = r"^(mailto|https):[^,;\s]+$"))
+    )]
+    pub rua: Vec<String>,
 }
 
 /// How the operator publishes the domain's DNS records.

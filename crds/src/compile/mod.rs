@@ -13,6 +13,7 @@ mod dkim;
 mod dnsbl;
 mod ipgroups;
 mod keytabs;
+mod mta_sts;
 pub mod previous;
 mod report;
 mod rules;
@@ -395,6 +396,7 @@ pub fn compile(inputs: &Inputs, previous: Option<&Previous>) -> Compiled {
 
     let mut domains = domains;
     let dkim_keys = dkim::compile(&ctx, &inputs.mail_domains, &mut domains, &mut reports);
+    mta_sts::compile(&inputs.mail_domains, &services, &mut domains, &mut reports);
 
     let mut services = services;
     let keytabs = keytabs::compile(
