@@ -14,6 +14,8 @@
 //! - only unusable records (usage 1): TLS is still mandatory but any certificate does;
 //! - an unsigned zone's TLSA records are ignored (opportunistic TLS); a TLSA lookup that
 //!   SERVFAILs (its zone is bogus) keeps the host from being used; `dnssec: Off` ignores TLSA;
+//! - a `Relay` rule's host under `DaneOrMtaSts`: TLSA at `_<port>._tcp.<host>` authenticates
+//!   it (match delivers, mismatch defers);
 //! - the fixture itself: AD for signed names, none for unsigned ones, SERVFAIL for bogus ones.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -160,12 +162,39 @@ fn settings(dns: &SignedDns, smtp_port: u16) -> DeliverySettings {
 }
 
 async fn start(spool_dir: &Path, s: DeliverySettings) -> Env {
+    start_with(spool_dir, s, RelayConfig::default()).await
+}
+
+/// A relay whose only delivery rule sends everything to `host:port` under `DaneOrMtaSts`.
+fn relay_rule_to(host: &str, port: u16) -> RelayConfig {
+    RelayConfig {
+        delivery_rules: vec![RoutePolicy {
+            name: "smarthost".into(),
+            priority: 0,
+            senders: vec![],
+            recipients: vec![],
+            action: RouteAction::Relay(RelayTarget {
+                hosts: vec![RelayHost {
+                    host: host.into(),
+                    port,
+                }],
+                tls: OutboundTls::DaneOrMtaSts,
+                auth: None,
+            }),
+            tls: None,
+            retry: None,
+        }],
+        ..RelayConfig::default()
+    }
+}
+
+async fn start_with(spool_dir: &Path, s: DeliverySettings, config: RelayConfig) -> Env {
     let (spool, _) = Spool::open(spool_dir, SpoolOptions::without_fsync())
         .await
         .unwrap();
     let spool = Arc::new(spool);
     let snap = Snapshot {
-        config: RelayConfig::default(),
+        config,
         credentials: Credentials::default(),
         certs: BTreeMap::new(),
         missing_certs: BTreeMap::new(),
@@ -544,5 +573,77 @@ async fn dnssec_off_ignores_tlsa_records() {
     wait_for("delivered", || sink.messages().len() == 1).await;
     assert!(sink.messages()[0].tls);
     assert!(!env.any_tlsa_metric(), "{}", env.metrics.encode());
+    env.stop().await;
+}
+
+/// The zone `dane.test` with the smarthost `smarthost.dane.test` on loopback and its TLSA record
+/// under the port the rule names (not 25).
+fn smarthost_zone(port: u16, tlsa: String) -> Zone {
+    Zone {
+        name: "dane.test".into(),
+        kind: ZoneKind::Signed,
+        records: vec![
+            "smarthost.dane.test. 300 IN A 127.0.0.1".into(),
+            format!("_{port}._tcp.smarthost.dane.test. 300 IN TLSA {tlsa}"),
+        ],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_rule_host_is_authenticated_by_tlsa_under_its_own_port() {
+    // A certificate no verifier would accept: only the TLSA record under the rule's port can.
+    let cert = self_signed_expired("elsewhere.example");
+    let sink = tls_sink(&cert).await;
+    let port = sink.addr.port();
+    let Some(dns) = dns(vec![smarthost_zone(
+        port,
+        format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf())),
+    )]) else {
+        return;
+    };
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start_with(
+        spool_dir.path(),
+        settings(&dns, common::free_port()),
+        relay_rule_to("smarthost.dane.test", port),
+    )
+    .await;
+    env.submit("bob@example.org").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "DANE delivers over TLS only");
+    // TLS-RPT counts a relay host's DANE result under the host name.
+    env.wait_tlsa_metric("smarthost.dane.test", "success").await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_rule_host_whose_tlsa_does_not_match_is_deferred() {
+    let cert = self_signed_expired("smarthost.dane.test");
+    let other = self_signed_expired("smarthost.dane.test");
+    let sink = tls_sink(&cert).await;
+    let port = sink.addr.port();
+    let Some(dns) = dns(vec![smarthost_zone(
+        port,
+        format!("3 1 1 {}", tlsa_sha256_spki(other.leaf())),
+    )]) else {
+        return;
+    };
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start_with(
+        spool_dir.path(),
+        settings(&dns, common::free_port()),
+        relay_rule_to("smarthost.dane.test", port),
+    )
+    .await;
+    let id = env.submit("bob@example.org").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.5"), "{err}");
+    assert!(
+        sink.connections.load(Ordering::SeqCst) >= 1,
+        "the host was tried"
+    );
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    env.wait_tlsa_metric("smarthost.dane.test", "tlsa-invalid")
+        .await;
     env.stop().await;
 }
