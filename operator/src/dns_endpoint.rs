@@ -3,7 +3,9 @@
 //! Owns the DNSEndpoint objects: one per publishing MailDomain, named
 //! `mailrelay-<MailDomain name>`, owned by it (garbage collected with it) and labelled as managed
 //! by the operator; they are applied when their records change and deleted when publishing is
-//! turned off.
+//! turned off. Each record becomes one endpoint of its own type: the TXT records (DKIM, SPF,
+//! MTA-STS, TLS-RPT) with their text as the target, the MTA-STS policy host's CNAME with the
+//! target host name.
 //!
 //! external-dns is optional, so its CRD may be missing: that is a `Warning` condition on the
 //! publishing MailDomains, never a failed reconcile. Records that still carry a placeholder (the
@@ -293,6 +295,34 @@ mod tests {
             value: value.into(),
             purpose: "test".into(),
         }
+    }
+
+    #[test]
+    fn cname_records_are_published_with_their_type_and_bare_target() {
+        let recs = [
+            record("_mta-sts.example.com", "v=STSv1; id=0123456789abcdef0123"),
+            DnsRecord {
+                name: "mta-sts.example.com".into(),
+                type_: "CNAME".into(),
+                value: "relay.example.net".into(),
+                purpose: "MTA-STS".into(),
+            },
+            record(
+                "_smtp._tls.example.com",
+                "v=TLSRPTv1; rua=mailto:tlsrpt@example.com",
+            ),
+        ];
+        assert_eq!(
+            endpoints(&recs, None),
+            vec![
+                json!({"dnsName": "_mta-sts.example.com", "recordType": "TXT",
+                "targets": ["v=STSv1; id=0123456789abcdef0123"]}),
+                json!({"dnsName": "mta-sts.example.com", "recordType": "CNAME",
+                "targets": ["relay.example.net"]}),
+                json!({"dnsName": "_smtp._tls.example.com", "recordType": "TXT",
+                "targets": ["v=TLSRPTv1; rua=mailto:tlsrpt@example.com"]}),
+            ]
+        );
     }
 
     #[test]

@@ -62,10 +62,16 @@ pub fn run(args: &RenderArgs) -> anyhow::Result<i32> {
     // What `status.dnsRecords` will show, so a GitOps review sees the DNS changes a policy needs.
     for r in &compiled.report.objects {
         for rec in &r.dns_records {
+            // TXT data in quotes as zone files write it; a CNAME target bare.
+            let value = if rec.type_ == "TXT" {
+                format!("\"{}\"", rec.value)
+            } else {
+                rec.value.clone()
+            };
             writeln!(
                 stderr,
-                "{}/{}: DNS record to publish: {} {} \"{}\" ({})",
-                r.kind, r.name, rec.name, rec.type_, rec.value, rec.purpose
+                "{}/{}: DNS record to publish: {} {} {} ({})",
+                r.kind, r.name, rec.name, rec.type_, value, rec.purpose
             )?;
         }
     }
