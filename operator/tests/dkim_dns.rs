@@ -7,7 +7,9 @@
 //!   (`DnsEndpointCrdMissing`) and an otherwise complete status; with the CRD
 //!   (`tests/fixtures/externaldns-dnsendpoint-crd.yaml`) installed, a `DNSEndpoint` owned by the
 //!   MailDomain holds its TXT records (the SPF placeholder left out, with a warning), follows a
-//!   new selector and goes when publishing is turned off.
+//!   new selector, adds the MTA-STS TXT, the `mta-sts.<domain>` CNAME and the TLS-RPT TXT of
+//!   `spec.mtaSts` and `spec.tlsRpt` (each endpoint with its record type) and goes when
+//!   publishing is turned off.
 //!
 //! Only this binary installs or deletes the DNSEndpoint CRD, so its tests that depend on the
 //! CRD's presence run one after the other in one test function.
@@ -91,6 +93,43 @@ fn endpoints(ep: &Value) -> Vec<(String, String, Option<i64>)> {
                 e["dnsName"].as_str().unwrap_or("").to_string(),
                 e["targets"][0].as_str().unwrap_or("").to_string(),
                 e["recordTTL"].as_i64(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The endpoints of the DNSEndpoint as (dnsName, recordType, target), any record type.
+fn typed_endpoints(ep: &Value) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = ep["spec"]["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            assert_eq!(e["targets"].as_array().map(Vec::len), Some(1), "{e}");
+            (
+                e["dnsName"].as_str().unwrap_or("").to_string(),
+                e["recordType"].as_str().unwrap_or("").to_string(),
+                e["targets"][0].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// `status.dnsRecords` as (name, type, value).
+fn typed_records(md: &Value) -> Vec<(String, String, String)> {
+    let mut v: Vec<_> = md["status"]["dnsRecords"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap_or("").to_string(),
+                r["type"].as_str().unwrap_or("").to_string(),
+                r["value"].as_str().unwrap_or("").to_string(),
             )
         })
         .collect();
@@ -344,6 +383,75 @@ fn dns_endpoint_publishing_follows_the_crd_and_the_spec() {
             .any(|(n, v, _)| n == "example.org" && v == "v=spf1 ip4:192.0.2.25 -all"),
         "{want:?}"
     );
+
+    // MTA-STS and TLS-RPT on the (now local) domain: the policy's TXT record, the policy host's
+    // CNAME and the TLS-RPT TXT record join the DNSEndpoint, each with its record type and the
+    // CNAME target bare; the policy goes into relay.yaml. No SmtpService certificate is for
+    // mta-sts.example.org here, which is a warning.
+    apply(&format!(
+        "{}  spf: {{egressAddresses: [192.0.2.25]}}\n  recipients: {{acceptAll: true}}\n  mtaSts: {{mode: Testing, mx: [mx1.example.org, \"*.example.org\"], policyHost: relay.example.net}}\n  tlsRpt: {{rua: [\"mailto:tlsrpt@example.org\"]}}\n",
+        domain(&ns, &["s1", "s2"], "{publish: ExternalDns, ttl: 300}")
+            .replace("local: false", "local: true")
+    ));
+    let ep = wait_for("six endpoints", Duration::from_secs(30), || {
+        let ep = get(
+            "dnsendpoints.externaldns.k8s.io",
+            &ns,
+            "mailrelay-example-org",
+        )?;
+        (typed_endpoints(&ep).len() == 6).then_some(ep)
+    });
+    let md = wait_condition(
+        "maildomain",
+        &ns,
+        "example-org",
+        "Warning",
+        "True",
+        Some("MtaStsNoCertificate"),
+    );
+    let w = condition(&md, "Warning").expect("Warning");
+    assert!(
+        w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("add mta-sts.example.org to the tls.dnsNames"),
+        "{w}"
+    );
+    assert_eq!(condition(&md, "Ready").expect("Ready")["status"], "True");
+    let got = typed_endpoints(&ep);
+    assert_eq!(
+        got,
+        typed_records(&md),
+        "the DNSEndpoint holds status.dnsRecords"
+    );
+    let sts = got
+        .iter()
+        .find(|(n, t, _)| n == "_mta-sts.example.org" && t == "TXT")
+        .unwrap_or_else(|| panic!("no _mta-sts TXT: {got:?}"));
+    let id = sts.2.strip_prefix("v=STSv1; id=").expect("v=STSv1; id=");
+    assert!(
+        id.len() == 20 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id}"
+    );
+    for want in [
+        ("mta-sts.example.org", "CNAME", "relay.example.net"),
+        (
+            "_smtp._tls.example.org",
+            "TXT",
+            "v=TLSRPTv1; rua=mailto:tlsrpt@example.org",
+        ),
+    ] {
+        assert!(
+            got.iter()
+                .any(|(n, t, v)| (n.as_str(), t.as_str(), v.as_str()) == want),
+            "no {want:?} in {got:?}"
+        );
+    }
+    let relay_yaml = wait_for("the policy in relay.yaml", Duration::from_secs(30), || {
+        let y = op.relay_yaml(&ns);
+        y.contains(id).then_some(y)
+    });
+    assert!(relay_yaml.contains("mtaSts"), "{relay_yaml}");
 
     // Publishing off: the DNSEndpoint goes.
     apply(&format!(
