@@ -167,23 +167,56 @@ rendered(custom, 11024, 110, "[::]:11024", "Retain")
 rendered(explicit, 10024, 5, "0.0.0.0:10024", "DeleteAfterDrain")
 print("scale-down settings consistent")
 PY
+# MTA-STS policy host (relay.mtaStsPolicy): off by default; on, runtime.yaml gets its listener on
+# runtime.listenAddress and the chosen port, the relay container the port `mta-sts`, and the
+# operator's Service settings that port to publish as 443.
+helm template mail "$chart" --namespace mail --set relay.mtaStsPolicy.enabled=true \
+  --set relay.mtaStsPolicy.port=9443 --set relay.runtime.listenAddress=:: > "$out/mta-sts.yaml"
+python3 - "$d" "$out/mta-sts.yaml" <<'PY' || fail "MTA-STS policy host settings (see above)"
+import sys, yaml
+
+def parts(path):
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(open(path)) if o}
+    runtime = yaml.safe_load(objs[("ConfigMap", "mail-runtime")]["data"]["runtime.yaml"])
+    relay = objs[("StatefulSet", "mail-relay")]["spec"]["template"]["spec"]["containers"][0]
+    service = yaml.safe_load(objs[("ConfigMap", "mail-operator")]["data"]["relay-service.yaml"])
+    return runtime, relay["ports"], service
+
+def check(cond, msg):
+    if not cond:
+        print(f"chart check failed: {msg}", file=sys.stderr)
+        sys.exit(1)
+
+runtime, ports, service = parts(sys.argv[1])
+check("mtaStsPolicy" not in runtime, f"default runtime.yaml has mtaStsPolicy: {runtime.get('mtaStsPolicy')}")
+check(all(p["name"] != "mta-sts" for p in ports), f"default relay ports {ports}")
+check("mtaStsPolicyPort" not in service, f"default relay-service.yaml {service}")
+runtime, ports, service = parts(sys.argv[2])
+check(runtime.get("mtaStsPolicy") == {"listenAddress": "[::]:9443"}, f"runtime mtaStsPolicy {runtime.get('mtaStsPolicy')}")
+check({"name": "mta-sts", "containerPort": 9443} in ports, f"relay ports {ports}")
+check(service.get("mtaStsPolicyPort") == 9443, f"relay-service.yaml {service}")
+print("MTA-STS policy host settings consistent")
+PY
+
 # Grace periods that cannot agree fail the render, with a message naming the values.
 for bad in relay.terminationGracePeriodSeconds=14 \
            relay.terminationGracePeriodSeconds=30,relay.runtime.delivery.shutdownGraceSeconds=26 \
-           relay.pdb.maxUnavailable=0 relay.scaleDown.retry.maxSeconds=10; do
+           relay.pdb.maxUnavailable=0 relay.scaleDown.retry.maxSeconds=10 \
+           relay.mtaStsPolicy.port=9090,relay.mtaStsPolicy.enabled=true; do
   if helm template mail "$chart" --set "$bad" >/dev/null 2>"$out/err"; then
     fail "--set $bad rendered; the chart must refuse it"
   fi
   grep -q "${bad%%=*}" "$out/err" || fail "--set $bad failed without naming the value: $(cat "$out/err")"
 done
-for bad in relay.scaleDown.pvcRetention=Delete relay.handoff.port=0 relay.scaleDown.drainJob.deadline=1; do
+for bad in relay.scaleDown.pvcRetention=Delete relay.handoff.port=0 relay.scaleDown.drainJob.deadline=1 \
+           relay.mtaStsPolicy.port=0 relay.mtaStsPolicy.enabled=yes relay.mtaStsPolicy.https=true; do
   if helm template mail "$chart" --set "$bad" >/dev/null 2>"$out/err"; then
     fail "--set $bad rendered; the schema must reject it"
   fi
   grep -qi "schema" "$out/err" || fail "--set $bad failed for another reason: $(cat "$out/err")"
 done
 
-files=("$out/default.yaml" "$out/production.yaml" "$out/small.yaml" "$out/custom.yaml")
+files=("$out/default.yaml" "$out/production.yaml" "$out/small.yaml" "$out/custom.yaml" "$out/mta-sts.yaml")
 for dir in deploy/rbac deploy/operator; do
   [ -d "$dir" ] && while IFS= read -r f; do files+=("$f"); done < <(find "$dir" -name '*.yaml' | sort)
 done

@@ -1,7 +1,8 @@
 //! The relay's Kubernetes `Service`, owned by the operator: one port per SmtpService of the
 //! compiled policy (port = the SmtpService's port, targetPort = port + the relay's
 //! `listenPortOffset`), so a SmtpService added with `kubectl apply` is reachable without a
-//! `helm upgrade`. Everything about the Service that is not policy (type, traffic policy,
+//! `helm upgrade`; plus port 443 (`mta-sts`) onto the relay's MTA-STS policy host when the chart
+//! turns it on (`mtaStsPolicyPort`). Everything about the Service that is not policy (type, traffic policy,
 //! annotations, source ranges, load balancer class, selector) comes from a settings file the
 //! chart writes (`--relay-service-config`); the operator creates the Service with server-side
 //! apply and is its only field manager. Also owns the PROXY protocol cross-check: when the load
@@ -52,7 +53,16 @@ pub struct RelayServiceConfig {
     pub listen_port_offset: u16,
     #[serde(default)]
     pub proxy_protocol: ProxyProtocolSettings,
+    /// Container port of the relay's MTA-STS policy host (runtime `mtaStsPolicy`), published as
+    /// Service port 443 ([`MTA_STS_PORT_NAME`]); unset: not published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mta_sts_policy_port: Option<u16>,
 }
+
+/// Name of the Service port of the MTA-STS policy host (HTTPS, 443).
+pub const MTA_STS_PORT_NAME: &str = "mta-sts";
+/// The port senders fetch MTA-STS policies on (RFC 8461 §3.3: HTTPS).
+pub const MTA_STS_SERVICE_PORT: u16 = 443;
 
 /// Whether the load balancer in front of the Service sends a PROXY protocol header.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -77,6 +87,9 @@ impl RelayServiceConfig {
             .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         let c: RelayServiceConfig = serde_norway::from_str(&text)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if c.mta_sts_policy_port == Some(0) {
+            anyhow::bail!("{}: mtaStsPolicyPort 0 is not a port", path.display());
+        }
         if !["ClusterIP", "NodePort", "LoadBalancer"].contains(&c.type_.as_str()) {
             anyhow::bail!(
                 "{}: type {:?} must be ClusterIP, NodePort or LoadBalancer",
@@ -143,6 +156,27 @@ pub fn desired(
             protocol: Some("TCP".into()),
             ..ServicePort::default()
         });
+    }
+    if let Some(target) = cfg.mta_sts_policy_port {
+        // A Service cannot carry one port (or port name) twice: an SmtpService on 443, or
+        // named like this port, keeps it, and the policy host is not published.
+        let taken = ports.iter().any(|p| {
+            p.port == i32::from(MTA_STS_SERVICE_PORT)
+                || p.name.as_deref() == Some(MTA_STS_PORT_NAME)
+        });
+        if taken {
+            tracing::warn!(
+                "an SmtpService uses port {MTA_STS_SERVICE_PORT} or the port name {MTA_STS_PORT_NAME:?}: the MTA-STS policy host is not published on the relay Service"
+            );
+        } else {
+            ports.push(ServicePort {
+                name: Some(MTA_STS_PORT_NAME.into()),
+                port: i32::from(MTA_STS_SERVICE_PORT),
+                target_port: Some(IntOrString::Int(i32::from(target))),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            });
+        }
     }
     let selector = if cfg.selector.is_empty() {
         relay_pod_selector(instance)
@@ -228,6 +262,76 @@ mod tests {
         assert_eq!(port_name("mx.example", 25), "smtp-25");
         assert_eq!(port_name("465", 465), "smtp-465");
         assert_eq!(port_name("a--b", 1), "smtp-1");
+    }
+
+    fn policy(ports: &[(&str, u16)]) -> RelayConfig {
+        let yaml: String = ports
+            .iter()
+            .map(|(name, port)| {
+                format!(
+                    "  - name: {name}\n    port: {port}\n    protocol: Smtp\n    auth: {{mode: Disabled, mechanisms: []}}\n    relayControl: open\n"
+                )
+            })
+            .collect();
+        serde_norway::from_str(&format!(
+            "version: mailrelay.dev/v1alpha1\nservices:\n{yaml}"
+        ))
+        .expect("policy")
+    }
+
+    fn service_ports(cfg: &RelayServiceConfig, policy: &RelayConfig) -> Vec<(String, i32, i32)> {
+        let svc = desired(cfg, policy, "mail", "mail", vec![])
+            .expect("desired")
+            .expect("a Service");
+        svc.spec
+            .and_then(|s| s.ports)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|p| {
+                let target = match p.target_port {
+                    Some(IntOrString::Int(t)) => t,
+                    other => panic!("target port {other:?}"),
+                };
+                (p.name.unwrap_or_default(), p.port, target)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn mta_sts_policy_host_is_published_on_443() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("s.yaml");
+        std::fs::write(&p, "listenPortOffset: 10000\nmtaStsPolicyPort: 8443\n").expect("write");
+        let cfg = RelayServiceConfig::load(&p).expect("load");
+        assert_eq!(cfg.mta_sts_policy_port, Some(8443));
+        let smtp = policy(&[("smtp", 25)]);
+        assert_eq!(
+            service_ports(&cfg, &smtp),
+            vec![
+                ("smtp".to_string(), 25, 10025),
+                ("mta-sts".to_string(), 443, 8443)
+            ]
+        );
+        // Off: SMTP ports only.
+        let off = RelayServiceConfig {
+            mta_sts_policy_port: None,
+            ..cfg.clone()
+        };
+        assert_eq!(
+            service_ports(&off, &smtp),
+            vec![("smtp".to_string(), 25, 10025)]
+        );
+        // An SmtpService on 443 or named mta-sts keeps its port; no duplicate.
+        assert_eq!(
+            service_ports(&cfg, &policy(&[("smtps", 443)])),
+            vec![("smtps".to_string(), 443, 10443)]
+        );
+        assert_eq!(
+            service_ports(&cfg, &policy(&[("mta-sts", 2525)])),
+            vec![("mta-sts".to_string(), 2525, 12525)]
+        );
+        std::fs::write(&p, "mtaStsPolicyPort: 0\n").expect("write");
+        assert!(RelayServiceConfig::load(&p).is_err());
     }
 
     #[test]

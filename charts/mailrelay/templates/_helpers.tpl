@@ -51,6 +51,9 @@ loadBalancerClass: {{ . }}
 {{- end }}
 selector: {{ toJson (fromYaml (include "mailrelay.relaySelector" .)) }}
 listenPortOffset: {{ .Values.relay.listenPortOffset }}
+{{- if .Values.relay.mtaStsPolicy.enabled }}
+mtaStsPolicyPort: {{ int .Values.relay.mtaStsPolicy.port }}
+{{- end }}
 proxyProtocol:
   enabled: {{ $s.proxyProtocol.enabled }}
   {{- if $s.proxyProtocol.trustedProxies }}
@@ -90,16 +93,34 @@ render when the two cannot agree. */ -}}
 {{- $delivery := deepCopy ($rt.delivery | default dict) -}}
 {{- $_ := set $delivery "shutdownGraceSeconds" (int (include "mailrelay.shutdownGraceSeconds" .)) -}}
 {{- $_ := set $rt "delivery" $delivery -}}
+{{- if .Values.relay.mtaStsPolicy.enabled -}}
+{{- $_ := set $rt "mtaStsPolicy" (dict "listenAddress" (include "mailrelay.mtaStsListenAddress" .)) -}}
+{{- end -}}
 {{- toYaml $rt -}}
 {{- end -}}
 
 {{- /* host:port of the hand-off listener, on the SMTP listeners' address. */ -}}
 {{- define "mailrelay.handoffListenAddress" -}}
-{{- $ip := .Values.relay.runtime.listenAddress | default "0.0.0.0" -}}
+{{- include "mailrelay.listenOn" (dict "ip" .Values.relay.runtime.listenAddress "port" .Values.relay.handoff.port) -}}
+{{- end -}}
+
+{{- /* host:port of the MTA-STS policy host, on the SMTP listeners' address; its port must not be
+one of the relay's other fixed ports. */ -}}
+{{- define "mailrelay.mtaStsListenAddress" -}}
+{{- $port := int .Values.relay.mtaStsPolicy.port -}}
+{{- if or (eq $port (int .Values.relay.metricsPort)) (eq $port (int .Values.relay.handoff.port)) -}}
+{{- fail (printf "relay.mtaStsPolicy.port %d is already the relay's metrics or hand-off port" $port) -}}
+{{- end -}}
+{{- include "mailrelay.listenOn" (dict "ip" .Values.relay.runtime.listenAddress "port" $port) -}}
+{{- end -}}
+
+{{- /* "ip:port" for a listener (an IPv6 address in brackets); ip defaults to 0.0.0.0. */ -}}
+{{- define "mailrelay.listenOn" -}}
+{{- $ip := .ip | default "0.0.0.0" -}}
 {{- if contains ":" $ip -}}
-{{- printf "[%s]:%d" $ip (int .Values.relay.handoff.port) -}}
+{{- printf "[%s]:%d" $ip (int .port) -}}
 {{- else -}}
-{{- printf "%s:%d" $ip (int .Values.relay.handoff.port) -}}
+{{- printf "%s:%d" $ip (int .port) -}}
 {{- end -}}
 {{- end -}}
 
