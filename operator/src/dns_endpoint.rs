@@ -144,17 +144,31 @@ pub struct Published {
     pub retry: bool,
 }
 
+/// What the operator knows of its DNSEndpoints in a namespace. A namespace it has not looked
+/// at since it started is absent: it lists the DNSEndpoints there once, whatever the
+/// MailDomains say, so one left behind by `spec.dns` removed while the operator was down (or
+/// before a restart) is still deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NamespaceState {
+    /// Nothing of ours is published here (or the CRD is missing) and no MailDomain asks for it.
+    Clean,
+    /// DNSEndpoints are published here, or the last attempt failed.
+    Published,
+}
+
+/// [`NamespaceState`] per namespace, kept for the operator's lifetime.
+pub type Namespaces = Mutex<BTreeMap<String, NamespaceState>>;
+
 /// Applies the DNSEndpoints of the publishing MailDomains of `ns` and deletes ours that are no
-/// longer wanted. `seen` holds the namespaces where the operator published before, so turning
-/// `spec.dns` off altogether still deletes them (after a restart the ownerReference, and any
-/// MailDomain still carrying `spec.dns`, cover it).
+/// longer wanted. `seen` says where that needs an API call: always in a namespace not looked at
+/// yet and where the operator publishes, else only while some MailDomain has `spec.dns`.
 pub async fn reconcile(
     client: &Client,
     ns: &str,
     instance: &str,
     domains: &[MailDomain],
     compiled: &Compiled,
-    seen: &Mutex<BTreeSet<String>>,
+    seen: &Namespaces,
 ) -> Published {
     let mut out = Published::default();
     let publishing: Vec<&MailDomain> = domains
@@ -166,12 +180,17 @@ pub async fn reconcile(
                 .is_some_and(|s| s.publish == DnsPublishMode::ExternalDns)
         })
         .collect();
-    let was_seen = seen.lock().map(|s| s.contains(ns)).unwrap_or(true);
-    // No API call at all for namespaces that never asked for publishing: clusters without
-    // external-dns see no DNSEndpoint request.
-    if !was_seen && !domains.iter().any(|d| d.spec.dns.is_some()) {
+    let known = seen.lock().ok().and_then(|s| s.get(ns).copied());
+    // Once a namespace is known to be clean, no API call while nothing asks for publishing:
+    // clusters without external-dns see one DNSEndpoint request per namespace and start.
+    if known == Some(NamespaceState::Clean) && !domains.iter().any(|d| d.spec.dns.is_some()) {
         return out;
     }
+    let remember = |state: NamespaceState| {
+        if let Ok(mut s) = seen.lock() {
+            s.insert(ns.to_string(), state);
+        }
+    };
     let ar = api_resource();
     let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), ns, &ar);
     let selector = format!("app.kubernetes.io/managed-by={FIELD_MANAGER}");
@@ -190,7 +209,9 @@ pub async fn reconcile(
     let live = match api.list(&ListParams::default().labels(&selector)).await {
         Ok(l) => l.items,
         Err(kube::Error::Api(s)) if s.code == 404 => {
-            if !publishing.is_empty() {
+            if publishing.is_empty() {
+                remember(NamespaceState::Clean);
+            } else {
                 out.retry = true;
                 warn_all(
                     &mut out,
@@ -274,13 +295,11 @@ pub async fn reconcile(
             }
         }
     }
-    if let Ok(mut s) = seen.lock() {
-        if wanted.is_empty() && !out.retry {
-            s.remove(ns);
-        } else {
-            s.insert(ns.to_string());
-        }
-    }
+    remember(if wanted.is_empty() && !out.retry {
+        NamespaceState::Clean
+    } else {
+        NamespaceState::Published
+    });
     out
 }
 

@@ -111,9 +111,9 @@ pub struct Ctx {
     /// returned, so an unchanged Service is not re-applied on every reconcile while a hand edit
     /// (a new resourceVersion) is put back.
     pub applied_services: Mutex<HashMap<String, (serde_json::Value, Option<String>)>>,
-    /// Namespaces where DNSEndpoints were published, so they are deleted when publishing is
-    /// turned off (see [`dns_endpoint::reconcile`]).
-    pub dns_published: Mutex<BTreeSet<String>>,
+    /// Per namespace, whether DNSEndpoints are published there, so they are deleted when
+    /// publishing is turned off (see [`dns_endpoint::reconcile`]).
+    pub dns_published: dns_endpoint::Namespaces,
     pub recorder: Recorder,
     pub certs: CertManager,
     pub metrics: Arc<Metrics>,

@@ -468,6 +468,40 @@ fn dns_endpoint_publishing_follows_the_crd_and_the_spec() {
         .then_some(())
     });
     assert!(op.child_running(), "the operator keeps running");
+
+    // `spec.dns` removed altogether while the operator was down: the operator that starts next
+    // knows nothing of what was published, and must still find and delete the DNSEndpoint.
+    apply(&format!(
+        "{}  spf: {{egressAddresses: [192.0.2.25]}}\n",
+        domain(&ns, &["s1", "s2"], "{publish: ExternalDns}")
+    ));
+    wait_for("the DNSEndpoint again", Duration::from_secs(30), || {
+        get(
+            "dnsendpoints.externaldns.k8s.io",
+            &ns,
+            "mailrelay-example-org",
+        )
+    });
+    op.terminate();
+    let without_dns = domain(&ns, &["s1", "s2"], "{}").replace("  dns: {}\n", "");
+    assert!(!without_dns.contains("dns:"), "{without_dns}");
+    apply(&format!(
+        "{without_dns}  spf: {{egressAddresses: [192.0.2.25]}}\n"
+    ));
+    let mut op = start_operator(&ns, &dir, "dns-b");
+    wait_for(
+        "the DNSEndpoint deleted after a restart",
+        Duration::from_secs(30),
+        || {
+            get(
+                "dnsendpoints.externaldns.k8s.io",
+                &ns,
+                "mailrelay-example-org",
+            )
+            .is_none()
+            .then_some(())
+        },
+    );
     op.terminate();
     kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
