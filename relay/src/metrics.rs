@@ -119,6 +119,14 @@ pub struct TlsPolicyLabels {
     pub result: String,
 }
 
+/// A TLS-RPT aggregate report delivery to one `rua`: `method` `mailto` or `https`, `result`
+/// `sent` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReportLabels {
+    pub method: String,
+    pub result: String,
+}
+
 /// `zone`: a DNSBL zone of the policy (bounded by it); `result`: `listed`, `clean`, `error`,
 /// `timeout`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -347,6 +355,11 @@ pub struct Metrics {
     /// Outbound TLS policy outcomes (TLS-RPT, RFC 8460), by policy type, policy domain and
     /// result (see [`TlsPolicyLabels`]).
     pub tls_policy_results: Family<TlsPolicyLabels, Counter>,
+    /// TLS-RPT aggregate reports delivered (or not) to `rua` addresses (see [`TlsReportLabels`]).
+    pub tls_reports_sent: Family<TlsReportLabels, Counter>,
+    /// TLS policy outcomes not kept for an aggregate report: beyond the per-day bounds of
+    /// policy domains, policies per domain or failure-detail rows per policy.
+    pub tls_report_records_dropped: Counter,
     /// Requests to the MTA-STS policy host ([`crate::policy_host`]), by `result`: `served`,
     /// `not_found` (unknown host or path), `bad_method` (neither GET nor HEAD).
     pub mta_sts_policy_requests: Family<ResultLabels, Counter>,
@@ -412,6 +425,8 @@ impl Metrics {
             tls_handshake_failures: Family::default(),
             delivery_by_destination: Family::default(),
             tls_policy_results: Family::default(),
+            tls_reports_sent: Family::default(),
+            tls_report_records_dropped: Counter::default(),
             mta_sts_policy_requests: Family::default(),
             dnsbl_lookups: Family::default(),
             dnsbl_lookup_duration: Family::new_with_constructor(dnsbl_duration_histogram),
@@ -626,6 +641,16 @@ impl Metrics {
             "tls_policy_results",
             "Outbound TLS policy outcomes as TLS-RPT (RFC 8460) counts them, by policy type (sts, tlsa), policy domain and result (success or an RFC 8460 result type)",
             self.tls_policy_results.clone(),
+        );
+        registry.register(
+            "tls_reports_sent",
+            "TLS-RPT (RFC 8460) aggregate reports delivered to rua addresses, by method (mailto, https) and result (sent, failed)",
+            self.tls_reports_sent.clone(),
+        );
+        registry.register(
+            "tls_report_records_dropped",
+            "TLS policy outcomes left out of the aggregate reports because a per-day bound was reached",
+            self.tls_report_records_dropped.clone(),
         );
         registry.register(
             "mta_sts_policy_requests",

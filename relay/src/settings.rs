@@ -374,6 +374,29 @@ pub struct OutboundTlsSettings {
     /// MTA-STS policy fetching.
     #[serde(default)]
     pub mta_sts: MtaStsSettings,
+    /// TLS-RPT (RFC 8460) aggregate reports to the policy domains' `rua` addresses; off when
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reports: Option<TlsReportSettings>,
+}
+
+/// Daily TLS-RPT aggregate reports this relay sends as a sending MTA (`delivery.tls.reports`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsReportSettings {
+    /// `organization-name` of the reports and the `Submitter` of report mails.
+    pub organization_name: String,
+    /// `contact-info` of the reports, e.g. `mailto:postmaster@example.com`.
+    pub contact_info: String,
+    /// Envelope sender and `From:` address of report mails.
+    pub from: String,
+    /// How often due reports are looked for and failed sends retried, in seconds.
+    #[serde(default = "default_report_interval")]
+    pub check_interval_seconds: u64,
+}
+
+fn default_report_interval() -> u64 {
+    3600
 }
 
 impl Default for OutboundTlsSettings {
@@ -382,6 +405,7 @@ impl Default for OutboundTlsSettings {
             extra_ca_file: None,
             direct_policy: default_direct_policy(),
             mta_sts: MtaStsSettings::default(),
+            reports: None,
         }
     }
 }
@@ -694,6 +718,23 @@ mod tests {
         assert!(serde_norway::from_str::<RuntimeSettings>("mtaStsPolicy: {}\n").is_err());
         assert!(serde_norway::from_str::<RuntimeSettings>(
             "mtaStsPolicy:\n  listenAddress: \"[::]:8443\"\n  port: 1\n"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn tls_reports_are_off_unless_set() {
+        assert_eq!(RuntimeSettings::default().delivery.tls.reports, None);
+        let s: RuntimeSettings = serde_norway::from_str(
+            "delivery:\n  tls:\n    reports:\n      organizationName: Example\n      contactInfo: mailto:tls@example.com\n      from: tlsrpt@example.com\n",
+        )
+        .unwrap();
+        let r = s.delivery.tls.reports.unwrap();
+        assert_eq!(r.organization_name, "Example");
+        assert_eq!(r.from, "tlsrpt@example.com");
+        assert_eq!(r.check_interval_seconds, 3600);
+        assert!(serde_norway::from_str::<RuntimeSettings>(
+            "delivery:\n  tls:\n    reports:\n      organizationName: Example\n"
         )
         .is_err());
     }

@@ -1,7 +1,7 @@
 //! The outbound side: everything between a message in the spool and the downstream server's
 //! `250`. [`queue`] schedules and executes what [`plan`] decides (routes, retries, DSNs), [`mx`] resolves, [`client`] speaks SMTP with the
 //! TLS policy of [`tls`] (tightened by the MX hosts' [`dane`] TLSA records or the recipient domain's [`mta_sts`] policy) and credentials (incl. [`oauth2`] tokens), [`dsn`] writes bounces and
-//! delay warnings, [`admin`] exposes the queue over HTTP.
+//! delay warnings, [`tlsrpt`] sends TLS-RPT aggregate reports, [`admin`] exposes the queue over HTTP.
 
 pub mod admin;
 pub mod client;
@@ -16,6 +16,7 @@ pub mod plan;
 pub mod queue;
 pub mod status;
 pub mod tls;
+pub mod tlsrpt;
 
 use std::path::Path;
 use std::sync::Arc;

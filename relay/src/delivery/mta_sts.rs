@@ -310,23 +310,12 @@ impl MtaSts {
 
     async fn get(&self, host: &str) -> Result<Vec<u8>, (&'static str, String)> {
         let fetch_err = |e: String| ("sts-policy-fetch-error", format!("{host}: {e}"));
-        let ips = self
-            .resolver
-            .lookup_ip(format!("{host}.").as_str())
+        let tls = https_connect(&self.resolver, &self.tls, host, self.port)
             .await
-            .map_err(|e| fetch_err(format!("address lookup: {e}")))?;
-        let ip = ips
-            .iter()
-            .next()
-            .ok_or_else(|| fetch_err("no address".into()))?;
-        let tcp = TcpStream::connect((ip, self.port))
-            .await
-            .map_err(|e| fetch_err(format!("connect to {ip}:{}: {e}", self.port)))?;
-        let name = server_name(host).ok_or_else(|| fetch_err("not a host name".into()))?;
-        let tls = TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await
-            .map_err(|e| ("sts-webpki-invalid", format!("{host}: TLS: {e}")))?;
+            .map_err(|e| match e {
+                HttpsError::Connect(e) => fetch_err(e),
+                HttpsError::Tls(e) => ("sts-webpki-invalid", format!("{host}: TLS: {e}")),
+            })?;
         let request = Request::get("/.well-known/mta-sts.txt")
             .header(header::HOST, host)
             .body(Empty::<Bytes>::new())
@@ -390,10 +379,52 @@ impl MtaSts {
     }
 }
 
+/// Why [`https_connect`] could not open a connection.
+#[derive(Debug)]
+pub enum HttpsError {
+    /// Address lookup or TCP connect.
+    Connect(String),
+    /// The TLS handshake, incl. certificate verification.
+    Tls(String),
+}
+
+/// A TLS connection to `host:port` with the certificate verified for `host`, the host's
+/// address looked up with `resolver` (the relay's `delivery.dns`). The HTTPS client of the
+/// policy fetch, also used to upload TLS-RPT reports ([`super::tlsrpt`]).
+pub async fn https_connect(
+    resolver: &TokioResolver,
+    tls: &Arc<rustls::ClientConfig>,
+    host: &str,
+    port: u16,
+) -> Result<tokio_rustls::client::TlsStream<TcpStream>, HttpsError> {
+    let ips = resolver
+        .lookup_ip(format!("{host}.").as_str())
+        .await
+        .map_err(|e| HttpsError::Connect(format!("address lookup: {e}")))?;
+    let ip = ips
+        .iter()
+        .next()
+        .ok_or_else(|| HttpsError::Connect("no address".into()))?;
+    let tcp = TcpStream::connect((ip, port))
+        .await
+        .map_err(|e| HttpsError::Connect(format!("connect to {ip}:{port}: {e}")))?;
+    let name = server_name(host).ok_or_else(|| HttpsError::Connect("not a host name".into()))?;
+    TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .map_err(|e| HttpsError::Tls(e.to_string()))
+}
+
 /// Temporary file, fsync, rename, fsync of the directory: a crash leaves the old file or the
 /// new one, never a torn one.
 fn write_atomically(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
     let bytes = serde_json::to_vec(cache).map_err(std::io::Error::other)?;
+    write_file_atomically(path, &bytes)
+}
+
+/// Replaces `path` with `bytes`: temporary file beside it, fsync, rename, fsync of the
+/// directory (also the TLS-RPT day files, [`super::tlsrpt`]).
+pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
@@ -403,7 +434,7 @@ fn write_atomically(path: &Path, cache: &CacheFile) -> std::io::Result<()> {
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)?;

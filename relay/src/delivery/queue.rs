@@ -50,6 +50,7 @@ use super::oauth2::TokenCache;
 use super::plan::{self, Next, Plan, RelayGroup, Routes, Schedule};
 use super::status::Status;
 use super::tls::ClientTls;
+use super::tlsrpt::{Outcome, TlsReports};
 use crate::metrics::{KindLabels, Metrics, ResultLabels};
 use crate::settings::DeliverySettings;
 use crate::snapshot::Snapshot;
@@ -67,8 +68,8 @@ struct MxTls {
     /// What the connection does: `Opportunistic`, `Required` or `RequiredVerified` (MTA-STS
     /// `enforce`: the certificate must be valid for the MX host name).
     tls: OutboundTls,
-    /// The MTA-STS policy domain and mode, for TLS reporting.
-    sts: Option<(String, mta_sts::Mode)>,
+    /// The MTA-STS policy domain and policy, for TLS reporting.
+    sts: Option<(String, Arc<mta_sts::Policy>)>,
     /// The recipient domain and what DANE requires of each MX host it applies to; these hosts
     /// follow their TLSA records instead of `tls` and MTA-STS (RFC 8461 §2).
     dane: Option<(String, Vec<(String, HostDane)>)>,
@@ -79,7 +80,7 @@ impl MxTls {
     /// shared, and an MTA-STS domain's outcomes are counted per domain.
     fn key_suffix(&self) -> String {
         let mut key = match (&self.sts, self.tls) {
-            (Some((d, m)), _) => format!(";sts={d}:{m:?}"),
+            (Some((d, p)), _) => format!(";sts={d}:{:?}", p.mode),
             (None, OutboundTls::Opportunistic) => String::new(),
             (None, t) => format!(";tls={t:?}"),
         };
@@ -220,6 +221,8 @@ pub struct Queue {
     /// The verified configuration's certificate verifier, to judge a chain after the fact
     /// (MTA-STS `testing`).
     verifier: Arc<rustls::client::WebPkiServerVerifier>,
+    /// TLS-RPT aggregate reports (`delivery.tls.reports`), when on.
+    tls_reports: Option<Arc<TlsReports>>,
     tokens: TokenCache,
     state: Mutex<State>,
     wake: Notify,
@@ -277,6 +280,16 @@ impl Queue {
             Duration::from_secs(sts.fetch_timeout_seconds.max(1)),
             Some(cache_file),
         );
+        let tls_reports = match &settings.tls.reports {
+            Some(r) => Some(Arc::new(TlsReports::open(
+                r.clone(),
+                super::tlsrpt::dir_in(spool.dir()),
+                crate::dns::resolver(&settings.dns, hickory_resolver::config::ResolveHosts::Auto)?,
+                tls.verified.clone(),
+                metrics.clone(),
+            ))),
+            None => None,
+        };
         let dane = Dane::new(&settings.dns)?;
         if dane.is_none() && settings.tls.direct_policy == OutboundTls::DaneOrMtaSts {
             info!("DANE is off (delivery.dns.dnssec: Off): DaneOrMtaSts delivery follows MTA-STS policies, else opportunistic TLS");
@@ -309,6 +322,7 @@ impl Queue {
             mta_sts,
             dane,
             verifier,
+            tls_reports,
             tokens: TokenCache::default(),
             state: Mutex::new(State::default()),
             wake: Notify::new(),
@@ -356,6 +370,37 @@ impl Queue {
         }
         let q = self.clone();
         tokio::spawn(async move { q.scheduler().await });
+        if let Some(r) = &self.tls_reports {
+            tokio::spawn(r.clone().run(self.clone()));
+        }
+    }
+
+    /// The TLS-RPT recorder and sender, when `delivery.tls.reports` is set.
+    pub fn tls_reports(&self) -> Option<&Arc<TlsReports>> {
+        self.tls_reports.as_ref()
+    }
+
+    /// One TLS policy outcome: counted in `mailrelay_tls_policy_results_total` and, with
+    /// reports on, recorded for the day's aggregate report.
+    fn tls_outcome(
+        &self,
+        policy_type: &str,
+        domain: &str,
+        policy: Option<&mta_sts::Policy>,
+        result: &str,
+        (mx_host, ip): (Option<&str>, Option<IpAddr>),
+    ) {
+        self.metrics.tls_policy(policy_type, domain, result);
+        if let Some(r) = &self.tls_reports {
+            r.record(&Outcome {
+                policy_type,
+                domain,
+                policy,
+                result,
+                mx_host,
+                ip,
+            });
+        }
     }
 
     /// The in-flight markers a previous run left: the recipients (still pending) whose transfer
@@ -1033,8 +1078,13 @@ impl Queue {
                 }
                 Some((_, HostDane::EncryptOnly)) => (OutboundTls::Required, None),
                 Some((policy_domain, HostDane::Unavailable(why))) => {
-                    self.metrics
-                        .tls_policy("tlsa", policy_domain, "dnssec-invalid");
+                    self.tls_outcome(
+                        "tlsa",
+                        policy_domain,
+                        None,
+                        "dnssec-invalid",
+                        (Some(&name), None),
+                    );
                     let s = Status::local(
                         451,
                         "4.7.5",
@@ -1075,8 +1125,10 @@ impl Queue {
                 }
                 let opened = Connection::open(&ht, &self.client).await;
                 match &host_dane {
-                    Some((domain, _)) => self.report_dane(domain, opened.as_ref()),
-                    None => self.report_sts(target, &name, opened.as_ref()),
+                    Some((domain, _)) => {
+                        self.report_dane(domain, &name, ht.addr.ip(), opened.as_ref())
+                    }
+                    None => self.report_sts(target, &name, ht.addr.ip(), opened.as_ref()),
                 }
                 match opened {
                     Ok(c) => {
@@ -1148,7 +1200,7 @@ impl Queue {
         }
         let dane_hosts = match &self.dane {
             Some(d) => d.hosts(domain, &hosts).await.inspect_err(|_| {
-                self.metrics.tls_policy("tlsa", domain, "dnssec-invalid");
+                self.tls_outcome("tlsa", domain, None, "dnssec-invalid", (None, None));
             })?,
             None => Vec::new(),
         };
@@ -1172,7 +1224,7 @@ impl Queue {
             mta_sts::Lookup::Policy(p) => p,
             mta_sts::Lookup::None(failure) => {
                 if let Some((result, _)) = failure {
-                    self.metrics.tls_policy("sts", domain, result);
+                    self.tls_outcome("sts", domain, None, result, (None, None));
                 }
                 return with(hosts, OutboundTls::Opportunistic, None);
             }
@@ -1181,12 +1233,12 @@ impl Queue {
             dane.as_ref()
                 .is_some_and(|(_, d)| d.iter().any(|(n, _)| n == &h.name))
         };
-        let sts = Some((domain.to_string(), p.mode));
+        let sts = Some((domain.to_string(), Arc::new(p.clone())));
         match p.mode {
             mta_sts::Mode::None => with(hosts, OutboundTls::Opportunistic, None),
             mta_sts::Mode::Testing => {
                 if !hosts.iter().any(|h| p.allows(&h.name) || has_dane(h)) {
-                    self.metrics.tls_policy("sts", domain, "validation-failure");
+                    self.tls_outcome("sts", domain, Some(&p), "validation-failure", (None, None));
                     warn!(domain = %domain, policy_mx = ?p.mx, "MTA-STS (testing): no MX host matches the policy; delivering anyway");
                 }
                 with(hosts, OutboundTls::Opportunistic, sts)
@@ -1198,7 +1250,7 @@ impl Queue {
                     .filter(|h| p.allows(&h.name) || has_dane(h))
                     .collect();
                 if allowed.is_empty() {
-                    self.metrics.tls_policy("sts", domain, "validation-failure");
+                    self.tls_outcome("sts", domain, Some(&p), "validation-failure", (None, None));
                     warn!(domain = %domain, policy_mx = ?p.mx, mx = ?all, "MTA-STS: no MX host matches the enforced policy; deferring");
                     return Err(Status::local(
                         451,
@@ -1216,7 +1268,13 @@ impl Queue {
 
     /// TLS reporting for a connection to a host DANE applies to: `success` once the TLSA
     /// records authenticated it, the RFC 8460 failure type otherwise.
-    fn report_dane(&self, domain: &str, outcome: Result<&Connection, &HostFailure>) {
+    fn report_dane(
+        &self,
+        domain: &str,
+        host: &str,
+        ip: IpAddr,
+        outcome: Result<&Connection, &HostFailure>,
+    ) {
         let result = match outcome {
             Ok(_) => "success",
             Err(f) => match f.tls_result {
@@ -1224,23 +1282,30 @@ impl Queue {
                 None => return,
             },
         };
-        self.metrics.tls_policy("tlsa", domain, result);
+        self.tls_outcome("tlsa", domain, None, result, (Some(host), Some(ip)));
     }
 
     /// TLS reporting for a connection to an MTA-STS domain's MX host: under `enforce` the
     /// handshake verified the certificate; under `testing` the relay checks now what
     /// enforcement would have refused, and only reports it.
-    fn report_sts(&self, target: &Target, host: &str, outcome: Result<&Connection, &HostFailure>) {
+    fn report_sts(
+        &self,
+        target: &Target,
+        host: &str,
+        ip: IpAddr,
+        outcome: Result<&Connection, &HostFailure>,
+    ) {
         let Target::Mx(
             _,
             MxTls {
-                sts: Some((domain, mode)),
+                sts: Some((domain, policy)),
                 ..
             },
         ) = target
         else {
             return;
         };
+        let mode = &policy.mode;
         let result = match (outcome, mode) {
             (Err(f), _) => match f.tls_result {
                 Some(r) => r.as_str(),
@@ -1271,7 +1336,7 @@ impl Queue {
         if result != "success" && *mode == mta_sts::Mode::Testing {
             warn!(domain = %domain, host = %host, result, "MTA-STS (testing): enforcement would have refused this host; delivering anyway");
         }
-        self.metrics.tls_policy("sts", domain, result);
+        self.tls_outcome("sts", domain, Some(policy), result, (Some(host), Some(ip)));
     }
 
     async fn secret(&self, rule: &str, mech: OutboundAuthMechanism) -> Result<AuthSecret, Status> {
@@ -1738,6 +1803,10 @@ impl Queue {
         }
         self.stopping.store(true, Ordering::Release);
         self.wake.notify_one();
+        // What the grace period recorded is in the day file before the process exits.
+        if let Some(r) = &self.tls_reports {
+            r.stop().await;
+        }
         {
             let st = self.lock();
             for d in st.dests.values() {
