@@ -365,7 +365,10 @@ async fn reports_are_mailed_and_posted_the_next_day_with_counts_that_survive_a_r
     })
     .await;
     env.queue.shutdown(Duration::from_secs(1)).await;
+    let gone = Arc::downgrade(&env.queue);
     drop(env);
+    // The spool is locked until the queue's tasks have let go of it.
+    wait_for("the first queue is gone", || gone.strong_count() == 0).await;
     let file = day_file(spool_dir.path(), today);
     let saved = std::fs::read_to_string(&file).unwrap();
     assert!(saved.contains("certificate-host-mismatch"), "{saved}");

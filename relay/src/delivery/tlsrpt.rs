@@ -356,7 +356,10 @@ impl TlsReports {
         let interval = Duration::from_secs(self.settings.check_interval_seconds.max(1));
         let mut next_check = Instant::now();
         loop {
+            // Registered before the flag is read, so a `stop` in between is not missed.
             let stop = self.stop.notified();
+            tokio::pin!(stop);
+            stop.as_mut().enable();
             if self.stopped.load(Ordering::Acquire) {
                 return;
             }
