@@ -103,6 +103,12 @@ fn runtime_paths() -> BTreeSet<String> {
     s.delivery.rate_per_destination_per_minute = Some(1);
     s.limits.auth_verification_concurrency = Some(1);
     s.delivery.tls.extra_ca_file = Some("x".into());
+    s.delivery.tls.reports = Some(mailrelay_relay::settings::TlsReportSettings {
+        organization_name: "o".into(),
+        contact_info: "c".into(),
+        from: "f".into(),
+        check_interval_seconds: 1,
+    });
     s.logging.otlp_tls.ca_file = Some("x".into());
     s.logging.otlp_tls.cert_file = Some("x".into());
     s.logging.otlp_tls.key_file = Some("x".into());

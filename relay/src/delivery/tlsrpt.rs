@@ -209,6 +209,8 @@ pub struct TlsReports {
     state: Mutex<State>,
     /// Serializes file writes, so the newest state of a day is written last.
     io: Mutex<()>,
+    /// One [`TlsReports::send_due`] at a time, so no report goes out twice.
+    sending: tokio::sync::Mutex<()>,
     stopped: AtomicBool,
     stop: Notify,
 }
@@ -275,6 +277,7 @@ impl TlsReports {
             pod,
             state: Mutex::new(state),
             io: Mutex::new(()),
+            sending: tokio::sync::Mutex::new(()),
             stopped: AtomicBool::new(false),
             stop: Notify::new(),
         }
@@ -399,6 +402,7 @@ impl TlsReports {
     /// it. A day is removed once every policy domain is done; a failed delivery (or DNS lookup)
     /// keeps it for the next call; days more than [`KEEP_DAYS`] old are dropped.
     pub async fn send_due(&self, now: SystemTime, queue: &Queue) -> SendSummary {
+        let _one = self.sending.lock().await;
         let today = day_of(now);
         let mut summary = SendSummary::default();
         let due: Vec<i64> = self
