@@ -5,7 +5,8 @@
 //! mail for the `mailto:` rua) and a local HTTPS server (test CA) takes the `https:` rua's POST.
 //! Covered: the counts survive a restart (day file in the spool), the next day's report is
 //! mailed and POSTed with the RFC fields and exact counts, a failed POST is retried at the next
-//! check, and a domain without a TLS-RPT record gets no report while its day is still removed.
+//! check, a domain without a TLS-RPT record gets no report while its day is still removed, and
+//! a day more than a week old is dropped unsent.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
@@ -535,4 +536,32 @@ async fn a_domain_without_a_tlsrpt_record_gets_no_report_and_its_day_is_removed(
         .metrics
         .encode()
         .contains("mailrelay_tls_reports_sent_total{"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_older_than_a_week_is_dropped_unsent() {
+    let w = world();
+    let policy_web = Web::start(&w.ca, "mta-sts.sts.test", vec![404], policy()).await;
+    let dns = DnsServer::start(zone(Some("mailto:tlsrpt@reports.test")));
+    let mx = sink(&w).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let today = day_of(SystemTime::now());
+    let env = start(
+        spool_dir.path(),
+        settings(&dns, mx.addr.port(), policy_web.port),
+        w.ca_file.path(),
+    )
+    .await;
+    env.submit("bob@sts.test").await;
+    wait_for("delivered", || mx.messages().len() == 1).await;
+    wait_for("outcome counted", || env.counted("success")).await;
+    let reports = env.queue.tls_reports().unwrap().clone();
+    reports.flush().await;
+    let file = day_file(spool_dir.path(), today);
+    assert!(file.exists());
+    let later = SystemTime::now() + Duration::from_secs(8 * 86_400);
+    let s = reports.send_due(later, &env.queue).await;
+    assert_eq!((s.sent, s.failed, s.days_done), (0, 0, 1), "{s:?}");
+    assert_eq!(dns.queries("_smtp._tls.sts.test"), 0);
+    assert!(!file.exists());
 }
