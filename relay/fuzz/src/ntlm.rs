@@ -58,6 +58,7 @@ fn ctx() -> &'static AuthContext {
             windows_nt_domain: Some(nt.into()),
             kerberos_realm: None,
             dkim: None,
+            mta_sts: None,
         };
         let accounts = ACCOUNTS
             .iter()
