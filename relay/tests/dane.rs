@@ -16,6 +16,11 @@
 //!   SERVFAILs (its zone is bogus) keeps the host from being used; `dnssec: Off` ignores TLSA;
 //! - a `Relay` rule's host under `DaneOrMtaSts`: TLSA at `_<port>._tcp.<host>` authenticates
 //!   it (match delivers, mismatch defers);
+//! - an MX host that is an alias (CNAME) with a secure expansion (RFC 7672 §2.2.2): TLSA at the
+//!   expanded name authenticates it, the alias's records count only when the expanded name has
+//!   none (a mismatch at the expanded name defers although the alias's record would match; a
+//!   failed lookup there keeps the host unused); DANE-TA accepts a leaf for either name
+//!   (§3.2.2); an insecure expansion gets no DANE;
 //! - the fixture itself: AD for signed names, none for unsigned ones, SERVFAIL for bogus ones.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -645,5 +650,218 @@ async fn a_relay_rule_host_whose_tlsa_does_not_match_is_deferred() {
     assert!(sink.messages().is_empty(), "{:?}", sink.messages());
     env.wait_tlsa_metric("smarthost.dane.test", "tlsa-invalid")
         .await;
+    env.stop().await;
+}
+
+/// `dane.test` whose MX host `mx.dane.test` is an alias (CNAME) of `real.dane.test` on loopback,
+/// with these TLSA records at the expanded name (`_25._tcp.real.dane.test`) and at the alias
+/// (`_25._tcp.mx.dane.test`).
+fn alias_zone(at_target: &[String], at_alias: &[String]) -> Zone {
+    let mut records = vec![
+        "dane.test. 300 IN MX 10 mx.dane.test.".to_string(),
+        "mx.dane.test. 300 IN CNAME real.dane.test.".to_string(),
+        "real.dane.test. 300 IN A 127.0.0.1".to_string(),
+    ];
+    for t in at_target {
+        records.push(format!("_25._tcp.real.dane.test. 300 IN TLSA {t}"));
+    }
+    for t in at_alias {
+        records.push(format!("_25._tcp.mx.dane.test. 300 IN TLSA {t}"));
+    }
+    Zone {
+        name: "dane.test".into(),
+        kind: ZoneKind::Signed,
+        records,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cname_mx_host_is_authenticated_by_tlsa_at_the_expanded_name() {
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![alias_zone(
+        &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+        &[],
+    )]) else {
+        return;
+    };
+    // The expansion is secure: the answer carrying the CNAME has the AD bit.
+    assert_eq!(
+        dnssec::query(
+            dns.resolver,
+            "mx.dane.test",
+            dnssec::A,
+            Duration::from_secs(5)
+        ),
+        Some((0, true))
+    );
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "DANE delivers over TLS only");
+    // Authenticated by the record, not merely opportunistic TLS.
+    env.wait_tlsa_metric("dane.test", "success").await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cname_mx_host_without_tlsa_at_the_expanded_name_uses_the_alias_records() {
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![alias_zone(
+        &[],
+        &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "DANE delivers over TLS only");
+    env.wait_tlsa_metric("dane.test", "success").await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tlsa_at_the_expanded_name_takes_precedence_over_the_alias() {
+    // The expanded name's record does not match; the alias's would. Records at the expanded
+    // name are the ones that count: deferred, no fallback to the alias.
+    let cert = self_signed_expired("mx.dane.test");
+    let other = self_signed_expired("real.dane.test");
+    let Some(dns) = dns(vec![alias_zone(
+        &[format!("3 1 1 {}", tlsa_sha256_spki(other.leaf()))],
+        &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+    )]) else {
+        return;
+    };
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    let id = env.submit("bob@dane.test").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.5"), "{err}");
+    assert!(err.contains("_25._tcp.real.dane.test"), "{err}");
+    assert!(
+        sink.connections.load(Ordering::SeqCst) >= 1,
+        "the host was tried"
+    );
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    env.wait_tlsa_metric("dane.test", "tlsa-invalid").await;
+    assert!(!env.tlsa_metric("dane.test", "success"));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dane_ta_accepts_a_leaf_for_the_expanded_name_or_the_mx_host() {
+    // RFC 7672 §3.2.2: with TLSA records at the expanded name, both the MX host name and the
+    // expanded name are reference identifiers.
+    let ca = Ca::new();
+    let Some(dns) = dns(vec![alias_zone(
+        &[format!("2 0 1 {}", tlsa_sha256_cert(ca.cert_der.as_ref()))],
+        &[],
+    )]) else {
+        return;
+    };
+    for (leaf, rcpt) in [
+        ("real.dane.test", "bob@dane.test"),
+        ("mx.dane.test", "carol@dane.test"),
+    ] {
+        let sink = tls_sink(&from_ca(&ca, leaf, true)).await;
+        let spool_dir = tempfile::tempdir().unwrap();
+        let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+        env.submit(rcpt).await;
+        wait_for("delivered", || sink.messages().len() == 1).await;
+        assert!(sink.messages()[0].tls, "leaf for {leaf}");
+        env.wait_tlsa_metric("dane.test", "success").await;
+        assert!(
+            !env.tlsa_metric("dane.test", "certificate-host-mismatch"),
+            "leaf for {leaf}"
+        );
+        env.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_tlsa_lookup_at_the_expanded_name_keeps_the_host_unused() {
+    // The expanded name's TLSA lookup SERVFAILs (its zone is bogus): no fallback to the
+    // alias's records, although they would match.
+    let cert = self_signed_expired("mx.dane.test");
+    let tlsa = format!(
+        "_25._tcp.real.dane.test. 300 IN TLSA 3 1 1 {}",
+        tlsa_sha256_spki(cert.leaf())
+    );
+    let Some(dns) = dns(vec![
+        alias_zone(&[], &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))]),
+        Zone::new("_tcp.real.dane.test", ZoneKind::Bogus, &[&tlsa]),
+    ]) else {
+        return;
+    };
+    assert_eq!(
+        dnssec::query(
+            dns.resolver,
+            "_25._tcp.real.dane.test",
+            dnssec::TLSA,
+            Duration::from_secs(5)
+        )
+        .map(|a| a.0),
+        Some(2),
+        "SERVFAIL"
+    );
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    let id = env.submit("bob@dane.test").await;
+    let err = env.deferred(id).await;
+    assert!(err.contains("4.7.5"), "{err}");
+    assert!(sink.messages().is_empty(), "{:?}", sink.messages());
+    assert_eq!(
+        sink.connections.load(Ordering::SeqCst),
+        0,
+        "the host must not be used"
+    );
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_insecure_cname_expansion_gets_no_dane() {
+    // The alias is in the signed zone, its target in an unsigned one: the addresses are
+    // insecure, so DANE does not apply, even with a (non-matching) record at the alias.
+    let cert = self_signed_expired("elsewhere.example");
+    let Some(dns) = dns(vec![
+        Zone {
+            name: "dane.test".into(),
+            kind: ZoneKind::Signed,
+            records: vec![
+                "dane.test. 300 IN MX 10 mx.dane.test.".into(),
+                "mx.dane.test. 300 IN CNAME real.plain.test.".into(),
+                bogus_hash("_25._tcp.mx.dane.test. 300 IN TLSA 3 1 1"),
+            ],
+        },
+        Zone::new(
+            "plain.test",
+            ZoneKind::Unsigned,
+            &["real.plain.test. 300 IN A 127.0.0.1"],
+        ),
+    ]) else {
+        return;
+    };
+    assert_eq!(
+        dnssec::query(
+            dns.resolver,
+            "mx.dane.test",
+            dnssec::A,
+            Duration::from_secs(5)
+        ),
+        Some((0, false))
+    );
+    let sink = tls_sink(&cert).await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "opportunistic TLS is still used");
+    assert!(!env.any_tlsa_metric(), "{}", env.metrics.encode());
     env.stop().await;
 }

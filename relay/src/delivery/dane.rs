@@ -16,9 +16,19 @@
 //!   unauthenticated; no records or insecure → not DANE; a failed lookup (SERVFAIL, timeout) →
 //!   the host is not used now (a downgrade must not be possible by blocking the lookup).
 //!
+//! A host name that is an alias (RFC 7672 §2.2.2): the CNAME chain comes with the address
+//! answer, and that answer's AD bit covers every CNAME in it. A secure expansion makes the
+//! fully expanded name the first TLSA base domain (`_25._tcp.<target>`); only when it has no
+//! secure TLSA records (NXDOMAIN/NODATA, or an insecure answer) is the original name's
+//! `_25._tcp.<alias>` used. A failed lookup at either name makes the host unavailable. An
+//! insecure expansion (an answer without the AD bit) leaves the addresses insecure too, and
+//! TLSA records count only for hosts with secure addresses, so DANE does not apply to the host
+//! at all: the original name's records are not looked up either.
+//!
 //! DANE-EE matches the server's own certificate or key and ignores names and dates (RFC 7672
 //! §3.1.1); DANE-TA needs the trust anchor in the chain the server sends, then checks the chain,
-//! its dates and the MX host name (§3.1.2, §3.2.2).
+//! its dates and the reference identifiers (§3.1.2, §3.2.2): the MX (or relay) host name and,
+//! when the TLSA records came from the expanded name, that name too.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -121,9 +131,12 @@ impl Tlsa {
 /// The usable TLSA records of one MX host and the TLS client configuration that authenticates
 /// the host by them.
 pub struct DaneTls {
-    /// The TLSA owner name `_<port>._tcp.<host>`, for messages.
+    /// The TLSA owner name `_<port>._tcp.<base domain>`, for messages.
     pub base: String,
     pub records: Vec<Tlsa>,
+    /// Names a DANE-TA certificate may be valid for besides the name the handshake is made
+    /// for (the CNAME-expanded host name when the records are that name's).
+    pub names: Vec<String>,
     pub config: Arc<ClientConfig>,
 }
 
@@ -132,24 +145,27 @@ impl fmt::Debug for DaneTls {
         f.debug_struct("DaneTls")
             .field("base", &self.base)
             .field("records", &self.records)
+            .field("names", &self.names)
             .finish()
     }
 }
 
 impl PartialEq for DaneTls {
     fn eq(&self, other: &Self) -> bool {
-        self.base == other.base && self.records == other.records
+        self.base == other.base && self.records == other.records && self.names == other.names
     }
 }
 
 impl DaneTls {
-    /// `base`: the TLSA owner name, `_<port>._tcp.<host>`.
-    pub fn new(base: &str, records: Vec<Tlsa>) -> anyhow::Result<DaneTls> {
+    /// `base`: the TLSA owner name, `_<port>._tcp.<base domain>`. `names`: reference
+    /// identifiers for DANE-TA besides the server name of the handshake (RFC 7672 §3.2.2).
+    pub fn new(base: &str, records: Vec<Tlsa>, names: Vec<String>) -> anyhow::Result<DaneTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let base = base.to_string();
         let verifier = DaneVerifier {
             base: base.clone(),
             records: records.clone(),
+            names: names.clone(),
             provider: provider.clone(),
         };
         let config = ClientConfig::builder_with_provider(provider)
@@ -161,6 +177,7 @@ impl DaneTls {
         Ok(DaneTls {
             base,
             records,
+            names,
             config: Arc::new(config),
         })
     }
@@ -281,26 +298,59 @@ impl Dane {
 
     /// DANE for one host reached on `port` (`_<port>._tcp.<host>` TLSA): `None` when it does
     /// not apply. A relay host of a DeliveryRule is named by the policy, not found in DNS, so
-    /// only its address records need to be secure.
+    /// only its address records need to be secure. An alias with a secure expansion has its
+    /// TLSA records looked up at the expanded name first, at its own name only when the
+    /// expanded name has none (RFC 7672 §2.2.2).
     pub async fn host(&self, host: &str, port: u16) -> Option<HostDane> {
-        if super::mx::address_literal(host).is_some() || !self.secure_address(host).await {
+        if super::mx::address_literal(host).is_some() {
             return None;
         }
-        let base = format!("_{port}._tcp.{host}");
-        let answer = match self.query(&base, RecordType::TLSA).await {
-            Ok(a) => a,
-            Err(e) => return Some(HostDane::Unavailable(format!("TLSA lookup of {base}: {e}"))),
-        };
-        match answer.code {
-            ResponseCode::NoError | ResponseCode::NXDomain => {}
-            other => {
-                return Some(HostDane::Unavailable(format!(
-                    "TLSA lookup of {base}: {other}"
-                )))
+        // None: insecure (or failed) addresses, which also covers an insecure CNAME expansion.
+        let canonical = self.secure_address(host).await?;
+        let host = host.trim_end_matches('.');
+        if !canonical.eq_ignore_ascii_case(host) {
+            let base = format!("_{port}._tcp.{canonical}");
+            match self.tlsa(&base).await {
+                Err(why) => return Some(HostDane::Unavailable(why)),
+                // The expanded name's records count, and only they: no fallback when they do
+                // not match. Both names are reference identifiers (§3.2.2); the handshake's
+                // server name is the original one.
+                Ok(Some(usable)) => return Some(Self::require(&base, usable, vec![canonical])),
+                Ok(None) => {}
             }
         }
+        let base = format!("_{port}._tcp.{host}");
+        match self.tlsa(&base).await {
+            Err(why) => Some(HostDane::Unavailable(why)),
+            Ok(Some(usable)) => Some(Self::require(&base, usable, Vec::new())),
+            Ok(None) => None,
+        }
+    }
+
+    /// What the secure TLSA records at `base` require; `usable`: those usable for SMTP.
+    fn require(base: &str, usable: Vec<Tlsa>, names: Vec<String>) -> HostDane {
+        if usable.is_empty() {
+            return HostDane::EncryptOnly;
+        }
+        match DaneTls::new(base, usable, names) {
+            Ok(d) => HostDane::Authenticate(Arc::new(d)),
+            Err(e) => HostDane::Unavailable(e.to_string()),
+        }
+    }
+
+    /// The TLSA RRset at `base`: `Ok(None)` when there is no secure one (NXDOMAIN, NODATA, or
+    /// an insecure answer), else its usable records (possibly none). `Err`: the lookup failed.
+    async fn tlsa(&self, base: &str) -> Result<Option<Vec<Tlsa>>, String> {
+        let answer = self
+            .query(base, RecordType::TLSA)
+            .await
+            .map_err(|e| format!("TLSA lookup of {base}: {e}"))?;
+        match answer.code {
+            ResponseCode::NoError | ResponseCode::NXDomain => {}
+            other => return Err(format!("TLSA lookup of {base}: {other}")),
+        }
         if !answer.secure {
-            return None;
+            return Ok(None);
         }
         let mut any = false;
         let mut usable = Vec::new();
@@ -317,29 +367,25 @@ impl Dane {
                 }
             }
         }
-        if !any {
-            return None;
-        }
-        if usable.is_empty() {
-            return Some(HostDane::EncryptOnly);
-        }
-        match DaneTls::new(&base, usable) {
-            Ok(d) => Some(HostDane::Authenticate(Arc::new(d))),
-            Err(e) => Some(HostDane::Unavailable(e.to_string())),
-        }
+        Ok(any.then_some(usable))
     }
 
-    /// The host's A records (AAAA when it has none) are validated. A failed lookup counts as
-    /// not secure: the address lookup of the delivery attempt reports it.
-    async fn secure_address(&self, host: &str) -> bool {
+    /// The host's fully CNAME-expanded name (the host's own when it is no alias; without the
+    /// trailing dot) when its A records (AAAA when it has none) are validated, the CNAMEs
+    /// leading to them included: the AD bit covers the whole answer. `None` when they are not
+    /// secure; a failed lookup counts as not secure: the address lookup of the delivery
+    /// attempt reports it.
+    async fn secure_address(&self, host: &str) -> Option<String> {
         for t in [RecordType::A, RecordType::AAAA] {
             match self.query(host, t).await {
-                Ok(a) if a.code == ResponseCode::NoError && a.has(t) => return a.secure,
+                Ok(a) if a.code == ResponseCode::NoError && a.has(t) => {
+                    return a.secure.then(|| expand(host, &a.records)).flatten();
+                }
                 Ok(a) if a.code == ResponseCode::NoError => continue,
-                _ => return false,
+                _ => return None,
             }
         }
-        false
+        None
     }
 
     /// Asks the resolvers in order, `attempts` rounds, until one answers.
@@ -358,6 +404,33 @@ impl Dane {
         }
         Err(last)
     }
+}
+
+/// Longest CNAME chain followed (resolvers stop at a similar depth).
+const MAX_CNAMES: usize = 16;
+
+/// The name `host` expands to through the CNAME records of an answer, without the trailing
+/// dot; `None` when the chain loops or is longer than `MAX_CNAMES`.
+fn expand(host: &str, records: &[Record]) -> Option<String> {
+    let fqdn = format!("{}.", host.trim_end_matches('.'));
+    let mut name = Name::from_ascii(&fqdn).ok()?;
+    for _ in 0..=MAX_CNAMES {
+        let next = records.iter().find_map(|r| match r.data() {
+            RData::CNAME(c) if r.name() == &name => Some(c.0.clone()),
+            _ => None,
+        });
+        match next {
+            Some(n) => name = n,
+            None => {
+                let mut s = name.to_ascii();
+                if s.ends_with('.') {
+                    s.pop();
+                }
+                return Some(s);
+            }
+        }
+    }
+    None
 }
 
 fn lookup_failed(name: &str, what: &str, why: &str) -> Status {
@@ -466,6 +539,8 @@ impl std::error::Error for DaneMismatch {}
 struct DaneVerifier {
     base: String,
     records: Vec<Tlsa>,
+    /// DANE-TA reference identifiers besides the handshake's server name.
+    names: Vec<String>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -477,6 +552,27 @@ impl DaneVerifier {
                 why: why.into(),
             },
         ))))
+    }
+
+    /// The certificate is valid for the server name or one of the other reference identifiers
+    /// (RFC 7672 §3.2.2); else the server name's error.
+    fn verify_name(
+        &self,
+        cert: &ParsedCertificate<'_>,
+        server_name: &ServerName<'_>,
+    ) -> Result<(), rustls::Error> {
+        let Err(first) = rustls::client::verify_server_name(cert, server_name) else {
+            return Ok(());
+        };
+        let other_ok = self.names.iter().any(|n| {
+            ServerName::try_from(n.as_str())
+                .is_ok_and(|n| rustls::client::verify_server_name(cert, &n).is_ok())
+        });
+        if other_ok {
+            Ok(())
+        } else {
+            Err(first)
+        }
     }
 }
 
@@ -521,7 +617,7 @@ impl ServerCertVerifier for DaneVerifier {
                 self.provider.signature_verification_algorithms.all,
             ) {
                 Ok(()) => {
-                    rustls::client::verify_server_name(&cert, server_name)?;
+                    self.verify_name(&cert, server_name)?;
                     return Ok(ServerCertVerified::assertion());
                 }
                 Err(e) => chain_error = Some(e),
@@ -625,10 +721,22 @@ mod tests {
         chain: &[CertificateDer<'static>],
         host: &str,
     ) -> Result<(), rustls::Error> {
-        let d = DaneTls::new(&format!("_25._tcp.{host}"), records).unwrap();
+        verify_names(records, chain, host, &[])
+    }
+
+    /// `names`: the reference identifiers besides `host` (the handshake's server name).
+    fn verify_names(
+        records: Vec<Tlsa>,
+        chain: &[CertificateDer<'static>],
+        host: &str,
+        names: &[&str],
+    ) -> Result<(), rustls::Error> {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let d = DaneTls::new(&format!("_25._tcp.{host}"), records, names).unwrap();
         let v = DaneVerifier {
             base: d.base.clone(),
             records: d.records.clone(),
+            names: d.names.clone(),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
         };
         let name = ServerName::try_from(host.to_string()).unwrap();
@@ -725,5 +833,65 @@ mod tests {
         )
         .unwrap_err();
         assert!(is_mismatch(&e), "{e}");
+    }
+
+    #[test]
+    fn dane_ta_accepts_any_reference_identifier() {
+        let p = pki("real.example", false);
+        let ta = Tlsa::usable(2, 0, 1, &Sha256::digest(p.ca.as_ref())).unwrap();
+        let chain = [p.leaf.clone(), p.ca.clone()];
+        // The server name is the alias; the leaf is for the expanded name.
+        verify_names(vec![ta.clone()], &chain, "mx.example", &["real.example"]).unwrap();
+        let e =
+            verify_names(vec![ta.clone()], &chain, "mx.example", &["other.example"]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(
+                    CertificateError::NotValidForName
+                        | CertificateError::NotValidForNameContext { .. }
+                )
+            ),
+            "{e:?}"
+        );
+        verify_names(vec![ta], &chain, "real.example", &[]).unwrap();
+    }
+
+    fn record(name: &str, data: RData) -> Record {
+        Record::from_rdata(Name::from_ascii(name).unwrap(), 300, data)
+    }
+
+    fn cname(from: &str, to: &str) -> Record {
+        record(
+            from,
+            RData::CNAME(hickory_resolver::proto::rr::rdata::CNAME(
+                Name::from_ascii(to).unwrap(),
+            )),
+        )
+    }
+
+    #[test]
+    fn expand_follows_the_cname_chain_of_an_answer() {
+        let a = record(
+            "real.example.",
+            RData::A(hickory_resolver::proto::rr::rdata::A::new(127, 0, 0, 1)),
+        );
+        assert_eq!(
+            expand("mx.example", std::slice::from_ref(&a)).unwrap(),
+            "mx.example"
+        );
+        // Out of order, and with another case: the chain is followed by name.
+        let chain = [
+            cname("Mid.Example.", "real.example."),
+            a.clone(),
+            cname("mx.example.", "mid.example."),
+        ];
+        assert_eq!(expand("MX.example.", &chain).unwrap(), "real.example");
+        // A loop expands to nothing.
+        let looping = [
+            cname("mx.example.", "b.example."),
+            cname("b.example.", "mx.example."),
+        ];
+        assert_eq!(expand("mx.example", &looping), None);
     }
 }
