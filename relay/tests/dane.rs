@@ -20,7 +20,8 @@
 //!   expanded name authenticates it, the alias's records count only when the expanded name has
 //!   none (a mismatch at the expanded name defers although the alias's record would match; a
 //!   failed lookup there keeps the host unused); DANE-TA accepts a leaf for either name
-//!   (§3.2.2); an insecure expansion gets no DANE;
+//!   (§3.2.2); an insecure expansion gets no DANE; a `Relay` rule's host that is an alias is
+//!   authenticated by TLSA at the expanded name;
 //! - the fixture itself: AD for signed names, none for unsigned ones, SERVFAIL for bogus ones.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
@@ -863,5 +864,39 @@ async fn an_insecure_cname_expansion_gets_no_dane() {
     wait_for("delivered", || sink.messages().len() == 1).await;
     assert!(sink.messages()[0].tls, "opportunistic TLS is still used");
     assert!(!env.any_tlsa_metric(), "{}", env.metrics.encode());
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_rule_host_that_is_an_alias_uses_tlsa_at_the_expanded_name() {
+    let cert = self_signed_expired("elsewhere.example");
+    let sink = tls_sink(&cert).await;
+    let port = sink.addr.port();
+    let Some(dns) = dns(vec![Zone {
+        name: "dane.test".into(),
+        kind: ZoneKind::Signed,
+        records: vec![
+            "smarthost.dane.test. 300 IN CNAME real.dane.test.".into(),
+            "real.dane.test. 300 IN A 127.0.0.1".into(),
+            format!(
+                "_{port}._tcp.real.dane.test. 300 IN TLSA 3 1 1 {}",
+                tlsa_sha256_spki(cert.leaf())
+            ),
+        ],
+    }]) else {
+        return;
+    };
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start_with(
+        spool_dir.path(),
+        settings(&dns, common::free_port()),
+        relay_rule_to("smarthost.dane.test", port),
+    )
+    .await;
+    env.submit("bob@example.org").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls, "DANE delivers over TLS only");
+    // Counted under the host name the rule names.
+    env.wait_tlsa_metric("smarthost.dane.test", "success").await;
     env.stop().await;
 }
