@@ -900,3 +900,60 @@ async fn a_relay_rule_host_that_is_an_alias_uses_tlsa_at_the_expanded_name() {
     env.wait_tlsa_metric("smarthost.dane.test", "success").await;
     env.stop().await;
 }
+
+/// Serves `cert` only to a client whose SNI is `name`; any other handshake fails.
+#[derive(Debug)]
+struct OnlyFor {
+    name: &'static str,
+    key: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for OnlyFor {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        (hello.server_name() == Some(self.name)).then(|| self.key.clone())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_handshake_for_records_of_the_expanded_name_sends_that_name_as_sni() {
+    // RFC 7672 §8.1: the SNI is the TLSA base domain. A server choosing its certificate by SNI
+    // has none for the alias here.
+    let cert = self_signed_expired("real.dane.test");
+    let Some(dns) = dns(vec![alias_zone(
+        &[format!("3 1 1 {}", tlsa_sha256_spki(cert.leaf()))],
+        &[],
+    )]) else {
+        return;
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = provider
+        .key_provider
+        .load_private_key(cert.key.clone_key())
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OnlyFor {
+            name: "real.dane.test",
+            key: Arc::new(rustls::sign::CertifiedKey::new(cert.chain.clone(), key)),
+        }));
+    let sink = Sink::start(
+        "127.0.0.1",
+        Behavior {
+            tls: Some(Arc::new(config)),
+            ..Behavior::default()
+        },
+    )
+    .await;
+    let spool_dir = tempfile::tempdir().unwrap();
+    let env = start(spool_dir.path(), settings(&dns, sink.addr.port())).await;
+    env.submit("bob@dane.test").await;
+    wait_for("delivered", || sink.messages().len() == 1).await;
+    assert!(sink.messages()[0].tls);
+    env.wait_tlsa_metric("dane.test", "success").await;
+    env.stop().await;
+}

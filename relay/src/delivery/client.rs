@@ -985,7 +985,13 @@ pub(crate) async fn handshake(
     } else {
         tls.unverified.clone()
     };
-    let name = server_name(&target.name)
+    // DANE with records of the CNAME-expanded name: the handshake is for that name.
+    let sni = target
+        .dane
+        .as_ref()
+        .and_then(|d| d.sni.as_deref())
+        .unwrap_or(&target.name);
+    let name = server_name(sni)
         .unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(target.addr.ip().into()));
     let fut = TlsConnector::from(config).connect(name, tcp);
     match tokio::time::timeout(secs(t.command_seconds), fut).await {

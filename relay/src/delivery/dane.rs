@@ -135,8 +135,11 @@ pub struct DaneTls {
     pub base: String,
     pub records: Vec<Tlsa>,
     /// Names a DANE-TA certificate may be valid for besides the name the handshake is made
-    /// for (the CNAME-expanded host name when the records are that name's).
+    /// for (the original host name when the handshake is made for the CNAME-expanded one).
     pub names: Vec<String>,
+    /// The name to send as SNI and verify against instead of the host's own name: the
+    /// CNAME-expanded TLSA base domain when the records are that name's (RFC 7672 §8.1).
+    pub sni: Option<String>,
     pub config: Arc<ClientConfig>,
 }
 
@@ -146,13 +149,17 @@ impl fmt::Debug for DaneTls {
             .field("base", &self.base)
             .field("records", &self.records)
             .field("names", &self.names)
+            .field("sni", &self.sni)
             .finish()
     }
 }
 
 impl PartialEq for DaneTls {
     fn eq(&self, other: &Self) -> bool {
-        self.base == other.base && self.records == other.records && self.names == other.names
+        self.base == other.base
+            && self.records == other.records
+            && self.names == other.names
+            && self.sni == other.sni
     }
 }
 
@@ -178,8 +185,15 @@ impl DaneTls {
             base,
             records,
             names,
+            sni: None,
             config: Arc::new(config),
         })
+    }
+
+    /// Makes the handshake for `name` (SNI and the name DANE-TA checks first).
+    pub fn with_sni(mut self, name: &str) -> DaneTls {
+        self.sni = Some(name.to_string());
+        self
     }
 }
 
@@ -313,27 +327,38 @@ impl Dane {
             match self.tlsa(&base).await {
                 Err(why) => return Some(HostDane::Unavailable(why)),
                 // The expanded name's records count, and only they: no fallback when they do
-                // not match. Both names are reference identifiers (§3.2.2); the handshake's
-                // server name is the original one.
-                Ok(Some(usable)) => return Some(Self::require(&base, usable, vec![canonical])),
+                // not match. The handshake is made for the expanded name (its SNI, §8.1) and
+                // the original name is the other reference identifier (§3.2.2).
+                Ok(Some(usable)) => {
+                    return Some(Self::require(
+                        &base,
+                        usable,
+                        vec![host.to_string()],
+                        Some(&canonical),
+                    ))
+                }
                 Ok(None) => {}
             }
         }
         let base = format!("_{port}._tcp.{host}");
         match self.tlsa(&base).await {
             Err(why) => Some(HostDane::Unavailable(why)),
-            Ok(Some(usable)) => Some(Self::require(&base, usable, Vec::new())),
+            Ok(Some(usable)) => Some(Self::require(&base, usable, Vec::new(), None)),
             Ok(None) => None,
         }
     }
 
     /// What the secure TLSA records at `base` require; `usable`: those usable for SMTP.
-    fn require(base: &str, usable: Vec<Tlsa>, names: Vec<String>) -> HostDane {
+    /// `sni`: the name the handshake is made for when it is not the host's own.
+    fn require(base: &str, usable: Vec<Tlsa>, names: Vec<String>, sni: Option<&str>) -> HostDane {
         if usable.is_empty() {
             return HostDane::EncryptOnly;
         }
         match DaneTls::new(base, usable, names) {
-            Ok(d) => HostDane::Authenticate(Arc::new(d)),
+            Ok(d) => HostDane::Authenticate(Arc::new(match sni {
+                Some(n) => d.with_sni(n),
+                None => d,
+            })),
             Err(e) => HostDane::Unavailable(e.to_string()),
         }
     }
