@@ -15,6 +15,8 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 need_pkgs=()
 command -v swaks >/dev/null || need_pkgs+=(swaks)
+# swaks's --tls/--tlsc need Perl's TLS modules, which are only swaks's Recommends.
+perl -MIO::Socket::SSL -MNet::SSLeay -e 1 2>/dev/null || need_pkgs+=(libio-socket-ssl-perl libnet-ssleay-perl)
 command -v redis-server >/dev/null || need_pkgs+=(redis-server)
 command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v curl >/dev/null || need_pkgs+=(curl)

@@ -355,7 +355,7 @@ fn mx_route_dns_tls_reputation_and_json() {
         .contains("issuer: CN=diagnose test CA")
         .has("ok", "QUIT; no message was sent")
         .has("ok", "MTA-STS: example.test publishes no policy (no _mta-sts.example.test TXT record): delivery uses opportunistic TLS")
-        .has("skip", "DANE: not implemented yet; TLSA records are not looked up")
+        .has("skip", "DANE: off (delivery.dns.dnssec: Off): TLSA records are not used; set TrustAdBit with a DNSSEC-validating resolver to use them")
         .has("skip", "no authentication: the route sets no AUTH mechanism")
         .has("ok", "HELO name out.example.test")
         .has("ok", "egress address 192.0.2.2 (--egress-ip)")
