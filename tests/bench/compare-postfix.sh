@@ -13,6 +13,9 @@
 #             large    20 sessions, 100 KiB
 #             latency  20 sessions, 1 KiB with the Python load generator (p50/p99 submit latency)
 #             sweep    1, 16, 64, 256 and 1000 sessions, 1 KiB (SWEEP overrides the list)
+#             dkim     20 sessions, 1 KiB, mailrelay DKIM-signing every message (RSA-2048 and
+#                      Ed25519 selectors for the sender's domain) against mailrelay unsigned and
+#                      Postfix (which does not sign: it has no DKIM without a milter)
 #   REPEAT (3), N: passed through to relay-bench.sh (N defaults per case).
 set -euo pipefail
 BENCH=${1:-${MAILRELAY_BENCH_DIR:-}}
@@ -42,13 +45,36 @@ bench() { # LABEL RELAY_PORT
   if grep -q '^MEDIAN' "$out"; then grep '^MEDIAN' "$out"; else grep '^label=' "$out" | tail -n1; fi
 }
 
-mailrelay() { # LABEL
+mailrelay() { # LABEL [POLICY_DIR: a rendered relay.yaml + credentials.yaml to run instead]
   # A private copy of the standalone config so the spool starts empty and nothing in the tree changes.
   rm -rf "$WORK/standalone"; cp -r "$ROOT/deploy/standalone" "$WORK/standalone"; rm -rf "$WORK/standalone/spool"
+  if [ -n "${2:-}" ]; then cp "$2/relay.yaml" "$2/credentials.yaml" "$WORK/standalone/"; fi
   RUST_LOG=warn "$TARGET/release/relay" --config "$WORK/standalone" 2> "$WORK/relay.log" & RELAY_PID=$!
   for _ in $(seq 100); do listening 2525 && break; sleep 0.1; done
   RELAY_PID=$RELAY_PID bench "$1" 2525
+  # How many signatures the relay made (0 unless the policy signs), for the dkim case.
+  curl -s http://127.0.0.1:9090/metrics | awk '/^mailrelay_dkim_signatures_total/ {n += $NF} END {print n + 0}' > "$WORK/signatures"
   kill -TERM "$RELAY_PID"; wait "$RELAY_PID" || true; RELAY_PID=
+}
+
+# The standalone policy plus DKIM signing for example.com, the sender domain of relay-bench.sh
+# (smtp-source writes a From: header with the envelope sender), rendered into $WORK/dkim.
+dkim_policy() {
+  local d="$WORK/dkim"
+  rm -rf "$d"; mkdir -p "$d/policy"; cp "$ROOT/deploy/standalone/policy/"*.yaml "$d/policy/"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$d/rsa.pem" 2>/dev/null
+  openssl genpkey -algorithm ED25519 -out "$d/ed25519.pem" 2>/dev/null
+  {
+    printf 'apiVersion: mailrelay.dev/v1alpha1\nkind: MailDomain\nmetadata: {name: example-com}\n'
+    printf 'spec:\n  domain: example.com\n  local: false\n  dkim:\n    selectors:\n'
+    printf '      - {name: rsa, keySecretRef: {name: dkim-rsa}}\n      - {name: ed, keySecretRef: {name: dkim-ed}}\n'
+    for k in rsa:rsa.pem ed:ed25519.pem; do
+      printf -- '---\napiVersion: v1\nkind: Secret\nmetadata: {name: dkim-%s}\nstringData:\n  dkim.key: |\n' "${k%%:*}"
+      sed 's/^/    /' "$d/${k#*:}"
+    done
+  } > "$d/policy/dkim.yaml"
+  cargo run -q --release -p mailrelay-operator --bin operator --manifest-path "$ROOT/Cargo.toml" -- \
+    render -f "$d/policy" --out-dir "$d" >/dev/null
 }
 
 postfix() { # LABEL
@@ -83,8 +109,26 @@ compare() { # CASE (env SESSIONS, SIZE, LOADGEN, N set by the caller)
   } >> "$SUMMARY"
 }
 
+compare_dkim() { # (env SESSIONS, SIZE, LOADGEN set by the caller)
+  local ceiling u m p signed
+  echo "== dkim: sessions=$SESSIONS size=$SIZE, mailrelay signing vs unsigned vs Postfix"
+  dkim_policy
+  ceiling=$(bench ceiling-dkim 2526); echo "$ceiling"
+  u=$(mailrelay mailrelay-unsigned); echo "$u"
+  m=$(mailrelay mailrelay-dkim "$WORK/dkim"); echo "$m"
+  signed=$(cat "$WORK/signatures")
+  p=$(postfix postfix-dkim); echo "$p"
+  printf '%-22s accepted %7s signed (%s signatures) vs %7s unsigned (x%s) vs Postfix %7s (x%s)  delivered %7s vs %7s vs %7s  pss %sK vs %sK\n' dkim \
+    "$(field "$m" accepted_msgs_per_s)" "$signed" "$(field "$u" accepted_msgs_per_s)" \
+    "$(ratio "$(field "$m" accepted_msgs_per_s)" "$(field "$u" accepted_msgs_per_s)")" \
+    "$(field "$p" accepted_msgs_per_s)" "$(ratio "$(field "$m" accepted_msgs_per_s)" "$(field "$p" accepted_msgs_per_s)")" \
+    "$(field "$m" delivered_msgs_per_s)" "$(field "$u" delivered_msgs_per_s)" "$(field "$p" delivered_msgs_per_s)" \
+    "$(field "$m" relay_peak_pss_kb)" "$(field "$u" relay_peak_pss_kb)" >> "$SUMMARY"
+}
+
 for c in $CASES; do
   case $c in
+    dkim)    SESSIONS=20 SIZE=1024 LOADGEN=smtp-source N=${N:-10000} compare_dkim ;;
     base)    SESSIONS=20 SIZE=1024 LOADGEN=smtp-source compare base ;;
     single)  SESSIONS=1 SIZE=1024 LOADGEN=smtp-source N=${N:-5000} compare single ;;
     large)   SESSIONS=20 SIZE=102400 LOADGEN=smtp-source compare large ;;
