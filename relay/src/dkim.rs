@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use mail_auth::common::crypto::{Ed25519Key, RsaKey, Sha256};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dkim::{Canonicalization, DkimSigner, Done};
-use mailrelay_crds::compile::{rsa_modulus_bits, MIN_RSA_BITS};
+use mailrelay_crds::compile::{rsa_private_key_bits, MIN_RSA_BITS};
 use mailrelay_crds::config::{DkimAlgorithm, DkimCanonicalization, DkimPolicy, RelayConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::PrivateKeyDer;
@@ -127,14 +127,15 @@ fn build_signer(
     let cb = canonicalization(policy.body_canonicalization);
     match algorithm {
         DkimAlgorithm::RsaSha256 => {
-            let key = RsaKey::<Sha256>::from_key_der(der)
-                .map_err(|_| "the key is not an RSA private key".to_string())?;
-            let bits = rsa_modulus_bits(&key.public_key());
+            let not_rsa = || "the key is not an RSA private key".to_string();
+            // The size first: the signing backend refuses short keys without saying why.
+            let bits = rsa_private_key_bits(&der).ok_or_else(not_rsa)?;
             if bits < MIN_RSA_BITS {
                 return Err(format!(
                     "the RSA key has {bits} bits, {MIN_RSA_BITS} needed"
                 ));
             }
+            let key = RsaKey::<Sha256>::from_key_der(der).map_err(|_| not_rsa())?;
             Ok(Signer::Rsa(
                 DkimSigner::from_key(key)
                     .domain(domain)
@@ -148,7 +149,7 @@ fn build_signer(
             let PrivateKeyDer::Pkcs8(p8) = der else {
                 return Err("an Ed25519 key must be PKCS#8".into());
             };
-            let key = Ed25519Key::from_pkcs8_der(p8.secret_pkcs8_der())
+            let key = Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der())
                 .map_err(|_| "the key is not an Ed25519 private key".to_string())?;
             Ok(Signer::Ed25519(
                 DkimSigner::from_key(key)
@@ -318,6 +319,7 @@ mod tests {
 
     #[test]
     fn rsa_bits_of_a_pkcs1_key() {
+        use mailrelay_crds::compile::rsa_modulus_bits;
         // SEQUENCE { INTEGER 0x00 0x80 .. (1024 bits), INTEGER 65537 }
         let mut modulus = vec![0x00, 0x80];
         modulus.extend(std::iter::repeat_n(1u8, 127));

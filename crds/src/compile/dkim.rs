@@ -282,22 +282,23 @@ fn key_info(pem: &str) -> Result<KeyInfo, String> {
     let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
         .map_err(|_| "the key is not a PEM private key".to_string())?;
     if let PrivateKeyDer::Pkcs8(p8) = &der {
-        if let Ok(k) = Ed25519Key::from_pkcs8_der(p8.secret_pkcs8_der()) {
+        if let Ok(k) = Ed25519Key::from_pkcs8_maybe_unchecked_der(p8.secret_pkcs8_der()) {
             return Ok(KeyInfo {
                 algorithm: DkimAlgorithm::Ed25519Sha256,
                 public_b64: B64.encode(k.public_key()),
             });
         }
     }
-    let key = RsaKey::<Sha256>::from_key_der(der)
-        .map_err(|_| "the key is neither an RSA nor an Ed25519 private key".to_string())?;
-    let pkcs1 = key.public_key();
-    let bits = rsa_modulus_bits(&pkcs1);
+    let neither = || "the key is neither an RSA nor an Ed25519 private key".to_string();
+    // The size first: the signing backend refuses short keys without saying why.
+    let bits = rsa_private_key_bits(&der).ok_or_else(neither)?;
     if bits < MIN_RSA_BITS {
         return Err(format!(
             "the RSA key has {bits} bits; DKIM keys need at least {MIN_RSA_BITS}"
         ));
     }
+    let key = RsaKey::<Sha256>::from_key_der(der).map_err(|_| neither())?;
+    let pkcs1 = key.public_key();
     Ok(KeyInfo {
         algorithm: DkimAlgorithm::RsaSha256,
         public_b64: B64.encode(spki_of_rsa(&pkcs1)),
@@ -333,6 +334,20 @@ fn spki_of_rsa(pkcs1: &[u8]) -> Vec<u8> {
     out.extend_from_slice(ALG);
     out.extend(bits);
     out
+}
+
+/// Modulus size of an RSA private key (PKCS#8 or PKCS#1); `None` when it is not one. Only
+/// parses: no private-key operation.
+pub fn rsa_private_key_bits(der: &PrivateKeyDer<'_>) -> Option<usize> {
+    use rsa::pkcs1::DecodeRsaPrivateKey;
+    use rsa::pkcs8::DecodePrivateKey;
+    use rsa::traits::PublicKeyParts;
+    let key = match der {
+        PrivateKeyDer::Pkcs1(k) => rsa::RsaPrivateKey::from_pkcs1_der(k.secret_pkcs1_der()).ok()?,
+        PrivateKeyDer::Pkcs8(k) => rsa::RsaPrivateKey::from_pkcs8_der(k.secret_pkcs8_der()).ok()?,
+        _ => return None,
+    };
+    Some(key.n().bits())
 }
 
 /// Modulus size of a DER PKCS#1 `RSAPublicKey` (0 when it does not parse).

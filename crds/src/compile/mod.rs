@@ -29,7 +29,9 @@ use sha2::{Digest, Sha256};
 use crate::api::{AccessPolicy, DeliveryRule, IpAddressGroup, MailDomain, SmtpService};
 use crate::config::{AccessPolicyConfig, ConfigVersion, Credentials, IpSet, RelayConfig};
 
-pub use dkim::{dkim_record, rsa_modulus_bits, EGRESS_PLACEHOLDER, MIN_RSA_BITS};
+pub use dkim::{
+    dkim_record, rsa_modulus_bits, rsa_private_key_bits, EGRESS_PLACEHOLDER, MIN_RSA_BITS,
+};
 pub use ipgroups::parse_entry;
 pub use previous::Previous;
 pub use report::{Kind, ObjectReport, Problem, Report, Severity};
