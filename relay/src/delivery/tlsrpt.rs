@@ -880,38 +880,30 @@ pub fn day_of(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// `YYYY-MM-DD` of a unix day number.
+/// The Julian day number of 1970-01-01.
+const EPOCH_JULIAN_DAY: i32 = time::OffsetDateTime::UNIX_EPOCH.date().to_julian_day();
+
+/// `YYYY-MM-DD` of a unix day number (empty outside the calendar's range).
 pub fn day_name(day: i64) -> String {
-    // Civil-from-days (Howard Hinnant's algorithm), as in `dsn::httpdate`.
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
+    i32::try_from(day)
+        .ok()
+        .and_then(|d| d.checked_add(EPOCH_JULIAN_DAY))
+        .and_then(|j| time::Date::from_julian_day(j).ok())
+        .map_or_else(String::new, |d| d.to_string())
 }
 
 /// The unix day number of a `YYYY-MM-DD` name; `None` for anything else.
 pub fn parse_day_name(name: &str) -> Option<i64> {
-    let mut parts = name.splitn(3, '-');
-    let y: i64 = parts.next()?.parse().ok()?;
-    let m: i64 = parts.next()?.parse().ok()?;
-    let d: i64 = parts.next()?.parse().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
+    let (y, rest) = name.split_once('-')?;
+    let (m, d) = rest.split_once('-')?;
+    let y: i32 = y.parse().ok()?;
+    if !(1970..=9999).contains(&y) {
         return None;
     }
-    // Days-from-civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let day = era * 146_097 + doe - 719_468;
+    let month = time::Month::try_from(m.parse::<u8>().ok()?).ok()?;
+    let date = time::Date::from_calendar_date(y, month, d.parse().ok()?).ok()?;
+    let day = i64::from(date.to_julian_day() - EPOCH_JULIAN_DAY);
+    // Only the canonical spelling (`2026-01-01`, not `2026-1-01`) names a day file.
     (day_name(day) == name).then_some(day)
 }
 
