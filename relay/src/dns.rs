@@ -10,6 +10,7 @@ use hickory_resolver::config::{NameServerConfig, ResolveHosts, ResolverConfig, R
 use hickory_resolver::lookup::TxtLookup;
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::RecordType;
 use hickory_resolver::proto::xfer::Protocol;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{ResolveError, TokioResolver};
@@ -64,6 +65,35 @@ pub fn resolver(
     opts.ndots = 0;
     opts.use_hosts_file = hosts;
     Ok(builder.build())
+}
+
+/// The one TXT record at `name` whose text starts with `version` (e.g. `v=STSv1`), its
+/// character-strings concatenated: `Ok(None)` when there is none or more than one (MTA-STS and
+/// TLS-RPT both treat several as none, RFC 8461 §3.1 and RFC 8460 §3) and for records that are
+/// not UTF-8; `Err` for a temporary failure.
+pub async fn versioned_txt(
+    resolver: &TokioResolver,
+    name: &str,
+    version: &str,
+) -> Result<Option<String>, String> {
+    match resolver.lookup(name, RecordType::TXT).await {
+        Ok(l) => {
+            let mut found: Vec<String> = l
+                .iter()
+                .filter_map(|r| r.as_txt())
+                .filter_map(|t| {
+                    let joined: Vec<u8> = t.txt_data().iter().flatten().copied().collect();
+                    String::from_utf8(joined).ok()
+                })
+                .filter(|s| s.trim_start().starts_with(version))
+                .collect();
+            Ok(if found.len() == 1 { found.pop() } else { None })
+        }
+        Err(e) => match classify(&e) {
+            DnsError::NoDomain | DnsError::NoRecords => Ok(None),
+            DnsError::Temporary(why) => Err(why),
+        },
+    }
 }
 
 /// The text of each TXT record of `lookup`, its character-strings concatenated (RFC 7208 §3.3);

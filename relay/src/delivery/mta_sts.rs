@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hickory_resolver::proto::rr::RecordType;
 use hickory_resolver::TokioResolver;
 use http::{header, Request};
 use http_body_util::{BodyExt, Empty, Limited};
@@ -22,7 +21,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::tls::server_name;
-use crate::dns::{classify, DnsError};
 
 /// RFC 8461 §3.2: policies larger than this are not policies.
 const MAX_POLICY: usize = 64 * 1024;
@@ -272,27 +270,8 @@ impl MtaSts {
     /// `Ok(None)`: no STSv1 record (or several, which RFC 8461 §3.1 treats as none).
     async fn txt_id(&self, domain: &str) -> Result<Option<String>, String> {
         let name = format!("_mta-sts.{domain}.");
-        match self.resolver.lookup(name.as_str(), RecordType::TXT).await {
-            Ok(l) => {
-                let ids: Vec<String> = l
-                    .iter()
-                    .filter_map(|r| r.as_txt())
-                    .filter_map(|t| {
-                        let joined: Vec<u8> = t.txt_data().iter().flatten().copied().collect();
-                        String::from_utf8(joined).ok()
-                    })
-                    .filter(|s| s.trim_start().starts_with("v=STSv1"))
-                    .collect();
-                match ids.as_slice() {
-                    [one] => Ok(parse_txt(one)),
-                    _ => Ok(None),
-                }
-            }
-            Err(e) => match classify(&e) {
-                DnsError::NoDomain | DnsError::NoRecords => Ok(None),
-                DnsError::Temporary(why) => Err(why),
-            },
-        }
+        let txt = crate::dns::versioned_txt(&self.resolver, &name, "v=STSv1").await?;
+        Ok(txt.and_then(|t| parse_txt(&t)))
     }
 
     async fn fetch(

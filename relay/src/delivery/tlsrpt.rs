@@ -28,7 +28,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use hickory_resolver::proto::rr::RecordType;
 use hickory_resolver::TokioResolver;
 use http::{header, Request};
 use http_body_util::Full;
@@ -39,7 +38,6 @@ use tracing::{debug, info, warn};
 
 use super::mta_sts::{self, https_connect, write_file_atomically, HttpsError};
 use super::queue::Queue;
-use crate::dns::{classify, DnsError};
 use crate::metrics::{Metrics, TlsReportLabels};
 use crate::settings::TlsReportSettings;
 
@@ -571,27 +569,8 @@ impl TlsReports {
     /// more than one `v=TLSRPTv1` record).
     async fn rua(&self, domain: &str) -> Result<Option<Vec<String>>, String> {
         let name = format!("_smtp._tls.{domain}.");
-        match self.resolver.lookup(name.as_str(), RecordType::TXT).await {
-            Ok(l) => {
-                let records: Vec<String> = l
-                    .iter()
-                    .filter_map(|r| r.as_txt())
-                    .filter_map(|t| {
-                        let joined: Vec<u8> = t.txt_data().iter().flatten().copied().collect();
-                        String::from_utf8(joined).ok()
-                    })
-                    .filter(|s| s.trim_start().starts_with("v=TLSRPTv1"))
-                    .collect();
-                match records.as_slice() {
-                    [one] => Ok(parse_txt(one)),
-                    _ => Ok(None),
-                }
-            }
-            Err(e) => match classify(&e) {
-                DnsError::NoDomain | DnsError::NoRecords => Ok(None),
-                DnsError::Temporary(why) => Err(why),
-            },
-        }
+        let txt = crate::dns::versioned_txt(&self.resolver, &name, "v=TLSRPTv1").await?;
+        Ok(txt.and_then(|t| parse_txt(&t)))
     }
 
     /// RFC 8460 §5.3: the report mail, stored in the spool like a DSN and delivered by the
